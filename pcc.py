@@ -1,0 +1,1237 @@
+#!/usr/bin/env python3
+"""pcc - Postfix Country Control.
+
+A Postfix policy service (``check_policy_service inet:127.0.0.1:9999``) that stops
+mail from accounts whose password was stolen.  For every authenticated message it
+looks up the country of the client IP.  A real person sends from two or three
+countries in a few days; a spammer with a stolen password logs in through proxies
+all over the world.  When one account (the SASL login, kept whole as user@domain)
+has sent from more than ``how_many_different_countries`` countries within
+``in_how_much_time_in_days`` days, pcc puts it on the blocked list, answers that
+message and every later one with REJECT or HOLD until an administrator unblocks
+it, and emails the administrators.
+
+How the pieces fit, in the order data flows (and the order of this file):
+
+  configuration   /etc/pcc.conf -> Settings (every key required, validated once)
+  policy protocol bytes from Postfix -> PolicyRequest; Decision -> "action=..."
+  GeoIP lookup    client_address -> country (MaxMind .mmdb via maxminddb, or the
+                  GeoLite2-Country data embedded in the geoip2fast package)
+  storage         SQLAlchemy models: per-account per-country sightings (rows grow
+                  with accounts x countries, never with messages), the accounts
+                  that are blocked, and the history of every block
+  the decision    decide(request, history, settings, now): a pure function
+  notifications   one email per new block, sent by a background thread with retries
+  the server      socketserver.ThreadingTCPServer, one loop of requests per connection
+  admin commands  list, show, block, unblock (and release/delete held mail), cleanup
+
+Only the decision knows the rule; everything around it does I/O.
+"""
+from __future__ import annotations
+
+import argparse
+import configparser
+import dataclasses
+import datetime as dt
+import email.message
+import email.utils
+import functools
+import ipaddress
+import json
+import logging
+import logging.handlers
+import os
+import queue
+import re
+import signal
+import smtplib
+import socket
+import socketserver
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+__version__ = "1.0.0"
+
+log = logging.getLogger("pcc")
+
+DEFAULT_CONFIG_PATH = "/etc/pcc.conf"
+UTC = dt.timezone.utc
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(UTC)
+
+
+# ---------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------
+
+BLOCK_ACTIONS = ("REJECT", "HOLD")
+# What Postfix is told when the database cannot be asked.  DUNNO lets mail flow
+# (an outage of pcc must not stop a whole organisation's mail); DEFER_IF_PERMIT
+# makes Postfix answer 450 so clients retry later.
+DB_ERROR_ACTIONS = ("DUNNO", "DEFER_IF_PERMIT")
+
+# ISO 3166-1 alpha-2, plus XK (Kosovo) and EU/AP, which MaxMind data uses too.
+COUNTRY_CODES = frozenset(
+    """AD AE AF AG AI AL AM AO AQ AR AS AT AU AW AX AZ BA BB BD BE BF BG BH BI BJ BL
+    BM BN BO BQ BR BS BT BV BW BY BZ CA CC CD CF CG CH CI CK CL CM CN CO CR CU CV CW
+    CX CY CZ DE DJ DK DM DO DZ EC EE EG EH ER ES ET FI FJ FK FM FO FR GA GB GD GE GF
+    GG GH GI GL GM GN GP GQ GR GS GT GU GW GY HK HM HN HR HT HU ID IE IL IM IN IO IQ
+    IR IS IT JE JM JO JP KE KG KH KI KM KN KP KR KW KY KZ LA LB LC LI LK LR LS LT LU
+    LV LY MA MC MD ME MF MG MH MK ML MM MN MO MP MQ MR MS MT MU MV MW MX MY MZ NA NC
+    NE NF NG NI NL NO NP NR NU NZ OM PA PE PF PG PH PK PL PM PN PR PS PT PW PY QA RE
+    RO RS RU RW SA SB SC SD SE SG SH SI SJ SK SL SM SN SO SR SS ST SV SX SY SZ TC TD
+    TF TG TH TJ TK TL TM TN TO TR TT TV TW TZ UA UG UM US UY UZ VA VC VE VG VI VN VU
+    WF WS YE YT ZA ZM ZW XK EU AP""".split()
+)
+
+
+class ConfigError(Exception):
+    """A configuration problem; the message names file, section and key."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything /etc/pcc.conf says, validated.  See pcc.conf for each key."""
+
+    config_path: str
+    # [server]
+    host: str
+    port: int
+    max_request_bytes: int
+    idle_timeout: float
+    max_connections: int
+    allowed_clients: tuple  # of ipaddress networks; empty = anyone who can connect
+    # [db]
+    dbcon: str
+    db_error_action: str
+    # [geoip]
+    geoip_database: str  # "" = the embedded default data
+    # [mail]
+    domains: frozenset  # lower-case domains; empty = every account
+    mailsrv: str
+    mailport: int
+    notice: tuple  # addresses to notify; empty = send nothing
+    # [policy]
+    action: str
+    how_many_different_countries: int
+    in_how_much_time_in_days: float
+    ignorecountries: frozenset
+    whitelisted: frozenset  # lower-case logins
+    whitelistedips: tuple  # of ipaddress networks
+    reason: str
+    # [postfix]
+    postfix_config_directory: str
+
+    @property
+    def country_window(self) -> dt.timedelta:
+        return dt.timedelta(days=self.in_how_much_time_in_days)
+
+
+def _split_list(value: str) -> list:
+    return [item for item in re.split(r"[\s,]+", value) if item]
+
+
+class _ConfigReader:
+    """Reads one key at a time and turns every problem into one clear line."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.parser = configparser.ConfigParser(interpolation=None)
+        try:
+            with open(path, encoding="utf-8") as config_file:
+                self.parser.read_file(config_file)
+        except OSError as error:
+            raise ConfigError(f"{path}: cannot read the configuration: {error.strerror}") from None
+        except (configparser.Error, UnicodeDecodeError) as error:
+            first_line = str(error).splitlines()[0]
+            raise ConfigError(f"{path}: not a valid INI file: {first_line}") from None
+
+    def fail(self, section: str, key: str, problem: str) -> ConfigError:
+        return ConfigError(f"{self.path}: [{section}] {key}: {problem}")
+
+    def text(self, section: str, key: str, *, required: bool = False) -> str:
+        if not self.parser.has_section(section):
+            raise ConfigError(f"{self.path}: section [{section}] is missing (it must hold '{key}')")
+        if not self.parser.has_option(section, key):
+            raise self.fail(section, key, "key is missing (every key must be present; leave it blank for none)")
+        value = self.parser.get(section, key).strip()
+        if required and not value:
+            raise self.fail(section, key, "must not be blank")
+        if any(ord(char) < 32 or ord(char) == 127 for char in value):
+            raise self.fail(section, key, "must be one line without control characters")
+        return value
+
+    def integer(self, section: str, key: str, low: int, high: int, blank: Optional[int] = None) -> int:
+        value = self.text(section, key, required=blank is None)
+        if not value:
+            return blank
+        try:
+            number = int(value)
+        except ValueError:
+            raise self.fail(section, key, f"must be a whole number, got {value!r}") from None
+        if not low <= number <= high:
+            raise self.fail(section, key, f"must be between {low} and {high}, got {number}")
+        return number
+
+    def number(self, section: str, key: str, low: float, high: float) -> float:
+        value = self.text(section, key, required=True)
+        try:
+            number = float(value)
+        except ValueError:
+            raise self.fail(section, key, f"must be a number, got {value!r}") from None
+        if not low < number <= high:
+            raise self.fail(section, key, f"must be more than {low} and at most {high}, got {value}")
+        return number
+
+    def choice(self, section: str, key: str, choices: tuple) -> str:
+        value = self.text(section, key, required=True).upper()
+        if value not in choices:
+            raise self.fail(section, key, f"must be one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    def networks(self, section: str, key: str) -> tuple:
+        networks = []
+        for item in _split_list(self.text(section, key)):
+            try:
+                networks.append(ipaddress.ip_network(item, strict=False))
+            except ValueError:
+                raise self.fail(section, key, f"{item!r} is not an IP address or CIDR network") from None
+        return tuple(networks)
+
+    def countries(self, section: str, key: str) -> frozenset:
+        codes = [item.upper() for item in _split_list(self.text(section, key))]
+        for code in codes:
+            if code not in COUNTRY_CODES:
+                raise self.fail(section, key, f"{code!r} is not an ISO 3166 two-letter country code")
+        return frozenset(codes)
+
+    def logins(self, section: str, key: str) -> frozenset:
+        return frozenset(item.lower() for item in _split_list(self.text(section, key)))
+
+    def addresses(self, section: str, key: str) -> tuple:
+        addresses = tuple(_split_list(self.text(section, key)))
+        for address in addresses:
+            if "@" not in address.strip("@"):
+                raise self.fail(section, key, f"{address!r} is not an email address")
+        return addresses
+
+
+def load_settings(path: str) -> Settings:
+    """Read and validate the whole configuration, or raise ConfigError."""
+    config = _ConfigReader(path)
+    settings = Settings(
+        config_path=path,
+        host=config.text("server", "host", required=True),
+        port=config.integer("server", "port", 1, 65535),
+        max_request_bytes=config.integer("server", "max_request_bytes", 1024, 16 * 1024 * 1024, blank=65536),
+        idle_timeout=float(config.integer("server", "idle_timeout", 1, 86400, blank=600)),
+        max_connections=config.integer("server", "max_connections", 1, 100000, blank=1000),
+        allowed_clients=config.networks("server", "allowed_clients"),
+        dbcon=config.text("db", "dbcon", required=True),
+        db_error_action=config.choice("db", "db_error_action", DB_ERROR_ACTIONS),
+        geoip_database=config.text("geoip", "database"),
+        domains=config.logins("mail", "domains"),
+        mailsrv=config.text("mail", "mailsrv"),
+        mailport=config.integer("mail", "mailport", 1, 65535, blank=25),
+        notice=config.addresses("mail", "notice"),
+        action=config.choice("policy", "action", BLOCK_ACTIONS),
+        how_many_different_countries=config.integer("policy", "how_many_different_countries", 1, 300),
+        in_how_much_time_in_days=config.number("policy", "in_how_much_time_in_days", 0, 3650),
+        ignorecountries=config.countries("policy", "ignorecountries"),
+        whitelisted=config.logins("policy", "whitelisted"),
+        whitelistedips=config.networks("policy", "whitelistedips"),
+        reason=config.text("policy", "reason"),
+        postfix_config_directory=config.text("postfix", "config_directory"),
+    )
+    if settings.notice and not settings.mailsrv:
+        raise config.fail("mail", "mailsrv", "must name an SMTP server when [mail] notice is set")
+    try:
+        sa.engine.make_url(settings.dbcon)
+    except sa_exc.ArgumentError:
+        raise config.fail("db", "dbcon", "is not an SQLAlchemy database URL (e.g. sqlite:////var/lib/pcc/pcc.sqlite3)") from None
+    if settings.geoip_database and not os.path.isfile(settings.geoip_database):
+        raise config.fail("geoip", "database", f"no such file: {settings.geoip_database}")
+    return settings
+
+
+# ---------------------------------------------------------------------------
+# Policy protocol
+# ---------------------------------------------------------------------------
+
+# Postfix never sends values this long; postgrey caps them the same way.  Longer
+# values are cut so a hostile client cannot make us store megabytes.
+MAX_ATTRIBUTE_VALUE = 512
+# An account name longer than this is not a real login; it is not counted.
+MAX_LOGIN_LENGTH = 255
+
+
+@dataclass(frozen=True)
+class PolicyRequest:
+    """One Postfix policy request (the attributes pcc uses, plus all of them)."""
+
+    request: str = ""
+    sasl_username: str = ""  # as sent; `login` is the normalised account name
+    client_address: str = ""
+    sender: str = ""
+    recipient: str = ""
+    queue_id: str = ""
+    instance: str = ""
+    protocol_state: str = ""
+    attributes: dict = field(default_factory=dict, compare=False, repr=False)
+    # Filled in by the GeoIP lookup before the decision.
+    client_country: Optional[str] = None
+    country_note: str = ""
+
+    @property
+    def login(self) -> str:
+        return self.sasl_username.strip().lower()
+
+    @property
+    def client_ip(self):
+        """The client address as an ipaddress object (IPv4-mapped IPv6 unwrapped), or None."""
+        try:
+            address = ipaddress.ip_address(self.client_address.strip())
+        except ValueError:
+            return None
+        if address.version == 6 and address.ipv4_mapped is not None:
+            return address.ipv4_mapped
+        return address
+
+
+_REQUEST_FIELDS = frozenset(
+    f.name for f in dataclasses.fields(PolicyRequest) if f.name not in ("attributes", "client_country", "country_note")
+)
+
+
+def parse_request(lines: Iterable[str]) -> PolicyRequest:
+    """Turn the attribute lines of one request into a PolicyRequest.
+
+    Lines without '=' are logged and skipped; unknown attributes are kept in
+    `attributes` but otherwise ignored; a repeated attribute keeps its last value.
+    """
+    attributes = {}
+    for line in lines:
+        name, separator, value = line.partition("=")
+        if not separator or not name:
+            log.warning("policy request: skipping a line that is not name=value: %r", line[:80])
+            continue
+        attributes[name[:64]] = _clean_value(value)
+    known = {name: value for name, value in attributes.items() if name in _REQUEST_FIELDS}
+    return PolicyRequest(attributes=attributes, **known)
+
+
+def _clean_value(value: str) -> str:
+    # Control characters (a stray CR, NUL) never belong in an attribute value.
+    value = value[:MAX_ATTRIBUTE_VALUE]
+    if any(ord(char) < 32 or ord(char) == 127 for char in value):
+        value = "".join(char for char in value if ord(char) >= 32 and ord(char) != 127)
+    return value
+
+
+def format_reply(action: str) -> bytes:
+    """The reply block for Postfix; the action text can never span two lines."""
+    one_line = " ".join(action.split())
+    return f"action={one_line}\n\n".encode("utf-8", "replace")
+
+
+# ---------------------------------------------------------------------------
+# GeoIP lookup
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Country:
+    code: Optional[str]  # ISO code, or None when there is none to count
+    note: str  # why there is none, or where it came from
+
+
+class GeoIP:
+    """Country of an IP address.  Opened once, read by every thread.
+
+    With a path, reads a MaxMind-format .mmdb (GeoLite2-Country/City, DB-IP)
+    with maxminddb.  Without one, uses the GeoLite2-Country data that ships in
+    the geoip2fast package, so pcc works offline on a fresh machine.
+    """
+
+    def __init__(self, path: str = ""):
+        self.path = path
+        if path:
+            import maxminddb
+
+            self._reader = maxminddb.open_database(path)
+            metadata = self._reader.metadata()
+            built = dt.datetime.fromtimestamp(metadata.build_epoch, UTC)
+            self.built = built.date()
+            self.description = f"{path} ({metadata.database_type}, built {self.built.isoformat()})"
+            self._lookup = self._lookup_mmdb
+        else:
+            from geoip2fast import GeoIP2Fast
+
+            self._reader = GeoIP2Fast(geoip2fast_data_file="geoip2fast-ipv6.dat.gz")
+            source = self._reader.get_database_info().get("source_info", "")
+            stamp = re.search(r"(\d{8})$", source)
+            self.built = dt.datetime.strptime(stamp.group(1), "%Y%m%d").date() if stamp else None
+            built_text = self.built.isoformat() if self.built else "unknown date"
+            self.description = f"embedded GeoLite2-Country data of {built_text} (geoip2fast package)"
+            self._lookup = self._lookup_embedded
+
+    def country(self, address) -> Country:
+        """`address` is an ipaddress object or None."""
+        if address is None:
+            return Country(None, "client address is not an IP address")
+        if not address.is_global:
+            kind = "loopback" if address.is_loopback else "private" if address.is_private else "non-public"
+            return Country(None, f"{kind} address has no country")
+        code = self._lookup(address)
+        if code is None:
+            return Country(None, "address not in the GeoIP database")
+        return Country(code, "")
+
+    def _lookup_mmdb(self, address) -> Optional[str]:
+        record = self._reader.get(address)
+        if not isinstance(record, dict):
+            return None
+        for key in ("country", "registered_country"):
+            code = (record.get(key) or {}).get("iso_code")
+            if code:
+                return code.upper()
+        return None
+
+    def _lookup_embedded(self, address) -> Optional[str]:
+        code = self._reader.lookup(str(address)).country_code
+        return code if code and len(code) == 2 and code.isalpha() else None
+
+
+# ---------------------------------------------------------------------------
+# Storage (SQLAlchemy models)
+# ---------------------------------------------------------------------------
+
+
+class UTCDateTime(sa.types.TypeDecorator):
+    """Aware UTC datetimes in Python, naive UTC in every database.
+
+    MySQL and SQLite have no time zones; storing naive UTC everywhere keeps
+    comparisons in SQL right on all three databases.
+    """
+
+    impl = sa.DateTime
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect):
+        if dialect.name in ("mysql", "mariadb"):
+            from sqlalchemy.dialects import mysql
+
+            return dialect.type_descriptor(mysql.DATETIME(fsp=6))
+        return dialect.type_descriptor(sa.DateTime())
+
+    def process_bind_param(self, value, dialect):
+        if value is not None and value.tzinfo is not None:
+            value = value.astimezone(UTC).replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value, dialect):
+        return value.replace(tzinfo=UTC) if value is not None else None
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Sighting(Base):
+    """An account seen sending from a country: one row per (login, country)."""
+
+    __tablename__ = "pcc_sightings"
+    __table_args__ = (sa.UniqueConstraint("login", "country", name="uq_pcc_sightings_login_country"),)
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
+    login: Mapped[str] = mapped_column(sa.String(MAX_LOGIN_LENGTH))
+    country: Mapped[str] = mapped_column(sa.String(2))
+    first_seen: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    last_seen: Mapped[dt.datetime] = mapped_column(UTCDateTime(), index=True)
+    last_ip: Mapped[str] = mapped_column(sa.String(45))
+
+
+class BlockedAccount(Base):
+    """The blocked list: an account is blocked while blocked_since is set.
+
+    A row exists only for accounts that were ever blocked.  Unblocking clears
+    blocked_since and sets counting_since, so sightings from before the unblock
+    no longer count.  pcc never DELETEs here: the daemon needs no DELETE grant,
+    and "exactly one block" is a conditional UPDATE that only one writer wins.
+    """
+
+    __tablename__ = "pcc_blocked_accounts"
+
+    login: Mapped[str] = mapped_column(sa.String(MAX_LOGIN_LENGTH), primary_key=True)
+    blocked_since: Mapped[Optional[dt.datetime]] = mapped_column(UTCDateTime(), nullable=True)
+    block_id: Mapped[Optional[int]] = mapped_column(sa.Integer, nullable=True)
+    counting_since: Mapped[Optional[dt.datetime]] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class Block(Base):
+    """Every block ever made, kept after the unblock for the record."""
+
+    __tablename__ = "pcc_blocks"
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
+    login: Mapped[str] = mapped_column(sa.String(MAX_LOGIN_LENGTH), index=True)
+    blocked_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    source: Mapped[str] = mapped_column(sa.String(16))  # "policy" or "admin"
+    action: Mapped[str] = mapped_column(sa.String(16))
+    reason: Mapped[str] = mapped_column(sa.Text)
+    countries: Mapped[list] = mapped_column(sa.JSON)  # [{country, last_ip, first_seen, last_seen}]
+    trigger: Mapped[Optional[dict]] = mapped_column(sa.JSON, nullable=True)  # the request that crossed the line
+    unblocked_at: Mapped[Optional[dt.datetime]] = mapped_column(UTCDateTime(), nullable=True)
+
+
+@dataclass(frozen=True)
+class CountrySeen:
+    country: str
+    first_seen: dt.datetime
+    last_seen: dt.datetime
+    last_ip: str
+
+    def as_json(self) -> dict:
+        return {
+            "country": self.country,
+            "last_ip": self.last_ip,
+            "first_seen": self.first_seen.isoformat(),
+            "last_seen": self.last_seen.isoformat(),
+        }
+
+
+@dataclass(frozen=True)
+class AccountHistory:
+    """What the database knows about one account, as the decision needs it."""
+
+    blocked_since: Optional[dt.datetime] = None
+    counting_since: Optional[dt.datetime] = None
+    sightings: tuple = ()  # of CountrySeen, the recent ones (possibly more than the window)
+
+
+def safe_url(url) -> str:
+    """A database URL fit for a log line: the password is masked."""
+    try:
+        return sa.engine.make_url(url).render_as_string(hide_password=True)
+    except sa_exc.ArgumentError:
+        return "<invalid database URL>"
+
+
+def _is_transient_conflict(error: sa_exc.DBAPIError) -> bool:
+    """A deadlock or lock timeout between concurrent writers: worth one more try."""
+    original = error.orig
+    if getattr(original, "sqlstate", None) in ("40001", "40P01"):  # PostgreSQL
+        return True
+    arguments = getattr(original, "args", ())
+    if arguments and arguments[0] in (1205, 1213):  # MariaDB/MySQL lock wait, deadlock
+        return True
+    return "database is locked" in str(original)  # SQLite
+
+
+def _retry_on_conflict(method):
+    @functools.wraps(method)
+    def retrying(*args, **kwargs):
+        for attempt in range(1, 5):
+            try:
+                return method(*args, **kwargs)
+            except sa_exc.DBAPIError as error:
+                if attempt == 4 or not _is_transient_conflict(error):
+                    raise
+                log.debug("database conflict (%s), trying again", _first_line(error))
+                time.sleep(0.01 * attempt)
+    return retrying
+
+
+class Store:
+    """All database access.  One engine per process, shared by the threads."""
+
+    def __init__(self, url: str):
+        self.url = sa.engine.make_url(url)
+        self.engine = sa.create_engine(self.url, **self._engine_options())
+        if self.url.get_backend_name() == "sqlite":
+            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+        self.dialect = self.engine.dialect.name
+
+    def _engine_options(self) -> dict:
+        backend = self.url.get_backend_name()
+        if backend == "sqlite":
+            database = self.url.database or ""
+            if database and database != ":memory:" and not database.startswith("file:"):
+                directory = os.path.dirname(os.path.abspath(database))
+                os.makedirs(directory, exist_ok=True)
+            # check_same_thread: the pool hands a connection to one thread at a time.
+            return {"connect_args": {"timeout": 30, "check_same_thread": False}}
+        connect_args = {"connect_timeout": 3}
+        if backend == "mysql":
+            connect_args.update(read_timeout=10, write_timeout=10)
+        # pre_ping: a connection that died with the database is replaced, not used.
+        return {
+            "connect_args": connect_args,
+            "pool_pre_ping": True,
+            "pool_size": 10,
+            "max_overflow": 40,
+            "pool_timeout": 5,
+            "pool_recycle": 3600,
+        }
+
+    def create_tables(self) -> None:
+        """CREATE TABLE for what is missing; needs no grant beyond CREATE."""
+        Base.metadata.create_all(self.engine, checkfirst=True)
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    # --- the daemon's reads and writes -------------------------------------
+
+    def load_history(self, login: str, since: dt.datetime) -> AccountHistory:
+        with self.engine.connect() as connection:
+            account = connection.execute(
+                sa.select(BlockedAccount.blocked_since, BlockedAccount.counting_since).where(
+                    BlockedAccount.login == login
+                )
+            ).first()
+            rows = connection.execute(
+                sa.select(Sighting.country, Sighting.first_seen, Sighting.last_seen, Sighting.last_ip).where(
+                    Sighting.login == login, Sighting.last_seen >= since
+                )
+            ).all()
+        sightings = tuple(CountrySeen(*row) for row in rows)
+        if account is None:
+            return AccountHistory(sightings=sightings)
+        return AccountHistory(account.blocked_since, account.counting_since, sightings)
+
+    @_retry_on_conflict
+    def record_sighting(self, login: str, country: str, ip: str, now: dt.datetime) -> None:
+        with self.engine.begin() as connection:
+            self._upsert_sighting(connection, login, country, ip, now)
+
+    @_retry_on_conflict
+    def record_block(self, login: str, now: dt.datetime, *, source: str, action: str, reason: str,
+                     countries: list, trigger: Optional[dict] = None,
+                     sighting: Optional[tuple] = None) -> Optional[int]:
+        """Put `login` on the blocked list.  Returns the new block's id, or None
+        when the account was blocked already (by another thread or daemon).
+
+        The sighting that triggered the block is written in the same transaction:
+        the block is committed before Postfix is answered.
+        """
+        with self.engine.connect() as connection:
+            if sighting is not None:
+                self._upsert_sighting(connection, login, *sighting, now)
+            self._insert_ignore(connection, BlockedAccount, {"login": login})
+            block_id = connection.execute(
+                sa.insert(Block).values(
+                    login=login, blocked_at=now, source=source, action=action, reason=reason,
+                    countries=countries, trigger=trigger,
+                )
+            ).inserted_primary_key[0]
+            won = connection.execute(
+                sa.update(BlockedAccount)
+                .where(BlockedAccount.login == login, BlockedAccount.blocked_since.is_(None))
+                .values(blocked_since=now, block_id=block_id)
+            ).rowcount
+            if won != 1:
+                connection.rollback()
+                return None
+            connection.commit()
+        return block_id
+
+    def _upsert_sighting(self, connection, login: str, country: str, ip: str, now: dt.datetime) -> None:
+        insert = self._dialect_insert(Sighting).values(
+            login=login, country=country, first_seen=now, last_seen=now, last_ip=ip
+        )
+        if self.dialect in ("mysql", "mariadb"):
+            statement = insert.on_duplicate_key_update(last_seen=now, last_ip=ip)
+        else:
+            statement = insert.on_conflict_do_update(
+                index_elements=["login", "country"], set_={"last_seen": now, "last_ip": ip}
+            )
+        connection.execute(statement)
+
+    def _insert_ignore(self, connection, model, values: dict) -> None:
+        insert = self._dialect_insert(model).values(**values)
+        if self.dialect in ("mysql", "mariadb"):
+            key = next(iter(values))
+            statement = insert.on_duplicate_key_update({key: insert.inserted[key]})
+        else:
+            statement = insert.on_conflict_do_nothing()
+        connection.execute(statement)
+
+    def _dialect_insert(self, model):
+        if self.dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        elif self.dialect in ("mysql", "mariadb"):
+            from sqlalchemy.dialects.mysql import insert
+        elif self.dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert
+        else:
+            raise ConfigError(f"database {self.dialect!r} is not supported (use SQLite, MariaDB/MySQL or PostgreSQL)")
+        return insert(model)
+
+    # --- the administrator's reads and writes ------------------------------
+
+    def blocked_accounts(self) -> list:
+        """(BlockedAccount, Block) for every account on the blocked list, oldest first."""
+        with self.engine.connect() as connection:
+            rows = connection.execute(
+                sa.select(BlockedAccount.login, BlockedAccount.blocked_since, Block)
+                .join(Block, Block.id == BlockedAccount.block_id)
+                .where(BlockedAccount.blocked_since.is_not(None))
+                .order_by(BlockedAccount.blocked_since)
+            ).all()
+        return rows
+
+    def account(self, login: str):
+        with self.engine.connect() as connection:
+            account = connection.execute(sa.select(BlockedAccount).where(BlockedAccount.login == login)).first()
+            sightings = connection.execute(
+                sa.select(Sighting.country, Sighting.first_seen, Sighting.last_seen, Sighting.last_ip)
+                .where(Sighting.login == login)
+                .order_by(Sighting.last_seen)
+            ).all()
+            blocks = connection.execute(
+                sa.select(Block).where(Block.login == login).order_by(Block.blocked_at)
+            ).scalars().all()
+        return account, [CountrySeen(*row) for row in sightings], list(blocks)
+
+    @_retry_on_conflict
+    def unblock(self, login: str, now: dt.datetime) -> Optional[int]:
+        """Take `login` off the blocked list; its earlier sightings stop counting.
+        Returns the id of the block that ended, or None if it was not blocked."""
+        with self.engine.begin() as connection:
+            block_id = connection.execute(
+                sa.select(BlockedAccount.block_id).where(
+                    BlockedAccount.login == login, BlockedAccount.blocked_since.is_not(None)
+                )
+            ).scalar()
+            if block_id is None:
+                return None
+            ended = connection.execute(
+                sa.update(BlockedAccount)
+                .where(BlockedAccount.login == login, BlockedAccount.block_id == block_id)
+                .values(blocked_since=None, block_id=None, counting_since=now)
+            ).rowcount
+            if ended != 1:
+                return None
+            connection.execute(sa.update(Block).where(Block.id == block_id).values(unblocked_at=now))
+        return block_id
+
+    def delete_sightings_before(self, cutoff: dt.datetime) -> int:
+        with self.engine.begin() as connection:
+            return connection.execute(sa.delete(Sighting).where(Sighting.last_seen < cutoff)).rowcount
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    # WAL lets readers go on while one thread writes; several pcc processes on
+    # one SQLite file (daemon + admin command) wait for each other, up to 30 s.
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+# ---------------------------------------------------------------------------
+# The decision
+# ---------------------------------------------------------------------------
+
+# A sighting's last_seen is refreshed at most this often, so an account sending
+# thousands of messages from one country costs reads, not writes.  It is far
+# below any useful window (a day or more), so counting stays exact in practice.
+SIGHTING_REFRESH = dt.timedelta(seconds=60)
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: str  # "DUNNO", or the configured block action
+    reason: str  # for the log line and, when blocking, the admins
+    counted: bool = False  # the request's country counts for the account
+    record_sighting: bool = False  # the database must learn about this sighting
+    new_block: bool = False  # this request puts the account on the blocked list
+    countries: tuple = ()  # CountrySeen in the window, this request's included
+
+    @property
+    def blocks(self) -> bool:
+        return self.action != "DUNNO"
+
+
+def not_counted_reason(request: PolicyRequest, settings: Settings) -> Optional[str]:
+    """Why this request is no business of pcc's, before any database work."""
+    if request.request != "smtpd_access_policy":
+        return "not an smtpd_access_policy request"
+    login = request.login
+    if not login:
+        return "no SASL login"
+    if len(login) > MAX_LOGIN_LENGTH:
+        return f"SASL login longer than {MAX_LOGIN_LENGTH} characters"
+    if settings.domains and login.rpartition("@")[2] not in settings.domains:
+        return "login not in [mail] domains"
+    if login in settings.whitelisted:
+        return "whitelisted login"
+    return None
+
+
+def decide(request: PolicyRequest, history: Optional[AccountHistory], settings: Settings,
+           now: dt.datetime) -> Decision:
+    """The rule, as a pure function.
+
+    Blocked when, counting this request's country, the account has sent from more
+    than `how_many_different_countries` distinct counted countries within the last
+    `in_how_much_time_in_days` days.  A blocked account stays blocked (every
+    message gets the action) until an administrator unblocks it.
+    """
+    skip = not_counted_reason(request, settings)
+    if skip is not None:
+        return Decision("DUNNO", skip)
+    history = history or AccountHistory()
+    block_reply = f"{settings.action} {settings.reason}".strip()
+    if history.blocked_since is not None:
+        return Decision(block_reply, f"account blocked since {history.blocked_since:%Y-%m-%d %H:%M:%S} UTC")
+    address = request.client_ip
+    if address is not None and any(address in network for network in settings.whitelistedips):
+        return Decision("DUNNO", "whitelisted client address")
+    country = request.client_country
+    if country is None:
+        return Decision("DUNNO", f"not counted: {request.country_note or 'no country'}")
+    if country in settings.ignorecountries:
+        return Decision("DUNNO", f"not counted: {country} is in ignorecountries")
+
+    recent = _countries_in_window(history, settings, now)
+    previous = recent.get(country)
+    ip = str(address)
+    recent[country] = CountrySeen(country, previous.first_seen if previous else now, now, ip)
+    limit = settings.how_many_different_countries
+    summary = f"{len(recent)} of at most {limit} countries in {settings.in_how_much_time_in_days:g} days"
+    countries = tuple(sorted(recent.values(), key=lambda seen: seen.first_seen))
+    if len(recent) > limit:
+        listed = ", ".join(seen.country for seen in countries)
+        return Decision(block_reply, f"blocking: {summary} ({listed})", counted=True,
+                        record_sighting=True, new_block=True, countries=countries)
+    stale = previous is None or previous.last_ip != ip or now - previous.last_seen >= SIGHTING_REFRESH
+    return Decision("DUNNO", summary, counted=True, record_sighting=stale, countries=countries)
+
+
+def _countries_in_window(history: AccountHistory, settings: Settings, now: dt.datetime) -> dict:
+    start = now - settings.country_window
+    if history.counting_since is not None:
+        start = max(start, history.counting_since)
+    return {
+        seen.country: seen
+        for seen in history.sightings
+        if seen.last_seen >= start and seen.country not in settings.ignorecountries
+    }
+
+
+# ---------------------------------------------------------------------------
+# Notifications
+# ---------------------------------------------------------------------------
+
+
+class Notifier:
+    """Sends admin emails from a background thread, so Postfix never waits.
+
+    A message that cannot be sent is retried with a growing pause (up to
+    `max_backoff` seconds) for as long as the daemon runs; each failure is logged.
+    """
+
+    def __init__(self, settings: Settings, *, first_backoff: float = 5.0, max_backoff: float = 300.0):
+        self.settings = settings
+        self.first_backoff = first_backoff
+        self.max_backoff = max_backoff
+        self.sender = f"pcc@{socket.gethostname()}"
+        self._outbox: queue.Queue = queue.Queue()
+        self._thread: Optional[threading.Thread] = None
+
+    def send(self, subject: str, body: str) -> None:
+        if not self.settings.notice:
+            return
+        message = email.message.EmailMessage()
+        message["From"] = self.sender
+        message["To"] = ", ".join(self.settings.notice)
+        message["Subject"] = " ".join(subject.split())  # one line: no header injection
+        message["Date"] = email.utils.formatdate(localtime=True)
+        message["Message-ID"] = email.utils.make_msgid(domain=socket.gethostname())
+        message["Auto-Submitted"] = "auto-generated"
+        message.set_content(body)
+        self._outbox.put(message)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="pcc-notifier", daemon=True)
+            self._thread.start()
+
+    def send_now(self, subject: str, body: str) -> bool:
+        """For the admin commands: send in this thread, report success."""
+        if not self.settings.notice:
+            return True
+        self.send(subject, body)
+        message = self._outbox.get()
+        try:
+            self._deliver(message)
+            return True
+        except (OSError, smtplib.SMTPException) as error:
+            log.error("notification to %s not sent: %s", message["To"], error)
+            return False
+
+    def _run(self) -> None:
+        while True:
+            message = self._outbox.get()
+            backoff = self.first_backoff
+            while True:
+                try:
+                    self._deliver(message)
+                    log.info("notification sent to %s: %s", message["To"], message["Subject"])
+                    break
+                except (OSError, smtplib.SMTPException) as error:
+                    log.error("notification to %s not sent (retrying in %.0f s): %s",
+                              message["To"], backoff, error)
+                    time.sleep(backoff)
+                    backoff = min(backoff * 2, self.max_backoff)
+
+    def _deliver(self, message: email.message.EmailMessage) -> None:
+        with smtplib.SMTP(self.settings.mailsrv, self.settings.mailport, timeout=30) as smtp:
+            smtp.send_message(message, to_addrs=list(self.settings.notice))
+
+
+def unblock_command(settings: Settings, login: str) -> str:
+    program = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0].endswith("pcc.py") else "pcc.py"
+    return f"{program} --config {settings.config_path} -u {login}"
+
+
+def block_notice(settings: Settings, login: str, countries: Iterable[CountrySeen], reason: str,
+                 source: str) -> tuple:
+    lines = [
+        f"pcc has blocked the account {login}.",
+        "",
+        f"Why: {reason}",
+        f"Every message of this account is now answered: {settings.action} {settings.reason}".rstrip(),
+        "",
+        "Countries it sent from (last client IP, first and last time seen, UTC):",
+    ]
+    for seen in countries:
+        lines.append(f"  {seen.country}  {seen.last_ip:<39}  {seen.first_seen:%Y-%m-%d %H:%M:%S}"
+                     f"  {seen.last_seen:%Y-%m-%d %H:%M:%S}")
+    lines += [
+        "",
+        "If the account is compromised, change its password first.  Then unblock it with:",
+        f"  {unblock_command(settings, login)}",
+        "",
+        f"Blocked by: {source} on {socket.gethostname()}",
+    ]
+    return f"pcc: account {login} blocked ({settings.action})", "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------
+# The server
+# ---------------------------------------------------------------------------
+
+
+class PolicyService:
+    """Answers one parsed request: GeoIP, history, decision, records, log line."""
+
+    def __init__(self, settings: Settings, store: Store, geoip: GeoIP, notifier: Notifier):
+        self.settings = settings
+        self.store = store
+        self.geoip = geoip
+        self.notifier = notifier
+        self.tables_ready = False
+        self._db_failing = False
+        self._db_state_lock = threading.Lock()
+        # Accounts known to be blocked: still answered with the action while
+        # the database is unreachable.
+        self._known_blocked: set = set()
+
+    def answer(self, request: PolicyRequest, now: Optional[dt.datetime] = None) -> str:
+        now = now or utcnow()
+        skip = not_counted_reason(request, self.settings)
+        if skip is not None:
+            decision = Decision("DUNNO", skip)
+        else:
+            found = self.geoip.country(request.client_ip)
+            request = dataclasses.replace(request, client_country=found.code, country_note=found.note)
+            decision = self._decide_with_history(request, now)
+        self._log_decision(request, decision)
+        return decision.action
+
+    def _decide_with_history(self, request: PolicyRequest, now: dt.datetime) -> Decision:
+        login = request.login
+        try:
+            if not self.tables_ready:
+                self.store.create_tables()
+                self.tables_ready = True
+            history = self.store.load_history(login, now - self.settings.country_window)
+            decision = decide(request, history, self.settings, now)
+            decision = self._record(request, decision, now)
+        except sa_exc.SQLAlchemyError as error:
+            self._database_failed(error)
+            if login in self._known_blocked:
+                return Decision(f"{self.settings.action} {self.settings.reason}".strip(),
+                                "account known to be blocked (database unreachable)")
+            return Decision(self.settings.db_error_action, "database unreachable")
+        self._database_ok()
+        if decision.blocks:
+            self._known_blocked.add(login)
+        else:
+            self._known_blocked.discard(login)
+        return decision
+
+    def _record(self, request: PolicyRequest, decision: Decision, now: dt.datetime) -> Decision:
+        login, country, ip = request.login, request.client_country, str(request.client_ip)
+        if decision.new_block:
+            block_id = self.store.record_block(
+                login, now, source="policy", action=self.settings.action, reason=decision.reason,
+                countries=[seen.as_json() for seen in decision.countries],
+                trigger=dict(request.attributes), sighting=(country, ip),
+            )
+            if block_id is None:
+                return dataclasses.replace(decision, new_block=False,
+                                           reason=decision.reason + " (already blocked by a concurrent request)")
+            subject, body = block_notice(self.settings, login, decision.countries, decision.reason, "policy")
+            self.notifier.send(subject, body)
+        elif decision.record_sighting:
+            self.store.record_sighting(login, country, ip, now)
+        return decision
+
+    def _database_failed(self, error: Exception) -> None:
+        # One line when an outage starts, not one per request.
+        with self._db_state_lock:
+            starting, self._db_failing = not self._db_failing, True
+        if starting:
+            log.error("database %s unreachable, answering %s until it is back: %s",
+                      safe_url(self.settings.dbcon), self.settings.db_error_action, _first_line(error))
+
+    def _database_ok(self) -> None:
+        with self._db_state_lock:
+            ending, self._db_failing = self._db_failing, False
+        if ending:
+            log.warning("database %s is back", safe_url(self.settings.dbcon))
+
+    def _log_decision(self, request: PolicyRequest, decision: Decision) -> None:
+        log.info(
+            "login=%s client=%s country=%s decision=%s reason=%s%s",
+            request.login or "-", request.client_address or "-", request.client_country or "-",
+            decision.action.split()[0], decision.reason,
+            " NEW BLOCK" if decision.new_block else "",
+        )
+
+
+def _first_line(error: BaseException) -> str:
+    original = getattr(error, "orig", None) or error
+    text = str(original).strip().splitlines()
+    return f"{type(original).__name__}: {text[0] if text else ''}"
+
+
+class PolicyHandler(socketserver.StreamRequestHandler):
+    """One Postfix connection: a loop of requests, each ended by an empty line."""
+
+    def setup(self) -> None:
+        self.timeout = self.server.settings.idle_timeout
+        super().setup()
+
+    def handle(self) -> None:
+        limit = self.server.settings.max_request_bytes
+        peer = f"{self.client_address[0]}:{self.client_address[1]}"
+        lines: list = []
+        size = 0
+        while True:
+            try:
+                raw = self.rfile.readline(limit + 1)
+            except (socket.timeout, TimeoutError):
+                log.info("connection from %s idle for %.0f s, closing", peer, self.server.settings.idle_timeout)
+                return
+            except OSError as error:
+                log.info("connection from %s: %s", peer, error)
+                return
+            if not raw:
+                if lines:
+                    log.warning("connection from %s closed in the middle of a request", peer)
+                return
+            size += len(raw)
+            if size > limit:
+                log.warning("connection from %s: request larger than max_request_bytes (%d), closing", peer, limit)
+                return
+            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            if line:
+                lines.append(line)
+                continue
+            if not lines:
+                continue  # stray empty line between requests
+            reply = self.server.answer(lines)
+            lines, size = [], 0
+            try:
+                self.wfile.write(reply)
+            except OSError as error:
+                log.info("connection from %s: cannot send the answer: %s", peer, error)
+                return
+
+
+class PolicyServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 256
+
+    def __init__(self, settings: Settings, service: PolicyService):
+        self.settings = settings
+        self.service = service
+        self._connections = threading.BoundedSemaphore(settings.max_connections)
+        infos = socket.getaddrinfo(settings.host, settings.port, type=socket.SOCK_STREAM)
+        self.address_family = infos[0][0]
+        super().__init__(infos[0][4][:2], PolicyHandler)
+
+    def answer(self, lines: list) -> bytes:
+        try:
+            request = parse_request(lines)
+            return format_reply(self.service.answer(request))
+        except Exception:  # a bug must cost one answer, never the daemon
+            log.exception("internal error while answering a request; answering DUNNO")
+            return format_reply("DUNNO")
+
+    def verify_request(self, request, client_address) -> bool:
+        allowed = self.settings.allowed_clients
+        if not allowed:
+            return True
+        address = ipaddress.ip_address(client_address[0])
+        if address.version == 6 and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        if any(address in network for network in allowed):
+            return True
+        log.warning("connection from %s refused: not in [server] allowed_clients", client_address[0])
+        return False
+
+    def process_request(self, request, client_address) -> None:
+        if not self._connections.acquire(blocking=False):
+            log.warning("connection from %s refused: max_connections (%d) reached",
+                        client_address[0], self.settings.max_connections)
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._connections.release()
+
+
+# ---------------------------------------------------------------------------
+# Logging and the command line
+# ---------------------------------------------------------------------------
+
+
+class MaskingFormatter(logging.Formatter):
+    """Formats a record, then blanks out every secret (database passwords)."""
+
+    secrets: set = set()
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        return text
+
+
+def setup_logging(verbose: bool, to_stderr: bool, secrets: Iterable[str] = ()) -> None:
+    MaskingFormatter.secrets = {secret for secret in secrets if secret}
+    if not to_stderr and os.path.exists("/dev/log"):
+        handler: logging.Handler = logging.handlers.SysLogHandler(
+            address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_MAIL
+        )
+        handler.setFormatter(MaskingFormatter("pcc[%(process)d]: %(levelname)s %(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(MaskingFormatter("%(asctime)s pcc[%(process)d]: %(levelname)s %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    log.propagate = False
+
+
+def secrets_of(settings: Settings) -> list:
+    try:
+        password = sa.engine.make_url(settings.dbcon).password
+    except sa_exc.ArgumentError:
+        return []
+    return [str(password)] if password else []
+
+
+def run_daemon(settings: Settings) -> int:
+    geoip = GeoIP(settings.geoip_database)
+    store = Store(settings.dbcon)
+    service = PolicyService(settings, store, geoip, Notifier(settings))
+    try:
+        store.create_tables()
+        service.tables_ready = True
+    except sa_exc.SQLAlchemyError as error:
+        log.error("database %s not reachable at start-up (will retry on each request): %s",
+                  safe_url(settings.dbcon), _first_line(error))
+    try:
+        server = PolicyServer(settings, service)
+    except OSError as error:
+        log.error("cannot listen on %s:%s: %s", settings.host, settings.port, error.strerror or error)
+        return 1
+    stop = threading.Event()
+
+    def on_sigterm(_signum, _frame):
+        if not stop.is_set():
+            stop.set()
+            threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    signal.signal(signal.SIGINT, on_sigterm)
+    log.info(
+        "pcc %s listening on %s port %d; database %s; GeoIP %s; rule: more than %d countries in %g days -> %s",
+        __version__, settings.host, settings.port, safe_url(settings.dbcon), geoip.description,
+        settings.how_many_different_countries, settings.in_how_much_time_in_days, settings.action,
+    )
+    with server:
+        server.serve_forever(poll_interval=0.5)
+    log.info("pcc stopped")
+    store.dispose()
+    return 0
+
+
+def build_argument_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pcc.py",
+        description="Postfix Country Control: a Postfix policy service that blocks accounts "
+        "sending from more than X countries within Y days.",
+        epilog="Postfix: smtpd_relay_restrictions = permit_mynetworks, "
+        "check_policy_service inet:127.0.0.1:9999, permit_sasl_authenticated, reject_unauth_destination",
+    )
+    parser.add_argument("--config", default=DEFAULT_CONFIG_PATH, metavar="PATH",
+                        help=f"configuration file (default {DEFAULT_CONFIG_PATH})")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages too")
+    parser.add_argument("--stderr", action="store_true",
+                        help="log to standard error instead of syslog (mail facility)")
+    commands = parser.add_mutually_exclusive_group(required=True)
+    commands.add_argument("-d", "--daemon", action="store_true",
+                          help="run the policy service (in the foreground, as supervisord expects)")
+    commands.add_argument("--check-config", action="store_true",
+                          help="read and validate the configuration, print a summary, and exit")
+    return parser
+
+
+def main(argv: Optional[list] = None) -> int:
+    arguments = build_argument_parser().parse_args(argv)
+    try:
+        settings = load_settings(arguments.config)
+    except ConfigError as error:
+        print(f"pcc: {error}", file=sys.stderr)
+        return 2
+    if arguments.check_config:
+        print(f"{settings.config_path}: OK; database {safe_url(settings.dbcon)}; "
+              f"more than {settings.how_many_different_countries} countries in "
+              f"{settings.in_how_much_time_in_days:g} days -> {settings.action}")
+        return 0
+    setup_logging(arguments.verbose, arguments.stderr, secrets_of(settings))
+    return run_daemon(settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,302 @@
+"""Shared test fixtures: real databases, a real SMTP listener, a test GeoIP
+database, and pcc daemons started as real processes.
+
+A service that is not reachable skips its tests on a developer's laptop, but
+fails them under CI (CI=true): CI must never pass by testing nothing.
+"""
+from __future__ import annotations
+
+import configparser
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import sqlalchemy as sa
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import pcc  # noqa: E402
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+SERVER_DATABASES = {
+    "mariadb": os.environ.get("PCC_TEST_MARIADB", "mysql+pymysql://root@127.0.0.1:3306/test"),
+    "postgresql": os.environ.get("PCC_TEST_POSTGRESQL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"),
+}
+
+# The test GeoIP database: one IPv4 /16 and one IPv6 /32 per country, all in
+# publicly routable space (pcc never looks up private addresses).
+COUNTRIES = ["GB", "US", "FR", "DE", "SE", "JP", "BR", "CN", "RU", "NL", "IT", "ES", "CA", "AU", "IN", "ZA"]
+COUNTRY_NETWORKS = {
+    code: (f"{20 + index}.1.0.0/16", f"2a0c:{index + 1:x}::/32") for index, code in enumerate(COUNTRIES)
+}
+NOT_IN_GEOIP = "60.1.2.3"  # public, but absent from the test database
+
+
+def ip_in(country: str, host: int = 1, version: int = 4) -> str:
+    """An address of `country` in the test GeoIP database."""
+    v4, v6 = COUNTRY_NETWORKS[country]
+    if version == 6:
+        return v6.split("::")[0] + f"::{host:x}"
+    return v4.rsplit(".", 2)[0] + f".{host // 256}.{host % 256 or 1}"
+
+
+def unavailable(what: str) -> None:
+    if IN_CI:
+        pytest.fail(f"{what} is not available, and CI must test it")
+    pytest.skip(f"{what} is not available on this machine")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# --- GeoIP ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def geoip_path(tmp_path_factory) -> str:
+    from mmdb_writer import MMDBWriter
+    from netaddr import IPSet
+
+    writer = MMDBWriter(ip_version=6, ipv4_compatible=True, database_type="GeoLite2-Country",
+                        languages=["en"], description="pcc test data")
+    for code, networks in COUNTRY_NETWORKS.items():
+        writer.insert_network(IPSet(list(networks)), {"country": {"iso_code": code, "names": {"en": code}}})
+    path = tmp_path_factory.mktemp("geoip") / "test-country.mmdb"
+    writer.to_db_file(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def geoip(geoip_path) -> pcc.GeoIP:
+    return pcc.GeoIP(geoip_path)
+
+
+# --- databases --------------------------------------------------------------
+
+
+def fresh_database(url: str) -> str:
+    """Check that `url` answers, drop pcc's tables, return the URL."""
+    engine = sa.create_engine(url, connect_args={"connect_timeout": 3} if not url.startswith("sqlite") else {})
+    try:
+        pcc.Base.metadata.drop_all(engine)
+    except sa.exc.OperationalError as error:
+        unavailable(f"{pcc.safe_url(url)} ({pcc._first_line(error)})")
+    finally:
+        engine.dispose()
+    return url
+
+
+@pytest.fixture(params=["sqlite", "mariadb", "postgresql"])
+def db_url(request, tmp_path) -> str:
+    """Each storage test runs on SQLite, MariaDB and PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/pcc.sqlite3"
+    return fresh_database(SERVER_DATABASES[request.param])
+
+
+@pytest.fixture(params=["mariadb", "postgresql"])
+def shared_db_url(request) -> str:
+    """A database several daemons can share."""
+    return fresh_database(SERVER_DATABASES[request.param])
+
+
+@pytest.fixture
+def postgresql_url() -> str:
+    return fresh_database(SERVER_DATABASES["postgresql"])
+
+
+# --- configuration ----------------------------------------------------------
+
+
+def write_config(directory: pathlib.Path, overrides: dict, name: str = "pcc.conf") -> str:
+    """The shipped pcc.conf with some keys changed ("section.key": value)."""
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(ROOT / "pcc.conf", encoding="utf-8")
+    for dotted, value in overrides.items():
+        section, key = dotted.split(".", 1)
+        parser.set(section, key, str(value))
+    path = directory / name
+    with open(path, "w", encoding="utf-8") as config_file:
+        parser.write(config_file)
+    return str(path)
+
+
+@pytest.fixture
+def make_settings(tmp_path, geoip_path):
+    def make(**overrides) -> pcc.Settings:
+        values = {"db.dbcon": f"sqlite:///{tmp_path}/pcc.sqlite3", "geoip.database": geoip_path}
+        values.update({key.replace("__", "."): value for key, value in overrides.items()})
+        return pcc.load_settings(write_config(tmp_path, values, name="settings.conf"))
+
+    return make
+
+
+# --- the policy protocol ----------------------------------------------------
+
+
+def policy_request(login: str = "", ip: str = "81.2.69.160", **extra) -> dict:
+    """The attributes Postfix sends for one RCPT (see ../shared/postfix-e2e.md)."""
+    attributes = {
+        "request": "smtpd_access_policy", "protocol_state": "RCPT", "protocol_name": "ESMTP",
+        "client_address": ip, "client_name": "unknown", "reverse_client_name": "unknown",
+        "client_port": "35422", "server_address": "127.0.0.1", "server_port": "25", "helo_name": "vm",
+        "sender": login, "recipient": "bob@remote.test", "recipient_count": "0", "queue_id": "",
+        "instance": "bd9.6b07243a.befbf.0", "size": "0", "etrn_domain": "", "stress": "",
+        "sasl_method": "PLAIN" if login else "", "sasl_username": login, "sasl_sender": "",
+        "ccert_subject": "", "ccert_issuer": "", "ccert_fingerprint": "", "ccert_pubkey_fingerprint": "",
+        "encryption_protocol": "", "encryption_cipher": "", "encryption_keysize": "0", "policy_context": "",
+    }
+    attributes.update(extra)
+    return attributes
+
+
+def encode_request(attributes: dict) -> bytes:
+    return "".join(f"{name}={value}\n" for name, value in attributes.items()).encode() + b"\n"
+
+
+class PolicyClient:
+    """A Postfix-like client: one connection, many requests."""
+
+    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 10.0):
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.pending = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def reply(self) -> str:
+        """The action of the next reply."""
+        while b"\n\n" not in self.pending:
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                raise ConnectionError(f"connection closed; unread: {self.pending!r}")
+            self.pending += chunk
+        block, self.pending = self.pending.split(b"\n\n", 1)
+        lines = block.decode().split("\n")
+        assert len(lines) == 1 and lines[0].startswith("action="), block
+        return lines[0][len("action="):]
+
+    def ask(self, login: str = "", ip: str = "81.2.69.160", **extra) -> str:
+        self.send(encode_request(policy_request(login, ip, **extra)))
+        return self.reply()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+# --- daemons ----------------------------------------------------------------
+
+
+class Daemon:
+    """`pcc.py -d` as a real process on a free port."""
+
+    def __init__(self, config_path: str, log_path: pathlib.Path, port: int, host: str = "127.0.0.1"):
+        self.host = host
+        self.config_path = config_path
+        self.log_path = log_path
+        self.port = port
+        self.process = None
+
+    def start(self) -> "Daemon":
+        log_file = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, str(ROOT / "pcc.py"), "-d", "--stderr", "--config", self.config_path],
+            stdout=log_file, stderr=log_file, cwd=str(ROOT),
+        )
+        log_file.close()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"pcc exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                socket.create_connection((self.host, self.port), timeout=1).close()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"pcc did not listen on {self.port}:\n{self.log()}")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def client(self) -> PolicyClient:
+        return PolicyClient(self.port, host=self.host)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@pytest.fixture
+def start_daemon(tmp_path, geoip_path):
+    """start_daemon(**config overrides) -> a running Daemon; all stopped after the test."""
+    daemons = []
+
+    def start(**overrides) -> Daemon:
+        port = free_port()
+        values = {
+            "server.port": port,
+            "db.dbcon": f"sqlite:///{tmp_path}/pcc.sqlite3",
+            "geoip.database": geoip_path,
+        }
+        values.update({key.replace("__", "."): value for key, value in overrides.items()})
+        index = len(daemons)
+        config_path = write_config(tmp_path, values, name=f"pcc-{index}.conf")
+        daemon = Daemon(config_path, tmp_path / f"pcc-{index}.log", port, host=str(values.get("server.host", "127.0.0.1")))
+        daemons.append(daemon)
+        return daemon.start()
+
+    yield start
+    for daemon in daemons:
+        daemon.stop()
+
+
+# --- a real SMTP listener for the notifications ----------------------------
+
+
+class SmtpSink:
+    def __init__(self):
+        self.messages = []
+        self.arrived = threading.Condition()
+        self.port = None
+
+    async def handle_DATA(self, server, session, envelope):
+        import email
+        import email.policy
+
+        message = email.message_from_bytes(envelope.content, policy=email.policy.default)
+        with self.arrived:
+            self.messages.append((list(envelope.rcpt_tos), message))
+            self.arrived.notify_all()
+        return "250 Message accepted"
+
+    def wait_for(self, count: int, timeout: float = 15.0) -> list:
+        with self.arrived:
+            self.arrived.wait_for(lambda: len(self.messages) >= count, timeout=timeout)
+            return list(self.messages)
+
+
+@pytest.fixture
+def smtp_sink():
+    from aiosmtpd.controller import Controller
+
+    sink = SmtpSink()
+    sink.port = free_port()
+    controller = Controller(sink, hostname="127.0.0.1", port=sink.port)
+    controller.start()
+    yield sink
+    controller.stop()
