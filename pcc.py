@@ -852,10 +852,31 @@ class Notifier:
         self.sender = f"pcc@{socket.gethostname()}"
         self._outbox: queue.Queue = queue.Queue()
         self._thread: Optional[threading.Thread] = None
+        self._start_lock = threading.Lock()
 
     def send(self, subject: str, body: str) -> None:
+        """Queue a notification; returns at once."""
         if not self.settings.notice:
             return
+        self._outbox.put(self._compose(subject, body))
+        with self._start_lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="pcc-notifier", daemon=True)
+                self._thread.start()
+
+    def send_now(self, subject: str, body: str) -> bool:
+        """For the admin commands: send in this thread, report success."""
+        if not self.settings.notice:
+            return True
+        message = self._compose(subject, body)
+        try:
+            self._deliver(message)
+            return True
+        except (OSError, smtplib.SMTPException) as error:
+            log.error("notification to %s not sent: %s", message["To"], error)
+            return False
+
+    def _compose(self, subject: str, body: str) -> email.message.EmailMessage:
         message = email.message.EmailMessage()
         message["From"] = self.sender
         message["To"] = ", ".join(self.settings.notice)
@@ -864,23 +885,7 @@ class Notifier:
         message["Message-ID"] = email.utils.make_msgid(domain=socket.gethostname())
         message["Auto-Submitted"] = "auto-generated"
         message.set_content(body)
-        self._outbox.put(message)
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="pcc-notifier", daemon=True)
-            self._thread.start()
-
-    def send_now(self, subject: str, body: str) -> bool:
-        """For the admin commands: send in this thread, report success."""
-        if not self.settings.notice:
-            return True
-        self.send(subject, body)
-        message = self._outbox.get()
-        try:
-            self._deliver(message)
-            return True
-        except (OSError, smtplib.SMTPException) as error:
-            log.error("notification to %s not sent: %s", message["To"], error)
-            return False
+        return message
 
     def _run(self) -> None:
         while True:
@@ -1123,6 +1128,228 @@ class PolicyServer(socketserver.ThreadingTCPServer):
 
 
 # ---------------------------------------------------------------------------
+# Admin command line
+# ---------------------------------------------------------------------------
+
+
+class AdminError(Exception):
+    """An admin command cannot do what was asked; the message says why."""
+
+
+# A held message whose arrival is this much older than the block was held by
+# something else (the clocks of the database and Postfix hosts may differ a little).
+HOLD_CLOCK_SKEW = dt.timedelta(seconds=60)
+
+
+class PostfixQueue:
+    """The Postfix hold queue, through postqueue, postcat and postsuper."""
+
+    def __init__(self, config_directory: str = ""):
+        self.config_directory = config_directory
+
+    def held_by(self, login: str, since: dt.datetime) -> list:
+        """Queue IDs of held messages submitted by `login` (its SASL login, as the
+        queue file records it, whatever the envelope sender) since `since`."""
+        earliest = (since - HOLD_CLOCK_SKEW).timestamp()
+        held = []
+        for line in self._run("postqueue", "-j").splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if entry.get("queue_name") != "hold" or entry.get("arrival_time", 0) < earliest:
+                continue
+            if self._sasl_username(entry["queue_id"]) == login:
+                held.append(entry["queue_id"])
+        return held
+
+    def release(self, queue_ids: list) -> int:
+        return self._postsuper("-H", queue_ids, r"Released from hold: (\d+)")
+
+    def delete(self, queue_ids: list) -> int:
+        return self._postsuper("-d", queue_ids, r"Deleted: (\d+)")
+
+    def _sasl_username(self, queue_id: str) -> Optional[str]:
+        try:
+            envelope = self._run("postcat", "-e", "-q", queue_id)
+        except AdminError:
+            return None  # the message left the queue meanwhile
+        found = re.search(r"^named_attribute: sasl_username=(.*)$", envelope, re.MULTILINE)
+        return found.group(1).strip().lower() if found else None
+
+    def _postsuper(self, option: str, queue_ids: list, pattern: str) -> int:
+        if not queue_ids:
+            return 0
+        report = self._run("postsuper", option, "-", stdin="\n".join(queue_ids) + "\n", report_stderr=True)
+        return sum(int(number) for number in re.findall(pattern, report))
+
+    def _run(self, program: str, *arguments: str, stdin: Optional[str] = None, report_stderr: bool = False) -> str:
+        command = [program] + (["-c", self.config_directory] if self.config_directory else []) + list(arguments)
+        try:
+            result = subprocess.run(command, input=stdin, capture_output=True, text=True, timeout=120)
+        except FileNotFoundError:
+            raise AdminError(f"{program} not found: is Postfix installed and on PATH?") from None
+        except subprocess.TimeoutExpired:
+            raise AdminError(f"{' '.join(command)} did not finish within 120 s") from None
+        if result.returncode != 0:
+            detail = (result.stderr.strip().splitlines() or ["no message"])[-1]
+            raise AdminError(f"{' '.join(command)} failed: {detail}")
+        return result.stderr if report_stderr else result.stdout
+
+
+def _when(moment: Optional[dt.datetime]) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M:%S") if moment else "-"
+
+
+class Admin:
+    """The administrator's commands.  Each prints what it did; those that change
+    state notify the `notice` addresses.  All are safe to run while the daemon
+    serves, and safe to repeat."""
+
+    def __init__(self, settings: Settings, store: Store, notifier: Notifier, postfix: PostfixQueue,
+                 out=None):
+        self.settings = settings
+        self.store = store
+        self.notifier = notifier
+        self.postfix = postfix
+        self.out = out or sys.stdout
+
+    def say(self, text: str = "") -> None:
+        print(text, file=self.out)
+
+    def list_blocked(self, as_json: bool) -> None:
+        rows = self.store.blocked_accounts()
+        if as_json:
+            self.say(json.dumps([_block_json(block) for _login, _since, block in rows], indent=2))
+            return
+        if not rows:
+            self.say("No account is blocked.")
+            return
+        self.say(f"{'LOGIN':<32} {'BLOCKED SINCE (UTC)':<20} {'ACTION':<7} {'BY':<7} "
+                 f"{'COUNTRY':<8}{'LAST IP':<40} LAST SEEN (UTC)")
+        for login, since, block in rows:
+            first = f"{login:<32} {_when(since):<20} {block.action:<7} {block.source:<7} "
+            countries = block.countries or [{"country": "-", "last_ip": "-", "last_seen": None}]
+            for index, seen in enumerate(countries):
+                lead = first if index == 0 else " " * len(first)
+                last_seen = seen["last_seen"][:19].replace("T", " ") if seen.get("last_seen") else "-"
+                self.say(f"{lead}{seen['country']:<8}{seen['last_ip']:<40} {last_seen}")
+        self.say(f"{len(rows)} blocked account{'s' if len(rows) != 1 else ''}")
+
+    def show(self, login: str, as_json: bool, now: dt.datetime) -> None:
+        account, sightings, blocks = self._known_account(login)
+        history = AccountHistory(account.blocked_since if account else None,
+                                 account.counting_since if account else None, tuple(sightings))
+        counted = _countries_in_window(history, self.settings, now)
+        limit = self.settings.how_many_different_countries
+        blocked_since = history.blocked_since
+        state = f"blocked since {_when(blocked_since)} UTC" if blocked_since else "not blocked"
+        if as_json:
+            self.say(json.dumps({
+                "login": login, "blocked": blocked_since is not None,
+                "blocked_since": blocked_since.isoformat() if blocked_since else None,
+                "counting_since": history.counting_since.isoformat() if history.counting_since else None,
+                "countries_in_window": [seen.as_json() for seen in counted.values()],
+                "threshold": limit, "window_days": self.settings.in_how_much_time_in_days,
+                "blocks": [_block_json(block) for block in blocks],
+            }, indent=2))
+            return
+        self.say(f"{login}: {state}")
+        self.say(f"countries in the last {self.settings.in_how_much_time_in_days:g} days: {len(counted)} "
+                 f"(blocked at more than {limit}"
+                 + (f"; {limit - len(counted) + 1} more would block)" if not blocked_since else ")"))
+        for seen in sorted(counted.values(), key=lambda s: s.first_seen):
+            self.say(f"  {seen.country}  last IP {seen.last_ip:<39}  first seen {_when(seen.first_seen)}"
+                     f"  last seen {_when(seen.last_seen)}")
+        for block in blocks:
+            ended = f", unblocked {_when(block.unblocked_at)}" if block.unblocked_at else " (in force)"
+            self.say(f"block #{block.id}: {_when(block.blocked_at)} by {block.source}, {block.action}{ended}: "
+                     f"{block.reason}")
+
+    def block(self, login: str, now: dt.datetime) -> None:
+        _account, sightings, _blocks = self._account(login)
+        recent = _countries_in_window(AccountHistory(sightings=tuple(sightings)), self.settings, now)
+        reason = "blocked by an administrator"
+        block_id = self.store.record_block(login, now, source="admin", action=self.settings.action,
+                                           reason=reason, countries=[s.as_json() for s in recent.values()])
+        if block_id is None:
+            self.say(f"{login} is already blocked; nothing changed")
+            return
+        self.say(f"{login} blocked: its messages now get {self.settings.action}")
+        subject, body = block_notice(self.settings, login, recent.values(), reason, f"admin ({_who()})")
+        self._notify(subject, body)
+
+    def unblock(self, login: str, held: Optional[str], now: dt.datetime) -> None:
+        """held: None (leave held mail alone), "release" or "delete"."""
+        _account, _sightings, blocks = self._known_account(login)
+        block_id = self.store.unblock(login, now)
+        if block_id is None:
+            report = [self._say_line(f"{login} is not blocked; nothing to unblock")]
+        else:
+            report = [self._say_line(f"{login} unblocked (block #{block_id}); "
+                                     "its earlier countries no longer count")]
+        if blocks and held:
+            report.append(self._say_line(self._handle_held_mail(login, blocks[-1].blocked_at, held)))
+        if block_id is not None:
+            body = (f"pcc account {login} was unblocked by {_who()} on {socket.gethostname()} "
+                    f"at {_when(now)} UTC.\n\n" + "\n".join(report) + "\n")
+            self._notify(f"pcc: account {login} unblocked", body)
+
+    def _say_line(self, line: str) -> str:
+        self.say(line)
+        return line
+
+    def _handle_held_mail(self, login: str, blocked_at: dt.datetime, held: str) -> str:
+        queue_ids = self.postfix.held_by(login, blocked_at)
+        plural = "s" if len(queue_ids) != 1 else ""
+        if held == "release":
+            count = self.postfix.release(queue_ids)
+            return f"released {count} held message{plural} of {login} from the hold queue"
+        count = self.postfix.delete(queue_ids)
+        return f"deleted {count} held message{plural} of {login} from the hold queue"
+
+    def cleanup(self, days: float, now: dt.datetime) -> None:
+        if days < self.settings.in_how_much_time_in_days:
+            raise AdminError(f"-c {days:g}: refusing to delete sightings younger than the window "
+                             f"({self.settings.in_how_much_time_in_days:g} days); they still count")
+        deleted = self.store.delete_sightings_before(now - dt.timedelta(days=days))
+        self.say(f"deleted {deleted} sighting{'s' if deleted != 1 else ''} older than {days:g} days")
+
+    def _account(self, login: str):
+        if not login or len(login) > MAX_LOGIN_LENGTH or any(ord(c) < 33 for c in login):
+            raise AdminError(f"{login!r} is not a login")
+        return self.store.account(login)
+
+    def _known_account(self, login: str):
+        account, sightings, blocks = self._account(login)
+        if account is None and not sightings and not blocks:
+            raise AdminError(f"unknown login {login}: pcc has never counted nor blocked it")
+        return account, sightings, blocks
+
+    def _notify(self, subject: str, body: str) -> None:
+        if self.settings.notice and not self.notifier.send_now(subject, body):
+            self.say(f"warning: the notification to {', '.join(self.settings.notice)} was not sent")
+
+
+def _block_json(block: Block) -> dict:
+    return {
+        "id": block.id, "login": block.login, "blocked_at": block.blocked_at.isoformat(),
+        "source": block.source, "action": block.action, "reason": block.reason,
+        "countries": block.countries, "trigger": block.trigger,
+        "unblocked_at": block.unblocked_at.isoformat() if block.unblocked_at else None,
+    }
+
+
+def _who() -> str:
+    try:
+        import pwd
+
+        return pwd.getpwuid(os.getuid()).pw_name
+    except (ImportError, KeyError):
+        return f"uid {os.getuid()}"
+
+
+# ---------------------------------------------------------------------------
 # Logging and the command line
 # ---------------------------------------------------------------------------
 
@@ -1216,6 +1443,21 @@ def build_argument_parser() -> argparse.ArgumentParser:
                           help="run the policy service (in the foreground, as supervisord expects)")
     commands.add_argument("--check-config", action="store_true",
                           help="read and validate the configuration, print a summary, and exit")
+    commands.add_argument("-l", "--list", action="store_true",
+                          help="list blocked accounts: login, blocked since, action, countries with last IP and time")
+    commands.add_argument("-s", "--show", metavar="LOGIN",
+                          help="show an account: state, countries in the window, how close to the threshold, blocks")
+    commands.add_argument("-b", "--block", metavar="LOGIN",
+                          help="block an account by hand (e.g. reported compromised); notifies the admins")
+    commands.add_argument("-u", "--unblock", metavar="LOGIN",
+                          help="unblock an account; its earlier countries stop counting; notifies the admins")
+    commands.add_argument("-r", "--release", metavar="LOGIN",
+                          help="unblock, and release the account's held mail from the Postfix hold queue")
+    commands.add_argument("-e", "--erase", metavar="LOGIN",
+                          help="unblock, and delete the account's held mail from the Postfix hold queue")
+    commands.add_argument("-c", "--cleanup", metavar="DAYS", type=float,
+                          help="delete sightings older than DAYS days (needs the DELETE grant)")
+    parser.add_argument("--json", action="store_true", help="with -l or -s: print JSON for scripts")
     return parser
 
 
@@ -1231,8 +1473,54 @@ def main(argv: Optional[list] = None) -> int:
               f"more than {settings.how_many_different_countries} countries in "
               f"{settings.in_how_much_time_in_days:g} days -> {settings.action}")
         return 0
-    setup_logging(arguments.verbose, arguments.stderr, secrets_of(settings))
-    return run_daemon(settings)
+    if arguments.daemon:
+        setup_logging(arguments.verbose, arguments.stderr, secrets_of(settings))
+        return run_daemon(settings)
+    setup_logging(arguments.verbose, True, secrets_of(settings))
+    log.setLevel(logging.DEBUG if arguments.verbose else logging.WARNING)
+    return run_admin_command(settings, arguments)
+
+
+def run_admin_command(settings: Settings, arguments: argparse.Namespace) -> int:
+    store = Store(settings.dbcon)
+    admin = Admin(settings, store, Notifier(settings), PostfixQueue(settings.postfix_config_directory))
+    now = utcnow()
+
+    def login(value: str) -> str:
+        return value.strip().lower()
+
+    try:
+        store.create_tables()
+        if arguments.list:
+            admin.list_blocked(arguments.json)
+        elif arguments.show:
+            admin.show(login(arguments.show), arguments.json, now)
+        elif arguments.block:
+            admin.block(login(arguments.block), now)
+        elif arguments.unblock:
+            admin.unblock(login(arguments.unblock), None, now)
+        elif arguments.release:
+            admin.unblock(login(arguments.release), "release", now)
+        elif arguments.erase:
+            admin.unblock(login(arguments.erase), "delete", now)
+        elif arguments.cleanup is not None:
+            admin.cleanup(arguments.cleanup, now)
+    except AdminError as error:
+        print(f"pcc: {error}", file=sys.stderr)
+        return 1
+    except sa_exc.SQLAlchemyError as error:
+        print(f"pcc: database {safe_url(settings.dbcon)} failed: {_mask(_first_line(error), settings)}",
+              file=sys.stderr)
+        return 1
+    finally:
+        store.dispose()
+    return 0
+
+
+def _mask(text: str, settings: Settings) -> str:
+    for secret in secrets_of(settings):
+        text = text.replace(secret, "***")
+    return text
 
 
 if __name__ == "__main__":

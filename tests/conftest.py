@@ -256,7 +256,8 @@ def start_daemon(tmp_path, geoip_path):
         values.update({key.replace("__", "."): value for key, value in overrides.items()})
         index = len(daemons)
         config_path = write_config(tmp_path, values, name=f"pcc-{index}.conf")
-        daemon = Daemon(config_path, tmp_path / f"pcc-{index}.log", port, host=str(values.get("server.host", "127.0.0.1")))
+        daemon = Daemon(config_path, tmp_path / f"pcc-{index}.log", int(values["server.port"]),
+                        host=str(values.get("server.host", "127.0.0.1")))
         daemons.append(daemon)
         return daemon.start()
 

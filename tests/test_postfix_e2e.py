@@ -1,0 +1,196 @@
+"""The whole loop on a real Postfix: XCLIENT makes one machine send "from" any
+country as any SASL login (see ../shared/postfix-e2e.md); pcc answers; Postfix
+queues, holds or rejects; the admin commands release or delete held mail."""
+import json
+import re
+import shutil
+import smtplib
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from conftest import ROOT, free_port, ip_in, unavailable
+
+pytestmark = pytest.mark.postfix
+
+ALICE, BOB, CAROL = "alice@example.com", "bob@example.com", "carol@example.org"
+
+
+class PostfixInstance:
+    """A private Postfix instance: its own config dir, queue and port."""
+
+    def __init__(self, pcc_port: int):
+        self.pcc_port = pcc_port
+        self.smtp_port = free_port()
+        self.directory = tempfile.mkdtemp(prefix="pcc-postfix-")
+
+    def start(self) -> None:
+        d = self.directory
+        for sub in ("queue", "data"):
+            subprocess.run(["mkdir", "-p", f"{d}/{sub}"], check=True)
+        shutil.copy("/etc/postfix/master.cf", d)
+        shutil.copy("/etc/postfix/main.cf", d)
+        master = open(f"{d}/master.cf").read()
+        master = re.sub(r"^smtp      inet", f"{self.smtp_port}      inet", master, count=1, flags=re.MULTILINE)
+        open(f"{d}/master.cf", "w").write(master)
+        self.postconf(
+            f"queue_directory={d}/queue", f"data_directory={d}/data",
+            "maillog_file_prefixes=/var, /dev/stdout, /tmp", f"maillog_file={d}/maillog",
+            "multi_instance_name=postfix-pcc-test", "syslog_name=postfix-pcc-test",
+            "myhostname=mx.example.test", "mydestination=", "inet_interfaces=127.0.0.1",
+            "inet_protocols=ipv4", "mynetworks=127.0.0.0/8", "relay_domains=remote.test",
+            "relayhost=[127.0.0.1]:2525", "defer_transports=smtp",
+            "smtpd_authorized_xclient_hosts=127.0.0.0/8",
+            # each test starts its own pcc: do not keep policy connections long
+            "smtpd_policy_service_max_idle=1s", "smtpd_policy_service_max_ttl=2s",
+            "smtpd_relay_restrictions=permit_mynetworks, "
+            f"check_policy_service inet:127.0.0.1:{self.pcc_port}, reject_unauth_destination",
+        )
+        for command in (["set-permissions"], ["check"], ["start"]):
+            subprocess.run(["postfix", "-c", d, *command], check=True, capture_output=True, timeout=120)
+
+    def postconf(self, *settings: str) -> None:
+        subprocess.run(["postconf", "-c", self.directory, "-e", *settings], check=True, timeout=60)
+
+    def stop(self) -> None:
+        subprocess.run(["postfix", "-c", self.directory, "stop"], capture_output=True, timeout=60)
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def empty_queue(self) -> None:
+        subprocess.run(["postsuper", "-c", self.directory, "-d", "ALL"], capture_output=True, timeout=60)
+
+    def queue(self) -> dict:
+        """queue_id -> queue name (hold, deferred, active, incoming, maildrop)."""
+        output = subprocess.run(["postqueue", "-c", self.directory, "-j"], capture_output=True,
+                                text=True, check=True, timeout=60).stdout
+        return {entry["queue_id"]: entry["queue_name"] for entry in map(json.loads, output.splitlines())}
+
+    def send(self, login: str, ip: str, sender: str = None):
+        """Submit one message as `login` from `ip`.  Returns (code, text, queue_id)."""
+        with smtplib.SMTP("127.0.0.1", self.smtp_port, timeout=60) as smtp:
+            smtp.ehlo("client.example")
+            code, text = smtp.docmd("XCLIENT", f"ADDR={ip} LOGIN={login}")
+            assert code == 220, text
+            smtp.ehlo("client.example")
+            smtp.mail(sender or login)
+            code, text = smtp.rcpt("bob@remote.test")
+            if code != 250:
+                return code, text.decode(), None
+            code, text = smtp.data(b"Subject: pcc end-to-end test\r\n\r\nhello\r\n")
+            queue_id = re.search(r"queued as (\w+)", text.decode()).group(1)
+            return code, text.decode(), queue_id
+
+
+@pytest.fixture(scope="module")
+def postfix():
+    if shutil.which("postfix") is None or shutil.which("postqueue") is None:
+        unavailable("Postfix (Debian package postfix)")
+    instance = PostfixInstance(free_port())
+    instance.start()
+    yield instance
+    instance.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql", "mariadb"])
+def database(request, tmp_path):
+    from conftest import SERVER_DATABASES, fresh_database
+
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/pcc.sqlite3"
+    return fresh_database(SERVER_DATABASES[request.param])
+
+
+@pytest.fixture
+def pcc_for(postfix, start_daemon, database, smtp_sink):
+    """pcc.py -d for the Postfix instance, in the given action mode."""
+    postfix.empty_queue()
+
+    def start(action: str):
+        return start_daemon(**{
+            "server.port": postfix.pcc_port, "db.dbcon": database, "postfix.config_directory": postfix.directory,
+            "policy.action": action, "policy.reason": "Too many countries, contact support",
+            "mail.notice": "admin@example.com", "mail.mailsrv": "127.0.0.1", "mail.mailport": smtp_sink.port,
+        })
+
+    return start
+
+
+def admin(daemon, *arguments):
+    result = subprocess.run([sys.executable, str(ROOT / "pcc.py"), "--config", daemon.config_path, *arguments],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def walk(postfix, login, countries, sender=None):
+    return [postfix.send(login, ip_in(country), sender) for country in countries]
+
+
+def test_hold_then_release_exactly_that_accounts_mail(postfix, pcc_for, smtp_sink):
+    daemon = pcc_for("HOLD")
+    first_three = walk(postfix, ALICE, ["GB", "US", "FR"])
+    assert [code for code, _text, _id in first_three] == [250, 250, 250]
+    _code, _text, fourth = postfix.send(ALICE, ip_in("DE"))
+    # later mail of alice, under another envelope sender, is held too
+    _code, _text, later = postfix.send(ALICE, ip_in("GB"), sender="newsletter@example.net")
+    # bob keeps sending; carol is blocked by hand and her mail is held as well
+    _code, _text, bobs = postfix.send(BOB, ip_in("GB"))
+    admin(daemon, "-b", CAROL)
+    _code, _text, carols = postfix.send(CAROL, ip_in("GB"), sender=ALICE)
+    queue = postfix.queue()
+    assert all(queue[queue_id] != "hold" for _c, _t, queue_id in first_three)
+    assert queue[fourth] == queue[later] == queue[carols] == "hold"
+    assert queue[bobs] != "hold"
+    mails = smtp_sink.wait_for(2)
+    about_alice = [m for _rcpt, m in mails if ALICE in m["Subject"]]
+    assert len(about_alice) == 1 and "blocked" in about_alice[0]["Subject"]
+
+    output = admin(daemon, "-r", ALICE)
+    assert "released 2 held messages" in output
+    queue = postfix.queue()
+    assert queue.get(fourth) != "hold" and queue.get(later) != "hold"
+    assert queue[carols] == "hold"  # another account's held mail stays held
+    # alice sends normally again, in a fresh window
+    _code, _text, again = postfix.send(ALICE, ip_in("GB"))
+    assert postfix.queue()[again] != "hold"
+    assert "released 0 held messages" in admin(daemon, "-r", ALICE)  # safe to repeat
+    assert any("unblocked" in m["Subject"] for _r, m in smtp_sink.wait_for(3))
+
+
+def test_erase_deletes_exactly_that_accounts_held_mail(postfix, pcc_for):
+    daemon = pcc_for("HOLD")
+    walk(postfix, ALICE, ["GB", "US", "FR"])
+    held = [postfix.send(ALICE, ip_in(country))[2] for country in ("DE", "SE")]
+    walk(postfix, CAROL, ["GB", "US", "FR"])
+    carols = postfix.send(CAROL, ip_in("JP"))[2]
+    assert postfix.queue()[carols] == "hold"
+    output = admin(daemon, "-e", ALICE)
+    assert "deleted 2 held messages" in output
+    queue = postfix.queue()
+    assert held[0] not in queue and held[1] not in queue
+    assert queue[carols] == "hold"
+    assert "not blocked" in admin(daemon, "-e", ALICE)
+
+
+def test_reject_mode_answers_554_with_the_reason(postfix, pcc_for):
+    pcc_for("REJECT")
+    codes = [code for code, _text, _id in walk(postfix, ALICE, ["GB", "US", "FR"])]
+    assert codes == [250, 250, 250]
+    code, text, queue_id = postfix.send(ALICE, ip_in("DE"))
+    assert code == 554 and queue_id is None
+    assert "Too many countries, contact support" in text
+    assert postfix.send(ALICE, ip_in("GB"))[0] == 554
+    assert postfix.send(BOB, ip_in("DE"))[0] == 250
+
+
+def test_manual_block_is_enforced_on_the_next_message(postfix, pcc_for):
+    daemon = pcc_for("REJECT")
+    assert postfix.send(BOB, ip_in("GB"))[0] == 250
+    assert "blocked" in admin(daemon, "-b", BOB)
+    assert postfix.send(BOB, ip_in("GB"))[0] == 554
+    assert "already blocked" in admin(daemon, "-b", BOB)
+    admin(daemon, "-u", BOB)
+    assert postfix.send(BOB, ip_in("GB"))[0] == 250
