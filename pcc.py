@@ -30,6 +30,8 @@ Only the decision knows the rule; everything around it does I/O.
 from __future__ import annotations
 
 import argparse
+import collections
+import concurrent.futures
 import configparser
 import dataclasses
 import datetime as dt
@@ -114,6 +116,7 @@ class Settings:
     # [db]
     dbcon: str
     db_error_action: str
+    spool_file: str  # blocks decided during a database outage wait here; "" = memory only
     # [geoip]
     geoip_database: str  # "" = the embedded default data
     # [mail]
@@ -239,6 +242,7 @@ def load_settings(path: str) -> Settings:
         allowed_clients=config.networks("server", "allowed_clients"),
         dbcon=config.text("db", "dbcon", required=True),
         db_error_action=config.choice("db", "db_error_action", DB_ERROR_ACTIONS),
+        spool_file=config.text("db", "spool_file"),
         geoip_database=config.text("geoip", "database"),
         domains=config.logins("mail", "domains"),
         mailsrv=config.text("mail", "mailsrv"),
@@ -940,20 +944,132 @@ def block_notice(settings: Settings, login: str, countries: Iterable[CountrySeen
 # ---------------------------------------------------------------------------
 
 
-class PolicyService:
-    """Answers one parsed request: GeoIP, history, decision, records, log line."""
+# How long a request may wait for the database before pcc answers without it.
+# The database work goes on in the background (a block still gets written).
+DB_ANSWER_DEADLINE = 0.8
+# While the database fails, one request a second tries it again; the others
+# are answered at once from memory.
+DB_PROBE_INTERVAL = 1.0
+# Recently active accounts kept in memory, to decide during a database outage.
+HISTORY_CACHE_SIZE = 20000
 
-    def __init__(self, settings: Settings, store: Store, geoip: GeoIP, notifier: Notifier):
+
+class OutageJournal:
+    """What pcc decided while the database failed, written when it returns.
+
+    Blocks go to the spool file, flushed to disk before Postfix is answered, so
+    a crash loses none; the next start writes them.  Sightings stay in memory:
+    losing one costs a little counting, never a block.
+    """
+
+    def __init__(self, spool_path: str = ""):
+        self.spool_path = spool_path
+        self._lock = threading.Lock()
+        self._sightings: collections.deque = collections.deque(maxlen=100000)
+        self._blocks: list = []
+        if spool_path and os.path.exists(spool_path):
+            with open(spool_path, encoding="utf-8") as spool:
+                for line in spool:
+                    try:
+                        self._blocks.append(json.loads(line))
+                    except ValueError:
+                        log.error("spool %s: skipping a damaged line", spool_path)
+
+    def pending(self) -> bool:
+        return bool(self._blocks or self._sightings)
+
+    def add_sighting(self, login: str, country: str, ip: str, now: dt.datetime) -> None:
+        self._sightings.append((login, country, ip, now))
+
+    def add_block(self, entry: dict) -> None:
+        with self._lock:
+            self._blocks.append(entry)
+            if self.spool_path:
+                os.makedirs(os.path.dirname(os.path.abspath(self.spool_path)), exist_ok=True)
+                with open(self.spool_path, "a", encoding="utf-8") as spool:
+                    spool.write(json.dumps(entry) + "\n")
+                    spool.flush()
+                    os.fsync(spool.fileno())
+
+    def replay(self, store: "Store", on_new_block) -> None:
+        """Write everything to the database; what fails stays for the next try."""
+        while self._sightings:
+            login, country, ip, when = self._sightings[0]
+            store.record_sighting(login, country, ip, when)
+            self._sightings.popleft()
+        with self._lock:
+            blocks = list(self._blocks)
+        for entry in blocks:
+            block_id = store.record_block(
+                entry["login"], dt.datetime.fromisoformat(entry["at"]), source="policy",
+                action=entry["action"], reason=entry["reason"], countries=entry["countries"],
+                trigger=entry["trigger"], sighting=tuple(entry["sighting"]))
+            with self._lock:
+                self._blocks.remove(entry)
+                self._rewrite_spool()
+            log.warning("block of %s decided during the database outage is now written%s", entry["login"],
+                        "" if block_id else " (it was blocked already)")
+            if block_id is not None:
+                on_new_block(entry)
+
+    def _rewrite_spool(self) -> None:
+        if not self.spool_path:
+            return
+        temporary = self.spool_path + ".tmp"
+        with open(temporary, "w", encoding="utf-8") as spool:
+            spool.writelines(json.dumps(entry) + "\n" for entry in self._blocks)
+            spool.flush()
+            os.fsync(spool.fileno())
+        os.replace(temporary, self.spool_path)
+
+
+class HistoryCache:
+    """A bounded map login -> AccountHistory, least recently used out first."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._entries: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, login: str) -> Optional[AccountHistory]:
+        with self._lock:
+            history = self._entries.get(login)
+            if history is not None:
+                self._entries.move_to_end(login)
+            return history
+
+    def put(self, login: str, history: AccountHistory) -> None:
+        with self._lock:
+            self._entries[login] = history
+            self._entries.move_to_end(login)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+
+
+class PolicyService:
+    """Answers one parsed request: GeoIP, history, decision, records, log line.
+
+    The database is asked in a worker thread and given DB_ANSWER_DEADLINE
+    seconds.  When it fails or is slow, pcc answers from memory: accounts known
+    to be blocked get the action, accounts it has seen recently are decided on
+    what it remembers (a new block is spooled and written later), and the rest
+    get `db_error_action`.
+    """
+
+    def __init__(self, settings: Settings, store: Store, geoip: GeoIP, notifier: Notifier,
+                 journal: Optional[OutageJournal] = None):
         self.settings = settings
         self.store = store
         self.geoip = geoip
         self.notifier = notifier
+        self.journal = journal or OutageJournal()
         self.tables_ready = False
-        self._db_failing = False
-        self._db_state_lock = threading.Lock()
-        # Accounts known to be blocked: still answered with the action while
-        # the database is unreachable.
+        self._workers = concurrent.futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="pcc-db")
+        self._cache = HistoryCache(HISTORY_CACHE_SIZE)
         self._known_blocked: set = set()
+        self._state_lock = threading.Lock()
+        self._db_failing = False
+        self._next_probe = 0.0
 
     def answer(self, request: PolicyRequest, now: Optional[dt.datetime] = None) -> str:
         now = now or utcnow()
@@ -963,31 +1079,66 @@ class PolicyService:
         else:
             found = self.geoip.country(request.client_ip)
             request = dataclasses.replace(request, client_country=found.code, country_note=found.note)
-            decision = self._decide_with_history(request, now)
+            decision = self._decide_counted(request, now)
         self._log_decision(request, decision)
         return decision.action
 
-    def _decide_with_history(self, request: PolicyRequest, now: dt.datetime) -> Decision:
-        login = request.login
+    def _decide_counted(self, request: PolicyRequest, now: dt.datetime) -> Decision:
+        if self._db_failing and not self._probe_due():
+            return self._decide_offline(request, now)
+        future = self._workers.submit(self._decide_online, request, now)
         try:
-            if not self.tables_ready:
-                self.store.create_tables()
-                self.tables_ready = True
-            history = self.store.load_history(login, now - self.settings.country_window)
-            decision = decide(request, history, self.settings, now)
-            decision = self._record(request, decision, now)
+            return future.result(timeout=DB_ANSWER_DEADLINE)
+        except concurrent.futures.TimeoutError:
+            self._database_failed(f"no answer within {DB_ANSWER_DEADLINE} s")
         except sa_exc.SQLAlchemyError as error:
-            self._database_failed(error)
-            if login in self._known_blocked:
-                return Decision(f"{self.settings.action} {self.settings.reason}".strip(),
-                                "account known to be blocked (database error)")
-            return Decision(self.settings.db_error_action, "database error")
+            self._database_failed(_first_line(error))
+        return self._decide_offline(request, now)
+
+    def _decide_online(self, request: PolicyRequest, now: dt.datetime) -> Decision:
+        self.ensure_database()
+        history = self.store.load_history(request.login, now - self.settings.country_window)
+        decision = self._record(request, decide(request, history, self.settings, now), now)
         self._database_ok()
+        self._remember(request.login, history, decision)
+        return decision
+
+    def ensure_database(self) -> None:
+        """Create missing tables once; write what an outage left behind."""
+        if not self.tables_ready:
+            self.store.create_tables()
+            self.tables_ready = True
+        if self.journal.pending():
+            self.journal.replay(self.store, self._notify_spooled_block)
+
+    def _decide_offline(self, request: PolicyRequest, now: dt.datetime) -> Decision:
+        login = request.login
+        block_reply = f"{self.settings.action} {self.settings.reason}".strip()
+        if login in self._known_blocked:
+            return Decision(block_reply, "account known to be blocked (database failing)")
+        history = self._cache.get(login)
+        if history is None:
+            return Decision(self.settings.db_error_action, "database failing, account not in memory")
+        decision = decide(request, history, self.settings, now)
+        self._remember(login, history, decision)
+        if decision.new_block:
+            self.journal.add_block({
+                "login": login, "at": now.isoformat(), "action": self.settings.action,
+                "reason": decision.reason, "countries": [seen.as_json() for seen in decision.countries],
+                "trigger": dict(request.attributes), "sighting": [request.client_country, str(request.client_ip)],
+            })
+            return dataclasses.replace(decision, reason=decision.reason + " (database failing: block spooled)")
+        if decision.record_sighting:
+            self.journal.add_sighting(login, request.client_country, str(request.client_ip), now)
+        return Decision(self.settings.db_error_action, f"database failing; {decision.reason}")
+
+    def _remember(self, login: str, history: AccountHistory, decision: Decision) -> None:
         if decision.blocks:
             self._known_blocked.add(login)
-        else:
-            self._known_blocked.discard(login)
-        return decision
+            return
+        self._known_blocked.discard(login)
+        self._cache.put(login, dataclasses.replace(history, sightings=decision.countries)
+                        if decision.counted else history)
 
     def _record(self, request: PolicyRequest, decision: Decision, now: dt.datetime) -> Decision:
         login, country, ip = request.login, request.client_country, str(request.client_ip)
@@ -1006,16 +1157,31 @@ class PolicyService:
             self.store.record_sighting(login, country, ip, now)
         return decision
 
-    def _database_failed(self, error: Exception) -> None:
+    def _notify_spooled_block(self, entry: dict) -> None:
+        countries = [CountrySeen(seen["country"], dt.datetime.fromisoformat(seen["first_seen"]),
+                                 dt.datetime.fromisoformat(seen["last_seen"]), seen["last_ip"])
+                     for seen in entry["countries"]]
+        subject, body = block_notice(self.settings, entry["login"], countries, entry["reason"], "policy")
+        self.notifier.send(subject, body)
+
+    def _probe_due(self) -> bool:
+        with self._state_lock:
+            if time.monotonic() < self._next_probe:
+                return False
+            self._next_probe = time.monotonic() + DB_PROBE_INTERVAL
+            return True
+
+    def _database_failed(self, problem: str) -> None:
         # One line when an outage starts, not one per request.
-        with self._db_state_lock:
+        with self._state_lock:
             starting, self._db_failing = not self._db_failing, True
+            self._next_probe = time.monotonic() + DB_PROBE_INTERVAL
         if starting:
-            log.error("database %s failed, answering %s until it works again: %s",
-                      safe_url(self.settings.dbcon), self.settings.db_error_action, _first_line(error))
+            log.error("database %s failed, answering from memory (else %s) until it works again: %s",
+                      safe_url(self.settings.dbcon), self.settings.db_error_action, problem)
 
     def _database_ok(self) -> None:
-        with self._db_state_lock:
+        with self._state_lock:
             ending, self._db_failing = self._db_failing, False
         if ending:
             log.warning("database %s works again", safe_url(self.settings.dbcon))
@@ -1035,6 +1201,12 @@ def _first_line(error: BaseException) -> str:
     return f"{type(original).__name__}: {text[0] if text else ''}"
 
 
+# Once a request has begun, all of it must arrive within this many seconds
+# (or idle_timeout, if shorter): Postfix sends a request in one go, and a client
+# that trickles bytes must not hold a connection for ever.
+REQUEST_DEADLINE = 30.0
+
+
 class PolicyHandler(socketserver.StreamRequestHandler):
     """One Postfix connection: a loop of requests, each ended by an empty line."""
 
@@ -1043,50 +1215,101 @@ class PolicyHandler(socketserver.StreamRequestHandler):
         super().setup()
 
     def handle(self) -> None:
-        limit = self.server.settings.max_request_bytes
+        server = self.server
         peer = f"{self.client_address[0]}:{self.client_address[1]}"
-        lines: list = []
-        size = 0
-        while True:
+        while not server.stopping.is_set():
+            lines = self._read_request(peer)
+            if lines is None:
+                return
             try:
-                raw = self.rfile.readline(limit + 1)
-            except (socket.timeout, TimeoutError):
-                log.info("connection from %s idle for %.0f s, closing", peer, self.server.settings.idle_timeout)
-                return
-            except OSError as error:
-                log.info("connection from %s: %s", peer, error)
-                return
-            if not raw:
-                if lines:
-                    log.warning("connection from %s closed in the middle of a request", peer)
-                return
-            size += len(raw)
-            if size > limit:
-                log.warning("connection from %s: request larger than max_request_bytes (%d), closing", peer, limit)
-                return
-            line = raw.decode("utf-8", "replace").rstrip("\r\n")
-            if line:
-                lines.append(line)
-                continue
-            if not lines:
-                continue  # stray empty line between requests
-            reply = self.server.answer(lines)
-            lines, size = [], 0
-            try:
+                reply = server.answer(lines)
                 self.wfile.write(reply)
             except OSError as error:
                 log.info("connection from %s: cannot send the answer: %s", peer, error)
                 return
+            finally:
+                server.in_flight.leave()
+
+    def _read_request(self, peer: str) -> Optional[list]:
+        """The lines of the next request, or None when the connection should end.
+        A request counts as in flight from its first line until it is answered."""
+        settings = self.server.settings
+        limit = settings.max_request_bytes
+        lines: list = []
+        size = 0
+        started = 0.0
+        while True:
+            if lines:
+                deadline = min(REQUEST_DEADLINE, settings.idle_timeout)
+                self.connection.settimeout(max(0.01, started + deadline - time.monotonic()))
+            else:
+                self.connection.settimeout(settings.idle_timeout)
+            try:
+                raw = self.rfile.readline(limit + 1)
+            except (socket.timeout, TimeoutError):
+                if lines:
+                    log.warning("connection from %s: request not complete within %.0f s, closing", peer, deadline)
+                else:
+                    log.info("connection from %s idle for %.0f s, closing", peer, settings.idle_timeout)
+                return self._abandon(lines)
+            except OSError as error:
+                log.info("connection from %s: %s", peer, error)
+                return self._abandon(lines)
+            if not raw:
+                if lines:
+                    log.warning("connection from %s closed in the middle of a request", peer)
+                return self._abandon(lines)
+            size += len(raw)
+            if size > limit:
+                log.warning("connection from %s: request larger than max_request_bytes (%d), closing", peer, limit)
+                return self._abandon(lines)
+            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            if line:
+                if not lines:
+                    self.server.in_flight.enter()
+                    started = time.monotonic()
+                lines.append(line)
+            elif lines:
+                return lines
+            # else: a stray empty line between requests
+
+    def _abandon(self, lines: list) -> None:
+        if lines:
+            self.server.in_flight.leave()
+        return None
+
+
+class InFlight:
+    """Counts requests between their first line and their answer."""
+
+    def __init__(self):
+        self._count = 0
+        self._changed = threading.Condition()
+
+    def enter(self) -> None:
+        with self._changed:
+            self._count += 1
+
+    def leave(self) -> None:
+        with self._changed:
+            self._count -= 1
+            self._changed.notify_all()
+
+    def wait_until_none(self, timeout: float) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: self._count <= 0, timeout=timeout)
 
 
 class PolicyServer(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
-    request_queue_size = 256
+    request_queue_size = 1024
 
     def __init__(self, settings: Settings, service: PolicyService):
         self.settings = settings
         self.service = service
+        self.stopping = threading.Event()
+        self.in_flight = InFlight()
         self._connections = threading.BoundedSemaphore(settings.max_connections)
         infos = socket.getaddrinfo(settings.host, settings.port, type=socket.SOCK_STREAM)
         self.address_family = infos[0][0]
@@ -1118,13 +1341,21 @@ class PolicyServer(socketserver.ThreadingTCPServer):
                         client_address[0], self.settings.max_connections)
             self.shutdown_request(request)
             return
-        super().process_request(request, client_address)
+        try:
+            super().process_request(request, client_address)
+        except RuntimeError as error:  # no thread could be started
+            self._connections.release()
+            log.error("connection from %s refused: %s", client_address[0], error)
+            self.shutdown_request(request)
 
     def process_request_thread(self, request, client_address) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
             self._connections.release()
+
+    def handle_error(self, request, client_address) -> None:
+        log.exception("connection from %s: internal error", client_address[0])
 
 
 # ---------------------------------------------------------------------------
@@ -1390,12 +1621,14 @@ def secrets_of(settings: Settings) -> list:
 
 
 def run_daemon(settings: Settings) -> int:
+    _warn_if_readable(settings)
+    _raise_file_limit(settings.max_connections + 256)
+    threading.stack_size(512 * 1024)  # thousands of idle Postfix connections stay cheap
     geoip = GeoIP(settings.geoip_database)
-    store = Store(settings.dbcon)
-    service = PolicyService(settings, store, geoip, Notifier(settings))
+    service = PolicyService(settings, Store(settings.dbcon), geoip, Notifier(settings),
+                            OutageJournal(settings.spool_file))
     try:
-        store.create_tables()
-        service.tables_ready = True
+        service.ensure_database()
     except sa_exc.SQLAlchemyError as error:
         log.error("database %s failed at start-up (will try again on each request): %s",
                   safe_url(settings.dbcon), _first_line(error))
@@ -1404,25 +1637,81 @@ def run_daemon(settings: Settings) -> int:
     except OSError as error:
         log.error("cannot listen on %s:%s: %s", settings.host, settings.port, error.strerror or error)
         return 1
-    stop = threading.Event()
 
-    def on_sigterm(_signum, _frame):
-        if not stop.is_set():
-            stop.set()
+    def on_stop(_signum, _frame):
+        if not server.stopping.is_set():
+            server.stopping.set()
             threading.Thread(target=server.shutdown, daemon=True).start()
 
-    signal.signal(signal.SIGTERM, on_sigterm)
-    signal.signal(signal.SIGINT, on_sigterm)
+    def on_reload(_signum, _frame):
+        threading.Thread(target=reload_settings, args=(server,), daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGHUP, on_reload)
     log.info(
         "pcc %s listening on %s port %d; database %s; GeoIP %s; rule: more than %d countries in %g days -> %s",
         __version__, settings.host, settings.port, safe_url(settings.dbcon), geoip.description,
         settings.how_many_different_countries, settings.in_how_much_time_in_days, settings.action,
     )
-    with server:
-        server.serve_forever(poll_interval=0.5)
+    server.serve_forever(poll_interval=0.5)
+    # Stopped: accept nothing new, answer the requests in flight, then exit.
+    server.socket.close()
+    if not server.in_flight.wait_until_none(timeout=20):
+        log.warning("stopping with requests still unanswered after 20 s")
     log.info("pcc stopped")
-    store.dispose()
+    service.store.dispose()
     return 0
+
+
+def reload_settings(server: PolicyServer) -> None:
+    """SIGHUP: re-read the configuration and the GeoIP data.  Open connections
+    stay; a broken new configuration is refused and the old one stays in force."""
+    old = server.settings
+    try:
+        new = load_settings(old.config_path)
+        geoip = GeoIP(new.geoip_database)
+    except (ConfigError, OSError, ValueError) as error:
+        log.error("reload refused, the running configuration stays in force: %s", error)
+        return
+    service = server.service
+    if (new.host, new.port) != (old.host, old.port):
+        log.warning("reload: a new host/port needs a restart; still listening on %s port %d", old.host, old.port)
+        new = dataclasses.replace(new, host=old.host, port=old.port)
+    if new.dbcon != old.dbcon:
+        service.store, service.tables_ready = Store(new.dbcon), False
+    if new.spool_file != old.spool_file:
+        log.warning("reload: a new spool_file needs a restart; still using %s", old.spool_file or "memory")
+    MaskingFormatter.secrets |= set(secrets_of(new))
+    service.geoip = geoip
+    service.notifier.settings = new
+    service.settings = new
+    server.settings = new
+    log.info("configuration %s reloaded; GeoIP %s; rule: more than %d countries in %g days -> %s",
+             new.config_path, geoip.description, new.how_many_different_countries,
+             new.in_how_much_time_in_days, new.action)
+
+
+def _warn_if_readable(settings: Settings) -> None:
+    try:
+        mode = os.stat(settings.config_path).st_mode
+    except OSError:
+        return
+    if secrets_of(settings) and mode & 0o004:
+        log.warning("%s holds a database password and is readable by every user: chmod 600 it",
+                    settings.config_path)
+
+
+def _raise_file_limit(wanted: int) -> None:
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        if soft != resource.RLIM_INFINITY and soft < target:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ImportError, ValueError, OSError) as error:
+        log.warning("cannot raise the open files limit to %d: %s", wanted, error)
 
 
 def build_argument_parser() -> argparse.ArgumentParser:

@@ -134,7 +134,8 @@ def write_config(directory: pathlib.Path, overrides: dict, name: str = "pcc.conf
 @pytest.fixture
 def make_settings(tmp_path, geoip_path):
     def make(**overrides) -> pcc.Settings:
-        values = {"db.dbcon": f"sqlite:///{tmp_path}/pcc.sqlite3", "geoip.database": geoip_path}
+        values = {"db.dbcon": f"sqlite:///{tmp_path}/pcc.sqlite3", "geoip.database": geoip_path,
+                  "db.spool_file": str(tmp_path / "spool.jsonl")}
         values.update({key.replace("__", "."): value for key, value in overrides.items()})
         return pcc.load_settings(write_config(tmp_path, values, name="settings.conf"))
 
@@ -251,6 +252,7 @@ def start_daemon(tmp_path, geoip_path):
         values = {
             "server.port": port,
             "db.dbcon": f"sqlite:///{tmp_path}/pcc.sqlite3",
+            "db.spool_file": str(tmp_path / f"spool-{len(daemons)}.jsonl"),
             "geoip.database": geoip_path,
         }
         values.update({key.replace("__", "."): value for key, value in overrides.items()})
