@@ -238,7 +238,7 @@ def load_settings(path: str) -> Settings:
         port=config.integer("server", "port", 1, 65535),
         max_request_bytes=config.integer("server", "max_request_bytes", 1024, 16 * 1024 * 1024, blank=65536),
         idle_timeout=float(config.integer("server", "idle_timeout", 1, 86400, blank=600)),
-        max_connections=config.integer("server", "max_connections", 1, 100000, blank=1000),
+        max_connections=config.integer("server", "max_connections", 1, 100000, blank=4000),
         allowed_clients=config.networks("server", "allowed_clients"),
         dbcon=config.text("db", "dbcon", required=True),
         db_error_action=config.choice("db", "db_error_action", DB_ERROR_ACTIONS),
@@ -965,6 +965,7 @@ class OutageJournal:
     def __init__(self, spool_path: str = ""):
         self.spool_path = spool_path
         self._lock = threading.Lock()
+        self._replaying = threading.Lock()
         self._sightings: collections.deque = collections.deque(maxlen=100000)
         self._blocks: list = []
         if spool_path and os.path.exists(spool_path):
@@ -992,7 +993,16 @@ class OutageJournal:
                     os.fsync(spool.fileno())
 
     def replay(self, store: "Store", on_new_block) -> None:
-        """Write everything to the database; what fails stays for the next try."""
+        """Write everything to the database; what fails stays for the next try.
+        One thread replays at a time; others go on without waiting."""
+        if not self._replaying.acquire(blocking=False):
+            return
+        try:
+            self._replay(store, on_new_block)
+        finally:
+            self._replaying.release()
+
+    def _replay(self, store: "Store", on_new_block) -> None:
         while self._sightings:
             login, country, ip, when = self._sightings[0]
             store.record_sighting(login, country, ip, when)
@@ -1177,14 +1187,21 @@ class PolicyService:
             starting, self._db_failing = not self._db_failing, True
             self._next_probe = time.monotonic() + DB_PROBE_INTERVAL
         if starting:
-            log.error("database %s failed, answering from memory (else %s) until it works again: %s",
+            log.error("database %s failed, answering from memory (else %s) until it is back: %s",
                       safe_url(self.settings.dbcon), self.settings.db_error_action, problem)
 
     def _database_ok(self) -> None:
         with self._state_lock:
             ending, self._db_failing = self._db_failing, False
         if ending:
-            log.warning("database %s works again", safe_url(self.settings.dbcon))
+            log.warning("database %s is back; pcc answers from it again", safe_url(self.settings.dbcon))
+            self._workers.submit(self._write_journal)
+
+    def _write_journal(self) -> None:
+        try:
+            self.ensure_database()
+        except sa_exc.SQLAlchemyError as error:
+            log.error("writing what was decided during the outage failed, will try again: %s", _first_line(error))
 
     def _log_decision(self, request: PolicyRequest, decision: Decision) -> None:
         log.info(
@@ -1207,12 +1224,16 @@ def _first_line(error: BaseException) -> str:
 REQUEST_DEADLINE = 30.0
 
 
-class PolicyHandler(socketserver.StreamRequestHandler):
-    """One Postfix connection: a loop of requests, each ended by an empty line."""
+class PolicyHandler(socketserver.BaseRequestHandler):
+    """One Postfix connection: a loop of requests, each ended by an empty line.
+
+    Reads the socket itself rather than through a buffered file, so that the
+    time limits hold for a whole request, not for each recv().
+    """
 
     def setup(self) -> None:
-        self.timeout = self.server.settings.idle_timeout
-        super().setup()
+        self._buffer = b""
+        self._started: Optional[float] = None  # when the request being read began
 
     def handle(self) -> None:
         server = self.server
@@ -1222,60 +1243,87 @@ class PolicyHandler(socketserver.StreamRequestHandler):
             if lines is None:
                 return
             try:
-                reply = server.answer(lines)
-                self.wfile.write(reply)
+                self.request.sendall(server.answer(lines))
             except OSError as error:
                 log.info("connection from %s: cannot send the answer: %s", peer, error)
                 return
             finally:
-                server.in_flight.leave()
+                self._finish_request()
 
     def _read_request(self, peer: str) -> Optional[list]:
         """The lines of the next request, or None when the connection should end.
-        A request counts as in flight from its first line until it is answered."""
+        A request is in flight from its first byte until it is answered."""
         settings = self.server.settings
         limit = settings.max_request_bytes
+        deadline = min(REQUEST_DEADLINE, settings.idle_timeout)
         lines: list = []
         size = 0
-        started = 0.0
         while True:
-            if lines:
-                deadline = min(REQUEST_DEADLINE, settings.idle_timeout)
-                self.connection.settimeout(max(0.01, started + deadline - time.monotonic()))
-            else:
-                self.connection.settimeout(settings.idle_timeout)
-            try:
-                raw = self.rfile.readline(limit + 1)
-            except (socket.timeout, TimeoutError):
-                if lines:
-                    log.warning("connection from %s: request not complete within %.0f s, closing", peer, deadline)
-                else:
-                    log.info("connection from %s idle for %.0f s, closing", peer, settings.idle_timeout)
-                return self._abandon(lines)
-            except OSError as error:
-                log.info("connection from %s: %s", peer, error)
-                return self._abandon(lines)
-            if not raw:
-                if lines:
-                    log.warning("connection from %s closed in the middle of a request", peer)
-                return self._abandon(lines)
-            size += len(raw)
+            newline = self._buffer.find(b"\n")
+            if newline < 0:
+                if size + len(self._buffer) > limit:
+                    log.warning("connection from %s: request larger than max_request_bytes (%d), closing",
+                                peer, limit)
+                    return self._abandon()
+                if self._buffer:
+                    self._start_request()
+                problem = self._receive(deadline, settings.idle_timeout)
+                if problem:
+                    # a client closing between requests is normal; anything else is worth a line
+                    level = logging.DEBUG if problem == "closed" else logging.INFO
+                    if self._started is not None:
+                        level = logging.WARNING
+                    log.log(level, "connection from %s %s", peer, problem)
+                    return self._abandon()
+                continue
+            raw, self._buffer = self._buffer[:newline], self._buffer[newline + 1:]
+            size += newline + 1
             if size > limit:
                 log.warning("connection from %s: request larger than max_request_bytes (%d), closing", peer, limit)
-                return self._abandon(lines)
-            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+                return self._abandon()
+            line = raw.decode("utf-8", "replace").rstrip("\r")
             if line:
-                if not lines:
-                    self.server.in_flight.enter()
-                    started = time.monotonic()
+                self._start_request()
                 lines.append(line)
             elif lines:
                 return lines
-            # else: a stray empty line between requests
+            elif not self._buffer:
+                self._finish_request()  # a stray empty line between requests
 
-    def _abandon(self, lines: list) -> None:
-        if lines:
+    def _receive(self, deadline: float, idle_timeout: float) -> Optional[str]:
+        """Append what the client sends to the buffer; say what went wrong, if anything."""
+        if self._started is None:
+            timeout = idle_timeout
+        else:
+            timeout = self._started + deadline - time.monotonic()
+            if timeout <= 0:
+                return f"did not complete its request within {deadline:.0f} s, closing"
+        self.request.settimeout(timeout)
+        try:
+            chunk = self.request.recv(65536)
+        except (socket.timeout, TimeoutError):
+            if self._started is None:
+                return f"idle for {idle_timeout:.0f} s, closing"
+            return f"did not complete its request within {deadline:.0f} s, closing"
+        except OSError as error:
+            return f"failed: {error}"
+        if not chunk:
+            return "closed in the middle of a request" if self._started is not None else "closed"
+        self._buffer += chunk
+        return None
+
+    def _start_request(self) -> None:
+        if self._started is None:
+            self._started = time.monotonic()
+            self.server.in_flight.enter()
+
+    def _finish_request(self) -> None:
+        if self._started is not None:
+            self._started = None
             self.server.in_flight.leave()
+
+    def _abandon(self) -> None:
+        self._finish_request()
         return None
 
 

@@ -113,7 +113,7 @@ def test_database_password_never_reaches_the_log(start_daemon, tmp_path):
         assert secret not in log
         assert "***" in log
     assert "database postgresql+psycopg://pcc:***@127.0.0.1" in broken.log()
-    assert broken.log().count("failed, answering from memory (else DUNNO) until it works again") == 1
+    assert broken.log().count("failed, answering from memory (else DUNNO) until it is back") == 1
 
 
 @pytest.fixture

@@ -113,6 +113,7 @@ def test_idle_connections_are_closed_after_idle_timeout(start_daemon):
 
 def test_max_connections(start_daemon):
     daemon = start_daemon(**{"server.max_connections": "2"})
+    time.sleep(0.5)  # let the start-up probe's connection go
     first, second = daemon.client(), daemon.client()
     assert first.ask("a@example.com", ip_in("GB")) == "DUNNO"
     assert second.ask("b@example.com", ip_in("GB")) == "DUNNO"
