@@ -1,0 +1,102 @@
+#!/usr/bin/env python3
+"""Fuzz pcc's whole request path with atheris (run by hand, not in CI).
+
+Each input is what a client could send on one connection.  It goes through a
+real socket pair into pcc's connection handler (reading, limits, parsing,
+GeoIP, the decision, SQLite storage) and every reply must be one well-formed
+`action=...` line.  Any exception that escapes, or a malformed reply, stops the
+run with the input saved as a crash file.
+
+    .venv/bin/pip install atheris
+    .venv/bin/python fuzz/fuzz_request.py -max_total_time=600 -max_len=65536
+
+Uses the embedded GeoIP data and a throw-away SQLite file.
+"""
+import os
+import socket
+import sys
+import tempfile
+
+import atheris
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+with atheris.instrument_imports():
+    import pcc
+
+WORKDIR = tempfile.mkdtemp(prefix="pcc-fuzz-")
+SEEDS = [
+    b"request=smtpd_access_policy\nsasl_username=alice@example.com\nclient_address=81.2.69.160\n\n",
+    b"request=smtpd_access_policy\nsasl_username=a@b\nclient_address=::ffff:8.8.8.8\n\n" * 3,
+    b"request=smtpd_access_policy\r\nsasl_username=\xff\xfe@x\r\nclient_address=unknown\r\n\r\n",
+]
+
+
+def build() -> pcc.PolicyServer:
+    config = os.path.join(WORKDIR, "pcc.conf")
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "pcc.conf")) as shipped:
+        text = shipped.read()
+    replacements = {
+        "dbcon = sqlite:////var/lib/pcc/pcc.sqlite3": f"dbcon = sqlite:///{WORKDIR}/pcc.sqlite3",
+        "spool_file = /var/lib/pcc/spool.jsonl": "spool_file =",
+        "port = 9999": "port = 39999",
+        "idle_timeout = 600": "idle_timeout = 1",
+        "max_request_bytes = 65536": "max_request_bytes = 4096",
+        "how_many_different_countries = 3": "how_many_different_countries = 1",
+    }
+    for old, new in replacements.items():
+        text = text.replace(old, new)
+    with open(config, "w") as out:
+        out.write(text)
+    settings = pcc.load_settings(config)
+    service = pcc.PolicyService(settings, pcc.Store(settings.dbcon), pcc.GeoIP(""), pcc.Notifier(settings))
+    service.ensure_database()
+    server = pcc.PolicyServer.__new__(pcc.PolicyServer)  # no listening socket needed
+    server.settings, server.service = settings, service
+    server.stopping = pcc.threading.Event()
+    server.in_flight = pcc.InFlight()
+    return server
+
+
+SERVER = None
+
+
+def one_input(data: bytes) -> None:
+    client, served = socket.socketpair()
+    try:
+        client.sendall(data)
+        client.shutdown(socket.SHUT_WR)
+        pcc.PolicyHandler(served, ("127.0.0.1", 4242), SERVER)  # runs setup/handle/finish
+        served.close()
+        replies = b""
+        while True:
+            chunk = client.recv(65536)
+            if not chunk:
+                break
+            replies += chunk
+    finally:
+        client.close()
+        served.close()
+    for reply in replies.split(b"\n\n")[:-1]:
+        if not reply.startswith(b"action=") or b"\n" in reply or b"\r" in reply:
+            raise AssertionError(f"malformed reply {reply!r}")
+    if replies and not replies.endswith(b"\n\n"):
+        raise AssertionError(f"reply not terminated: {replies[-80:]!r}")
+
+
+def main() -> None:
+    global SERVER
+    pcc.setup_logging(False, True)
+    pcc.log.setLevel(pcc.logging.CRITICAL)  # the fuzzer's own output is what matters
+    SERVER = build()
+    corpus = os.path.join(WORKDIR, "corpus")
+    os.makedirs(corpus, exist_ok=True)
+    for index, seed in enumerate(SEEDS):
+        with open(os.path.join(corpus, f"seed{index}"), "wb") as out:
+            out.write(seed)
+    atheris.Setup(sys.argv + [corpus], one_input)
+    atheris.Fuzz()
+
+
+if __name__ == "__main__":
+    main()
