@@ -296,11 +296,12 @@ class PolicyRequest:
     client_country: Optional[str] = None
     country_note: str = ""
 
-    @property
+    # cached_property works on a frozen dataclass: it writes the instance dict directly
+    @functools.cached_property
     def login(self) -> str:
         return self.sasl_username.strip().lower()
 
-    @property
+    @functools.cached_property
     def client_ip(self):
         """The client address as an ipaddress object (IPv4-mapped IPv6 unwrapped), or None."""
         try:
@@ -388,9 +389,14 @@ class GeoIP:
             built_text = self.built.isoformat() if self.built else "unknown date"
             self.description = f"embedded GeoLite2-Country data of {built_text} (geoip2fast package)"
             self._lookup = self._lookup_embedded
+        self._cached_country = functools.lru_cache(maxsize=65536)(self._country)
 
     def country(self, address) -> Country:
-        """`address` is an ipaddress object or None."""
+        """`address` is an ipaddress object or None.  Answers are cached per
+        address: Postfix asks about the same few clients over and over."""
+        return self._cached_country(address)
+
+    def _country(self, address) -> Country:
         if address is None:
             return Country(None, "client address is not an IP address")
         if not address.is_global:
@@ -731,6 +737,46 @@ class Store:
                 return None
             connection.execute(sa.update(Block).where(Block.id == block_id).values(unblocked_at=now))
         return block_id
+
+    def merge_sightings(self, sightings: Iterable[tuple]) -> int:
+        """Write (login, CountrySeen) pairs, keeping the earliest first_seen and
+        the latest last_seen (with its IP) of what is there and what comes."""
+        count = 0
+        batch: list = []
+        for login, seen in sightings:
+            batch.append({"login": login, "country": seen.country, "first_seen": seen.first_seen,
+                          "last_seen": seen.last_seen, "last_ip": seen.last_ip})
+            if len(batch) == 1000:
+                count += self._merge_batch(batch)
+                batch = []
+        if batch:
+            count += self._merge_batch(batch)
+        return count
+
+    @_retry_on_conflict
+    def _merge_batch(self, rows: list) -> int:
+        insert = self._dialect_insert(Sighting).values(rows)
+        if self.dialect in ("mysql", "mariadb"):
+            new = insert.inserted
+            # MySQL applies these in order, each seeing the ones before: last_ip first.
+            changes = {
+                "last_ip": sa.case((new.last_seen > Sighting.last_seen, new.last_ip), else_=Sighting.last_ip),
+                "first_seen": sa.func.least(Sighting.first_seen, new.first_seen),
+                "last_seen": sa.func.greatest(Sighting.last_seen, new.last_seen),
+            }
+            statement = insert.on_duplicate_key_update(changes)
+        else:
+            new = insert.excluded
+            earliest, latest = (sa.func.min, sa.func.max) if self.dialect == "sqlite" else (sa.func.least,
+                                                                                             sa.func.greatest)
+            statement = insert.on_conflict_do_update(index_elements=["login", "country"], set_={
+                "last_ip": sa.case((new.last_seen > Sighting.last_seen, new.last_ip), else_=Sighting.last_ip),
+                "first_seen": earliest(Sighting.first_seen, new.first_seen),
+                "last_seen": latest(Sighting.last_seen, new.last_seen),
+            })
+        with self.engine.begin() as connection:
+            connection.execute(statement)
+        return len(rows)
 
     def delete_sightings_before(self, cutoff: dt.datetime) -> int:
         with self.engine.begin() as connection:
@@ -1082,16 +1128,18 @@ class PolicyService:
         self._next_probe = 0.0
 
     def answer(self, request: PolicyRequest, now: Optional[dt.datetime] = None) -> str:
-        now = now or utcnow()
-        skip = not_counted_reason(request, self.settings)
-        if skip is not None:
-            decision = Decision("DUNNO", skip)
-        else:
-            found = self.geoip.country(request.client_ip)
-            request = dataclasses.replace(request, client_country=found.code, country_note=found.note)
-            decision = self._decide_counted(request, now)
+        request, decision = self.decide_request(request, now or utcnow())
         self._log_decision(request, decision)
         return decision.action
+
+    def decide_request(self, request: PolicyRequest, now: dt.datetime) -> tuple:
+        """(the request with its country, the decision), recorded in the database."""
+        skip = not_counted_reason(request, self.settings)
+        if skip is not None:
+            return request, Decision("DUNNO", skip)
+        found = self.geoip.country(request.client_ip)
+        request = dataclasses.replace(request, client_country=found.code, country_note=found.note)
+        return request, self._decide_counted(request, now)
 
     def _decide_counted(self, request: PolicyRequest, now: dt.datetime) -> Decision:
         if self._db_failing and not self._probe_due():
@@ -1610,6 +1658,204 @@ class Admin:
             self.say(f"warning: the notification to {', '.join(self.settings.notice)} was not sent")
 
 
+# --- Replaying Postfix logs: what would pcc have done? ----------------------
+
+# One authenticated submission as Postfix's smtpd logs it, e.g.
+#   Nov 25 18:43:13 mx postfix/submission/smtpd[1234]: 4F3A21C0: client=unknown[203.0.113.9],
+#   sasl_method=LOGIN, sasl_username=alice@example.com
+# with a classic syslog time stamp (no year) or an RFC 3339 one (journald,
+# rsyslog high precision), under any postfix*/.../smtpd service name.
+_SUBMISSION_LINE = re.compile(
+    r"^(?:(?P<classic>[A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d)|(?P<iso>\d{4}-\d\d-\d\dT\S+)) \S+ "
+    r"postfix[^\s/\[]*(?:/[^\s/\[]+)*/smtpd\[\d+\]: [0-9A-Za-z]+: "
+    r"client=[^\[\s]*\[(?:IPv6:)?(?P<ip>[^\]]+)\](?::\d+)?, (?:.*?, )?sasl_username=(?P<login>[^,\s]*)"
+)
+_MONTHS = {name: number for number, name in enumerate(
+    "Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split(), start=1)}
+
+
+class LogClock:
+    """Turns log time stamps into aware UTC datetimes.
+
+    Classic syslog stamps have no year: the first one is taken to be in the
+    current year (the previous one if that would put it in the future), and the
+    year goes up each time the month goes back (December, then January).
+    Stamps without a zone are local time, as syslog writes them."""
+
+    def __init__(self, today: dt.datetime):
+        self.today = today
+        self.year: Optional[int] = None
+        self.month = 0
+
+    def parse(self, classic: Optional[str], iso: Optional[str]) -> dt.datetime:
+        if iso:
+            moment = dt.datetime.fromisoformat(iso)
+        else:
+            month = _MONTHS[classic[:3]]
+            if self.year is None:
+                self.year = self.today.year - (1 if month > self.today.month else 0)
+            elif month < self.month:
+                self.year += 1
+            self.month = month
+            moment = dt.datetime(self.year, month, int(classic[4:6]), int(classic[7:9]),
+                                 int(classic[10:12]), int(classic[13:15]))
+        if moment.tzinfo is None:
+            moment = moment.astimezone()  # local time
+        return moment.astimezone(UTC)
+
+
+class MemoryStore:
+    """A throw-away in-memory database with Store's interface, for --replay.
+
+    The replay runs the daemon's own service and decision code against it, so
+    the live database is never touched; it holds one entry per account and
+    country, whatever the number of log lines."""
+
+    def __init__(self):
+        self.sightings: dict = {}  # login -> {country: CountrySeen}
+        self.blocks: dict = {}  # login -> dict describing the block
+
+    def create_tables(self) -> None:
+        pass
+
+    def dispose(self) -> None:
+        pass
+
+    def load_history(self, login: str, since: dt.datetime) -> AccountHistory:
+        seen = self.sightings.get(login)
+        recent = tuple(s for s in seen.values() if s.last_seen >= since) if seen else ()
+        block = self.blocks.get(login)
+        return AccountHistory(block["blocked_at"] if block else None, None, recent)
+
+    def record_sighting(self, login: str, country: str, ip: str, now: dt.datetime) -> None:
+        countries = self.sightings.setdefault(login, {})
+        previous = countries.get(country)
+        countries[country] = CountrySeen(country, previous.first_seen if previous else now, now, ip)
+
+    def record_block(self, login: str, now: dt.datetime, *, source: str, action: str, reason: str,
+                     countries: list, trigger: Optional[dict] = None,
+                     sighting: Optional[tuple] = None) -> Optional[int]:
+        if sighting is not None:
+            self.record_sighting(login, *sighting, now)
+        if login in self.blocks:
+            return None
+        self.blocks[login] = {"login": login, "blocked_at": now, "reason": reason,
+                              "countries": countries, "log_line": (trigger or {}).get("log_line", "")}
+        return len(self.blocks)
+
+
+class ReplayService(PolicyService):
+    """PolicyService on a MemoryStore, answering in the caller's thread and
+    remembering, per account, the most countries it saw within the window."""
+
+    def __init__(self, settings: Settings, geoip: GeoIP):
+        quiet = dataclasses.replace(settings, notice=())  # a replay never emails anyone
+        super().__init__(quiet, MemoryStore(), geoip, Notifier(quiet))
+        self.most_countries: dict = {}
+
+    def _decide_counted(self, request: PolicyRequest, now: dt.datetime) -> Decision:
+        decision = self._decide_online(request, now)
+        if decision.counted:
+            login = request.login
+            self.most_countries[login] = max(self.most_countries.get(login, 0), len(decision.countries))
+        return decision
+
+
+@dataclass
+class ReplayResult:
+    settings: Settings
+    files: list
+    lines: int = 0
+    submissions: int = 0
+    unparseable: int = 0
+    first: Optional[dt.datetime] = None
+    last: Optional[dt.datetime] = None
+    service: Optional[ReplayService] = None
+
+    def country_buckets(self) -> dict:
+        buckets = {"1": 0, "2": 0, "3": 0, "4": 0, "5+": 0}
+        for most in self.service.most_countries.values():
+            buckets[str(most) if most < 5 else "5+"] += 1
+        return buckets
+
+    def as_json(self) -> dict:
+        return {
+            "files": self.files, "lines": self.lines, "submissions": self.submissions,
+            "unparseable_lines": self.unparseable,
+            "first": self.first.isoformat() if self.first else None,
+            "last": self.last.isoformat() if self.last else None,
+            "threshold": self.settings.how_many_different_countries,
+            "window_days": self.settings.in_how_much_time_in_days,
+            "would_block": [
+                {"login": block["login"], "blocked_at": block["blocked_at"].isoformat(),
+                 "countries": block["countries"], "log_line": block["log_line"]}
+                for block in self.service.store.blocks.values()
+            ],
+            "accounts_by_most_countries": self.country_buckets(),
+        }
+
+
+def _open_log(path: str):
+    if path == "-":
+        return open(sys.stdin.fileno(), encoding="utf-8", errors="replace", closefd=False)
+    if path.endswith(".gz"):
+        import gzip
+
+        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
+    return open(path, encoding="utf-8", errors="replace")
+
+
+def replay_logs(paths: list, settings: Settings, geoip: GeoIP, today: Optional[dt.datetime] = None) -> ReplayResult:
+    """Run every authenticated submission in `paths` (oldest first) through the
+    daemon's decision, with the log's own time stamps as "now"."""
+    result = ReplayResult(settings, list(paths), service=ReplayService(settings, geoip))
+    decide_request = result.service.decide_request
+    clock = LogClock(today or utcnow())
+    for path in paths:
+        try:
+            log_file = _open_log(path)
+        except OSError as error:
+            raise AdminError(f"cannot read {path}: {error.strerror}") from None
+        with log_file:
+            for line in log_file:
+                result.lines += 1
+                if "sasl_username=" not in line:
+                    continue
+                found = _SUBMISSION_LINE.match(line)
+                try:
+                    when = clock.parse(found["classic"], found["iso"]) if found else None
+                except (ValueError, KeyError):
+                    when = None
+                if when is None or not found["login"]:
+                    result.unparseable += 1
+                    continue
+                result.submissions += 1
+                result.first = result.first or when
+                result.last = when
+                request = PolicyRequest(request="smtpd_access_policy", sasl_username=found["login"],
+                                        client_address=found["ip"], attributes={"log_line": line.rstrip("\n")})
+                decide_request(request, when)
+    return result
+
+
+def print_replay_report(result: ReplayResult, out) -> None:
+    settings = result.settings
+    span = f" from {_when(result.first)} to {_when(result.last)} UTC" if result.first else ""
+    print(f"Replayed {len(result.files)} file(s): {result.lines} lines, {result.submissions} authenticated "
+          f"submissions{span}; {result.unparseable} unparseable lines skipped.", file=out)
+    print(f"Rule: more than {settings.how_many_different_countries} countries in "
+          f"{settings.in_how_much_time_in_days:g} days -> {settings.action}.", file=out)
+    blocks = list(result.service.store.blocks.values())
+    print(f"\nWould have blocked {len(blocks)} account{'s' if len(blocks) != 1 else ''}:", file=out)
+    for block in blocks:
+        places = ", ".join(f"{seen['country']} {seen['last_ip']}" for seen in block["countries"])
+        print(f"  {block['login']}  at {_when(block['blocked_at'])} UTC  from {places}", file=out)
+        print(f"    {block['log_line']}", file=out)
+    print(f"\nAccounts by the most countries seen within {settings.in_how_much_time_in_days:g} days:", file=out)
+    for bucket, count in result.country_buckets().items():
+        print(f"  {bucket:>2} {'country' if bucket == '1' else 'countries':<9} {count}", file=out)
+
+
 def _block_json(block: Block) -> dict:
     return {
         "id": block.id, "login": block.login, "blocked_at": block.blocked_at.isoformat(),
@@ -1794,7 +2040,18 @@ def build_argument_parser() -> argparse.ArgumentParser:
                           help="unblock, and delete the account's held mail from the Postfix hold queue")
     commands.add_argument("-c", "--cleanup", metavar="DAYS", type=float,
                           help="delete sightings older than DAYS days (needs the DELETE grant)")
-    parser.add_argument("--json", action="store_true", help="with -l or -s: print JSON for scripts")
+    commands.add_argument("--replay", nargs="+", metavar="FILE",
+                          help="replay Postfix logs (plain, .gz, or - for stdin; oldest first) through the "
+                          "decision, against a throw-away in-memory database, and report whom pcc would "
+                          "have blocked")
+    parser.add_argument("--threshold", type=int, metavar="N",
+                        help="with --replay: use this how_many_different_countries instead of the config's")
+    parser.add_argument("--days", type=float, metavar="D",
+                        help="with --replay: use this in_how_much_time_in_days instead of the config's")
+    parser.add_argument("--record", action="store_true",
+                        help="with --replay: write the sightings (not the blocks) into the configured "
+                        "database, so a new pcc starts knowing each account's recent countries")
+    parser.add_argument("--json", action="store_true", help="with -l, -s or --replay: print JSON for scripts")
     return parser
 
 
@@ -1813,6 +2070,10 @@ def main(argv: Optional[list] = None) -> int:
     if arguments.daemon:
         setup_logging(arguments.verbose, arguments.stderr, secrets_of(settings))
         return run_daemon(settings)
+    if arguments.replay:
+        setup_logging(arguments.verbose, True, secrets_of(settings))
+        log.setLevel(logging.DEBUG if arguments.verbose else logging.WARNING)
+        return run_replay(settings, arguments)
     setup_logging(arguments.verbose, True, secrets_of(settings))
     log.setLevel(logging.DEBUG if arguments.verbose else logging.WARNING)
     return run_admin_command(settings, arguments)
@@ -1851,6 +2112,50 @@ def run_admin_command(settings: Settings, arguments: argparse.Namespace) -> int:
         return 1
     finally:
         store.dispose()
+    return 0
+
+
+def run_replay(settings: Settings, arguments: argparse.Namespace) -> int:
+    if arguments.threshold is not None:
+        if not 1 <= arguments.threshold <= 300:
+            print("pcc: --threshold must be between 1 and 300", file=sys.stderr)
+            return 2
+        settings = dataclasses.replace(settings, how_many_different_countries=arguments.threshold)
+    if arguments.days is not None:
+        if not 0 < arguments.days <= 3650:
+            print("pcc: --days must be more than 0 and at most 3650", file=sys.stderr)
+            return 2
+        settings = dataclasses.replace(settings, in_how_much_time_in_days=arguments.days)
+    try:
+        result = replay_logs(arguments.replay, settings, GeoIP(settings.geoip_database))
+    except AdminError as error:
+        print(f"pcc: {error}", file=sys.stderr)
+        return 1
+    if arguments.record:
+        return record_replayed_sightings(settings, result)
+    if arguments.json:
+        print(json.dumps(result.as_json(), indent=2))
+    else:
+        print_replay_report(result, sys.stdout)
+    return 0
+
+
+def record_replayed_sightings(settings: Settings, result: ReplayResult) -> int:
+    store = Store(settings.dbcon)
+    sightings = ((login, seen) for login, countries in result.service.store.sightings.items()
+                 for seen in countries.values())
+    try:
+        store.create_tables()
+        written = store.merge_sightings(sightings)
+    except sa_exc.SQLAlchemyError as error:
+        print(f"pcc: database {safe_url(settings.dbcon)} failed: {_mask(_first_line(error), settings)}",
+              file=sys.stderr)
+        return 1
+    finally:
+        store.dispose()
+    print(f"recorded {written} sightings of {len(result.service.store.sightings)} accounts from "
+          f"{result.submissions} submissions into {safe_url(settings.dbcon)} "
+          f"({result.unparseable} unparseable lines skipped)")
     return 0
 
 
