@@ -55,6 +55,7 @@ def build() -> pcc.PolicyServer:
     server.settings, server.service = settings, service
     server.stopping = pcc.threading.Event()
     server.in_flight = pcc.InFlight()
+    server.watchdog = pcc.Watchdog()
     return server
 
 

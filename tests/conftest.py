@@ -166,11 +166,23 @@ def encode_request(attributes: dict) -> bytes:
 
 
 class PolicyClient:
-    """A Postfix-like client: one connection, many requests."""
+    """A Postfix-like client: one connection, many requests.  Like Postfix, it
+    can reconnect and ask again once when pcc has closed the connection."""
 
     def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 10.0):
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.address = (host, port)
+        self.timeout = timeout
+        self.sock = socket.create_connection(self.address, timeout=timeout)
         self.pending = b""
+
+    def ask_like_postfix(self, login: str = "", ip: str = "81.2.69.160", **extra) -> str:
+        try:
+            return self.ask(login, ip, **extra)
+        except (ConnectionError, OSError):
+            self.sock.close()
+            self.sock = socket.create_connection(self.address, timeout=self.timeout)
+            self.pending = b""
+            return self.ask(login, ip, **extra)
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)

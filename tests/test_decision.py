@@ -173,11 +173,12 @@ def test_login_is_compared_case_insensitively(settings):
     assert request(login=" Alice@EXAMPLE.com ").login == "alice@example.com"
 
 
-def test_sighting_is_refreshed_only_when_stale_or_from_a_new_ip(settings):
+def test_sighting_is_refreshed_only_when_stale(settings):
     ip = ip_in("GB")
     fresh = history(seen("GB", dt.timedelta(seconds=10), ip=ip))
     assert not pcc.decide(request(ip=ip), fresh, settings, NOW).record_sighting
-    assert pcc.decide(request(ip=ip_in("GB", 2)), fresh, settings, NOW).record_sighting
+    assert not pcc.decide(request(ip=ip_in("GB", 2)), fresh, settings, NOW).record_sighting
+    assert pcc.decide(request(country="US"), fresh, settings, NOW).record_sighting
     stale = history(seen("GB", dt.timedelta(seconds=61), ip=ip))
     assert pcc.decide(request(ip=ip), stale, settings, NOW).record_sighting
 
