@@ -22,10 +22,16 @@ How the pieces fit, in the order data flows (and the order of this file):
                   that are blocked, and the history of every block
   the decision    decide(request, history, settings, now): a pure function
   notifications   one email per new block, sent by a background thread with retries
-  the server      socketserver.ThreadingTCPServer, one loop of requests per connection
-  admin commands  list, show, block, unblock (and release/delete held mail), cleanup
+  the server      socketserver.ThreadingTCPServer, one loop of requests per connection;
+                  PolicyService asks the database in the connection's thread, a
+                  Watchdog answers from memory for any request the database keeps
+                  past 0.8 s, and during an outage blocks go to a spool file
+  admin commands  list, show, block, unblock (and release/delete held mail), cleanup,
+                  and --replay of Postfix logs through the same service and decision
 
-Only the decision knows the rule; everything around it does I/O.
+Only the decision knows the rule; everything around it does I/O.  The file is
+long (about 2,300 lines) but each section stands alone; the admin commands and
+the replay are the first candidates to move into a module of their own.
 """
 from __future__ import annotations
 
@@ -138,6 +144,15 @@ class Settings:
     def country_window(self) -> dt.timedelta:
         return dt.timedelta(days=self.in_how_much_time_in_days)
 
+    @property
+    def block_reply(self) -> str:
+        """What Postfix is told for a blocked account: "<action> <reason>"."""
+        return f"{self.action} {self.reason}".strip()
+
+
+# Control characters (CR, LF, NUL, DEL...) never belong in a value pcc reads.
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+
 
 def _split_list(value: str) -> list:
     return [item for item in re.split(r"[\s,]+", value) if item]
@@ -169,7 +184,7 @@ class _ConfigReader:
         value = self.parser.get(section, key).strip()
         if required and not value:
             raise self.fail(section, key, "must not be blank")
-        if any(ord(char) < 32 or ord(char) == 127 for char in value):
+        if CONTROL_CHARACTERS.search(value):
             raise self.fail(section, key, "must be one line without control characters")
         return value
 
@@ -335,11 +350,7 @@ def parse_request(lines: Iterable[str]) -> PolicyRequest:
 
 
 def _clean_value(value: str) -> str:
-    # Control characters (a stray CR, NUL) never belong in an attribute value.
-    value = value[:MAX_ATTRIBUTE_VALUE]
-    if any(ord(char) < 32 or ord(char) == 127 for char in value):
-        value = "".join(char for char in value if ord(char) >= 32 and ord(char) != 127)
-    return value
+    return CONTROL_CHARACTERS.sub("", value[:MAX_ATTRIBUTE_VALUE])
 
 
 def format_reply(action: str) -> bytes:
@@ -388,7 +399,7 @@ class GeoIP:
             built_text = self.built.isoformat() if self.built else "unknown date"
             self.description = f"embedded GeoLite2-Country data of {built_text} (geoip2fast package)"
             self._lookup = self._lookup_embedded
-        self._cached_country = functools.lru_cache(maxsize=65536)(self._country)
+        self._cached_country = functools.lru_cache(maxsize=16384)(self._country)
 
     def country(self, address) -> Country:
         """`address` is an ipaddress object or None.  Answers are cached per
@@ -902,9 +913,9 @@ def decide(request: PolicyRequest, history: Optional[AccountHistory], settings: 
     if skip is not None:
         return Decision("DUNNO", skip)
     history = history or AccountHistory()
-    block_reply = f"{settings.action} {settings.reason}".strip()
     if history.blocked_since is not None:
-        return Decision(block_reply, f"account blocked since {history.blocked_since:%Y-%m-%d %H:%M:%S} UTC")
+        return Decision(settings.block_reply,
+                        f"account blocked since {history.blocked_since:%Y-%m-%d %H:%M:%S} UTC")
     address = request.client_ip
     if address is not None and any(address in network for network in settings.whitelistedips):
         return Decision("DUNNO", "whitelisted client address")
@@ -923,7 +934,7 @@ def decide(request: PolicyRequest, history: Optional[AccountHistory], settings: 
     countries = tuple(sorted(recent.values(), key=lambda seen: seen.first_seen))
     if len(recent) > limit:
         listed = ", ".join(seen.country for seen in countries)
-        return Decision(block_reply, f"blocking: {summary} ({listed})", counted=True,
+        return Decision(settings.block_reply, f"blocking: {summary} ({listed})", counted=True,
                         record_sighting=True, new_block=True, countries=countries)
     stale = previous is None or now - previous.last_seen >= SIGHTING_REFRESH
     return Decision("DUNNO", summary, counted=True, record_sighting=stale, countries=countries)
@@ -1025,7 +1036,7 @@ def block_notice(settings: Settings, login: str, countries: Iterable[CountrySeen
         f"pcc has blocked the account {login}.",
         "",
         f"Why: {reason}",
-        f"Every message of this account is now answered: {settings.action} {settings.reason}".rstrip(),
+        f"Every message of this account is now answered: {settings.block_reply}",
         "",
         "Countries it sent from (last client IP, first and last time seen, UTC):",
     ]
@@ -1189,14 +1200,17 @@ class PolicyService:
         self._log_decision(request, decision)
         return decision.action
 
-    def decide_request(self, request: PolicyRequest, now: dt.datetime) -> tuple:
-        """(the request with its country, the decision), recorded in the database."""
+    def decide_request(self, request: PolicyRequest, now: dt.datetime, use_database: bool = True) -> tuple:
+        """(the request with its country, the decision), recorded in the database
+        (or, without it, in memory and the spool)."""
         skip = not_counted_reason(request, self.settings)
         if skip is not None:
             return request, Decision("DUNNO", skip)
         found = self.geoip.country(request.client_ip)
         request = dataclasses.replace(request, client_country=found.code, country_note=found.note)
-        return request, self._decide_counted(request, now)
+        if use_database:
+            return request, self._decide_counted(request, now)
+        return request, self._decide_offline(request, now)
 
     def _decide_counted(self, request: PolicyRequest, now: dt.datetime) -> Decision:
         if self._db_failing and not self._probe_due():
@@ -1210,15 +1224,8 @@ class PolicyService:
     def answer_without_database(self, request: PolicyRequest, now: Optional[dt.datetime] = None) -> str:
         """The answer for a request the database kept waiting too long (the
         Watchdog calls this while the request's own thread still waits)."""
-        now = now or utcnow()
         self._database_failed(f"no answer within {DB_ANSWER_DEADLINE} s")
-        skip = not_counted_reason(request, self.settings)
-        if skip is not None:
-            decision = Decision("DUNNO", skip)
-        else:
-            found = self.geoip.country(request.client_ip)
-            request = dataclasses.replace(request, client_country=found.code, country_note=found.note)
-            decision = self._decide_offline(request, now)
+        request, decision = self.decide_request(request, now or utcnow(), use_database=False)
         self._log_decision(request, decision)
         return decision.action
 
@@ -1240,9 +1247,8 @@ class PolicyService:
 
     def _decide_offline(self, request: PolicyRequest, now: dt.datetime) -> Decision:
         login = request.login
-        block_reply = f"{self.settings.action} {self.settings.reason}".strip()
         if login in self._known_blocked:
-            return Decision(block_reply, "account known to be blocked (database failing)")
+            return Decision(self.settings.block_reply, "account known to be blocked (database failing)")
         history = self._cache.get(login)
         if history is None:
             return Decision(self.settings.db_error_action, "database failing, account not in memory")

@@ -126,17 +126,20 @@ def _requests_on_one_connection(port, requests, stop_at, interval, latencies, an
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     pending = b""
     index = 0
-    next_send = time.perf_counter()
+    # Open loop: each connection sends as a Poisson process (random gaps, as
+    # mail arrives), so that connections do not all fire at the same instant.
+    arrivals = random.Random(id(latencies) ^ hash(requests[0]) ^ threading.get_ident())
+    next_send = time.perf_counter() + (arrivals.uniform(0, interval) if interval else 0.0)
     try:
         while True:
             now = time.perf_counter()
             if now >= stop_at:
                 break
-            if interval:  # open loop: latency counts from the planned send time
+            if interval:  # latency counts from the planned send time
                 if now < next_send:
                     time.sleep(next_send - now)
                 planned = next_send
-                next_send += interval
+                next_send += arrivals.expovariate(1.0 / interval)
             else:
                 planned = time.perf_counter()
             sock.sendall(requests[index % len(requests)])
@@ -340,10 +343,11 @@ def machine():
             if line.startswith("MemTotal:"):
                 memory = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
     versions = {"Python": platform.python_version(), "pcc": pcc.__version__, "SQLAlchemy": sa.__version__}
-    for module in ("psycopg", "pymysql", "maxminddb"):
+    from importlib import metadata
+    for distribution in ("psycopg", "PyMySQL", "maxminddb", "geoip2fast"):
         try:
-            versions[module] = __import__(module).__version__
-        except (ImportError, AttributeError):
+            versions[distribution] = metadata.version(distribution)
+        except metadata.PackageNotFoundError:
             pass
     for name, url in (("PostgreSQL", PG_URL), ("MariaDB", MY_URL)):
         try:

@@ -65,17 +65,14 @@ class TcpProxy:
     def cut(self, how: str = "refuse"):
         self.mode = how
         if how == "refuse":
-            with self.lock:
-                for sock in self.sockets:
-                    try:
-                        sock.shutdown(socket.SHUT_RDWR)
-                        sock.close()
-                    except OSError:
-                        pass
-                self.sockets = []
+            self._drop_connections()
 
     def restore(self):
-        with self.lock:  # connections left from a blackhole are dead to the client
+        self._drop_connections()  # connections left from a blackhole are dead to the client
+        self.mode = "forward"
+
+    def _drop_connections(self):
+        with self.lock:
             for sock in self.sockets:
                 try:
                     sock.shutdown(socket.SHUT_RDWR)
@@ -83,7 +80,6 @@ class TcpProxy:
                 except OSError:
                     pass
             self.sockets = []
-        self.mode = "forward"
 
     def close(self):
         self.listener.close()
@@ -302,3 +298,25 @@ def test_warns_when_the_config_with_a_password_is_world_readable(start_daemon, t
     restarted.start()
     assert "holds a database password and is readable by every user" in restarted.log()
     assert "Pw-for-test" not in restarted.log()
+
+
+def test_sighup_rereads_the_geoip_database(start_daemon, tmp_path):
+    from mmdb_writer import MMDBWriter
+    from netaddr import IPSet
+
+    def write_geoip(path, country):
+        writer = MMDBWriter(ip_version=6, ipv4_compatible=True, database_type="GeoLite2-Country")
+        writer.insert_network(IPSet(["20.1.0.0/16"]), {"country": {"iso_code": country}})
+        writer.to_db_file(str(path))
+
+    geoip = tmp_path / "swapped.mmdb"
+    write_geoip(geoip, "GB")
+    daemon = start_daemon(**{"geoip.database": str(geoip), "policy.how_many_different_countries": "1",
+                             "policy.action": "REJECT"})
+    client = daemon.client()
+    assert client.ask("alice@example.com", "20.1.0.1") == "DUNNO"  # GB
+    write_geoip(geoip, "FR")  # the address now belongs to France
+    daemon.process.send_signal(signal.SIGHUP)
+    wait_for_log(daemon, "reloaded")
+    assert client.ask("alice@example.com", "20.1.0.1").startswith("REJECT")  # GB, then FR: 2 > 1
+    assert "country=FR" in daemon.log()
