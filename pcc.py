@@ -590,8 +590,9 @@ class Store:
             self.fast_engine = sa.create_engine(self.url, isolation_level="AUTOCOMMIT",
                                                 pool_reset_on_return=None, **options)
         if self.url.get_backend_name() == "sqlite":
-            for engine in {self.engine, self.fast_engine}:
-                sa.event.listen(engine, "connect", _sqlite_pragmas)
+            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+            if self.fast_engine is not self.engine:
+                sa.event.listen(self.fast_engine, "connect", _sqlite_pragmas_for_sightings)
         self.dialect = self.engine.dialect.name
         self._history_query = self._build_history_query()
         self._sighting_upsert = self._build_sighting_upsert()
@@ -850,13 +851,21 @@ class Store:
             return connection.execute(sa.delete(Sighting).where(Sighting.last_seen < cutoff)).rowcount
 
 
-def _sqlite_pragmas(dbapi_connection, _record) -> None:
+def _sqlite_pragmas(dbapi_connection, _record, synchronous: str = "FULL") -> None:
     # WAL lets readers go on while one thread writes; several pcc processes on
     # one SQLite file (daemon + admin command) wait for each other, up to 30 s.
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute(f"PRAGMA synchronous={synchronous}")
     cursor.close()
+
+
+def _sqlite_pragmas_for_sightings(dbapi_connection, record) -> None:
+    # Sightings need not reach the disk before the answer: in WAL mode NORMAL
+    # survives a crash of pcc (kill -9), only a power cut may lose the last
+    # few, and the next block's FULL commit syncs them too.  Blocks stay FULL.
+    _sqlite_pragmas(dbapi_connection, record, synchronous="NORMAL")
 
 
 # ---------------------------------------------------------------------------

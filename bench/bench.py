@@ -467,6 +467,18 @@ def write_results(path, info, args, matrix, offered, growth, soak, notes):
         out.write("\n".join(lines) + "\n")
 
 
+def _to_json(value):
+    if isinstance(value, dict) and any(isinstance(key, tuple) for key in value):
+        return {"__pairs__": [[list(key), item] for key, item in value.items()]}
+    return value
+
+
+def _from_json(value):
+    if isinstance(value, dict) and "__pairs__" in value:
+        return {tuple(key): item for key, item in value["__pairs__"]}
+    return value
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="short runs, growth up to 100k, 1-minute soak")
@@ -489,12 +501,29 @@ def main():
     log(f"machine: {info}")
     requests = build_requests(args.accounts, 200000)
     log(f"{len(requests):,} requests built")
-    matrix = {} if "matrix" in skip else measure_matrix(requests, args.duration, workdir, log)
-    offered = None if "offered" in skip else measure_offered(requests, workdir, log, args.duration)
     sizes = [1000, 100000] if args.quick else [1000, 1000000]
-    growth = {} if "growth" in skip else measure_growth(requests, workdir, log, sizes, args.duration)
-    soak = None if "soak" in skip else measure_soak(requests, workdir, log, soak_seconds, sizes[-1])
-    write_results(args.output, info, args, matrix, offered, growth, soak, notes)
+    parts = {
+        "matrix": lambda: measure_matrix(requests, args.duration, workdir, log),
+        "offered": lambda: measure_offered(requests, workdir, log, args.duration),
+        "growth": lambda: measure_growth(requests, workdir, log, sizes, args.duration),
+        "soak": lambda: measure_soak(requests, workdir, log, soak_seconds, sizes[-1]),
+    }
+    results = {}
+    for name, measure in parts.items():
+        saved = os.path.join(HERE, f"results-{name}.json")  # a skipped part keeps its last numbers
+        if name in skip:
+            if os.path.exists(saved):
+                with open(saved) as previous:
+                    results[name] = _from_json(json.load(previous))
+                notes.append(f"- The {name} numbers are from an earlier run of this script (skipped this time).")
+            else:
+                results[name] = None
+            continue
+        results[name] = measure()
+        with open(saved, "w") as out:
+            json.dump(_to_json(results[name]), out)
+    write_results(args.output, info, args, results["matrix"] or {}, results["offered"], results["growth"] or {},
+                  results["soak"], notes)
     log(f"wrote {args.output}")
     shutil.rmtree(workdir, ignore_errors=True)
 
