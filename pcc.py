@@ -2078,6 +2078,7 @@ def run_daemon(settings: Settings) -> int:
     _raise_file_limit(settings.max_connections + 256)
     threading.stack_size(512 * 1024)  # thousands of idle Postfix connections stay cheap
     geoip = GeoIP(settings.geoip_database)
+    _warn_if_stale(geoip)
     service = PolicyService(settings, Store(settings.dbcon), geoip, Notifier(settings),
                             OutageJournal(settings.spool_file))
     try:
@@ -2143,6 +2144,20 @@ def reload_settings(server: PolicyServer) -> None:
     log.info("configuration %s reloaded; GeoIP %s; rule: more than %d countries in %g days -> %s",
              new.config_path, geoip.description, new.how_many_different_countries,
              new.in_how_much_time_in_days, new.action)
+
+
+# IP blocks change hands every week; country data older than this misplaces
+# enough addresses to matter.
+GEOIP_STALE_AFTER = dt.timedelta(days=60)
+
+
+def _warn_if_stale(geoip: GeoIP) -> None:
+    if geoip.built is None:
+        log.warning("GeoIP %s: its build date is unknown; keep it current", geoip.description)
+    elif utcnow().date() - geoip.built > GEOIP_STALE_AFTER:
+        log.warning("GeoIP data is %d days old (built %s): countries of moved IP blocks will be wrong; "
+                    "set [geoip] database to a file kept current by geoipupdate",
+                    (utcnow().date() - geoip.built).days, geoip.built.isoformat())
 
 
 def _warn_if_readable(settings: Settings) -> None:

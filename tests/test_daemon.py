@@ -148,6 +148,13 @@ def test_startup_log_names_the_geoip_data_and_the_rule(start_daemon, geoip_path)
     daemon = start_daemon()
     assert f"GeoIP {geoip_path} (GeoLite2-Country, built " in daemon.log()
     assert "rule: more than 3 countries in 3 days -> HOLD" in daemon.log()
+    assert "GeoIP data is" not in daemon.log()  # the test database was built today
+
+
+def test_startup_warns_about_stale_geoip_data(start_daemon):
+    daemon = start_daemon(**{"geoip.database": ""})  # the embedded data, built 2024-06-18
+    assert "GeoIP embedded GeoLite2-Country data of 2024-06-18 (geoip2fast package)" in daemon.log()
+    assert "GeoIP data is" in daemon.log() and "days old (built 2024-06-18)" in daemon.log()
 
 
 def test_a_port_in_use_is_a_clear_error(start_daemon):
