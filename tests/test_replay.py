@@ -108,8 +108,10 @@ def test_text_report(tmp_path, config):
 
 def test_threshold_and_days_overrides(tmp_path, config):
     classic_path, _ = write_logs(tmp_path, scenario())
-    blocked = lambda *extra: sorted(b["login"] for b in json.loads(replay(config, classic_path, "--json", *extra))
-                                    ["would_block"])
+    def blocked(*extra):
+        report = json.loads(replay(config, classic_path, "--json", *extra))
+        return sorted(block["login"] for block in report["would_block"])
+
     assert blocked("--threshold", "2") == ["traveller@example.com", "victim@example.com"]
     assert blocked("--days", "7") == ["slow@example.com", "victim@example.com"]
     assert blocked("--threshold", "6") == []
