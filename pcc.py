@@ -2044,10 +2044,13 @@ class MaskingFormatter(logging.Formatter):
     secrets: set = set()
 
     def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
-        for secret in self.secrets:
-            text = text.replace(secret, "***")
-        return text
+        return mask_secrets(super().format(record), self.secrets)
+
+
+def mask_secrets(text: str, secrets: Iterable[str]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
 
 
 def setup_logging(verbose: bool, to_stderr: bool, secrets: Iterable[str] = ()) -> None:
@@ -2244,12 +2247,11 @@ def main(argv: Optional[list] = None) -> int:
     if arguments.daemon:
         setup_logging(arguments.verbose, arguments.stderr, secrets_of(settings))
         return run_daemon(settings)
-    if arguments.replay:
-        setup_logging(arguments.verbose, True, secrets_of(settings))
-        log.setLevel(logging.DEBUG if arguments.verbose else logging.WARNING)
-        return run_replay(settings, arguments)
+    # The commands print what they did; their log shows only problems (or all, with -v).
     setup_logging(arguments.verbose, True, secrets_of(settings))
     log.setLevel(logging.DEBUG if arguments.verbose else logging.WARNING)
+    if arguments.replay:
+        return run_replay(settings, arguments)
     return run_admin_command(settings, arguments)
 
 
@@ -2281,8 +2283,7 @@ def run_admin_command(settings: Settings, arguments: argparse.Namespace) -> int:
         print(f"pcc: {error}", file=sys.stderr)
         return 1
     except sa_exc.SQLAlchemyError as error:
-        print(f"pcc: database {safe_url(settings.dbcon)} failed: {_mask(_first_line(error), settings)}",
-              file=sys.stderr)
+        print(_database_failure(settings, error), file=sys.stderr)
         return 1
     finally:
         store.dispose()
@@ -2322,8 +2323,7 @@ def record_replayed_sightings(settings: Settings, result: ReplayResult) -> int:
         store.create_tables()
         written = store.merge_sightings(sightings)
     except sa_exc.SQLAlchemyError as error:
-        print(f"pcc: database {safe_url(settings.dbcon)} failed: {_mask(_first_line(error), settings)}",
-              file=sys.stderr)
+        print(_database_failure(settings, error), file=sys.stderr)
         return 1
     finally:
         store.dispose()
@@ -2333,10 +2333,10 @@ def record_replayed_sightings(settings: Settings, result: ReplayResult) -> int:
     return 0
 
 
-def _mask(text: str, settings: Settings) -> str:
-    for secret in secrets_of(settings):
-        text = text.replace(secret, "***")
-    return text
+def _database_failure(settings: Settings, error: Exception) -> str:
+    """One line for a command whose database failed, without its password."""
+    return f"pcc: database {safe_url(settings.dbcon)} failed: " + mask_secrets(_first_line(error),
+                                                                             secrets_of(settings))
 
 
 if __name__ == "__main__":
