@@ -2233,7 +2233,11 @@ def build_argument_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list] = None) -> int:
-    arguments = build_argument_parser().parse_args(argv)
+    parser = build_argument_parser()
+    arguments = parser.parse_args(argv)
+    if not arguments.replay and (arguments.threshold is not None or arguments.days is not None
+                                 or arguments.record):
+        parser.error("--threshold, --days and --record go with --replay")
     try:
         settings = load_settings(arguments.config)
     except ConfigError as error:

@@ -78,7 +78,7 @@ def build_requests(accounts: int, count: int, seed: int = 2) -> list:
     countries = sorted(pools, key=lambda code: -len(pools[code]))
     rng = random.Random(seed)
     profiles = []
-    for n in range(accounts):
+    for _account in range(accounts):
         kind = rng.random()
         home = countries[min(int(rng.expovariate(0.3)), len(countries) - 1)]
         if kind < 0.005:

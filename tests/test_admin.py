@@ -84,6 +84,7 @@ def test_unknown_login_and_bad_arguments(setup):
     assert pcc(daemon.config_path, "-s", "nobody@example.com", expect=1).stderr.startswith("pcc: unknown login")
     assert "invalid float value" in pcc(daemon.config_path, "-c", "many", expect=2).stderr
     assert "not allowed with argument" in pcc(daemon.config_path, "-l", "-u", "x", expect=2).stderr
+    assert "--record go with --replay" in pcc(daemon.config_path, "-l", "--record", expect=2).stderr
 
 
 def test_cleanup_deletes_old_sightings_only(setup):

@@ -10,7 +10,7 @@ import pytest
 import sqlalchemy as sa
 
 import pcc
-from conftest import free_port, ip_in, write_config
+from conftest import free_port, ip_in
 
 
 class TcpProxy:
@@ -134,7 +134,7 @@ def test_database_outage_answers_at_once_and_recovers(start_daemon, proxied, smt
 
     proxy.cut(how)
     answers = {}
-    for round_ in range(3):
+    for _round in range(3):
         for login, country in [("mallory@example.com", "GB"), ("bob@example.com", "GB"),
                                ("carol@example.com", "JP"), ("alice@example.com", "DE")]:
             answer, seconds = timed(client, login, country)

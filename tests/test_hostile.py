@@ -19,7 +19,7 @@ def test_parser_accepts_any_lines(lines):
     assert all(len(value) <= pcc.MAX_ATTRIBUTE_VALUE for value in request.attributes.values())
     for value in request.attributes.values():
         assert "\n" not in value and "\r" not in value and "\x00" not in value
-    request.client_ip  # never raises
+    assert request.client_ip is None or request.client_ip.version in (4, 6)  # never raises
     assert request.login == request.login.strip().lower()
 
 

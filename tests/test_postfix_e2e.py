@@ -8,7 +8,6 @@ import smtplib
 import subprocess
 import sys
 import tempfile
-import time
 
 import pytest
 
