@@ -1,6 +1,7 @@
 """64 requests of one account from 4 new countries at once, through two
 daemons on one database: exactly one block, exactly one email."""
 import threading
+import time
 
 import pytest
 import sqlalchemy as sa
@@ -46,5 +47,16 @@ def test_64_concurrent_requests_make_one_block_and_one_email(start_daemon, any_d
     assert len(smtp_sink.wait_for(2, timeout=2)) == 1
     for daemon in daemons:  # every request after the block gets the action, on both daemons
         assert daemon.client().ask("alice@example.com", ip_in("GB")) == "HOLD held"
-    logs = daemons[0].log() + daemons[1].log()
-    assert logs.count("NEW BLOCK") == 1
+    # On a loaded machine the 64 transactions queue on one row for longer than
+    # the watchdog's 0.8 s: a request answered meanwhile from memory spools its
+    # block, which the database then reports as made already.
+    written_already = "decided during the database outage is now written (it was blocked already)"
+    deadline = time.monotonic() + 10
+    while True:
+        logs = daemons[0].log() + daemons[1].log()
+        spooled = logs.count("(database failing: block spooled) NEW BLOCK")
+        if logs.count(written_already) >= spooled or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert logs.count("NEW BLOCK") - spooled == 1
+    assert logs.count(written_already) == spooled
