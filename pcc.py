@@ -47,6 +47,7 @@ import ipaddress
 import json
 import logging
 import logging.handlers
+import math
 import os
 import queue
 import re
@@ -86,6 +87,13 @@ BLOCK_ACTIONS = ("REJECT", "HOLD")
 # (an outage of pcc must not stop a whole organisation's mail); DEFER_IF_PERMIT
 # makes Postfix answer 450 so clients retry later.
 DB_ERROR_ACTIONS = ("DUNNO", "DEFER_IF_PERMIT")
+# enforce: blocked accounts get `action`.  monitor: pcc records and notifies
+# exactly as it would when enforcing, but answers DUNNO (to roll out and tune).
+MODES = ("ENFORCE", "MONITOR")
+# What an impossible journey does: BLOCK the account, or only NOTIFY the admins.
+TRAVEL_ACTIONS = ("BLOCK", "NOTIFY")
+# The action stored with a block that monitor mode decided: nothing was enforced.
+MONITOR_ACTION = "MONITOR"
 
 # ISO 3166-1 alpha-2, plus XK (Kosovo) and EU/AP, which MaxMind data uses too.
 COUNTRY_CODES = frozenset(
@@ -118,6 +126,7 @@ class Settings:
     idle_timeout: float
     max_connections: int
     allowed_clients: tuple  # of ipaddress networks; empty = anyone who can connect
+    metrics_port: Optional[int]  # Prometheus endpoint on host:metrics_port; None = off
     # [db]
     dbcon: str
     db_error_action: str
@@ -137,6 +146,10 @@ class Settings:
     whitelisted: frozenset  # lower-case logins
     whitelistedips: tuple  # of ipaddress networks
     reason: str
+    mode: str  # ENFORCE or MONITOR
+    max_travel_speed_kmh: Optional[float]  # None = impossible-travel rule off
+    travel_accuracy_radius_km: float  # journeys shorter than this are never judged
+    impossible_travel_action: str  # BLOCK or NOTIFY
     # [postfix]
     postfix_config_directory: str
 
@@ -148,6 +161,15 @@ class Settings:
     def block_reply(self) -> str:
         """What Postfix is told for a blocked account: "<action> <reason>"."""
         return f"{self.action} {self.reason}".strip()
+
+    @property
+    def monitoring(self) -> bool:
+        return self.mode == "MONITOR"
+
+    @property
+    def recorded_action(self) -> str:
+        """The action a new block is recorded with: what pcc answers for it."""
+        return MONITOR_ACTION if self.monitoring else self.action
 
 
 # Control characters (CR, LF, NUL, DEL...) never belong in a value pcc reads.
@@ -200,14 +222,21 @@ class _ConfigReader:
             raise self.fail(section, key, f"must be between {low} and {high}, got {number}")
         return number
 
-    def number(self, section: str, key: str, low: float, high: float) -> float:
-        value = self.text(section, key, required=True)
+    def number(self, section: str, key: str, low: float, high: float, *, required: bool = True,
+               blank: Optional[float] = None, low_inclusive: bool = False) -> Optional[float]:
+        """A number in (low, high], or [low, high] with low_inclusive; `blank`
+        when the value is blank and not required."""
+        value = self.text(section, key, required=required)
+        if not value:
+            return blank
         try:
             number = float(value)
         except ValueError:
             raise self.fail(section, key, f"must be a number, got {value!r}") from None
-        if not low < number <= high:
-            raise self.fail(section, key, f"must be more than {low} and at most {high}, got {value}")
+        above_low = number >= low if low_inclusive else number > low
+        if not (above_low and number <= high):
+            at_least = "at least" if low_inclusive else "more than"
+            raise self.fail(section, key, f"must be {at_least} {low:g} and at most {high:g}, got {value}")
         return number
 
     def choice(self, section: str, key: str, choices: tuple) -> str:
@@ -254,6 +283,7 @@ def load_settings(path: str) -> Settings:
         idle_timeout=float(config.integer("server", "idle_timeout", 1, 86400, blank=600)),
         max_connections=config.integer("server", "max_connections", 1, 100000, blank=4000),
         allowed_clients=config.networks("server", "allowed_clients"),
+        metrics_port=config.integer("server", "metrics_port", 1, 65535, blank=0) or None,
         dbcon=config.text("db", "dbcon", required=True),
         db_error_action=config.choice("db", "db_error_action", DB_ERROR_ACTIONS),
         spool_file=config.text("db", "spool_file"),
@@ -269,17 +299,45 @@ def load_settings(path: str) -> Settings:
         whitelisted=config.logins("policy", "whitelisted"),
         whitelistedips=config.networks("policy", "whitelistedips"),
         reason=config.text("policy", "reason"),
+        mode=config.choice("policy", "mode", MODES),
+        max_travel_speed_kmh=config.number("policy", "max_travel_speed_kmh", 0, 100000, required=False),
+        travel_accuracy_radius_km=config.number("policy", "travel_accuracy_radius_km", 0, 20000, required=False,
+                                                blank=0.0, low_inclusive=True),
+        impossible_travel_action=config.choice("policy", "impossible_travel_action", TRAVEL_ACTIONS),
         postfix_config_directory=config.text("postfix", "config_directory"),
     )
+    if settings.metrics_port is not None and settings.metrics_port == settings.port:
+        raise config.fail("server", "metrics_port", f"must differ from [server] port ({settings.port})")
     if settings.notice and not settings.mailsrv:
         raise config.fail("mail", "mailsrv", "must name an SMTP server when [mail] notice is set")
     try:
         sa.engine.make_url(settings.dbcon)
     except sa_exc.ArgumentError:
-        raise config.fail("db", "dbcon", "is not an SQLAlchemy database URL (e.g. sqlite:////var/lib/pcc/pcc.sqlite3)") from None
+        raise config.fail("db", "dbcon", "is not an SQLAlchemy database URL "
+                          "(e.g. sqlite:////var/lib/pcc/pcc.sqlite3)") from None
     if settings.geoip_database and not os.path.isfile(settings.geoip_database):
         raise config.fail("geoip", "database", f"no such file: {settings.geoip_database}")
+    if settings.max_travel_speed_kmh is not None:
+        _require_places(config, settings.geoip_database)
     return settings
+
+
+def _require_places(config: _ConfigReader, path: str) -> None:
+    """The impossible-travel rule needs coordinates: a City-level database."""
+    problem = "it has countries only" if path else "the embedded default data has countries only"
+    if path:
+        import maxminddb
+
+        try:
+            with maxminddb.open_database(path) as reader:
+                kind = reader.metadata().database_type
+        except (OSError, ValueError, RuntimeError) as error:
+            raise config.fail("geoip", "database", f"{path} is not a MaxMind-format database: {error}") from None
+        if "city" in kind.lower():
+            return
+        problem = f"{path} is a {kind} database"
+    raise config.fail("policy", "max_travel_speed_kmh", f"needs City-level GeoIP data in [geoip] database, but "
+                      f"{problem} (use GeoLite2-City or DB-IP City Lite, or leave this blank)")
 
 
 # ---------------------------------------------------------------------------
@@ -309,6 +367,7 @@ class PolicyRequest:
     # Filled in by the GeoIP lookup before the decision.
     client_country: Optional[str] = None
     country_note: str = ""
+    client_place: Optional["Place"] = None  # only with City-level GeoIP data
 
     # cached_property works on a frozen dataclass: it writes the instance dict directly
     @functools.cached_property
@@ -327,9 +386,8 @@ class PolicyRequest:
         return address
 
 
-_REQUEST_FIELDS = frozenset(
-    f.name for f in dataclasses.fields(PolicyRequest) if f.name not in ("attributes", "client_country", "country_note")
-)
+_FILLED_IN_LATER = ("attributes", "client_country", "country_note", "client_place")
+_REQUEST_FIELDS = frozenset(f.name for f in dataclasses.fields(PolicyRequest) if f.name not in _FILLED_IN_LATER)
 
 
 def parse_request(lines: Iterable[str]) -> PolicyRequest:
@@ -365,13 +423,33 @@ def format_reply(action: str) -> bytes:
 
 
 @dataclass(frozen=True)
+class Place:
+    """Where a City-level database puts an address, give or take accuracy_km."""
+
+    latitude: float
+    longitude: float
+    accuracy_km: float  # 0 when the database does not say
+    name: str  # "Tokyo, JP", for people
+
+    def distance_km(self, other: "Place") -> float:
+        """Great-circle distance (haversine, mean Earth radius)."""
+        lat1, lat2 = math.radians(self.latitude), math.radians(other.latitude)
+        half_dlat = (lat2 - lat1) / 2
+        half_dlon = math.radians(other.longitude - self.longitude) / 2
+        h = math.sin(half_dlat) ** 2 + math.cos(lat1) * math.cos(lat2) * math.sin(half_dlon) ** 2
+        return 2 * 6371.0088 * math.asin(min(1.0, math.sqrt(h)))
+
+
+@dataclass(frozen=True)
 class Country:
     code: Optional[str]  # ISO code, or None when there is none to count
     note: str  # why there is none, or where it came from
+    place: Optional[Place] = None  # only from a City-level database
 
 
 class GeoIP:
-    """Country of an IP address.  Opened once, read by every thread.
+    """Country (and, from City-level data, place) of an IP address.  Opened
+    once, read by every thread; replaced whole when its file changes.
 
     With a path, reads a MaxMind-format .mmdb (GeoLite2-Country/City, DB-IP)
     with maxminddb.  Without one, uses the GeoLite2-Country data that ships in
@@ -380,18 +458,22 @@ class GeoIP:
 
     def __init__(self, path: str = ""):
         self.path = path
+        self.has_places = False
         if path:
             import maxminddb
 
+            self.file_signature = self.signature_of(path)
             self._reader = maxminddb.open_database(path)
             metadata = self._reader.metadata()
             built = dt.datetime.fromtimestamp(metadata.build_epoch, UTC)
             self.built = built.date()
+            self.has_places = "city" in metadata.database_type.lower()
             self.description = f"{path} ({metadata.database_type}, built {self.built.isoformat()})"
             self._lookup = self._lookup_mmdb
         else:
             from geoip2fast import GeoIP2Fast
 
+            self.file_signature = None
             self._reader = GeoIP2Fast(geoip2fast_data_file="geoip2fast-ipv6.dat.gz")
             source = self._reader.get_database_info().get("source_info", "")
             stamp = re.search(r"(\d{8})$", source)
@@ -400,6 +482,19 @@ class GeoIP:
             self.description = f"embedded GeoLite2-Country data of {built_text} (geoip2fast package)"
             self._lookup = self._lookup_embedded
         self._cached_country = functools.lru_cache(maxsize=16384)(self._country)
+
+    @staticmethod
+    def signature_of(path: str) -> Optional[tuple]:
+        """What changes when the file is rewritten or replaced (geoipupdate
+        writes a new file and renames it over the old one)."""
+        try:
+            status = os.stat(path)
+        except OSError:
+            return None
+        return status.st_ino, status.st_size, status.st_mtime_ns
+
+    def changed_on_disk(self) -> bool:
+        return bool(self.path) and self.signature_of(self.path) not in (None, self.file_signature)
 
     def country(self, address) -> Country:
         """`address` is an ipaddress object or None.  Answers are cached per
@@ -412,24 +507,38 @@ class GeoIP:
         if not address.is_global:
             kind = "loopback" if address.is_loopback else "private" if address.is_private else "non-public"
             return Country(None, f"{kind} address has no country")
-        code = self._lookup(address)
+        code, place = self._lookup(address)
         if code is None:
             return Country(None, "address not in the GeoIP database")
-        return Country(code, "")
+        return Country(code, "", place)
 
-    def _lookup_mmdb(self, address) -> Optional[str]:
+    def _lookup_mmdb(self, address) -> tuple:
         record = self._reader.get(address)
         if not isinstance(record, dict):
-            return None
+            return None, None
         for key in ("country", "registered_country"):
             code = (record.get(key) or {}).get("iso_code")
             if code:
-                return code.upper()
-        return None
+                code = code.upper()
+                return code, self._place(record, code)
+        return None, None
 
-    def _lookup_embedded(self, address) -> Optional[str]:
+    @staticmethod
+    def _place(record: dict, code: str) -> Optional[Place]:
+        location = record.get("location")
+        if not isinstance(location, dict):
+            return None
+        latitude, longitude = location.get("latitude"), location.get("longitude")
+        if not isinstance(latitude, (int, float)) or not isinstance(longitude, (int, float)):
+            return None
+        city = ((record.get("city") or {}).get("names") or {}).get("en")
+        accuracy = location.get("accuracy_radius")
+        return Place(float(latitude), float(longitude), float(accuracy) if isinstance(accuracy, (int, float)) else 0.0,
+                     f"{city}, {code}" if city else code)
+
+    def _lookup_embedded(self, address) -> tuple:
         code = self._reader.lookup(str(address)).country_code
-        return code if code and len(code) == 2 and code.isalpha() else None
+        return (code, None) if code and len(code) == 2 and code.isalpha() else (None, None)
 
 
 # ---------------------------------------------------------------------------
@@ -516,6 +625,22 @@ class Block(Base):
     unblocked_at: Mapped[Optional[dt.datetime]] = mapped_column(UTCDateTime(), nullable=True)
 
 
+class TravelPass(Base):
+    """An administrator's pre-approval of a trip: until expires_at, sending from
+    `country` does not count for `login`.  One row per (login, country); a new
+    pass for the same country replaces the old one."""
+
+    __tablename__ = "pcc_travel_passes"
+    __table_args__ = (sa.UniqueConstraint("login", "country", name="uq_pcc_travel_passes_login_country"),)
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
+    login: Mapped[str] = mapped_column(sa.String(MAX_LOGIN_LENGTH))
+    country: Mapped[str] = mapped_column(sa.String(2))
+    granted_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    granted_by: Mapped[str] = mapped_column(sa.String(64))
+
+
 @dataclass(frozen=True)
 class CountrySeen:
     country: str
@@ -539,6 +664,20 @@ class AccountHistory:
     blocked_since: Optional[dt.datetime] = None
     counting_since: Optional[dt.datetime] = None
     sightings: tuple = ()  # of CountrySeen, the recent ones (possibly more than the window)
+    block_action: Optional[str] = None  # the action of the block in force; MONITOR_ACTION = only flagged
+    travel_passes: dict = field(default_factory=dict)  # country -> expires_at (possibly expired)
+    # Where the account's latest sighting's IP is (filled in by the service from
+    # GeoIP when the impossible-travel rule is on).
+    last_place: Optional[Place] = None
+
+    @property
+    def latest_sighting(self) -> Optional[CountrySeen]:
+        return max(self.sightings, key=lambda seen: seen.last_seen, default=None)
+
+    @property
+    def enforced_block(self) -> bool:
+        """Blocked for real, not only flagged by monitor mode."""
+        return self.blocked_since is not None and self.block_action != MONITOR_ACTION
 
 
 def safe_url(url) -> str:
@@ -636,16 +775,21 @@ class Store:
 
     @staticmethod
     def _build_history_query():
-        """One round trip for an account's history: its recent sightings, and its
-        row on the blocked list if it has one (kind 'a')."""
+        """One round trip for an account's history: its recent sightings (kind
+        's'), its row on the blocked list with its block's action if it has one
+        ('a'), and its travel passes that ended no earlier than `since` ('p')."""
         login = sa.bindparam("login", type_=sa.String())
         since = sa.bindparam("since", type_=UTCDateTime())
         sightings = sa.select(sa.literal_column("'s'").label("kind"), Sighting.country,
                               Sighting.first_seen.label("time1"), Sighting.last_seen.label("time2"),
                               Sighting.last_ip).where(Sighting.login == login, Sighting.last_seen >= since)
-        account = sa.select(sa.literal_column("'a'"), sa.null(), BlockedAccount.blocked_since,
-                            BlockedAccount.counting_since, sa.null()).where(BlockedAccount.login == login)
-        return sa.union_all(sightings, account)
+        account = (sa.select(sa.literal_column("'a'"), sa.null(), BlockedAccount.blocked_since,
+                             BlockedAccount.counting_since, Block.action)
+                   .outerjoin(Block, Block.id == BlockedAccount.block_id).where(BlockedAccount.login == login))
+        passes = sa.select(sa.literal_column("'p'"), TravelPass.country, TravelPass.granted_at,
+                           TravelPass.expires_at, sa.null()).where(TravelPass.login == login,
+                                                                   TravelPass.expires_at >= since)
+        return sa.union_all(sightings, account, passes)
 
     def _build_sighting_upsert(self):
         names = ("login", "country", "first_seen", "last_seen", "last_ip")
@@ -690,13 +834,18 @@ class Store:
                                              self.fast_engine.dialect.loaded_dbapi.Error) from error
         finally:
             connection.close()
+        return self._history_from_rows(rows)
+
+    def _history_from_rows(self, rows: list) -> AccountHistory:
         to_time = self._time_from_db
         sightings = tuple(CountrySeen(country, to_time(first), to_time(last), ip)
                           for kind, country, first, last, ip in rows if kind == "s")
-        for kind, _country, blocked_since, counting_since, _ip in rows:
+        passes = {country: to_time(expires) for kind, country, _granted, expires, _ip in rows if kind == "p"}
+        for kind, _country, blocked_since, counting_since, action in rows:
             if kind == "a":
-                return AccountHistory(to_time(blocked_since), to_time(counting_since), sightings)
-        return AccountHistory(sightings=sightings)
+                return AccountHistory(to_time(blocked_since), to_time(counting_since), sightings,
+                                      action if blocked_since is not None else None, passes)
+        return AccountHistory(sightings=sightings, travel_passes=passes)
 
     @_retry_on_conflict
     def record_sighting(self, login: str, country: str, ip: str, now: dt.datetime) -> None:
@@ -705,13 +854,15 @@ class Store:
 
     @_retry_on_conflict
     def record_block(self, login: str, now: dt.datetime, *, source: str, action: str, reason: str,
-                     countries: list, trigger: Optional[dict] = None,
-                     sighting: Optional[tuple] = None) -> Optional[int]:
+                     countries: list, trigger: Optional[dict] = None, sighting: Optional[tuple] = None,
+                     replace_flag: bool = False) -> Optional[int]:
         """Put `login` on the blocked list.  Returns the new block's id, or None
         when the account was blocked already (by another thread or daemon).
 
-        The sighting that triggered the block is written in the same transaction:
-        the block is committed before Postfix is answered.
+        replace_flag: the account may be flagged by monitor mode, and a real
+        block (action other than MONITOR_ACTION) then replaces the flag.
+        The sighting that triggered the block is written in the same
+        transaction: the block is committed before Postfix is answered.
         """
         with self.engine.connect() as connection:
             if sighting is not None:
@@ -723,16 +874,35 @@ class Store:
                     countries=countries, trigger=trigger,
                 )
             ).inserted_primary_key[0]
-            won = connection.execute(
-                sa.update(BlockedAccount)
-                .where(BlockedAccount.login == login, BlockedAccount.blocked_since.is_(None))
-                .values(blocked_since=now, block_id=block_id)
-            ).rowcount
-            if won != 1:
+            # Compare-and-swap: of concurrent writers, only one moves the row.
+            won = self._swap_block(connection, login, BlockedAccount.blocked_since.is_(None), now, block_id)
+            if not won and replace_flag and action != MONITOR_ACTION:
+                won = self._replace_flag(connection, login, now, block_id)
+            if not won:
                 connection.rollback()
                 return None
             connection.commit()
         return block_id
+
+    @staticmethod
+    def _swap_block(connection, login: str, unchanged, now: dt.datetime, block_id: int) -> bool:
+        return connection.execute(
+            sa.update(BlockedAccount).where(BlockedAccount.login == login, unchanged)
+            .values(blocked_since=now, block_id=block_id)
+        ).rowcount == 1
+
+    def _replace_flag(self, connection, login: str, now: dt.datetime, block_id: int) -> bool:
+        """A real block replaces a monitor-mode flag (which then ends); nothing
+        else replaces a block."""
+        flag_id = connection.execute(
+            sa.select(BlockedAccount.block_id).join(Block, Block.id == BlockedAccount.block_id)
+            .where(BlockedAccount.login == login, Block.action == MONITOR_ACTION)
+        ).scalar()
+        if flag_id is None or not self._swap_block(connection, login, BlockedAccount.block_id == flag_id, now,
+                                                   block_id):
+            return False
+        connection.execute(sa.update(Block).where(Block.id == flag_id).values(unblocked_at=now))
+        return True
 
     def _upsert_sighting(self, connection, login: str, country: str, ip: str, now: dt.datetime) -> None:
         connection.execute(self._sighting_upsert, {"login": login, "country": country, "first_seen": now,
@@ -783,6 +953,41 @@ class Store:
                 sa.select(Block).where(Block.login == login).order_by(Block.blocked_at, Block.id)
             ).scalars().all()
         return account, [CountrySeen(*row) for row in sightings], list(blocks)
+
+    def count_blocked(self) -> dict:
+        """{"enforce": blocked accounts, "monitor": accounts only flagged}."""
+        monitor = sa.case((Block.action == MONITOR_ACTION, "monitor"), else_="enforce")
+        with self.fast_engine.connect() as connection:
+            rows = connection.execute(
+                sa.select(monitor, sa.func.count()).select_from(BlockedAccount)
+                .join(Block, Block.id == BlockedAccount.block_id)
+                .where(BlockedAccount.blocked_since.is_not(None)).group_by(monitor)
+            ).all()
+        return dict(rows)
+
+    def travel_passes(self, login: str) -> list:
+        """Every travel pass of `login` (expired ones too), by expiry."""
+        with Session(self.engine) as session:
+            return list(session.execute(
+                sa.select(TravelPass).where(TravelPass.login == login).order_by(TravelPass.expires_at)
+            ).scalars())
+
+    @_retry_on_conflict
+    def grant_travel_pass(self, login: str, countries: Iterable[str], now: dt.datetime,
+                          expires_at: dt.datetime, granted_by: str) -> None:
+        """One pass per country (a new one replaces an older one); an expiry of
+        `now` ends the passes at once."""
+        rows = [{"login": login, "country": country, "granted_at": now, "expires_at": expires_at,
+                 "granted_by": granted_by[:64]} for country in countries]
+        insert = self._dialect_insert(TravelPass).values(rows)
+        changed = ("granted_at", "expires_at", "granted_by")
+        if self.dialect in ("mysql", "mariadb"):
+            statement = insert.on_duplicate_key_update({name: insert.inserted[name] for name in changed})
+        else:
+            statement = insert.on_conflict_do_update(index_elements=["login", "country"],
+                                                     set_={name: insert.excluded[name] for name in changed})
+        with self.engine.begin() as connection:
+            connection.execute(statement)
 
     @_retry_on_conflict
     def unblock(self, login: str, now: dt.datetime) -> Optional[int]:
@@ -880,13 +1085,37 @@ SIGHTING_REFRESH = dt.timedelta(seconds=60)
 
 
 @dataclass(frozen=True)
+class Journey:
+    """Two consecutive sightings of an account farther apart than anybody can
+    travel in the time between them."""
+
+    origin: Place
+    origin_ip: str
+    departed: dt.datetime
+    destination: Place
+    destination_ip: str
+    arrived: dt.datetime
+    distance_km: float
+    speed_kmh: float  # over the distance less both places' accuracy radii
+
+    def describe(self) -> str:
+        minutes = (self.arrived - self.departed).total_seconds() / 60
+        return (f"{self.origin.name} ({self.origin_ip}) at {self.departed:%Y-%m-%d %H:%M:%S} UTC, then "
+                f"{self.destination.name} ({self.destination_ip}) at {self.arrived:%Y-%m-%d %H:%M:%S} UTC: "
+                f"{self.distance_km:,.0f} km in {minutes:,.0f} min, {self.speed_kmh:,.0f} km/h")
+
+
+@dataclass(frozen=True)
 class Decision:
     action: str  # "DUNNO", or the configured block action
     reason: str  # for the log line and, when blocking, the admins
     counted: bool = False  # the request's country counts for the account
     record_sighting: bool = False  # the database must learn about this sighting
-    new_block: bool = False  # this request puts the account on the blocked list
+    new_block: bool = False  # this request puts the account on the blocked list (or flags it, in monitor mode)
     countries: tuple = ()  # CountrySeen in the window, this request's included
+    journey: Optional[Journey] = None  # an impossible journey that ends with this request
+    rule: str = ""  # of a new block: "countries" or "travel"
+    replaces_flag: bool = False  # the new block replaces a monitor-mode flag
 
     @property
     def blocks(self) -> bool:
@@ -911,52 +1140,120 @@ def not_counted_reason(request: PolicyRequest, settings: Settings) -> Optional[s
 
 def decide(request: PolicyRequest, history: Optional[AccountHistory], settings: Settings,
            now: dt.datetime) -> Decision:
-    """The rule, as a pure function.
+    """The rules, as a pure function.
 
     Blocked when, counting this request's country, the account has sent from more
     than `how_many_different_countries` distinct counted countries within the last
-    `in_how_much_time_in_days` days.  A blocked account stays blocked (every
-    message gets the action) until an administrator unblocks it.
+    `in_how_much_time_in_days` days; or, with `max_travel_speed_kmh` set and
+    `impossible_travel_action = block`, when it could not have travelled from its
+    previous place to this one in the time between.  A blocked account stays
+    blocked until an administrator unblocks it.  In monitor mode a new block is
+    only flagged (recorded and notified) and the answer is DUNNO.
     """
     skip = not_counted_reason(request, settings)
     if skip is not None:
         return Decision("DUNNO", skip)
     history = history or AccountHistory()
     if history.blocked_since is not None:
-        return Decision(settings.block_reply,
-                        f"account blocked since {history.blocked_since:%Y-%m-%d %H:%M:%S} UTC")
+        since = f"{history.blocked_since:%Y-%m-%d %H:%M:%S} UTC"
+        if history.enforced_block:  # blocks in force stay enforced in monitor mode too
+            return Decision(settings.block_reply, f"account blocked since {since}")
+        if settings.monitoring:
+            return Decision("DUNNO", f"would be blocked since {since} (monitor mode)")
+        # enforce mode and only a monitor-mode flag: the account is judged afresh
+    skip = _not_counted_here(request, history, settings, now)
+    if skip is not None:
+        return Decision("DUNNO", skip)
+    decision = _count(request, history, settings, now)
+    if decision.new_block and history.blocked_since is not None:
+        decision = dataclasses.replace(decision, replaces_flag=True)
+    return decision
+
+
+def _not_counted_here(request: PolicyRequest, history: AccountHistory, settings: Settings,
+                      now: dt.datetime) -> Optional[str]:
+    """Why this message's place does not count for the account."""
     address = request.client_ip
     if address is not None and any(address in network for network in settings.whitelistedips):
-        return Decision("DUNNO", "whitelisted client address")
+        return "whitelisted client address"
     country = request.client_country
     if country is None:
-        return Decision("DUNNO", f"not counted: {request.country_note or 'no country'}")
+        return f"not counted: {request.country_note or 'no country'}"
     if country in settings.ignorecountries:
-        return Decision("DUNNO", f"not counted: {country} is in ignorecountries")
+        return f"not counted: {country} is in ignorecountries"
+    pass_ends = history.travel_passes.get(country)
+    if pass_ends is not None and pass_ends > now:
+        return f"not counted: travel pass for {country} until {pass_ends:%Y-%m-%d %H:%M} UTC"
+    return None
 
+
+def _count(request: PolicyRequest, history: AccountHistory, settings: Settings, now: dt.datetime) -> Decision:
+    country, ip = request.client_country, str(request.client_ip)
     recent = _countries_in_window(history, settings, now)
     previous = recent.get(country)
-    ip = str(address)
     recent[country] = CountrySeen(country, previous.first_seen if previous else now, now, ip)
     limit = settings.how_many_different_countries
     summary = f"{len(recent)} of at most {limit} countries in {settings.in_how_much_time_in_days:g} days"
     countries = tuple(sorted(recent.values(), key=lambda seen: seen.first_seen))
     if len(recent) > limit:
         listed = ", ".join(seen.country for seen in countries)
-        return Decision(settings.block_reply, f"blocking: {summary} ({listed})", counted=True,
-                        record_sighting=True, new_block=True, countries=countries)
+        return _new_block(settings, f"{summary} ({listed})", countries)
+    journey = impossible_journey(request, history, settings, now)
+    if journey is not None and settings.impossible_travel_action == "BLOCK":
+        return _new_block(settings, f"impossible travel: {journey.describe()}", countries, journey)
+    if journey is not None:
+        summary += f"; impossible travel noticed: {journey.describe()}"
+    latest = history.latest_sighting
+    # With the travel rule on, every move is written, so the next message is
+    # judged against where the account really was last.
+    moved = settings.max_travel_speed_kmh is not None and (
+        latest is None or (latest.country, latest.last_ip) != (country, ip))
     stale = previous is None or now - previous.last_seen >= SIGHTING_REFRESH
-    return Decision("DUNNO", summary, counted=True, record_sighting=stale, countries=countries)
+    return Decision("DUNNO", summary, counted=True, record_sighting=stale or moved, countries=countries,
+                    journey=journey)
+
+
+def _new_block(settings: Settings, reason: str, countries: tuple, journey: Optional[Journey] = None) -> Decision:
+    if settings.monitoring:
+        action, reason = "DUNNO", f"would block (monitor mode): {reason}"
+    else:
+        action, reason = settings.block_reply, f"blocking: {reason}"
+    return Decision(action, reason, counted=True, record_sighting=True, new_block=True, countries=countries,
+                    journey=journey, rule="travel" if journey else "countries")
+
+
+def impossible_journey(request: PolicyRequest, history: AccountHistory, settings: Settings,
+                       now: dt.datetime) -> Optional[Journey]:
+    """The journey from the account's previous sighting to this request, if no
+    one can travel that fast.  Places closer than travel_accuracy_radius_km, or
+    than both places' own accuracy radii, are never judged."""
+    latest, origin, destination = history.latest_sighting, history.last_place, request.client_place
+    if settings.max_travel_speed_kmh is None or latest is None or origin is None or destination is None:
+        return None
+    ip = str(request.client_ip)
+    if latest.last_ip == ip:
+        return None
+    distance = origin.distance_km(destination)
+    beyond_doubt = distance - origin.accuracy_km - destination.accuracy_km
+    if distance < settings.travel_accuracy_radius_km or beyond_doubt <= 0:
+        return None
+    hours = max((now - latest.last_seen).total_seconds(), 1.0) / 3600
+    speed = beyond_doubt / hours
+    if speed <= settings.max_travel_speed_kmh:
+        return None
+    return Journey(origin, latest.last_ip, latest.last_seen, destination, ip, now, distance, speed)
 
 
 def _countries_in_window(history: AccountHistory, settings: Settings, now: dt.datetime) -> dict:
     start = now - settings.country_window
     if history.counting_since is not None:
         start = max(start, history.counting_since)
+    passes = history.travel_passes
     return {
         seen.country: seen
         for seen in history.sightings
         if seen.last_seen >= start and seen.country not in settings.ignorecountries
+        and not (seen.country in passes and passes[seen.country] > now)
     }
 
 
@@ -1034,32 +1331,58 @@ class Notifier:
             smtp.send_message(message, to_addrs=list(self.settings.notice))
 
 
-def unblock_command(settings: Settings, login: str) -> str:
+def pcc_command(settings: Settings, option: str, login: str) -> str:
+    """The admin command line an email tells the reader to run."""
     program = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0].endswith("pcc.py") else "pcc.py"
-    return f"{program} --config {settings.config_path} -u {login}"
+    return f"{program} --config {settings.config_path} {option} {login}"
 
 
 def block_notice(settings: Settings, login: str, countries: Iterable[CountrySeen], reason: str,
-                 source: str) -> tuple:
-    lines = [
-        f"pcc has blocked the account {login}.",
-        "",
-        f"Why: {reason}",
-        f"Every message of this account is now answered: {settings.block_reply}",
-        "",
-        "Countries it sent from (last client IP, first and last time seen, UTC):",
-    ]
+                 source: str, action: str, journey: Optional[Journey] = None) -> tuple:
+    """Subject and body of the mail about a new block (`action` as recorded:
+    MONITOR_ACTION when monitor mode only flagged the account)."""
+    if action == MONITOR_ACTION:
+        subject = f"pcc: account {login} would be blocked (monitor mode)"
+        lines = [f"pcc would have blocked the account {login}; it runs in monitor mode, so its mail still flows.",
+                 "", f"Why: {reason}",
+                 f"In enforce mode every message of this account would now be answered: {settings.block_reply}"]
+    else:
+        subject = f"pcc: account {login} blocked ({action})"
+        lines = [f"pcc has blocked the account {login}.", "", f"Why: {reason}",
+                 f"Every message of this account is now answered: {action} {settings.reason}".rstrip()]
+    if journey is not None:
+        lines += ["", *journey_lines(settings, journey)]
+    lines += ["", "Countries it sent from (last client IP, first and last time seen, UTC):"]
     for seen in countries:
         lines.append(f"  {seen.country}  {seen.last_ip:<39}  {seen.first_seen:%Y-%m-%d %H:%M:%S}"
                      f"  {seen.last_seen:%Y-%m-%d %H:%M:%S}")
-    lines += [
-        "",
-        "If the account is compromised, change its password first.  Then unblock it with:",
-        f"  {unblock_command(settings, login)}",
-        "",
-        f"Blocked by: {source} on {socket.gethostname()}",
+    if action == MONITOR_ACTION:
+        lines += ["", "To clear the flag (its earlier countries then stop counting):"]
+    else:
+        lines += ["", "If the account is compromised, change its password first.  Then unblock it with:"]
+    lines += [f"  {pcc_command(settings, '-u', login)}", "", f"Decided by: {source} on {socket.gethostname()}"]
+    return subject, "\n".join(lines) + "\n"
+
+
+def journey_lines(settings: Settings, journey: Journey) -> list:
+    minutes = (journey.arrived - journey.departed).total_seconds() / 60
+    origin, destination = journey.origin.name, journey.destination.name
+    return [
+        "The impossible journey:",
+        f"  from  {origin:<30} {journey.origin_ip:<39} at {journey.departed:%Y-%m-%d %H:%M:%S} UTC",
+        f"  to    {destination:<30} {journey.destination_ip:<39} at {journey.arrived:%Y-%m-%d %H:%M:%S} UTC",
+        f"  {journey.distance_km:,.0f} km in {minutes:,.1f} minutes: at least {journey.speed_kmh:,.0f} km/h "
+        f"(allowing for GeoIP accuracy); the limit is {settings.max_travel_speed_kmh:,.0f} km/h",
     ]
-    return f"pcc: account {login} blocked ({settings.action})", "\n".join(lines) + "\n"
+
+
+def travel_notice(settings: Settings, login: str, journey: Journey) -> tuple:
+    """The mail for impossible_travel_action = notify: nothing is blocked."""
+    lines = [f"The account {login} sent mail from two places no one can travel between in the time between them.",
+             "It is NOT blocked (impossible_travel_action = notify).  A VPN or a mobile carrier can explain this;",
+             "a stolen password can too.", "", *journey_lines(settings, journey), "",
+             "To block the account:", f"  {pcc_command(settings, '-b', login)}"]
+    return f"pcc: impossible travel by {login}", "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------
@@ -1075,6 +1398,91 @@ DB_ANSWER_DEADLINE = 0.8
 DB_PROBE_INTERVAL = 1.0
 # Recently active accounts kept in memory, to decide during a database outage.
 HISTORY_CACHE_SIZE = 20000
+
+
+# Impossible-travel mails about one account are sent at most this often (an
+# account that flips between a VPN and its home line would cause one a flip).
+TRAVEL_NOTICE_INTERVAL = dt.timedelta(hours=6)
+
+
+class Metrics:
+    """The Prometheus metrics ([server] metrics_port).  With metrics off every
+    method returns at once and prometheus_client is not even imported."""
+
+    def __init__(self, service: Optional["PolicyService"] = None):
+        self.enabled = service is not None
+        if not self.enabled:
+            return
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        self.registry = CollectorRegistry()
+        self._decisions = Counter("pcc_decisions", "Answers given to Postfix, by action", ["action"],
+                                  registry=self.registry)
+        self._new_blocks = Counter("pcc_new_blocks", "Accounts newly blocked, or flagged in monitor mode, by "
+                                   "rule and mode", ["rule", "mode"], registry=self.registry)
+        self._journeys = Counter("pcc_impossible_travel", "Impossible journeys noticed", registry=self.registry)
+        self._latency = Histogram("pcc_request_duration_seconds", "Time from a whole request to its answer",
+                                  buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.8,
+                                           1.0, 2.5), registry=self.registry)
+        self._database_errors = Counter("pcc_database_errors", "Database operations that failed",
+                                        registry=self.registry)
+        self._no_country = Counter("pcc_geoip_lookups_without_country", "Counted requests whose client address "
+                                   "has no country, by why", ["why"], registry=self.registry)
+        self.registry.register(_StateCollector(service))
+
+    def serve(self, host: str, port: int) -> None:
+        from prometheus_client import start_http_server
+
+        start_http_server(port, addr=host, registry=self.registry)
+
+    def answered(self, reply: bytes, seconds: float) -> None:
+        """A reply went to Postfix `seconds` after its request began."""
+        if self.enabled:
+            self._decisions.labels(reply[len(b"action="):].split(maxsplit=1)[0].decode()).inc()
+            self._latency.observe(seconds)
+
+    def new_block(self, rule: str, action: str) -> None:
+        if self.enabled:
+            self._new_blocks.labels(rule, "monitor" if action == MONITOR_ACTION else "enforce").inc()
+
+    def journey(self) -> None:
+        if self.enabled:
+            self._journeys.inc()
+
+    def database_failed(self) -> None:
+        if self.enabled:
+            self._database_errors.inc()
+
+    def no_country(self, note: str) -> None:
+        if self.enabled:
+            self._no_country.labels("not in database" if "not in the GeoIP" in note else
+                                    "not an IP address" if "not an IP" in note else "not public").inc()
+
+
+class _StateCollector:
+    """Metrics read at scrape time: the blocked list (one COUNT query) and the
+    GeoIP data in use."""
+
+    def __init__(self, service: "PolicyService"):
+        self.service = service
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        built = self.service.geoip.built
+        if built is not None:
+            yield GaugeMetricFamily("pcc_geoip_build_timestamp_seconds", "When the GeoIP data in use was built",
+                                    value=dt.datetime(built.year, built.month, built.day, tzinfo=UTC).timestamp())
+        try:
+            counts = self.service.store.count_blocked()
+        except sa_exc.SQLAlchemyError as error:
+            self.service.metrics.database_failed()
+            log.warning("metrics: cannot count blocked accounts: %s", _first_line(error))
+            return
+        family = GaugeMetricFamily("pcc_blocked_accounts", "Accounts on the blocked list, by mode", labels=["mode"])
+        family.add_metric(["enforce"], counts.get("enforce", 0))
+        family.add_metric(["monitor"], counts.get("monitor", 0))
+        yield family
 
 
 class OutageJournal:
@@ -1136,7 +1544,8 @@ class OutageJournal:
             block_id = store.record_block(
                 entry["login"], dt.datetime.fromisoformat(entry["at"]), source="policy",
                 action=entry["action"], reason=entry["reason"], countries=entry["countries"],
-                trigger=entry["trigger"], sighting=tuple(entry["sighting"]))
+                trigger=entry["trigger"], sighting=tuple(entry["sighting"]),
+                replace_flag=entry.get("replaces_flag", False))
             with self._lock:
                 self._blocks.remove(entry)
                 self._rewrite_spool()
@@ -1203,6 +1612,8 @@ class PolicyService:
         self._state_lock = threading.Lock()
         self._db_failing = False
         self._next_probe = 0.0
+        self.metrics = Metrics()  # off; run_daemon turns it on for [server] metrics_port
+        self._travel_noticed: dict = {}  # login -> when its last impossible-travel mail went
 
     def answer(self, request: PolicyRequest, now: Optional[dt.datetime] = None) -> str:
         request, decision = self.decide_request(request, now or utcnow())
@@ -1216,7 +1627,10 @@ class PolicyService:
         if skip is not None:
             return request, Decision("DUNNO", skip)
         found = self.geoip.country(request.client_ip)
-        request = dataclasses.replace(request, client_country=found.code, country_note=found.note)
+        if found.code is None:
+            self.metrics.no_country(found.note)
+        request = dataclasses.replace(request, client_country=found.code, country_note=found.note,
+                                      client_place=found.place)
         if use_database:
             return request, self._decide_counted(request, now)
         return request, self._decide_offline(request, now)
@@ -1240,11 +1654,22 @@ class PolicyService:
 
     def _decide_online(self, request: PolicyRequest, now: dt.datetime) -> Decision:
         self.ensure_database()
-        history = self.store.load_history(request.login, now - self.settings.country_window)
+        history = self._with_last_place(self.store.load_history(request.login, now - self.settings.country_window))
         decision = self._record(request, decide(request, history, self.settings, now), now)
         self._database_ok()
         self._remember(request.login, history, decision)
         return decision
+
+    def _with_last_place(self, history: AccountHistory) -> AccountHistory:
+        """The place of the account's latest sighting, for the impossible-travel rule."""
+        latest = history.latest_sighting
+        if self.settings.max_travel_speed_kmh is None or latest is None:
+            return history
+        try:
+            address = ipaddress.ip_address(latest.last_ip)
+        except ValueError:
+            return history
+        return dataclasses.replace(history, last_place=self.geoip.country(address).place)
 
     def ensure_database(self) -> None:
         """Create missing tables once; write what an outage left behind."""
@@ -1261,11 +1686,12 @@ class PolicyService:
         history = self._cache.get(login)
         if history is None:
             return Decision(self.settings.db_error_action, "database failing, account not in memory")
-        decision = decide(request, history, self.settings, now)
+        decision = decide(request, self._with_last_place(history), self.settings, now)
         self._remember(login, history, decision)
         if decision.new_block:
             self.journal.add_block({
-                "login": login, "at": now.isoformat(), "action": self.settings.action,
+                "login": login, "at": now.isoformat(), "action": self.settings.recorded_action,
+                "rule": decision.rule, "replaces_flag": decision.replaces_flag,
                 "reason": decision.reason, "countries": [seen.as_json() for seen in decision.countries],
                 "trigger": dict(request.attributes), "sighting": [request.client_country, str(request.client_ip)],
             })
@@ -1284,26 +1710,46 @@ class PolicyService:
 
     def _record(self, request: PolicyRequest, decision: Decision, now: dt.datetime) -> Decision:
         login, country, ip = request.login, request.client_country, str(request.client_ip)
+        if decision.journey is not None:
+            self.metrics.journey()
         if decision.new_block:
+            action = self.settings.recorded_action
             block_id = self.store.record_block(
-                login, now, source="policy", action=self.settings.action, reason=decision.reason,
+                login, now, source="policy", action=action, reason=decision.reason,
                 countries=[seen.as_json() for seen in decision.countries],
-                trigger=dict(request.attributes), sighting=(country, ip),
+                trigger=dict(request.attributes), sighting=(country, ip), replace_flag=decision.replaces_flag,
             )
             if block_id is None:
                 return dataclasses.replace(decision, new_block=False,
                                            reason=decision.reason + " (already blocked by a concurrent request)")
-            subject, body = block_notice(self.settings, login, decision.countries, decision.reason, "policy")
+            self.metrics.new_block(decision.rule, action)
+            subject, body = block_notice(self.settings, login, decision.countries, decision.reason, "policy",
+                                         action, decision.journey)
             self.notifier.send(subject, body)
-        elif decision.record_sighting:
+            return decision
+        if decision.record_sighting:
             self.store.record_sighting(login, country, ip, now)
+        if decision.journey is not None:
+            self._notify_journey(login, decision.journey, now)
         return decision
+
+    def _notify_journey(self, login: str, journey: Journey, now: dt.datetime) -> None:
+        with self._state_lock:
+            last = self._travel_noticed.get(login)
+            if last is not None and now - last < TRAVEL_NOTICE_INTERVAL:
+                return
+            if len(self._travel_noticed) > HISTORY_CACHE_SIZE:
+                self._travel_noticed.clear()
+            self._travel_noticed[login] = now
+        self.notifier.send(*travel_notice(self.settings, login, journey))
 
     def _notify_spooled_block(self, entry: dict) -> None:
         countries = [CountrySeen(seen["country"], dt.datetime.fromisoformat(seen["first_seen"]),
                                  dt.datetime.fromisoformat(seen["last_seen"]), seen["last_ip"])
                      for seen in entry["countries"]]
-        subject, body = block_notice(self.settings, entry["login"], countries, entry["reason"], "policy")
+        self.metrics.new_block(entry.get("rule", "countries"), entry["action"])
+        subject, body = block_notice(self.settings, entry["login"], countries, entry["reason"], "policy",
+                                     entry["action"])
         self.notifier.send(subject, body)
 
     def _probe_due(self) -> bool:
@@ -1315,6 +1761,7 @@ class PolicyService:
 
     def _database_failed(self, problem: str) -> None:
         # One line when an outage starts, not one per request.
+        self.metrics.database_failed()
         with self._state_lock:
             starting, self._db_failing = not self._db_failing, True
             self._next_probe = time.monotonic() + DB_PROBE_INTERVAL
@@ -1379,9 +1826,11 @@ class PolicyHandler(socketserver.BaseRequestHandler):
                 return
             try:
                 self._answered = False
+                began = self._started or time.monotonic()
                 reply = server.answer(lines, self)
                 if not self._claim_reply():
                     return  # the Watchdog answered and closed the connection
+                server.service.metrics.answered(reply, time.monotonic() - began)
                 self.request.sendall(reply)
             except OSError as error:
                 log.info("connection from %s: cannot send the answer: %s", peer, error)
@@ -1409,7 +1858,9 @@ class PolicyHandler(socketserver.BaseRequestHandler):
             log.exception("internal error while answering without the database; answering DUNNO")
             action = "DUNNO"
         try:
-            self.request.sendall(format_reply(action))
+            reply = format_reply(action)
+            self.server.service.metrics.answered(reply, time.monotonic() - (self._started or time.monotonic()))
+            self.request.sendall(reply)
             self.request.shutdown(socket.SHUT_RDWR)
         except OSError as error:
             log.info("connection from %s: cannot send the answer: %s", self.client_address[0], error)
@@ -1706,37 +2157,51 @@ class Admin:
     def list_blocked(self, as_json: bool) -> None:
         rows = self.store.blocked_accounts()
         if as_json:
-            self.say(json.dumps([_block_json(block) for _login, _since, block in rows], indent=2))
+            self.say(json.dumps([dict(_block_json(block), state=_block_state(block))
+                                 for _login, _since, block in rows], indent=2))
             return
         if not rows:
             self.say("No account is blocked.")
             return
-        self.say(f"{'LOGIN':<32} {'BLOCKED SINCE (UTC)':<20} {'ACTION':<7} {'BY':<7} "
+        self.say(f"{'LOGIN':<32} {'STATE':<16} {'SINCE (UTC)':<20} {'ACTION':<7} {'BY':<7} "
                  f"{'COUNTRY':<8}{'LAST IP':<40} LAST SEEN (UTC)")
         for login, since, block in rows:
-            first = f"{login:<32} {_when(since):<20} {block.action:<7} {block.source:<7} "
+            first = f"{login:<32} {_block_state(block):<16} {_when(since):<20} {block.action:<7} {block.source:<7} "
             countries = block.countries or [{"country": "-", "last_ip": "-", "last_seen": None}]
             for index, seen in enumerate(countries):
                 lead = first if index == 0 else " " * len(first)
                 last_seen = seen["last_seen"][:19].replace("T", " ") if seen.get("last_seen") else "-"
                 self.say(f"{lead}{seen['country']:<8}{seen['last_ip']:<40} {last_seen}")
-        self.say(f"{len(rows)} blocked account{'s' if len(rows) != 1 else ''}")
+        flagged = sum(1 for _login, _since, block in rows if block.action == MONITOR_ACTION)
+        blocked = len(rows) - flagged
+        summary = f"{blocked} blocked account{'s' if blocked != 1 else ''}"
+        if flagged:
+            summary += f", {flagged} would be blocked (flagged in monitor mode, mail flows)"
+        self.say(summary)
 
     def show(self, login: str, as_json: bool, now: dt.datetime) -> None:
         account, sightings, blocks = self._known_account(login)
+        passes = self.store.travel_passes(login)
         history = AccountHistory(account.blocked_since if account else None,
-                                 account.counting_since if account else None, tuple(sightings))
+                                 account.counting_since if account else None, tuple(sightings),
+                                 travel_passes={p.country: p.expires_at for p in passes})
         counted = _countries_in_window(history, self.settings, now)
         limit = self.settings.how_many_different_countries
+        in_force = next((block for block in blocks if block.unblocked_at is None), None)
         blocked_since = history.blocked_since
-        state = f"blocked since {_when(blocked_since)} UTC" if blocked_since else "not blocked"
+        state = "not blocked"
+        if blocked_since:
+            state = (f"would be blocked since {_when(blocked_since)} UTC (flagged in monitor mode; mail flows)"
+                     if in_force is not None and in_force.action == MONITOR_ACTION
+                     else f"blocked since {_when(blocked_since)} UTC")
         if as_json:
             self.say(json.dumps({
-                "login": login, "blocked": blocked_since is not None,
+                "login": login, "blocked": blocked_since is not None, "state": state,
                 "blocked_since": blocked_since.isoformat() if blocked_since else None,
                 "counting_since": history.counting_since.isoformat() if history.counting_since else None,
                 "countries_in_window": [seen.as_json() for seen in counted.values()],
                 "threshold": limit, "window_days": self.settings.in_how_much_time_in_days,
+                "travel_passes": [_pass_json(travel_pass, now) for travel_pass in passes],
                 "blocks": [_block_json(block) for block in blocks],
             }, indent=2))
             return
@@ -1747,22 +2212,47 @@ class Admin:
         for seen in sorted(counted.values(), key=lambda s: s.first_seen):
             self.say(f"  {seen.country}  last IP {seen.last_ip:<39}  first seen {_when(seen.first_seen)}"
                      f"  last seen {_when(seen.last_seen)}")
+        for travel_pass in passes:
+            status = "active" if travel_pass.expires_at > now else "expired"
+            self.say(f"travel pass {travel_pass.country}: {status} until {_when(travel_pass.expires_at)} UTC "
+                     f"(granted {_when(travel_pass.granted_at)} by {travel_pass.granted_by})")
         for block in blocks:
-            ended = f", unblocked {_when(block.unblocked_at)}" if block.unblocked_at else " (in force)"
+            ended = f", ended {_when(block.unblocked_at)}" if block.unblocked_at else " (in force)"
             self.say(f"block #{block.id}: {_when(block.blocked_at)} by {block.source}, {block.action}{ended}: "
                      f"{block.reason}")
+
+    def allow(self, login: str, countries: list, days: float, now: dt.datetime) -> None:
+        """A travel pass: `countries` do not count for `login` for `days` days
+        (0 ends its passes for those countries now)."""
+        if not 0 <= days <= MAX_TRAVEL_PASS_DAYS:
+            raise AdminError(f"--days {days:g}: a travel pass lasts 0 to {MAX_TRAVEL_PASS_DAYS} days "
+                             "(for countries that never count, use [policy] ignorecountries)")
+        self._account(login)  # validates the login; an account never seen may get a pass
+        expires_at = now + dt.timedelta(days=days)
+        self.store.grant_travel_pass(login, countries, now, expires_at, _who())
+        listed = ", ".join(countries)
+        if days == 0:
+            report = f"travel pass of {login} for {listed} ended"
+        else:
+            report = (f"travel pass for {login}: {listed} do{'es' if len(countries) == 1 else ''} not count "
+                      f"until {_when(expires_at)} UTC")
+        self.say(report)
+        body = f"{report}.\nGranted by {_who()} on {socket.gethostname()} at {_when(now)} UTC.\n"
+        self._notify(f"pcc: travel pass for {login} ({listed})", body)
 
     def block(self, login: str, now: dt.datetime) -> None:
         _account, sightings, _blocks = self._account(login)
         recent = _countries_in_window(AccountHistory(sightings=tuple(sightings)), self.settings, now)
         reason = "blocked by an administrator"
         block_id = self.store.record_block(login, now, source="admin", action=self.settings.action,
-                                           reason=reason, countries=[s.as_json() for s in recent.values()])
+                                           reason=reason, countries=[s.as_json() for s in recent.values()],
+                                           replace_flag=True)
         if block_id is None:
             self.say(f"{login} is already blocked; nothing changed")
             return
         self.say(f"{login} blocked: its messages now get {self.settings.action}")
-        subject, body = block_notice(self.settings, login, recent.values(), reason, f"admin ({_who()})")
+        subject, body = block_notice(self.settings, login, recent.values(), reason, f"admin ({_who()})",
+                                     self.settings.action)
         self._notify(subject, body)
 
     def unblock(self, login: str, held: Optional[str], now: dt.datetime) -> None:
@@ -1884,7 +2374,9 @@ class MemoryStore:
         seen = self.sightings.get(login)
         recent = tuple(s for s in seen.values() if s.last_seen >= since) if seen else ()
         block = self.blocks.get(login)
-        return AccountHistory(block["blocked_at"] if block else None, None, recent)
+        if block is None:
+            return AccountHistory(sightings=recent)
+        return AccountHistory(block["blocked_at"], None, recent, block["action"])
 
     def record_sighting(self, login: str, country: str, ip: str, now: dt.datetime) -> None:
         countries = self.sightings.setdefault(login, {})
@@ -1892,13 +2384,14 @@ class MemoryStore:
         countries[country] = CountrySeen(country, previous.first_seen if previous else now, now, ip)
 
     def record_block(self, login: str, now: dt.datetime, *, source: str, action: str, reason: str,
-                     countries: list, trigger: Optional[dict] = None,
-                     sighting: Optional[tuple] = None) -> Optional[int]:
+                     countries: list, trigger: Optional[dict] = None, sighting: Optional[tuple] = None,
+                     replace_flag: bool = False) -> Optional[int]:
         if sighting is not None:
             self.record_sighting(login, *sighting, now)
-        if login in self.blocks:
+        flagged = login in self.blocks and self.blocks[login]["action"] == MONITOR_ACTION
+        if login in self.blocks and not (replace_flag and flagged and action != MONITOR_ACTION):
             return None
-        self.blocks[login] = {"login": login, "blocked_at": now, "reason": reason,
+        self.blocks[login] = {"login": login, "blocked_at": now, "reason": reason, "action": action,
                               "countries": countries, "log_line": (trigger or {}).get("log_line", "")}
         return len(self.blocks)
 
@@ -2024,6 +2517,16 @@ def _block_json(block: Block) -> dict:
     }
 
 
+def _block_state(block: Block) -> str:
+    return "would be blocked" if block.action == MONITOR_ACTION else "blocked"
+
+
+def _pass_json(travel_pass: TravelPass, now: dt.datetime) -> dict:
+    return {"country": travel_pass.country, "granted_at": travel_pass.granted_at.isoformat(),
+            "expires_at": travel_pass.expires_at.isoformat(), "granted_by": travel_pass.granted_by,
+            "active": travel_pass.expires_at > now}
+
+
 def _who() -> str:
     try:
         import pwd
@@ -2084,6 +2587,8 @@ def run_daemon(settings: Settings) -> int:
     _warn_if_stale(geoip)
     service = PolicyService(settings, Store(settings.dbcon), geoip, Notifier(settings),
                             OutageJournal(settings.spool_file))
+    if settings.metrics_port is not None:
+        service.metrics = Metrics(service)
     try:
         service.ensure_database()
     except sa_exc.SQLAlchemyError as error:
@@ -2094,6 +2599,16 @@ def run_daemon(settings: Settings) -> int:
     except OSError as error:
         log.error("cannot listen on %s:%s: %s", settings.host, settings.port, error.strerror or error)
         return 1
+    if settings.metrics_port is not None:
+        try:
+            service.metrics.serve(settings.host, settings.metrics_port)
+        except OSError as error:
+            log.error("cannot serve metrics on %s:%s: %s", settings.host, settings.metrics_port,
+                      error.strerror or error)
+            server.server_close()
+            return 1
+    threading.Thread(target=watch_geoip_file, args=(service, server.stopping), name="pcc-geoip-watch",
+                     daemon=True).start()
 
     def on_stop(_signum, _frame):
         if not server.stopping.is_set():
@@ -2106,11 +2621,9 @@ def run_daemon(settings: Settings) -> int:
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
     signal.signal(signal.SIGHUP, on_reload)
-    log.info(
-        "pcc %s listening on %s port %d; database %s; GeoIP %s; rule: more than %d countries in %g days -> %s",
-        __version__, settings.host, settings.port, safe_url(settings.dbcon), geoip.description,
-        settings.how_many_different_countries, settings.in_how_much_time_in_days, settings.action,
-    )
+    log.info("pcc %s listening on %s port %d%s; database %s; GeoIP %s; %s", __version__, settings.host,
+             settings.port, f" (metrics on port {settings.metrics_port})" if settings.metrics_port else "",
+             safe_url(settings.dbcon), geoip.description, describe_rules(settings))
     server.serve_forever(poll_interval=0.5)
     # Stopped: accept nothing new, answer the requests in flight, then exit.
     server.socket.close()
@@ -2139,14 +2652,59 @@ def reload_settings(server: PolicyServer) -> None:
         service.store, service.tables_ready = Store(new.dbcon), False
     if new.spool_file != old.spool_file:
         log.warning("reload: a new spool_file needs a restart; still using %s", old.spool_file or "memory")
+    if new.metrics_port != old.metrics_port:
+        log.warning("reload: a new metrics_port needs a restart; metrics stay %s",
+                    f"on port {old.metrics_port}" if old.metrics_port else "off")
     MaskingFormatter.secrets |= set(secrets_of(new))
     service.geoip = geoip
     service.notifier.settings = new
     service.settings = new
     server.settings = new
-    log.info("configuration %s reloaded; GeoIP %s; rule: more than %d countries in %g days -> %s",
-             new.config_path, geoip.description, new.how_many_different_countries,
-             new.in_how_much_time_in_days, new.action)
+    log.info("configuration %s reloaded; GeoIP %s; %s", new.config_path, geoip.description, describe_rules(new))
+
+
+def describe_rules(settings: Settings) -> str:
+    """The rules in force, in one line for the log and --check-config."""
+    text = (f"rule: more than {settings.how_many_different_countries} countries in "
+            f"{settings.in_how_much_time_in_days:g} days -> {settings.action}")
+    if settings.max_travel_speed_kmh is not None:
+        text += (f"; impossible travel: faster than {settings.max_travel_speed_kmh:g} km/h -> "
+                 f"{settings.impossible_travel_action.lower()}")
+    if settings.monitoring:
+        text += "; MONITOR MODE: new blocks are only recorded and notified, mail flows"
+    return text
+
+
+# How often pcc looks whether the GeoIP file was replaced (a stat() call).
+GEOIP_CHECK_INTERVAL = 5.0
+
+
+def watch_geoip_file(service: PolicyService, stopping: threading.Event) -> None:
+    """Use a replaced GeoIP file without a restart (geoipupdate renames a new
+    file over the old one).  A file that cannot be used is logged once and the
+    data in use stays."""
+    while not stopping.wait(GEOIP_CHECK_INTERVAL):
+        reload_geoip_if_replaced(service)
+
+
+def reload_geoip_if_replaced(service: PolicyService) -> bool:
+    current = service.geoip
+    if not current.changed_on_disk():
+        return False
+    signature = GeoIP.signature_of(current.path)
+    try:
+        fresh = GeoIP(current.path)
+        if service.settings.max_travel_speed_kmh is not None and not fresh.has_places:
+            raise ValueError("it has no places (a Country database), and max_travel_speed_kmh needs them")
+    except Exception as error:  # a half-written or foreign file must not stop the daemon
+        current.file_signature = signature  # say it once, until the file changes again
+        log.error("GeoIP file %s changed but cannot be used; still using the data loaded before: %s",
+                  current.path, error)
+        return False
+    service.geoip = fresh
+    log.warning("GeoIP file %s was replaced; now using %s", fresh.path, fresh.description)
+    _warn_if_stale(fresh)
+    return True
 
 
 # IP blocks change hands every week; country data older than this misplaces
@@ -2217,6 +2775,9 @@ def build_argument_parser() -> argparse.ArgumentParser:
                           help="unblock, and delete the account's held mail from the Postfix hold queue")
     commands.add_argument("-c", "--cleanup", metavar="DAYS", type=float,
                           help="delete sightings older than DAYS days (needs the DELETE grant)")
+    commands.add_argument("--allow", metavar="LOGIN",
+                          help="grant a travel pass: with --country and --days, those countries do not count "
+                          "for LOGIN until the pass expires (--days 0 ends them now); notifies the admins")
     commands.add_argument("--replay", nargs="+", metavar="FILE",
                           help="replay Postfix logs (plain, .gz, or - for stdin; oldest first) through the "
                           "decision, against a throw-away in-memory database, and report whom pcc would "
@@ -2224,7 +2785,10 @@ def build_argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threshold", type=int, metavar="N",
                         help="with --replay: use this how_many_different_countries instead of the config's")
     parser.add_argument("--days", type=float, metavar="D",
-                        help="with --replay: use this in_how_much_time_in_days instead of the config's")
+                        help="with --replay: use this in_how_much_time_in_days instead of the config's; "
+                        "with --allow: how long the travel pass lasts")
+    parser.add_argument("--country", metavar="CC[,CC...]",
+                        help="with --allow: the countries of the trip, ISO codes, e.g. FR,DE")
     parser.add_argument("--record", action="store_true",
                         help="with --replay: write the sightings (not the blocks) into the configured "
                         "database, so a new pcc starts knowing each account's recent countries")
@@ -2235,8 +2799,15 @@ def build_argument_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list] = None) -> int:
     parser = build_argument_parser()
     arguments = parser.parse_args(argv)
-    if not arguments.replay and (arguments.threshold is not None or arguments.days is not None
-                                 or arguments.record):
+    if arguments.allow:
+        if arguments.country is None or arguments.days is None:
+            parser.error("--allow needs --country and --days")
+        if arguments.threshold is not None or arguments.record:
+            parser.error("--threshold and --record go with --replay")
+    elif arguments.country is not None:
+        parser.error("--country goes with --allow")
+    elif not arguments.replay and (arguments.threshold is not None or arguments.days is not None
+                                   or arguments.record):
         parser.error("--threshold, --days and --record go with --replay")
     try:
         settings = load_settings(arguments.config)
@@ -2244,9 +2815,7 @@ def main(argv: Optional[list] = None) -> int:
         print(f"pcc: {error}", file=sys.stderr)
         return 2
     if arguments.check_config:
-        print(f"{settings.config_path}: OK; database {safe_url(settings.dbcon)}; "
-              f"more than {settings.how_many_different_countries} countries in "
-              f"{settings.in_how_much_time_in_days:g} days -> {settings.action}")
+        print(f"{settings.config_path}: OK; database {safe_url(settings.dbcon)}; {describe_rules(settings)}")
         return 0
     if arguments.daemon:
         setup_logging(arguments.verbose, arguments.stderr, secrets_of(settings))
@@ -2283,6 +2852,8 @@ def run_admin_command(settings: Settings, arguments: argparse.Namespace) -> int:
             admin.unblock(login(arguments.erase), "delete", now)
         elif arguments.cleanup is not None:
             admin.cleanup(arguments.cleanup, now)
+        elif arguments.allow:
+            admin.allow(login(arguments.allow), trip_countries(arguments.country), arguments.days, now)
     except AdminError as error:
         print(f"pcc: {error}", file=sys.stderr)
         return 1
@@ -2292,6 +2863,19 @@ def run_admin_command(settings: Settings, arguments: argparse.Namespace) -> int:
     finally:
         store.dispose()
     return 0
+
+
+# A travel pass is for a trip, not a standing exception (that is ignorecountries).
+MAX_TRAVEL_PASS_DAYS = 366
+
+
+def trip_countries(text: str) -> list:
+    codes = sorted({code.upper() for code in _split_list(text)})
+    unknown = [code for code in codes if code not in COUNTRY_CODES]
+    if not codes or unknown:
+        raise AdminError(f"--country {text!r}: give ISO 3166 two-letter country codes, e.g. FR,DE"
+                         + (f" ({', '.join(unknown)} is not one)" if unknown else ""))
+    return codes
 
 
 def run_replay(settings: Settings, arguments: argparse.Namespace) -> int:
