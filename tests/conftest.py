@@ -7,6 +7,7 @@ fails them under CI (CI=true): CI must never pass by testing nothing.
 from __future__ import annotations
 
 import configparser
+import datetime
 import os
 import pathlib
 import socket
@@ -59,6 +60,18 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def counted_request(country: str, login: str = "alice@example.com") -> pcc.PolicyRequest:
+    """A request as the decision sees it, GeoIP done: `login` sending from `country`."""
+    return pcc.PolicyRequest(request="smtpd_access_policy", sasl_username=login, client_address=ip_in(country),
+                             client_country=country)
+
+
+def seen_an_hour_before(now, *countries) -> tuple:
+    """Sightings of `countries`, the last an hour before `now`."""
+    hour = datetime.timedelta(hours=1)
+    return tuple(pcc.CountrySeen(code, now - 2 * hour, now - hour, ip_in(code)) for code in countries)
+
+
 # --- GeoIP ------------------------------------------------------------------
 
 
@@ -79,6 +92,55 @@ def geoip_path(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def geoip(geoip_path) -> pcc.GeoIP:
     return pcc.GeoIP(geoip_path)
+
+
+# A City-level test database: places with coordinates and accuracy radii, in
+# networks of their own (distances from public data: London-Paris 344 km,
+# London-New York 5,570 km, Paris-Lyon 392 km, London-Tokyo 9,560 km).
+PLACES = {
+    # name: (country, latitude, longitude, accuracy radius km, network)
+    "London": ("GB", 51.5072, -0.1276, 5, "90.1.0.0/16"),
+    "Paris": ("FR", 48.8566, 2.3522, 5, "90.2.0.0/16"),
+    "Lyon": ("FR", 45.7640, 4.8357, 5, "90.3.0.0/16"),
+    "New York": ("US", 40.7128, -74.0060, 5, "90.4.0.0/16"),
+    "Tokyo": ("JP", 35.6762, 139.6503, 5, "90.5.0.0/16"),
+    "Somewhere in FR": ("FR", 46.0, 2.0, 500, "90.6.0.0/16"),  # a country-level guess
+}
+
+
+def ip_at(place: str, host: int = 1) -> str:
+    return PLACES[place][4].rsplit(".", 2)[0] + f".0.{host}"
+
+
+def write_city_database(path, places: dict = PLACES, database_type: str = "GeoLite2-City") -> str:
+    from mmdb_writer import MMDBWriter
+    from netaddr import IPSet
+
+    writer = MMDBWriter(ip_version=6, ipv4_compatible=True, database_type=database_type,
+                        languages=["en"], description="pcc test city data")
+    for name, (code, latitude, longitude, radius, network) in places.items():
+        writer.insert_network(IPSet([network]), {
+            "country": {"iso_code": code}, "city": {"names": {"en": name}},
+            "location": {"latitude": latitude, "longitude": longitude, "accuracy_radius": radius},
+        })
+    writer.to_db_file(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def city_geoip_path(tmp_path_factory) -> str:
+    return write_city_database(tmp_path_factory.mktemp("geoip") / "test-city.mmdb")
+
+
+@pytest.fixture(scope="session")
+def geolite2_city_2015() -> str:
+    """The real GeoLite2-City data of March 2015 that the python-geoip-geolite2
+    package carries (.ci/run installs it without its broken dependency)."""
+    try:
+        import _geoip_geolite2
+    except ImportError:
+        unavailable("python-geoip-geolite2 (GeoLite2-City 2015 data)")
+    return str(pathlib.Path(_geoip_geolite2.__file__).parent / "GeoLite2-City.mmdb")
 
 
 # --- databases --------------------------------------------------------------

@@ -107,11 +107,12 @@ def pcc_for(postfix, start_daemon, database, smtp_sink):
     """pcc.py -d for the Postfix instance, in the given action mode."""
     postfix.empty_queue()
 
-    def start(action: str):
+    def start(action: str, **extra):
         return start_daemon(**{
             "server.port": postfix.pcc_port, "db.dbcon": database, "postfix.config_directory": postfix.directory,
             "policy.action": action, "policy.reason": "Too many countries, contact support",
             "mail.notice": "admin@example.com", "mail.mailsrv": "127.0.0.1", "mail.mailport": smtp_sink.port,
+            **extra,
         })
 
     return start
@@ -193,3 +194,30 @@ def test_manual_block_is_enforced_on_the_next_message(postfix, pcc_for):
     assert "already blocked" in admin(daemon, "-b", BOB)
     admin(daemon, "-u", BOB)
     assert postfix.send(BOB, ip_in("GB"))[0] == 250
+
+
+def test_impossible_travel_is_rejected(postfix, pcc_for, smtp_sink, geolite2_city_2015):
+    """Real 2015 GeoLite2-City data: Princeton, then Stanford (4,100 km) a few
+    seconds later, in the same country."""
+    pcc_for("REJECT", **{"geoip.database": geolite2_city_2015, "policy.max_travel_speed_kmh": "1000",
+                         "policy.impossible_travel_action": "block"})
+    assert postfix.send(ALICE, "128.112.0.1")[0] == 250
+    assert postfix.send(ALICE, "128.112.0.9")[0] == 250  # same place, another address
+    code, text, _queue_id = postfix.send(ALICE, "171.64.0.1")
+    assert code == 554 and "Too many countries, contact support" in text
+    assert postfix.send(ALICE, "128.112.0.1")[0] == 554  # blocked now, from anywhere
+    assert postfix.send(BOB, "171.64.0.1")[0] == 250
+    (mail,) = [m for _rcpt, m in smtp_sink.wait_for(1)]
+    body = mail.get_content()
+    assert mail["Subject"] == f"pcc: account {ALICE} blocked (REJECT)"
+    assert "Why: blocking: impossible travel: Princeton, US (128.112.0.9)" in body
+    assert "Stanford, US" in body and "the limit is 1,000 km/h" in body
+
+
+def test_travel_pass_lets_a_trip_through(postfix, pcc_for):
+    daemon = pcc_for("REJECT")
+    admin(daemon, "--allow", ALICE, "--country", "FR,DE", "--days", "14")
+    codes = [code for code, _text, _id in walk(postfix, ALICE, ["GB", "US", "FR", "DE", "JP"])]
+    assert codes == [250] * 5  # FR and DE do not count: GB, US, JP are three
+    assert postfix.send(ALICE, ip_in("BR"))[0] == 554
+    assert "travel pass FR: active until" in admin(daemon, "-s", ALICE)

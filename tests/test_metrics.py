@@ -1,0 +1,74 @@
+"""The Prometheus endpoint ([server] metrics_port), scraped over HTTP from a
+running daemon."""
+import datetime as dt
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+import pcc
+from conftest import NOT_IN_GEOIP, free_port, ip_in
+
+
+def scrape(port) -> dict:
+    """{(sample name, sorted labels): value}"""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def test_decisions_latency_blocks_and_geoip(start_daemon, db_url, geoip_path):
+    metrics_port = free_port()
+    daemon = start_daemon(**{"db.dbcon": db_url, "server.metrics_port": metrics_port, "policy.action": "REJECT"})
+    client = daemon.client()
+    answers = [client.ask("alice@example.com", ip_in(country)) for country in ("GB", "US", "FR", "DE", "SE")]
+    answers.append(client.ask("bob@example.com", NOT_IN_GEOIP))
+    answers.append(client.ask("", ip_in("GB")))  # not authenticated: not counted, still answered
+    assert [answer.split()[0] for answer in answers] == ["DUNNO"] * 3 + ["REJECT"] * 2 + ["DUNNO"] * 2
+    metrics = scrape(metrics_port)
+    assert metrics[("pcc_decisions_total", (("action", "DUNNO"),))] == 5
+    assert metrics[("pcc_decisions_total", (("action", "REJECT"),))] == 2
+    assert metrics[("pcc_request_duration_seconds_count", ())] == 7
+    assert metrics[("pcc_request_duration_seconds_bucket", (("le", "+Inf"),))] == 7
+    assert metrics[("pcc_new_blocks_total", (("mode", "enforce"), ("rule", "countries")))] == 1
+    assert metrics[("pcc_blocked_accounts", (("mode", "enforce"),))] == 1
+    assert metrics[("pcc_blocked_accounts", (("mode", "monitor"),))] == 0
+    assert metrics[("pcc_geoip_lookups_without_country_total", (("why", "not in database"),))] == 1
+    assert metrics[("pcc_database_errors_total", ())] == 0
+    built = pcc.GeoIP(geoip_path).built
+    assert metrics[("pcc_geoip_build_timestamp_seconds", ())] == dt.datetime(
+        built.year, built.month, built.day, tzinfo=dt.timezone.utc).timestamp()
+    assert f"(metrics on port {metrics_port})" in daemon.log()
+
+
+def test_database_errors_are_counted(start_daemon):
+    metrics_port = free_port()
+    gone = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/test"
+    daemon = start_daemon(**{"db.dbcon": gone, "server.metrics_port": metrics_port})
+    assert daemon.client().ask("alice@example.com", ip_in("GB")) == "DUNNO"
+    metrics = scrape(metrics_port)
+    assert metrics[("pcc_database_errors_total", ())] >= 1
+    assert ("pcc_blocked_accounts", (("mode", "enforce"),)) not in metrics  # unknown, not a made-up zero
+    assert metrics[("pcc_decisions_total", (("action", "DUNNO"),))] == 1
+
+
+def test_metrics_are_off_by_default(start_daemon):
+    daemon = start_daemon()
+    assert daemon.client().ask("alice@example.com", ip_in("GB")) == "DUNNO"
+    assert "metrics on port" not in daemon.log()
+
+
+def test_metrics_port_must_differ_from_the_policy_port(make_settings):
+    with pytest.raises(pcc.ConfigError, match=r"\[server\] metrics_port: must differ from \[server\] port"):
+        make_settings(**{"server.port": "9999", "server.metrics_port": "9999"})
+
+
+def test_a_taken_metrics_port_is_a_clear_error(start_daemon):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(RuntimeError, match="cannot serve metrics on 127.0.0.1:"):
+            start_daemon(**{"server.metrics_port": taken.getsockname()[1]})
