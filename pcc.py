@@ -11,26 +11,37 @@ has sent from more than ``how_many_different_countries`` countries within
 message and every later one with REJECT or HOLD until an administrator unblocks
 it, and emails the administrators.
 
+Two optional additions: an impossible-travel rule (two consecutive messages
+from places farther apart than anybody can travel in the time between, from
+City-level GeoIP data), and monitor mode, in which pcc records and notifies
+what it would block but answers DUNNO.  Administrators can pre-approve a trip
+with a travel pass.
+
 How the pieces fit, in the order data flows (and the order of this file):
 
   configuration   /etc/pcc.conf -> Settings (every key required, validated once)
   policy protocol bytes from Postfix -> PolicyRequest; Decision -> "action=..."
-  GeoIP lookup    client_address -> country (MaxMind .mmdb via maxminddb, or the
-                  GeoLite2-Country data embedded in the geoip2fast package)
+  GeoIP lookup    client_address -> country, and a place with City-level data
+                  (MaxMind .mmdb via maxminddb, or the GeoLite2-Country data
+                  embedded in the geoip2fast package); a replaced file is reloaded
   storage         SQLAlchemy models: per-account per-country sightings (rows grow
                   with accounts x countries, never with messages), the accounts
-                  that are blocked, and the history of every block
+                  that are blocked (or flagged, in monitor mode), the history of
+                  every block, and travel passes
   the decision    decide(request, history, settings, now): a pure function
-  notifications   one email per new block, sent by a background thread with retries
+  notifications   one email per new block or impossible journey, sent by a
+                  background thread with retries
   the server      socketserver.ThreadingTCPServer, one loop of requests per connection;
                   PolicyService asks the database in the connection's thread, a
                   Watchdog answers from memory for any request the database keeps
-                  past 0.8 s, and during an outage blocks go to a spool file
+                  past 0.8 s, and during an outage blocks go to a spool file;
+                  optional Prometheus metrics
   admin commands  list, show, block, unblock (and release/delete held mail), cleanup,
-                  and --replay of Postfix logs through the same service and decision
+                  travel passes, and --replay of Postfix logs through the same
+                  service and decision
 
-Only the decision knows the rule; everything around it does I/O.  The file is
-long (about 2,300 lines) but each section stands alone; the admin commands and
+Only the decision knows the rules; everything around it does I/O.  The file is
+long (about 2,900 lines) but each section stands alone; the admin commands and
 the replay are the first candidates to move into a module of their own.
 """
 from __future__ import annotations
@@ -1430,10 +1441,33 @@ class Metrics:
                                    "has no country, by why", ["why"], registry=self.registry)
         self.registry.register(_StateCollector(service))
 
-    def serve(self, host: str, port: int) -> None:
-        from prometheus_client import start_http_server
+    def serve(self, host: str, port: int, allowed_clients: tuple) -> None:
+        """Serve /metrics from a thread of its own; `allowed_clients` (when set)
+        guards it as it guards the policy port."""
+        from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-        start_http_server(port, addr=host, registry=self.registry)
+        from prometheus_client import make_wsgi_app
+
+        metrics_app = make_wsgi_app(self.registry)
+
+        def app(environ, start_response):
+            if not client_allowed(environ.get("REMOTE_ADDR", ""), allowed_clients):
+                log.warning("metrics request from %s refused: not in [server] allowed_clients",
+                            environ.get("REMOTE_ADDR"))
+                start_response("403 Forbidden", [("Content-Type", "text/plain")])
+                return [b"not in [server] allowed_clients\n"]
+            return metrics_app(environ, start_response)
+
+        class MetricsServer(socketserver.ThreadingMixIn, WSGIServer):
+            daemon_threads = True
+            address_family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+
+        class QuietHandler(WSGIRequestHandler):
+            def log_message(self, *_arguments) -> None:  # one line per scrape is noise
+                pass
+
+        server = make_server(host, port, app, MetricsServer, QuietHandler)
+        threading.Thread(target=server.serve_forever, name="pcc-metrics", daemon=True).start()
 
     def answered(self, reply: bytes, seconds: float) -> None:
         """A reply went to Postfix `seconds` after its request began."""
@@ -1999,6 +2033,19 @@ class InFlight:
             return self._changed.wait_for(lambda: self._count <= 0, timeout=timeout)
 
 
+def client_allowed(address_text: str, allowed_clients: tuple) -> bool:
+    """Whether a peer may talk to pcc: anyone when allowed_clients is empty."""
+    if not allowed_clients:
+        return True
+    try:
+        address = ipaddress.ip_address(address_text.split("%")[0])
+    except ValueError:
+        return False
+    if address.version == 6 and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in allowed_clients)
+
+
 class PolicyServer(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -2030,13 +2077,7 @@ class PolicyServer(socketserver.ThreadingTCPServer):
                 self.watchdog.unwatch(handler)
 
     def verify_request(self, request, client_address) -> bool:
-        allowed = self.settings.allowed_clients
-        if not allowed:
-            return True
-        address = ipaddress.ip_address(client_address[0])
-        if address.version == 6 and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        if any(address in network for network in allowed):
+        if client_allowed(client_address[0], self.settings.allowed_clients):
             return True
         log.warning("connection from %s refused: not in [server] allowed_clients", client_address[0])
         return False
@@ -2180,8 +2221,7 @@ class Admin:
         self.say(summary)
 
     def show(self, login: str, as_json: bool, now: dt.datetime) -> None:
-        account, sightings, blocks = self._known_account(login)
-        passes = self.store.travel_passes(login)
+        account, sightings, blocks, passes = self._known_account(login)
         history = AccountHistory(account.blocked_since if account else None,
                                  account.counting_since if account else None, tuple(sightings),
                                  travel_passes={p.country: p.expires_at for p in passes})
@@ -2257,7 +2297,7 @@ class Admin:
 
     def unblock(self, login: str, held: Optional[str], now: dt.datetime) -> None:
         """held: None (leave held mail alone), "release" or "delete"."""
-        _account, _sightings, blocks = self._known_account(login)
+        _account, _sightings, blocks, _passes = self._known_account(login)
         block_id = self.store.unblock(login, now)
         if block_id is None:
             report = [self._say_line(f"{login} is not blocked; nothing to unblock")]
@@ -2297,10 +2337,13 @@ class Admin:
         return self.store.account(login)
 
     def _known_account(self, login: str):
+        """(its blocked-list row, sightings, blocks, travel passes) of an account
+        pcc knows anything about."""
         account, sightings, blocks = self._account(login)
-        if account is None and not sightings and not blocks:
+        passes = self.store.travel_passes(login)
+        if account is None and not sightings and not blocks and not passes:
             raise AdminError(f"unknown login {login}: pcc has never counted nor blocked it")
-        return account, sightings, blocks
+        return account, sightings, blocks, passes
 
     def _notify(self, subject: str, body: str) -> None:
         if self.settings.notice and not self.notifier.send_now(subject, body):
@@ -2601,7 +2644,7 @@ def run_daemon(settings: Settings) -> int:
         return 1
     if settings.metrics_port is not None:
         try:
-            service.metrics.serve(settings.host, settings.metrics_port)
+            service.metrics.serve(settings.host, settings.metrics_port, settings.allowed_clients)
         except OSError as error:
             log.error("cannot serve metrics on %s:%s: %s", settings.host, settings.metrics_port,
                       error.strerror or error)

@@ -105,3 +105,22 @@ def test_replaced_file_is_used_without_a_restart(start_daemon, tmp_path):
 def test_stale_data_warns_at_start(start_daemon):
     daemon = start_daemon(**{"geoip.database": ""})  # the embedded data is from 2024-06-18
     assert "GeoIP data is" in daemon.log() and "days old (built 2024-06-18)" in daemon.log()
+
+
+def test_a_country_file_does_not_replace_city_data_the_travel_rule_needs(start_daemon, tmp_path, city_geoip_path):
+    import os
+    import shutil
+
+    from conftest import ip_at
+
+    live = tmp_path / "GeoLite2-City.mmdb"
+    shutil.copy(city_geoip_path, live)
+    daemon = start_daemon(**{"geoip.database": live, "policy.max_travel_speed_kmh": "1000"})
+    country_file = tmp_path / "country.mmdb"
+    write_country_database(country_file, {"90.1.0.0/16": "GB"})
+    os.replace(country_file, live)
+    wait_for_log(daemon, "it has no places (a Country database), and max_travel_speed_kmh needs them")
+    client = daemon.client()
+    assert client.ask("alice@example.com", ip_at("London")) == "DUNNO"
+    assert client.ask("alice@example.com", ip_at("Tokyo")) == "DUNNO"
+    assert "impossible travel noticed: London, GB" in daemon.log()  # the City data is still in use

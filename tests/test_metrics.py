@@ -72,3 +72,17 @@ def test_a_taken_metrics_port_is_a_clear_error(start_daemon):
         taken.listen()
         with pytest.raises(RuntimeError, match="cannot serve metrics on 127.0.0.1:"):
             start_daemon(**{"server.metrics_port": taken.getsockname()[1]})
+
+
+def test_allowed_clients_guard_the_metrics_port_too(start_daemon):
+    import urllib.error
+
+    metrics_port = free_port()
+    daemon = start_daemon(**{"server.metrics_port": metrics_port, "server.allowed_clients": "192.0.2.0/24"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        scrape(metrics_port)
+    assert refused.value.code == 403
+    assert "metrics request from 127.0.0.1 refused: not in [server] allowed_clients" in daemon.log()
+    allowed_port = free_port()
+    start_daemon(**{"server.metrics_port": allowed_port, "server.allowed_clients": "127.0.0.0/8"})
+    assert scrape(allowed_port)[("pcc_database_errors_total", ())] == 0

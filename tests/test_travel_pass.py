@@ -133,3 +133,13 @@ def test_bad_allow_arguments(tmp_path, arguments, code, message):
 
     config = write_config(tmp_path, {"db.dbcon": f"sqlite:///{tmp_path}/pcc.sqlite3"})
     assert message in pcc_command(config, *arguments, expect=code).stderr
+
+
+def test_a_pass_for_an_account_never_seen_is_shown(tmp_path):
+    from conftest import write_config
+
+    config = write_config(tmp_path, {"db.dbcon": f"sqlite:///{tmp_path}/pcc.sqlite3"})
+    pcc_command(config, "--allow", "new@example.com", "--country", "JP", "--days", "7")
+    shown = pcc_command(config, "-s", "new@example.com").stdout
+    assert shown.startswith("new@example.com: not blocked") and "travel pass JP: active until" in shown
+    assert "not blocked; nothing to unblock" in pcc_command(config, "-u", "new@example.com").stdout
