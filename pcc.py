@@ -1214,14 +1214,19 @@ def _count(request: PolicyRequest, history: AccountHistory, settings: Settings, 
         return _new_block(settings, f"impossible travel: {journey.describe()}", countries, journey)
     if journey is not None:
         summary += f"; impossible travel noticed: {journey.describe()}"
-    latest = history.latest_sighting
-    # With the travel rule on, every move is written, so the next message is
-    # judged against where the account really was last.
-    moved = settings.max_travel_speed_kmh is not None and (
-        latest is None or (latest.country, latest.last_ip) != (country, ip))
     stale = previous is None or now - previous.last_seen >= SIGHTING_REFRESH
+    # With the travel rule on, every move to another place is written, so the
+    # next message is judged against where the account really was last.
+    moved = settings.max_travel_speed_kmh is not None and not stale and _moved(request, history)
     return Decision("DUNNO", summary, counted=True, record_sighting=stale or moved, countries=countries,
                     journey=journey)
+
+
+def _moved(request: PolicyRequest, history: AccountHistory) -> bool:
+    latest = history.latest_sighting
+    if latest is None or latest.country != request.client_country:
+        return True
+    return latest.last_ip != str(request.client_ip) and history.last_place != request.client_place
 
 
 def _new_block(settings: Settings, reason: str, countries: tuple, journey: Optional[Journey] = None) -> Decision:
@@ -1429,6 +1434,7 @@ class Metrics:
         self.registry = CollectorRegistry()
         self._decisions = Counter("pcc_decisions", "Answers given to Postfix, by action", ["action"],
                                   registry=self.registry)
+        self._decisions_by_action: dict = {}
         self._new_blocks = Counter("pcc_new_blocks", "Accounts newly blocked, or flagged in monitor mode, by "
                                    "rule and mode", ["rule", "mode"], registry=self.registry)
         self._journeys = Counter("pcc_impossible_travel", "Impossible journeys noticed", registry=self.registry)
@@ -1471,9 +1477,14 @@ class Metrics:
 
     def answered(self, reply: bytes, seconds: float) -> None:
         """A reply went to Postfix `seconds` after its request began."""
-        if self.enabled:
-            self._decisions.labels(reply[len(b"action="):].split(maxsplit=1)[0].decode()).inc()
-            self._latency.observe(seconds)
+        if not self.enabled:
+            return
+        action = reply[len(b"action="):].split(maxsplit=1)[0]
+        counter = self._decisions_by_action.get(action)
+        if counter is None:  # labels() takes a lock and builds a key: once per action
+            counter = self._decisions_by_action.setdefault(action, self._decisions.labels(action.decode()))
+        counter.inc()
+        self._latency.observe(seconds)
 
     def new_block(self, rule: str, action: str) -> None:
         if self.enabled:

@@ -124,6 +124,18 @@ def test_same_address_or_rule_off_or_no_place(settings):
     assert pcc.decide(request("Tokyo"), no_place, settings(), NOW).journey is None
 
 
+def test_only_a_move_to_another_place_is_written_at_once(settings):
+    half_a_minute = dt.timedelta(seconds=30)  # below the once-a-minute refresh
+    same_city = pcc.PolicyRequest(request="smtpd_access_policy", sasl_username="alice@example.com",
+                                  client_address=ip_at("Paris", host=2), client_country="FR",
+                                  client_place=place("Paris"))
+    assert not pcc.decide(same_city, was_at("Paris", half_a_minute), settings(), NOW).record_sighting
+    assert pcc.decide(request("Somewhere in FR"), was_at("Paris", half_a_minute), settings(), NOW).record_sighting
+    # without the travel rule, a sighting is refreshed at most once a minute
+    assert not pcc.decide(request("Somewhere in FR"), was_at("Paris", half_a_minute), settings(speed=""),
+                          NOW).record_sighting
+
+
 def test_monitor_mode_flags_a_travel_block(settings):
     decision = pcc.decide(request("Tokyo"), was_at("London", HOUR), settings("block", **{"policy.mode": "monitor"}),
                           NOW)
