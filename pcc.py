@@ -77,7 +77,7 @@ import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-__version__ = "1.0.0"
+__version__ = "1.1.0"
 
 log = logging.getLogger("pcc")
 
@@ -250,8 +250,8 @@ class _ConfigReader:
             raise self.fail(section, key, f"must be {at_least} {low:g} and at most {high:g}, got {value}")
         return number
 
-    def choice(self, section: str, key: str, choices: tuple) -> str:
-        value = self.text(section, key, required=True).upper()
+    def choice(self, section: str, key: str, choices: tuple, blank: Optional[str] = None) -> str:
+        value = self.text(section, key, required=blank is None).upper() or blank
         if value not in choices:
             raise self.fail(section, key, f"must be one of {', '.join(choices)}, got {value!r}")
         return value
@@ -310,11 +310,11 @@ def load_settings(path: str) -> Settings:
         whitelisted=config.logins("policy", "whitelisted"),
         whitelistedips=config.networks("policy", "whitelistedips"),
         reason=config.text("policy", "reason"),
-        mode=config.choice("policy", "mode", MODES),
+        mode=config.choice("policy", "mode", MODES, blank="ENFORCE"),
         max_travel_speed_kmh=config.number("policy", "max_travel_speed_kmh", 0, 100000, required=False),
         travel_accuracy_radius_km=config.number("policy", "travel_accuracy_radius_km", 0, 20000, required=False,
                                                 blank=0.0, low_inclusive=True),
-        impossible_travel_action=config.choice("policy", "impossible_travel_action", TRAVEL_ACTIONS),
+        impossible_travel_action=config.choice("policy", "impossible_travel_action", TRAVEL_ACTIONS, blank="NOTIFY"),
         postfix_config_directory=config.text("postfix", "config_directory"),
     )
     if settings.metrics_port is not None and settings.metrics_port == settings.port:
@@ -2556,6 +2556,7 @@ def print_replay_report(result: ReplayResult, out) -> None:
     for block in blocks:
         places = ", ".join(f"{seen['country']} {seen['last_ip']}" for seen in block["countries"])
         print(f"  {block['login']}  at {_when(block['blocked_at'])} UTC  from {places}", file=out)
+        print(f"    why: {block['reason']}", file=out)
         print(f"    {block['log_line']}", file=out)
     print(f"\nAccounts by the most countries seen within {settings.in_how_much_time_in_days:g} days:", file=out)
     for bucket, count in result.country_buckets().items():

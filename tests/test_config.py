@@ -156,3 +156,21 @@ def test_help_explains_every_option():
     assert result.returncode == 0
     for option in ("-d", "--config", "-v", "--stderr", "--check-config", "--allow", "--country", "--days"):
         assert option in result.stdout
+
+
+def test_the_keys_new_in_1_1_may_all_be_blank(tmp_path):
+    settings = pcc.load_settings(write_config(tmp_path, {
+        "server.metrics_port": "", "policy.mode": "", "policy.max_travel_speed_kmh": "",
+        "policy.travel_accuracy_radius_km": "", "policy.impossible_travel_action": "",
+    }))
+    assert settings.metrics_port is None and settings.mode == "ENFORCE" and not settings.monitoring
+    assert settings.max_travel_speed_kmh is None and settings.travel_accuracy_radius_km == 0
+    assert settings.impossible_travel_action == "NOTIFY"
+
+
+def test_a_1_0_config_names_the_first_missing_new_key(tmp_path):
+    path = write_config(tmp_path, {})
+    text = "".join(line for line in open(path) if not line.startswith("metrics_port"))
+    open(path, "w").write(text)
+    with pytest.raises(pcc.ConfigError, match=r"\[server\] metrics_port: key is missing \(every key must be present"):
+        pcc.load_settings(path)
