@@ -320,3 +320,28 @@ def test_sighup_rereads_the_geoip_database(start_daemon, tmp_path):
     wait_for_log(daemon, "reloaded")
     assert client.ask("alice@example.com", "20.1.0.1").startswith("REJECT")  # GB, then FR: 2 > 1
     assert "country=FR" in daemon.log()
+
+
+def test_monitor_mode_flag_decided_during_an_outage_is_written_later(start_daemon, proxied, smtp_sink):
+    url, proxy, direct = proxied
+    daemon = start_daemon(**{"db.dbcon": url, "policy.mode": "monitor", "mail.notice": "admin@example.com",
+                             "mail.mailsrv": "127.0.0.1", "mail.mailport": smtp_sink.port})
+    client = daemon.client()
+    assert walk(client, "alice@example.com", ["GB", "US", "FR"]) == ["DUNNO"] * 3
+    proxy.cut()
+    assert client.ask_like_postfix("alice@example.com", ip_in("DE")) == "DUNNO"  # monitor: mail flows
+    assert "would block (monitor mode): 4 of at most 3" in daemon.log()
+    proxy.restore()
+    deadline = time.monotonic() + 15
+    while "alice@example.com" not in blocked_logins(direct):
+        assert time.monotonic() < deadline, daemon.log()[-3000:]
+        client.ask_like_postfix("dave@example.com", ip_in("GB"))
+        time.sleep(0.2)
+    engine = sa.create_engine(direct)
+    with engine.connect() as connection:
+        actions = connection.execute(sa.select(pcc.Block.action)).scalars().all()
+    engine.dispose()
+    assert actions == ["MONITOR"]
+    (mail,) = [m for _r, m in smtp_sink.wait_for(1)]
+    assert mail["Subject"] == "pcc: account alice@example.com would be blocked (monitor mode)"
+    assert client.ask_like_postfix("alice@example.com", ip_in("SE")) == "DUNNO"

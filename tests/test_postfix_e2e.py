@@ -222,3 +222,14 @@ def test_travel_pass_lets_a_trip_through(postfix, pcc_for):
     assert codes == [250] * 5  # FR and DE do not count: GB, US, JP are three
     assert postfix.send(ALICE, ip_in("BR"))[0] == 554
     assert "travel pass FR: active until" in admin(daemon, "-s", ALICE)
+
+
+def test_monitor_mode_holds_nothing(postfix, pcc_for, smtp_sink):
+    daemon = pcc_for("HOLD", **{"policy.mode": "monitor"})
+    sent = walk(postfix, ALICE, ["GB", "US", "FR", "DE", "SE"])
+    assert [code for code, _text, _id in sent] == [250] * 5
+    queue = postfix.queue()
+    assert all(queue.get(queue_id) != "hold" for _c, _t, queue_id in sent)
+    (mail,) = [m for _rcpt, m in smtp_sink.wait_for(1)]
+    assert mail["Subject"] == f"pcc: account {ALICE} would be blocked (monitor mode)"
+    assert "would be blocked" in admin(daemon, "-l")
