@@ -10,7 +10,8 @@ run with the input saved as a crash file.
     .venv/bin/pip install atheris
     .venv/bin/python fuzz/fuzz_request.py -max_total_time=600 -max_len=65536
 
-Uses the embedded GeoIP data and a throw-away SQLite file.
+Uses a throw-away SQLite file, and the GeoLite2-City 2015 data that .ci/run
+installs with the impossible-travel rule on (else the embedded country data).
 """
 import os
 import socket
@@ -29,6 +30,9 @@ SEEDS = [
     b"request=smtpd_access_policy\nsasl_username=alice@example.com\nclient_address=81.2.69.160\n\n",
     b"request=smtpd_access_policy\nsasl_username=a@b\nclient_address=::ffff:8.8.8.8\n\n" * 3,
     b"request=smtpd_access_policy\r\nsasl_username=\xff\xfe@x\r\nclient_address=unknown\r\n\r\n",
+    # Princeton, then Stanford: one country, an impossible journey
+    b"request=smtpd_access_policy\nsasl_username=t@x\nclient_address=128.112.0.1\n\n"
+    b"request=smtpd_access_policy\nsasl_username=t@x\nclient_address=171.64.0.1\n\n",
 ]
 
 
@@ -44,12 +48,18 @@ def build() -> pcc.PolicyServer:
         "max_request_bytes = 65536": "max_request_bytes = 4096",
         "how_many_different_countries = 3": "how_many_different_countries = 1",
     }
+    city = city_database()
+    if city:  # places too: the impossible-travel rule is on, and blocks
+        replacements.update({"database =\n": f"database = {city}\n",
+                             "max_travel_speed_kmh =\n": "max_travel_speed_kmh = 1000\n",
+                             "impossible_travel_action = notify": "impossible_travel_action = block"})
     for old, new in replacements.items():
         text = text.replace(old, new)
     with open(config, "w") as out:
         out.write(text)
     settings = pcc.load_settings(config)
-    service = pcc.PolicyService(settings, pcc.Store(settings.dbcon), pcc.GeoIP(""), pcc.Notifier(settings))
+    service = pcc.PolicyService(settings, pcc.Store(settings.dbcon), pcc.GeoIP(settings.geoip_database),
+                                pcc.Notifier(settings))
     service.ensure_database()
     server = pcc.PolicyServer.__new__(pcc.PolicyServer)  # no listening socket needed
     server.settings, server.service = settings, service
@@ -57,6 +67,15 @@ def build() -> pcc.PolicyServer:
     server.in_flight = pcc.InFlight()
     server.watchdog = pcc.Watchdog()
     return server
+
+
+def city_database() -> str:
+    """The GeoLite2-City 2015 file that .ci/run installs, if it is here."""
+    try:
+        import _geoip_geolite2
+    except ImportError:
+        return ""
+    return os.path.join(os.path.dirname(_geoip_geolite2.__file__), "GeoLite2-City.mmdb")
 
 
 SERVER = None
