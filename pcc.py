@@ -344,7 +344,7 @@ def _require_places(config: _ConfigReader, path: str) -> None:
                 kind = reader.metadata().database_type
         except (OSError, ValueError, RuntimeError) as error:
             raise config.fail("geoip", "database", f"{path} is not a MaxMind-format database: {error}") from None
-        if "city" in kind.lower():
+        if is_city_level(kind):
             return
         problem = f"{path} is a {kind} database"
     raise config.fail("policy", "max_travel_speed_kmh", f"needs City-level GeoIP data in [geoip] database, but "
@@ -454,8 +454,14 @@ class Place:
 @dataclass(frozen=True)
 class Country:
     code: Optional[str]  # ISO code, or None when there is none to count
-    note: str  # why there is none, or where it came from
+    note: str  # why there is none, for people
     place: Optional[Place] = None  # only from a City-level database
+    missing: str = ""  # why there is none, for metrics: not an IP address / not public / not in database
+
+
+def is_city_level(database_type: str) -> bool:
+    """Whether an .mmdb of this type has places (GeoLite2-City, DBIP-City-Lite...)."""
+    return "city" in database_type.lower()
 
 
 class GeoIP:
@@ -478,7 +484,7 @@ class GeoIP:
             metadata = self._reader.metadata()
             built = dt.datetime.fromtimestamp(metadata.build_epoch, UTC)
             self.built = built.date()
-            self.has_places = "city" in metadata.database_type.lower()
+            self.has_places = is_city_level(metadata.database_type)
             self.description = f"{path} ({metadata.database_type}, built {self.built.isoformat()})"
             self._lookup = self._lookup_mmdb
         else:
@@ -514,13 +520,13 @@ class GeoIP:
 
     def _country(self, address) -> Country:
         if address is None:
-            return Country(None, "client address is not an IP address")
+            return Country(None, "client address is not an IP address", missing="not an IP address")
         if not address.is_global:
             kind = "loopback" if address.is_loopback else "private" if address.is_private else "non-public"
-            return Country(None, f"{kind} address has no country")
+            return Country(None, f"{kind} address has no country", missing="not public")
         code, place = self._lookup(address)
         if code is None:
-            return Country(None, "address not in the GeoIP database")
+            return Country(None, "address not in the GeoIP database", missing="not in database")
         return Country(code, "", place)
 
     def _lookup_mmdb(self, address) -> tuple:
@@ -1125,12 +1131,17 @@ class Decision:
     new_block: bool = False  # this request puts the account on the blocked list (or flags it, in monitor mode)
     countries: tuple = ()  # CountrySeen in the window, this request's included
     journey: Optional[Journey] = None  # an impossible journey that ends with this request
-    rule: str = ""  # of a new block: "countries" or "travel"
     replaces_flag: bool = False  # the new block replaces a monitor-mode flag
 
     @property
     def blocks(self) -> bool:
         return self.action != "DUNNO"
+
+    @property
+    def rule(self) -> str:
+        """Which rule a new block comes from (the country rule blocks before
+        a journey is ever looked at)."""
+        return "travel" if self.journey is not None else "countries"
 
 
 def not_counted_reason(request: PolicyRequest, settings: Settings) -> Optional[str]:
@@ -1235,7 +1246,7 @@ def _new_block(settings: Settings, reason: str, countries: tuple, journey: Optio
     else:
         action, reason = settings.block_reply, f"blocking: {reason}"
     return Decision(action, reason, counted=True, record_sighting=True, new_block=True, countries=countries,
-                    journey=journey, rule="travel" if journey else "countries")
+                    journey=journey)
 
 
 def impossible_journey(request: PolicyRequest, history: AccountHistory, settings: Settings,
@@ -1498,10 +1509,9 @@ class Metrics:
         if self.enabled:
             self._database_errors.inc()
 
-    def no_country(self, note: str) -> None:
+    def no_country(self, why: str) -> None:
         if self.enabled:
-            self._no_country.labels("not in database" if "not in the GeoIP" in note else
-                                    "not an IP address" if "not an IP" in note else "not public").inc()
+            self._no_country.labels(why).inc()
 
 
 class _StateCollector:
@@ -1673,7 +1683,7 @@ class PolicyService:
             return request, Decision("DUNNO", skip)
         found = self.geoip.country(request.client_ip)
         if found.code is None:
-            self.metrics.no_country(found.note)
+            self.metrics.no_country(found.missing)
         request = dataclasses.replace(request, client_country=found.code, country_note=found.note,
                                       client_place=found.place)
         if use_database:
@@ -2233,18 +2243,19 @@ class Admin:
 
     def show(self, login: str, as_json: bool, now: dt.datetime) -> None:
         account, sightings, blocks, passes = self._known_account(login)
+        in_force = next((block for block in blocks if account and block.id == account.block_id), None)
         history = AccountHistory(account.blocked_since if account else None,
                                  account.counting_since if account else None, tuple(sightings),
+                                 in_force.action if in_force else None,
                                  travel_passes={p.country: p.expires_at for p in passes})
         counted = _countries_in_window(history, self.settings, now)
         limit = self.settings.how_many_different_countries
-        in_force = next((block for block in blocks if block.unblocked_at is None), None)
         blocked_since = history.blocked_since
         state = "not blocked"
-        if blocked_since:
-            state = (f"would be blocked since {_when(blocked_since)} UTC (flagged in monitor mode; mail flows)"
-                     if in_force is not None and in_force.action == MONITOR_ACTION
-                     else f"blocked since {_when(blocked_since)} UTC")
+        if history.enforced_block:
+            state = f"blocked since {_when(blocked_since)} UTC"
+        elif blocked_since:
+            state = f"would be blocked since {_when(blocked_since)} UTC (flagged in monitor mode; mail flows)"
         if as_json:
             self.say(json.dumps({
                 "login": login, "blocked": blocked_since is not None, "state": state,
@@ -2278,7 +2289,7 @@ class Admin:
         if not 0 <= days <= MAX_TRAVEL_PASS_DAYS:
             raise AdminError(f"--days {days:g}: a travel pass lasts 0 to {MAX_TRAVEL_PASS_DAYS} days "
                              "(for countries that never count, use [policy] ignorecountries)")
-        self._account(login)  # validates the login; an account never seen may get a pass
+        _check_login(login)  # an account never seen may get a pass
         expires_at = now + dt.timedelta(days=days)
         self.store.grant_travel_pass(login, countries, now, expires_at, _who())
         listed = ", ".join(countries)
@@ -2343,8 +2354,7 @@ class Admin:
         self.say(f"deleted {deleted} sighting{'s' if deleted != 1 else ''} older than {days:g} days")
 
     def _account(self, login: str):
-        if not login or len(login) > MAX_LOGIN_LENGTH or any(ord(c) < 33 for c in login):
-            raise AdminError(f"{login!r} is not a login")
+        _check_login(login)
         return self.store.account(login)
 
     def _known_account(self, login: str):
@@ -2570,6 +2580,11 @@ def _block_json(block: Block) -> dict:
         "countries": block.countries, "trigger": block.trigger,
         "unblocked_at": block.unblocked_at.isoformat() if block.unblocked_at else None,
     }
+
+
+def _check_login(login: str) -> None:
+    if not login or len(login) > MAX_LOGIN_LENGTH or any(ord(c) < 33 for c in login):
+        raise AdminError(f"{login!r} is not a login")
 
 
 def _block_state(block: Block) -> str:
