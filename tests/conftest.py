@@ -72,6 +72,24 @@ def seen_an_hour_before(now, *countries) -> tuple:
     return tuple(pcc.CountrySeen(code, now - 2 * hour, now - hour, ip_in(code)) for code in countries)
 
 
+def all_at_once(count: int, work) -> list:
+    """work(0) ... work(count - 1), each in its own thread, all released
+    together by a barrier; their results, in order."""
+    barrier = threading.Barrier(count)
+    results = [None] * count
+
+    def run(n):
+        barrier.wait()
+        results[n] = work(n)
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
 # --- GeoIP ------------------------------------------------------------------
 
 

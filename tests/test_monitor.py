@@ -11,18 +11,11 @@ import time
 import pytest
 
 import pcc
-from conftest import ROOT, counted_request, ip_in, seen_an_hour_before, write_config
+from conftest import ROOT, all_at_once, ip_in, seen_an_hour_before, write_config
+from conftest import counted_request as request
 
 NOW = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.timezone.utc)
 HOUR = dt.timedelta(hours=1)
-
-
-def request(country, login="alice@example.com"):
-    return counted_request(country, login)
-
-
-def seen(*countries):
-    return seen_an_hour_before(NOW, *countries)
 
 
 @pytest.fixture
@@ -37,17 +30,16 @@ def settings(make_settings):
 
 
 def test_monitor_flags_instead_of_blocking(settings):
-    decision = pcc.decide(request("GB"), pcc.AccountHistory(sightings=seen("US", "FR", "DE")), settings("monitor"),
-                          NOW)
+    past = pcc.AccountHistory(sightings=seen_an_hour_before(NOW, "US", "FR", "DE"))
+    decision = pcc.decide(request("GB"), past, settings("monitor"), NOW)
     assert decision.action == "DUNNO" and decision.new_block and decision.record_sighting
     assert decision.reason == "would block (monitor mode): 4 of at most 3 countries in 3 days (US, FR, DE, GB)"
-    enforced = pcc.decide(request("GB"), pcc.AccountHistory(sightings=seen("US", "FR", "DE")), settings("enforce"),
-                          NOW)
+    enforced = pcc.decide(request("GB"), past, settings("enforce"), NOW)
     assert enforced.action == "REJECT blocked" and enforced.reason.startswith("blocking: 4 of at most 3")
 
 
 def test_a_flagged_account_is_not_flagged_again(settings):
-    flagged = pcc.AccountHistory(blocked_since=NOW - HOUR, sightings=seen("US", "FR", "DE", "GB"),
+    flagged = pcc.AccountHistory(blocked_since=NOW - HOUR, sightings=seen_an_hour_before(NOW, "US", "FR", "DE", "GB"),
                                  block_action=pcc.MONITOR_ACTION)
     decision = pcc.decide(request("SE"), flagged, settings("monitor"), NOW)
     assert decision.action == "DUNNO" and not decision.new_block
@@ -55,11 +47,12 @@ def test_a_flagged_account_is_not_flagged_again(settings):
 
 
 def test_enforce_judges_a_flagged_account_afresh(settings):
-    still_over = pcc.AccountHistory(blocked_since=NOW - HOUR, sightings=seen("US", "FR", "DE"),
+    still_over = pcc.AccountHistory(blocked_since=NOW - HOUR, sightings=seen_an_hour_before(NOW, "US", "FR", "DE"),
                                     block_action=pcc.MONITOR_ACTION)
     decision = pcc.decide(request("GB"), still_over, settings("enforce"), NOW)
     assert decision.action == "REJECT blocked" and decision.new_block and decision.replaces_flag
-    back_home = pcc.AccountHistory(blocked_since=NOW - HOUR, sightings=seen("GB"), block_action=pcc.MONITOR_ACTION)
+    back_home = pcc.AccountHistory(blocked_since=NOW - HOUR, sightings=seen_an_hour_before(NOW, "GB"),
+                                   block_action=pcc.MONITOR_ACTION)
     assert pcc.decide(request("GB"), back_home, settings("enforce"), NOW).action == "DUNNO"
 
 
@@ -156,8 +149,6 @@ def test_monitor_then_enforce(start_daemon, db_url, smtp_sink, tmp_path):
 def test_concurrent_requests_replace_a_flag_with_exactly_one_block(start_daemon, shared_db_url, smtp_sink):
     """Two daemons, 32 requests at once, all over the limit of an account that
     monitor mode flagged: one block replaces the flag, one email."""
-    import threading
-
     import sqlalchemy as sa
 
     common = {"db.dbcon": shared_db_url, "policy.action": "HOLD", "policy.reason": "held",
@@ -167,18 +158,7 @@ def test_concurrent_requests_replace_a_flag_with_exactly_one_block(start_daemon,
     smtp_sink.wait_for(1)
     daemons = [start_daemon(**common), start_daemon(**common)]
     clients = [daemons[n % 2].client() for n in range(32)]
-    barrier = threading.Barrier(32)
-    answers = [None] * 32
-
-    def send(n):
-        barrier.wait()
-        answers[n] = clients[n].ask("alice@example.com", ip_in(["SE", "JP"][n % 2], host=n + 1))
-
-    threads = [threading.Thread(target=send, args=(n,)) for n in range(32)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    answers = all_at_once(32, lambda n: clients[n].ask("alice@example.com", ip_in(["SE", "JP"][n % 2], host=n + 1)))
     assert answers == ["HOLD held"] * 32
     engine = sa.create_engine(shared_db_url)
     with engine.connect() as connection:

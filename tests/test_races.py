@@ -1,13 +1,12 @@
 """64 requests of one account from 4 new countries at once, through two
 daemons on one database: exactly one block, exactly one email."""
-import threading
 import time
 
 import pytest
 import sqlalchemy as sa
 
 import pcc
-from conftest import SERVER_DATABASES, fresh_database, ip_in
+from conftest import SERVER_DATABASES, all_at_once, fresh_database, ip_in
 
 
 @pytest.fixture(params=["sqlite", "mariadb", "postgresql"])
@@ -25,18 +24,8 @@ def test_64_concurrent_requests_make_one_block_and_one_email(start_daemon, any_d
     assert [seed.ask("alice@example.com", ip_in(c)) for c in ("GB", "US", "FR")] == ["DUNNO"] * 3
 
     clients = [daemons[n % 2].client() for n in range(64)]
-    barrier = threading.Barrier(64)
-    answers = [None] * 64
-
-    def send(n):
-        barrier.wait()
-        answers[n] = clients[n].ask("alice@example.com", ip_in(["DE", "SE", "JP", "BR"][n % 4], host=n + 1))
-
-    threads = [threading.Thread(target=send, args=(n,)) for n in range(64)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    answers = all_at_once(64, lambda n: clients[n].ask("alice@example.com",
+                                                       ip_in(["DE", "SE", "JP", "BR"][n % 4], host=n + 1)))
     assert answers == ["HOLD held"] * 64  # each saw more than 3 countries
     engine = sa.create_engine(any_db_url)
     with engine.connect() as connection:

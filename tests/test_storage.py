@@ -6,7 +6,7 @@ import pytest
 import sqlalchemy as sa
 
 import pcc
-from conftest import ip_in, policy_request
+from conftest import all_at_once, ip_in, policy_request
 
 T0 = dt.datetime(2026, 11, 25, 8, 0, tzinfo=dt.timezone.utc)
 
@@ -136,19 +136,8 @@ def test_concurrent_requests_crossing_the_threshold_make_one_block(service, smtp
                                 "policy.action": "HOLD", "policy.reason": "held by pcc"})
     service.settings = settings
     service.notifier = pcc.Notifier(settings)
-    answers = []
-    barrier = threading.Barrier(32)
-
-    def send(n):
-        barrier.wait()
-        answers.append(ask(service, "alice@example.com", ["DE", "SE", "JP", "BR"][n % 4],
-                           T0 + dt.timedelta(minutes=10), host=n + 1))
-
-    threads = [threading.Thread(target=send, args=(n,)) for n in range(32)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    answers = all_at_once(32, lambda n: ask(service, "alice@example.com", ["DE", "SE", "JP", "BR"][n % 4],
+                                            T0 + dt.timedelta(minutes=10), host=n + 1))
     assert answers == ["HOLD held by pcc"] * 32
     assert count(service.store, pcc.Block) == 1
     assert len(service.store.blocked_accounts()) == 1

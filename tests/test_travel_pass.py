@@ -7,19 +7,11 @@ import sys
 import pytest
 
 import pcc
-from conftest import ROOT, counted_request, ip_in, seen_an_hour_before
+from conftest import ROOT, counted_request as request, ip_in, seen_an_hour_before
 
 NOW = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.timezone.utc)
 HOUR = dt.timedelta(hours=1)
 DAY = dt.timedelta(days=1)
-
-
-def request(country, login="alice@example.com"):
-    return counted_request(country, login)
-
-
-def seen(*countries):
-    return seen_an_hour_before(NOW, *countries)
 
 
 @pytest.fixture
@@ -31,7 +23,7 @@ def settings(make_settings):
 
 
 def test_a_passed_country_does_not_count(settings):
-    history = pcc.AccountHistory(sightings=seen("GB", "US", "DE"), travel_passes={"FR": NOW + DAY})
+    history = pcc.AccountHistory(sightings=seen_an_hour_before(NOW, "GB", "US", "DE"), travel_passes={"FR": NOW + DAY})
     decision = pcc.decide(request("FR"), history, settings, NOW)
     assert decision.action == "DUNNO" and not decision.counted and not decision.record_sighting
     assert decision.reason == "not counted: travel pass for FR until 2026-11-26 12:00 UTC"
@@ -39,13 +31,13 @@ def test_a_passed_country_does_not_count(settings):
 
 def test_sightings_in_passed_countries_do_not_count_either(settings):
     # FR was seen before the pass was granted: while the pass holds, it does not count
-    history = pcc.AccountHistory(sightings=seen("GB", "US", "FR"), travel_passes={"FR": NOW + DAY})
+    history = pcc.AccountHistory(sightings=seen_an_hour_before(NOW, "GB", "US", "FR"), travel_passes={"FR": NOW + DAY})
     decision = pcc.decide(request("DE"), history, settings, NOW)
     assert decision.action == "DUNNO" and [s.country for s in decision.countries] == ["GB", "US", "DE"]
 
 
 def test_an_expired_pass_counts_again(settings):
-    history = pcc.AccountHistory(sightings=seen("GB", "US", "DE"), travel_passes={"FR": NOW - HOUR})
+    history = pcc.AccountHistory(sightings=seen_an_hour_before(NOW, "GB", "US", "DE"), travel_passes={"FR": NOW - HOUR})
     assert pcc.decide(request("FR"), history, settings, NOW).action == "REJECT blocked"
 
 
