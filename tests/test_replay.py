@@ -103,6 +103,7 @@ def test_text_report(tmp_path, config):
     assert "2 unparseable lines skipped" in text
     assert "Would have blocked 1 account:" in text
     assert "victim@example.com  at 2025-12-31 01:21:00 UTC  from US" in text
+    assert "    why: blocking: 4 of at most 3 countries in 3 days (US, " in text
     assert "   4 countries 1" in text
 
 
