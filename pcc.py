@@ -1856,6 +1856,9 @@ def _first_line(error: BaseException) -> str:
 # (or idle_timeout, if shorter): Postfix sends a request in one go, and a client
 # that trickles bytes must not hold a connection for ever.
 REQUEST_DEADLINE = 30.0
+# How long a connection's thread keeps the socket open for the Watchdog's
+# answer (from memory: it takes milliseconds, a spool fsync included).
+LATE_ANSWER_WAIT = 10.0
 
 
 class PolicyHandler(socketserver.BaseRequestHandler):
@@ -1870,6 +1873,7 @@ class PolicyHandler(socketserver.BaseRequestHandler):
         self._started: Optional[float] = None  # when the request being read began
         self._reply_lock = threading.Lock()
         self._answered = False
+        self._late_answer_sent = threading.Event()  # the Watchdog is done with this socket
         self.pending_request: Optional[PolicyRequest] = None  # for the Watchdog
 
     def handle(self) -> None:
@@ -1884,7 +1888,10 @@ class PolicyHandler(socketserver.BaseRequestHandler):
                 began = self._started or time.monotonic()
                 reply = server.answer(lines, self)
                 if not self._claim_reply():
-                    return  # the Watchdog answered and closed the connection
+                    # The Watchdog answers this one and closes the connection;
+                    # returning now would close the socket under it.
+                    self._late_answer_sent.wait(LATE_ANSWER_WAIT)
+                    return
                 server.service.metrics.answered(reply, time.monotonic() - began)
                 self.request.sendall(reply)
             except OSError as error:
@@ -1907,6 +1914,12 @@ class PolicyHandler(socketserver.BaseRequestHandler):
         request on a new connection instead of waiting behind this one."""
         if not self._claim_reply():
             return
+        try:
+            self._send_late_answer()
+        finally:
+            self._late_answer_sent.set()
+
+    def _send_late_answer(self) -> None:
         try:
             action = self.server.service.answer_without_database(self.pending_request)
         except Exception:  # never leave Postfix without an answer

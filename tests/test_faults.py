@@ -345,3 +345,38 @@ def test_monitor_mode_flag_decided_during_an_outage_is_written_later(start_daemo
     (mail,) = [m for _r, m in smtp_sink.wait_for(1)]
     assert mail["Subject"] == "pcc: account alice@example.com would be blocked (monitor mode)"
     assert client.ask_like_postfix("alice@example.com", ip_in("SE")) == "DUNNO"
+
+
+def test_the_watchdogs_answer_arrives_when_the_database_returns_while_it_is_sent(make_settings):
+    """The request's own thread gets its (late) database answer while the
+    Watchdog is still working out the answer from memory: the connection must
+    stay open until the Watchdog's answer is sent (found by test_races under
+    load: 'cannot send the answer: Bad file descriptor' and a client left with
+    no answer)."""
+    import threading
+
+    from conftest import PolicyClient, free_port
+
+    class SlowDatabaseService:
+        """The two ways PolicyService answers, with the timing of the race."""
+
+        metrics = pcc.Metrics()
+
+        def answer(self, request):
+            time.sleep(pcc.DB_ANSWER_DEADLINE + 0.4)  # the database answers after the Watchdog took over
+            return "DUNNO"
+
+        def answer_without_database(self, request):
+            time.sleep(0.6)  # ...and before the Watchdog has sent its own answer
+            return "DEFER_IF_PERMIT"
+
+    settings = make_settings(**{"server.port": free_port()})
+    server = pcc.PolicyServer(settings, SlowDatabaseService())
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = PolicyClient(settings.port)
+        assert client.ask("alice@example.com", ip_in("GB")) == "DEFER_IF_PERMIT"
+        client.close()
+    finally:
+        server.shutdown()
+        server.server_close()
