@@ -32,10 +32,12 @@ How the pieces fit, in the order data flows (and the order of this file):
   notifications   one email per new block or impossible journey, sent by a
                   background thread with retries
   the server      socketserver.ThreadingTCPServer, one loop of requests per connection;
-                  PolicyService asks the database in the connection's thread, a
-                  Watchdog answers from memory for any request the database keeps
-                  past 0.8 s, and during an outage blocks go to a spool file;
-                  optional Prometheus metrics
+                  PolicyService asks the database in the connection's thread, one
+                  request per account at a time (a burst of one account is decided
+                  on its first request's result); a Watchdog answers any request
+                  still there after 0.8 s, with its decision when that is made (the
+                  block synced to a spool file first), else from memory; during an
+                  outage blocks go to the spool file; optional Prometheus metrics
   admin commands  list, show, block, unblock (and release/delete held mail), cleanup,
                   travel passes, and --replay of Postfix logs through the same
                   service and decision
@@ -49,6 +51,7 @@ from __future__ import annotations
 import argparse
 import collections
 import configparser
+import contextlib
 import dataclasses
 import datetime as dt
 import email.message
@@ -750,6 +753,10 @@ class Store:
             if self.fast_engine is not self.engine:
                 sa.event.listen(self.fast_engine, "connect", _sqlite_pragmas_for_sightings)
         self.dialect = self.engine.dialect.name
+        # What the daemon asked of the database, for the metrics: reads of an
+        # account's history, sighting writes, block transactions (retries too).
+        self.operations: collections.Counter = collections.Counter()
+        self._operations_lock = threading.Lock()
         self._history_query = self._build_history_query()
         self._sighting_upsert = self._build_sighting_upsert()
         self._prepare_raw_history_query()
@@ -834,7 +841,16 @@ class Store:
         from_db = time_type.result_processor(dialect, None)
         self._time_from_db = from_db or (lambda value: value)
 
+    def _count(self, operation: str) -> None:
+        with self._operations_lock:
+            self.operations[operation] += 1
+
+    def operation_counts(self) -> dict:
+        with self._operations_lock:
+            return dict(self.operations)
+
     def load_history(self, login: str, since: dt.datetime) -> AccountHistory:
+        self._count("history_read")
         parameters = {"login": login, "since": self._time_to_db(since)}
         if self._history_positions is not None:
             parameters = [parameters[name] for name in self._history_positions]
@@ -866,6 +882,7 @@ class Store:
 
     @_retry_on_conflict
     def record_sighting(self, login: str, country: str, ip: str, now: dt.datetime) -> None:
+        self._count("sighting_write")
         with self.fast_engine.connect() as connection:
             self._upsert_sighting(connection, login, country, ip, now)
 
@@ -881,6 +898,7 @@ class Store:
         The sighting that triggered the block is written in the same
         transaction: the block is committed before Postfix is answered.
         """
+        self._count("block_transaction")
         with self.engine.connect() as connection:
             if sighting is not None:
                 self._upsert_sighting(connection, login, *sighting, now)
@@ -1271,6 +1289,19 @@ def impossible_journey(request: PolicyRequest, history: AccountHistory, settings
     return Journey(origin, latest.last_ip, latest.last_seen, destination, ip, now, distance, speed)
 
 
+def history_after(history: AccountHistory, decision: Decision, settings: Settings,
+                  now: dt.datetime) -> AccountHistory:
+    """The account's history once `decision` is recorded: what the next
+    request of the account is decided on when it comes before the database
+    has been read again."""
+    if decision.new_block:
+        return dataclasses.replace(history, blocked_since=now, block_action=settings.recorded_action,
+                                   sightings=decision.countries)
+    if decision.counted:
+        return dataclasses.replace(history, sightings=decision.countries)
+    return history
+
+
 def _countries_in_window(history: AccountHistory, settings: Settings, now: dt.datetime) -> dict:
     start = now - settings.country_window
     if history.counting_since is not None:
@@ -1522,8 +1553,14 @@ class _StateCollector:
         self.service = service
 
     def collect(self):
-        from prometheus_client.core import GaugeMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+        operations = self.service.store.operation_counts()
+        family = CounterMetricFamily("pcc_database_operations", "What the daemon asked of the database: "
+                                     "history reads, sighting writes, block transactions", labels=["operation"])
+        for operation in ("history_read", "sighting_write", "block_transaction"):
+            family.add_metric([operation], operations.get(operation, 0))
+        yield family
         built = self.service.geoip.built
         if built is not None:
             yield GaugeMetricFamily("pcc_geoip_build_timestamp_seconds", "When the GeoIP data in use was built",
@@ -1554,6 +1591,7 @@ class OutageJournal:
         self._replaying = threading.Lock()
         self._sightings: collections.deque = collections.deque(maxlen=100000)
         self._blocks: list = []
+        self._in_flight: set = set()  # id() of blocks whose own transaction still runs
         if spool_path and os.path.exists(spool_path):
             with open(spool_path, encoding="utf-8") as spool:
                 for line in spool:
@@ -1568,9 +1606,13 @@ class OutageJournal:
     def add_sighting(self, login: str, country: str, ip: str, now: dt.datetime) -> None:
         self._sightings.append((login, country, ip, now))
 
-    def add_block(self, entry: dict) -> None:
+    def add_block(self, entry: dict, in_flight: bool = False) -> None:
+        """Keep a block (on disk first).  in_flight: its own transaction is
+        still running; the replay leaves it alone until release_block()."""
         with self._lock:
             self._blocks.append(entry)
+            if in_flight:
+                self._in_flight.add(id(entry))
             if self.spool_path:
                 os.makedirs(os.path.dirname(os.path.abspath(self.spool_path)), exist_ok=True)
                 with open(self.spool_path, "a", encoding="utf-8") as spool:
@@ -1594,20 +1636,32 @@ class OutageJournal:
             store.record_sighting(login, country, ip, when)
             self._sightings.popleft()
         with self._lock:
-            blocks = list(self._blocks)
+            blocks = [entry for entry in self._blocks if id(entry) not in self._in_flight]
         for entry in blocks:
             block_id = store.record_block(
                 entry["login"], dt.datetime.fromisoformat(entry["at"]), source="policy",
                 action=entry["action"], reason=entry["reason"], countries=entry["countries"],
                 trigger=entry["trigger"], sighting=tuple(entry["sighting"]),
                 replace_flag=entry.get("replaces_flag", False))
-            with self._lock:
-                self._blocks.remove(entry)
-                self._rewrite_spool()
+            self.discard_block(entry)
             log.warning("block of %s decided during the database outage is now written%s", entry["login"],
                         "" if block_id else " (it was blocked already)")
             if block_id is not None:
                 on_new_block(entry)
+
+    def release_block(self, entry: dict) -> None:
+        """The block's own transaction failed: replay it like any other."""
+        with self._lock:
+            self._in_flight.discard(id(entry))
+
+    def discard_block(self, entry: dict) -> None:
+        """Forget a spooled block that is in the database now."""
+        with self._lock:
+            self._in_flight.discard(id(entry))
+            kept = [block for block in self._blocks if block is not entry]
+            if len(kept) != len(self._blocks):
+                self._blocks = kept
+                self._rewrite_spool()
 
     def _rewrite_spool(self) -> None:
         if not self.spool_path:
@@ -1643,14 +1697,90 @@ class HistoryCache:
                 self._entries.popitem(last=False)
 
 
+class RequestTicket:
+    """One request on its way through PolicyService, shared with the Watchdog.
+
+    Once the decision is made it is the answer, however long the database then
+    takes to record it: a late answer repeats it rather than guessing again."""
+
+    __slots__ = ("request", "decided", "reading_database", "lock", "recorded", "spooled")
+
+    def __init__(self, request: PolicyRequest):
+        self.request = request
+        self.decided: Optional[tuple] = None  # (the request with its country, the Decision, now)
+        self.reading_database = False  # waiting for the account's history
+        # Between the two threads that may answer: a new block answered before
+        # its transaction ended is spooled first, and the spool entry dropped
+        # once that transaction has committed it.
+        self.lock = threading.Lock()
+        self.recorded = False  # the request's thread is done with the database
+        self.spooled: Optional[dict] = None  # the Watchdog's spool entry for a decided new block
+
+
+# Requests queued behind each other in an account's lane are decided on the
+# history the first of them read (updated with every decision since) for at
+# most this long; then one of them reads the database again, so that what other
+# daemons and the administrators changed is seen within this time.
+LANE_HISTORY_REUSE = 1.0
+
+
+class _Lane:
+    __slots__ = ("lock", "users", "history", "read_at")
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.users = 0  # requests in the lane: the one deciding and those queued behind it
+        self.history: Optional[AccountHistory] = None  # as of the latest decision in this lane
+        self.read_at = 0.0  # monotonic time of the database read that history comes from
+
+    def reusable_history(self) -> Optional[AccountHistory]:
+        if self.history is not None and time.monotonic() - self.read_at < LANE_HISTORY_REUSE:
+            return self.history
+        return None
+
+
+class AccountLanes:
+    """One request at a time per account, inside this daemon.
+
+    A stolen account's burst (dozens of SMTP sessions at once) would otherwise
+    run as many transactions against the same rows, queue on their locks, and
+    outlast the Watchdog.  In a lane, the first request reads the history,
+    decides and records; the requests queued behind it are decided in memory on
+    its result.  A lane lives while requests of its account are in it; the next
+    request after that reads the database afresh.  Across daemons the database
+    stays the one truth (a block is a compare-and-swap)."""
+
+    def __init__(self):
+        self._lanes: dict = {}
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def enter(self, login: str):
+        with self._lock:
+            lane = self._lanes.get(login)
+            if lane is None:
+                lane = self._lanes[login] = _Lane()
+            lane.users += 1
+        try:
+            with lane.lock:
+                yield lane
+        finally:
+            with self._lock:
+                lane.users -= 1
+                if lane.users == 0:
+                    del self._lanes[login]
+
+
 class PolicyService:
     """Answers one parsed request: GeoIP, history, decision, records, log line.
 
-    The database is asked in the connection's own thread; the server's
-    Watchdog answers for it after DB_ANSWER_DEADLINE seconds.  When the database
-    fails or is slow, pcc answers from memory: accounts known to be blocked get
-    the action, accounts it has seen recently are decided on what it remembers
-    (a new block is spooled and written later), and the rest get
+    The database is asked in the connection's own thread, one request per
+    account at a time (AccountLanes); the server's Watchdog answers for any
+    request still there after DB_ANSWER_DEADLINE seconds: with its decision
+    when that is made (the recording goes on), else from memory.  When the
+    database fails or is slow, pcc answers from memory: accounts known to be
+    blocked get the action, accounts it has seen recently are decided on what
+    it remembers (a new block is spooled and written later), and the rest get
     `db_error_action`.
     """
 
@@ -1664,18 +1794,21 @@ class PolicyService:
         self.tables_ready = False
         self._cache = HistoryCache(HISTORY_CACHE_SIZE)
         self._known_blocked: set = set()
+        self._lanes = AccountLanes()
         self._state_lock = threading.Lock()
         self._db_failing = False
         self._next_probe = 0.0
         self.metrics = Metrics()  # off; run_daemon turns it on for [server] metrics_port
         self._travel_noticed: dict = {}  # login -> when its last impossible-travel mail went
 
-    def answer(self, request: PolicyRequest, now: Optional[dt.datetime] = None) -> str:
-        request, decision = self.decide_request(request, now or utcnow())
+    def answer(self, request: PolicyRequest, now: Optional[dt.datetime] = None,
+               ticket: Optional[RequestTicket] = None) -> str:
+        request, decision = self.decide_request(request, now or utcnow(), ticket=ticket)
         self._log_decision(request, decision)
         return decision.action
 
-    def decide_request(self, request: PolicyRequest, now: dt.datetime, use_database: bool = True) -> tuple:
+    def decide_request(self, request: PolicyRequest, now: dt.datetime, use_database: bool = True,
+                       ticket: Optional[RequestTicket] = None) -> tuple:
         """(the request with its country, the decision), recorded in the database
         (or, without it, in memory and the spool)."""
         skip = not_counted_reason(request, self.settings)
@@ -1687,33 +1820,77 @@ class PolicyService:
         request = dataclasses.replace(request, client_country=found.code, country_note=found.note,
                                       client_place=found.place)
         if use_database:
-            return request, self._decide_counted(request, now)
+            return request, self._decide_counted(request, now, ticket or RequestTicket(request))
         return request, self._decide_offline(request, now)
 
-    def _decide_counted(self, request: PolicyRequest, now: dt.datetime) -> Decision:
-        if self._db_failing and not self._probe_due():
+    def _decide_counted(self, request: PolicyRequest, now: dt.datetime, ticket: RequestTicket) -> Decision:
+        probing = self._db_failing
+        if probing and not self._probe_due():
             return self._decide_offline(request, now)
+        with self._lanes.enter(request.login) as lane:
+            history = lane.reusable_history()
+            if history is None:
+                # Queued behind a request that found the database failing: no
+                # second try, unless a probe is due.
+                if self._db_failing and not probing and not self._probe_due():
+                    return self._decide_offline(request, now)
+                lane.read_at = time.monotonic()
+                try:
+                    history = self._read_history(request.login, now, ticket)
+                except sa_exc.SQLAlchemyError as error:
+                    self._database_failed(_first_line(error))
+                    return self._decide_offline(request, now)
+            decision = decide(request, self._with_last_place(history), self.settings, now)
+            lane.history = self._remember(request.login, history, decision, now)
+            ticket.decided = (request, decision, now)
+            return self._record_decided(request, decision, now, ticket)
+
+    def _read_history(self, login: str, now: dt.datetime, ticket: RequestTicket) -> AccountHistory:
+        ticket.reading_database = True
         try:
-            return self._decide_online(request, now)
+            self.ensure_database()
+            return self.store.load_history(login, now - self.settings.country_window)
+        finally:
+            ticket.reading_database = False
+
+    def _record_decided(self, request: PolicyRequest, decision: Decision, now: dt.datetime,
+                        ticket: RequestTicket) -> Decision:
+        """Record a decision made on the database's history; if the database
+        fails now, the decision stands and what it changes waits in the journal."""
+        try:
+            recorded = self._record(request, decision, now)
         except sa_exc.SQLAlchemyError as error:
             self._database_failed(_first_line(error))
-            return self._decide_offline(request, now)
+            with ticket.lock:
+                ticket.recorded = True
+                if ticket.spooled is None:
+                    return self._journal(request, decision, now)
+            self.journal.release_block(ticket.spooled)  # spooled by the Watchdog already
+            return dataclasses.replace(decision, reason=decision.reason + " (database failing: block spooled)")
+        self._database_ok()
+        with ticket.lock:
+            ticket.recorded = True
+        if ticket.spooled is not None:  # the transaction did what the spool entry was kept for
+            self.journal.discard_block(ticket.spooled)
+        return recorded
 
-    def answer_without_database(self, request: PolicyRequest, now: Optional[dt.datetime] = None) -> str:
-        """The answer for a request the database kept waiting too long (the
-        Watchdog calls this while the request's own thread still waits)."""
-        self._database_failed(f"no answer within {DB_ANSWER_DEADLINE} s")
-        request, decision = self.decide_request(request, now or utcnow(), use_database=False)
+    def answer_late(self, ticket: RequestTicket, now: Optional[dt.datetime] = None) -> str:
+        """The answer for a request still in its thread after DB_ANSWER_DEADLINE
+        (the Watchdog calls this while that thread goes on): its decision if it
+        is made, only its recording waits; otherwise decided from memory."""
+        if ticket.decided is not None:
+            request, decision, decided_at = ticket.decided
+            if decision.new_block:
+                self._spool_unrecorded_block(ticket, request, decision, decided_at)
+            # Its own thread logs the outcome (NEW BLOCK included) when the recording ends.
+            self._log_decision(request, dataclasses.replace(
+                decision, new_block=False, reason=decision.reason + " (answered while the database records it)"))
+            return decision.action
+        if ticket.reading_database:
+            self._database_failed(f"no answer within {DB_ANSWER_DEADLINE} s")
+        request, decision = self.decide_request(ticket.request, now or utcnow(), use_database=False)
         self._log_decision(request, decision)
         return decision.action
-
-    def _decide_online(self, request: PolicyRequest, now: dt.datetime) -> Decision:
-        self.ensure_database()
-        history = self._with_last_place(self.store.load_history(request.login, now - self.settings.country_window))
-        decision = self._record(request, decide(request, history, self.settings, now), now)
-        self._database_ok()
-        self._remember(request.login, history, decision)
-        return decision
 
     def _with_last_place(self, history: AccountHistory) -> AccountHistory:
         """The place of the account's latest sighting, for the impossible-travel rule."""
@@ -1734,6 +1911,15 @@ class PolicyService:
         if self.journal.pending():
             self.journal.replay(self.store, self._notify_spooled_block)
 
+    def _spool_unrecorded_block(self, ticket: RequestTicket, request: PolicyRequest, decision: Decision,
+                                now: dt.datetime) -> None:
+        """A block is on disk before Postfix hears of it: while its transaction
+        still waits, the spool keeps it (a crash then loses no block)."""
+        with ticket.lock:
+            if not ticket.recorded:
+                ticket.spooled = self._block_entry(request, decision, now)
+                self.journal.add_block(ticket.spooled, in_flight=True)
+
     def _decide_offline(self, request: PolicyRequest, now: dt.datetime) -> Decision:
         login = request.login
         if login in self._known_blocked:
@@ -1742,26 +1928,42 @@ class PolicyService:
         if history is None:
             return Decision(self.settings.db_error_action, "database failing, account not in memory")
         decision = decide(request, self._with_last_place(history), self.settings, now)
-        self._remember(login, history, decision)
+        self._remember(login, history, decision, now)
+        decision = self._journal(request, decision, now)
         if decision.new_block:
-            self.journal.add_block({
-                "login": login, "at": now.isoformat(), "action": self.settings.recorded_action,
-                "rule": decision.rule, "replaces_flag": decision.replaces_flag,
-                "reason": decision.reason, "countries": [seen.as_json() for seen in decision.countries],
-                "trigger": dict(request.attributes), "sighting": [request.client_country, str(request.client_ip)],
-            })
-            return dataclasses.replace(decision, reason=decision.reason + " (database failing: block spooled)")
-        if decision.record_sighting:
-            self.journal.add_sighting(login, request.client_country, str(request.client_ip), now)
+            return decision
         return Decision(self.settings.db_error_action, f"database failing; {decision.reason}")
 
-    def _remember(self, login: str, history: AccountHistory, decision: Decision) -> None:
+    def _journal(self, request: PolicyRequest, decision: Decision, now: dt.datetime) -> Decision:
+        """Keep what `decision` changes for the database's return: a new block
+        in the spool (on disk before the answer), a sighting in memory."""
+        if decision.new_block:
+            self.journal.add_block(self._block_entry(request, decision, now))
+            return dataclasses.replace(decision, reason=decision.reason + " (database failing: block spooled)")
+        if decision.record_sighting:
+            self.journal.add_sighting(request.login, request.client_country, str(request.client_ip), now)
+        return decision
+
+    def _block_entry(self, request: PolicyRequest, decision: Decision, now: dt.datetime) -> dict:
+        """A new block as the spool keeps it."""
+        return {
+            "login": request.login, "at": now.isoformat(), "action": self.settings.recorded_action,
+            "rule": decision.rule, "replaces_flag": decision.replaces_flag,
+            "reason": decision.reason, "countries": [seen.as_json() for seen in decision.countries],
+            "trigger": dict(request.attributes), "sighting": [request.client_country, str(request.client_ip)],
+        }
+
+    def _remember(self, login: str, history: AccountHistory, decision: Decision,
+                  now: dt.datetime) -> AccountHistory:
+        """Keep the account's history as `decision` leaves it, for the requests
+        after it and for an outage; returns it."""
+        after = history_after(history, decision, self.settings, now)
         if decision.blocks:
             self._known_blocked.add(login)
-            return
-        self._known_blocked.discard(login)
-        self._cache.put(login, dataclasses.replace(history, sightings=decision.countries)
-                        if decision.counted else history)
+        else:
+            self._known_blocked.discard(login)
+            self._cache.put(login, after)
+        return after
 
     def _record(self, request: PolicyRequest, decision: Decision, now: dt.datetime) -> Decision:
         login, country, ip = request.login, request.client_country, str(request.client_ip)
@@ -1874,7 +2076,7 @@ class PolicyHandler(socketserver.BaseRequestHandler):
         self._reply_lock = threading.Lock()
         self._answered = False
         self._late_answer_sent = threading.Event()  # the Watchdog is done with this socket
-        self.pending_request: Optional[PolicyRequest] = None  # for the Watchdog
+        self.ticket: Optional[RequestTicket] = None  # the request being answered, for the Watchdog
 
     def handle(self) -> None:
         server = self.server
@@ -1910,7 +2112,8 @@ class PolicyHandler(socketserver.BaseRequestHandler):
 
     def answer_late(self) -> None:
         """Called by the Watchdog while this connection's thread waits for the
-        database: answer from memory, then close, so that Postfix sends its next
+        database: answer (with the decision if it is made, else from memory),
+        then close, so that Postfix sends its next
         request on a new connection instead of waiting behind this one."""
         if not self._claim_reply():
             return
@@ -1921,7 +2124,7 @@ class PolicyHandler(socketserver.BaseRequestHandler):
 
     def _send_late_answer(self) -> None:
         try:
-            action = self.server.service.answer_without_database(self.pending_request)
+            action = self.server.service.answer_late(self.ticket)
         except Exception:  # never leave Postfix without an answer
             log.exception("internal error while answering without the database; answering DUNNO")
             action = "DUNNO"
@@ -2098,11 +2301,11 @@ class PolicyServer(socketserver.ThreadingTCPServer):
 
     def answer(self, lines: list, handler: Optional[PolicyHandler] = None) -> bytes:
         try:
-            request = parse_request(lines)
+            ticket = RequestTicket(parse_request(lines))
             if handler is not None:
-                handler.pending_request = request
+                handler.ticket = ticket
                 self.watchdog.watch(handler)
-            return format_reply(self.service.answer(request))
+            return format_reply(self.service.answer(ticket.request, ticket=ticket))
         except Exception:  # a bug must cost one answer, never the daemon
             log.exception("internal error while answering a request; answering DUNNO")
             return format_reply("DUNNO")
@@ -2482,8 +2685,8 @@ class ReplayService(PolicyService):
         super().__init__(quiet, MemoryStore(), geoip, Notifier(quiet))
         self.most_countries: dict = {}
 
-    def _decide_counted(self, request: PolicyRequest, now: dt.datetime) -> Decision:
-        decision = self._decide_online(request, now)
+    def _decide_counted(self, request: PolicyRequest, now: dt.datetime, ticket: RequestTicket) -> Decision:
+        decision = super()._decide_counted(request, now, ticket)
         if decision.counted:
             login = request.login
             self.most_countries[login] = max(self.most_countries.get(login, 0), len(decision.countries))

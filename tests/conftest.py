@@ -287,6 +287,18 @@ class PolicyClient:
         self.sock.close()
 
 
+def scrape(port) -> dict:
+    """A daemon's metrics: {(sample name, sorted labels): value}."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
 # --- daemons ----------------------------------------------------------------
 
 

@@ -362,11 +362,11 @@ def test_the_watchdogs_answer_arrives_when_the_database_returns_while_it_is_sent
 
         metrics = pcc.Metrics()
 
-        def answer(self, request):
+        def answer(self, request, ticket=None):
             time.sleep(pcc.DB_ANSWER_DEADLINE + 0.4)  # the database answers after the Watchdog took over
             return "DUNNO"
 
-        def answer_without_database(self, request):
+        def answer_late(self, ticket):
             time.sleep(0.6)  # ...and before the Watchdog has sent its own answer
             return "DEFER_IF_PERMIT"
 

@@ -4,18 +4,9 @@ import datetime as dt
 import urllib.request
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 import pcc
-from conftest import NOT_IN_GEOIP, free_port, ip_in
-
-
-def scrape(port) -> dict:
-    """{(sample name, sorted labels): value}"""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples}
+from conftest import NOT_IN_GEOIP, free_port, ip_in, scrape
 
 
 def test_decisions_latency_blocks_and_geoip(start_daemon, db_url, geoip_path):
