@@ -71,6 +71,7 @@ import socket
 import socketserver
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -329,24 +330,30 @@ def load_settings(path: str) -> Settings:
     except sa_exc.ArgumentError:
         raise config.fail("db", "dbcon", "is not an SQLAlchemy database URL "
                           "(e.g. sqlite:////var/lib/pcc/pcc.sqlite3)") from None
-    if settings.geoip_database and not os.path.isfile(settings.geoip_database):
-        raise config.fail("geoip", "database", f"no such file: {settings.geoip_database}")
+    kind = _geoip_database_type(config, settings.geoip_database) if settings.geoip_database else None
     if settings.max_travel_speed_kmh is not None:
-        _require_places(config, settings.geoip_database)
+        _require_places(config, settings.geoip_database, kind)
     return settings
 
 
-def _require_places(config: _ConfigReader, path: str) -> None:
+def _geoip_database_type(config: _ConfigReader, path: str) -> str:
+    """The type of the .mmdb at `path` (GeoLite2-Country...), or one clear line
+    for a file that is missing or not a MaxMind-format database."""
+    import maxminddb
+
+    if not os.path.isfile(path):
+        raise config.fail("geoip", "database", f"no such file: {path}")
+    try:
+        with maxminddb.open_database(path) as reader:
+            return reader.metadata().database_type
+    except (OSError, ValueError, RuntimeError) as error:  # RuntimeError: maxminddb's InvalidDatabaseError
+        raise config.fail("geoip", "database", f"{path} is not a MaxMind-format database: {error}") from None
+
+
+def _require_places(config: _ConfigReader, path: str, kind: Optional[str]) -> None:
     """The impossible-travel rule needs coordinates: a City-level database."""
     problem = "it has countries only" if path else "the embedded default data has countries only"
     if path:
-        import maxminddb
-
-        try:
-            with maxminddb.open_database(path) as reader:
-                kind = reader.metadata().database_type
-        except (OSError, ValueError, RuntimeError) as error:
-            raise config.fail("geoip", "database", f"{path} is not a MaxMind-format database: {error}") from None
         if is_city_level(kind):
             return
         problem = f"{path} is a {kind} database"
@@ -392,7 +399,9 @@ class PolicyRequest:
     def client_ip(self):
         """The client address as an ipaddress object (IPv4-mapped IPv6 unwrapped), or None."""
         try:
-            address = ipaddress.ip_address(self.client_address.strip())
+            # A zone id (fe80::1%eth0) names a local link, never a country, and
+            # would make the address longer than any stored one.
+            address = ipaddress.ip_address(self.client_address.strip().split("%", 1)[0])
         except ValueError:
             return None
         if address.version == 6 and address.ipv4_mapped is not None:
@@ -479,6 +488,7 @@ class GeoIP:
     def __init__(self, path: str = ""):
         self.path = path
         self.has_places = False
+        self.ipv4_only = False
         if path:
             import maxminddb
 
@@ -488,6 +498,7 @@ class GeoIP:
             built = dt.datetime.fromtimestamp(metadata.build_epoch, UTC)
             self.built = built.date()
             self.has_places = is_city_level(metadata.database_type)
+            self.ipv4_only = metadata.ip_version == 4
             self.description = f"{path} ({metadata.database_type}, built {self.built.isoformat()})"
             self._lookup = self._lookup_mmdb
         else:
@@ -527,7 +538,11 @@ class GeoIP:
         if not address.is_global:
             kind = "loopback" if address.is_loopback else "private" if address.is_private else "non-public"
             return Country(None, f"{kind} address has no country", missing="not public")
-        code, place = self._lookup(address)
+        try:
+            code, place = self._lookup(address)
+        except Exception as error:  # e.g. an IPv6 address in an IPv4-only file: no country, never a crash
+            log.error("GeoIP lookup of %s in %s failed: %s", address, self.description, error)
+            return Country(None, "GeoIP lookup failed", missing="lookup failed")
         if code is None:
             return Country(None, "address not in the GeoIP database", missing="not in database")
         return Country(code, "", place)
@@ -1577,12 +1592,30 @@ class _StateCollector:
         yield family
 
 
+# A spooled block's keys and their types: an entry without them is set aside.
+SPOOL_ENTRY_KEYS = {"login": str, "at": str, "action": str, "reason": str, "countries": list,
+                    "trigger": dict, "sighting": list}
+
+
+def valid_spool_entry(entry) -> bool:
+    if not isinstance(entry, dict) or not all(isinstance(entry.get(key), kind)
+                                              for key, kind in SPOOL_ENTRY_KEYS.items()):
+        return False
+    try:
+        dt.datetime.fromisoformat(entry["at"])
+    except ValueError:
+        return False
+    return len(entry["sighting"]) == 2
+
+
 class OutageJournal:
     """What pcc decided while the database failed, written when it returns.
 
     Blocks go to the spool file, flushed to disk before Postfix is answered, so
     a crash loses none; the next start writes them.  Sightings stay in memory:
-    losing one costs a little counting, never a block.
+    losing one costs a little counting, never a block.  An entry that cannot be
+    read or that the database refuses is moved to `<spool>.rejected` with an
+    ERROR line: one bad entry never holds up the others.
     """
 
     def __init__(self, spool_path: str = ""):
@@ -1593,13 +1626,24 @@ class OutageJournal:
         self._blocks: list = []
         self._in_flight: set = set()  # id() of blocks whose own transaction still runs
         if spool_path and os.path.exists(spool_path):
-            with open(spool_path, encoding="utf-8") as spool:
-                for line in spool:
-                    try:
-                        self._blocks.append(json.loads(line))
-                    except ValueError:
-                        log.error("spool %s: skipping a damaged line", spool_path)
+            self._load()
 
+    def _load(self) -> None:
+        with open(self.spool_path, encoding="utf-8", errors="replace") as spool:
+            text = spool.read()
+        damaged = not text.endswith("\n") and bool(text)  # a torn last line: rewrite before appending
+        for line in text.splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                entry = None
+            if valid_spool_entry(entry):
+                self._blocks.append(entry)
+            elif line.strip():
+                damaged = True
+                self._set_aside(line, "cannot be read as a block")
+        if damaged:
+            self._rewrite_spool()
     def pending(self) -> bool:
         return bool(self._blocks or self._sightings)
 
@@ -1613,12 +1657,18 @@ class OutageJournal:
             self._blocks.append(entry)
             if in_flight:
                 self._in_flight.add(id(entry))
-            if self.spool_path:
+            if not self.spool_path:
+                return
+            try:
                 os.makedirs(os.path.dirname(os.path.abspath(self.spool_path)), exist_ok=True)
                 with open(self.spool_path, "a", encoding="utf-8") as spool:
                     spool.write(json.dumps(entry) + "\n")
                     spool.flush()
                     os.fsync(spool.fileno())
+            except OSError as error:  # the block stands; only its survival of a crash is lost
+                log.error("spool %s cannot be written (%s): the block of %s is kept in memory only and "
+                          "is lost if pcc stops before the database takes it", self.spool_path,
+                          error.strerror or error, entry["login"])
 
     def replay(self, store: "Store", on_new_block) -> None:
         """Write everything to the database; what fails stays for the next try.
@@ -1638,11 +1688,19 @@ class OutageJournal:
         with self._lock:
             blocks = [entry for entry in self._blocks if id(entry) not in self._in_flight]
         for entry in blocks:
-            block_id = store.record_block(
-                entry["login"], dt.datetime.fromisoformat(entry["at"]), source="policy",
-                action=entry["action"], reason=entry["reason"], countries=entry["countries"],
-                trigger=entry["trigger"], sighting=tuple(entry["sighting"]),
-                replace_flag=entry.get("replaces_flag", False))
+            try:
+                block_id = store.record_block(
+                    entry["login"], dt.datetime.fromisoformat(entry["at"]), source="policy",
+                    action=entry["action"], reason=entry["reason"], countries=entry["countries"],
+                    trigger=entry["trigger"], sighting=tuple(entry["sighting"]),
+                    replace_flag=entry.get("replaces_flag", False))
+            except sa_exc.SQLAlchemyError as error:
+                if not is_data_error(error):
+                    raise  # the database is down again: everything stays for the next try
+                with self._lock:
+                    self._set_aside(json.dumps(entry), f"refused by the database: {_first_line(error)}")
+                self.discard_block(entry)
+                continue
             self.discard_block(entry)
             log.warning("block of %s decided during the database outage is now written%s", entry["login"],
                         "" if block_id else " (it was blocked already)")
@@ -1663,15 +1721,34 @@ class OutageJournal:
                 self._blocks = kept
                 self._rewrite_spool()
 
+    def _set_aside(self, line: str, why: str) -> None:
+        """Keep an entry pcc cannot write in <spool>.rejected, for a person."""
+        log.error("spool %s: an entry %s; moved to %s.rejected: %s", self.spool_path or "(memory)", why,
+                  self.spool_path, line[:300])
+        if not self.spool_path:
+            return
+        try:
+            descriptor = os.open(self.spool_path + ".rejected", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            with open(descriptor, "a", encoding="utf-8") as rejected:
+                rejected.write(line.rstrip("\n") + "\n")
+        except OSError as error:
+            log.error("cannot write %s.rejected: %s", self.spool_path, error.strerror or error)
+
     def _rewrite_spool(self) -> None:
         if not self.spool_path:
             return
-        temporary = self.spool_path + ".tmp"
-        with open(temporary, "w", encoding="utf-8") as spool:
-            spool.writelines(json.dumps(entry) + "\n" for entry in self._blocks)
-            spool.flush()
-            os.fsync(spool.fileno())
-        os.replace(temporary, self.spool_path)
+        directory = os.path.dirname(os.path.abspath(self.spool_path))
+        try:
+            # A new file of our own (never a name someone could have put a link at), then renamed over.
+            descriptor, temporary = tempfile.mkstemp(prefix=".spool-", dir=directory)
+            with open(descriptor, "w", encoding="utf-8") as spool:
+                spool.writelines(json.dumps(entry) + "\n" for entry in self._blocks)
+                spool.flush()
+                os.fsync(spool.fileno())
+            os.replace(temporary, self.spool_path)
+        except OSError as error:
+            log.error("spool %s cannot be rewritten (%s): blocks already in the database may be written "
+                      "again at the next start (harmless)", self.spool_path, error.strerror or error)
 
 
 class HistoryCache:
@@ -1838,6 +1915,8 @@ class PolicyService:
                 try:
                     history = self._read_history(request.login, now, ticket)
                 except sa_exc.SQLAlchemyError as error:
+                    if is_data_error(error):
+                        return self._refused_data(request, error)
                     self._database_failed(_first_line(error))
                     return self._decide_offline(request, now)
             decision = decide(request, self._with_last_place(history), self.settings, now)
@@ -1860,6 +1939,13 @@ class PolicyService:
         try:
             recorded = self._record(request, decision, now)
         except sa_exc.SQLAlchemyError as error:
+            if is_data_error(error):  # it would be refused again: no journal; the decision stands
+                with ticket.lock:
+                    ticket.recorded = True
+                if ticket.spooled is not None:
+                    self.journal.release_block(ticket.spooled)  # the replay sets it aside, with a line
+                self._refused_data(request, error)
+                return decision
             self._database_failed(_first_line(error))
             with ticket.lock:
                 ticket.recorded = True
@@ -1910,6 +1996,26 @@ class PolicyService:
             self.tables_ready = True
         if self.journal.pending():
             self.journal.replay(self.store, self._notify_spooled_block)
+
+    def _refused_data(self, request: PolicyRequest, error: sa_exc.SQLAlchemyError) -> Decision:
+        """The database refused a value of this request: one ERROR line, and an
+        answer from memory, without declaring the database down for everyone."""
+        self.metrics.database_failed()
+        log.error("database refused the values of a request by %r from %s (not an outage; this request is "
+                  "decided from memory): %s", request.login, request.client_address, _first_line(error))
+        if request.login in self._known_blocked:
+            return Decision(self.settings.block_reply, "account known to be blocked (database refused the request)")
+        return Decision(self.settings.db_error_action, "database refused this request's values")
+
+    def answer_after_error(self, request: Optional[PolicyRequest]) -> str:
+        """The answer when answering raised (a bug, or a part that failed in a
+        way nobody foresaw): what the blocked list in memory says, else
+        db_error_action; never an open door for an account known to be blocked.
+        Called from an exception handler: logs the traceback."""
+        login = request.login if request is not None else ""
+        action = self.settings.block_reply if login in self._known_blocked else self.settings.db_error_action
+        log.exception("internal error while answering %s; answering %s", login or "a request", action.split()[0])
+        return action
 
     def _spool_unrecorded_block(self, ticket: RequestTicket, request: PolicyRequest, decision: Decision,
                                 now: dt.datetime) -> None:
@@ -2048,6 +2154,12 @@ class PolicyService:
         )
 
 
+def is_data_error(error: BaseException) -> bool:
+    """The database refused this request's values (too long, not encodable...):
+    a fault of one request, not an outage of the database."""
+    return isinstance(error, (sa_exc.DataError, sa_exc.IntegrityError))
+
+
 def _first_line(error: BaseException) -> str:
     original = getattr(error, "orig", None) or error
     text = str(original).strip().splitlines()
@@ -2126,8 +2238,7 @@ class PolicyHandler(socketserver.BaseRequestHandler):
         try:
             action = self.server.service.answer_late(self.ticket)
         except Exception:  # never leave Postfix without an answer
-            log.exception("internal error while answering without the database; answering DUNNO")
-            action = "DUNNO"
+            action = self.server.service.answer_after_error(self.ticket.request)
         try:
             reply = format_reply(action)
             self.server.service.metrics.answered(reply, time.monotonic() - (self._started or time.monotonic()))
@@ -2300,15 +2411,15 @@ class PolicyServer(socketserver.ThreadingTCPServer):
         super().__init__(infos[0][4][:2], PolicyHandler)
 
     def answer(self, lines: list, handler: Optional[PolicyHandler] = None) -> bytes:
+        ticket = None
         try:
             ticket = RequestTicket(parse_request(lines))
             if handler is not None:
                 handler.ticket = ticket
                 self.watchdog.watch(handler)
             return format_reply(self.service.answer(ticket.request, ticket=ticket))
-        except Exception:  # a bug must cost one answer, never the daemon
-            log.exception("internal error while answering a request; answering DUNNO")
-            return format_reply("DUNNO")
+        except Exception:  # a bug must cost one answer, never the daemon, and never open the blocked list
+            return format_reply(self.service.answer_after_error(ticket.request if ticket else None))
         finally:
             if handler is not None:
                 self.watchdog.unwatch(handler)
@@ -2870,7 +2981,7 @@ def run_daemon(settings: Settings) -> int:
     _raise_file_limit(settings.max_connections + 256)
     threading.stack_size(512 * 1024)  # thousands of idle Postfix connections stay cheap
     geoip = GeoIP(settings.geoip_database)
-    _warn_if_stale(geoip)
+    _warn_about_geoip(geoip)
     service = PolicyService(settings, Store(settings.dbcon), geoip, Notifier(settings),
                             OutageJournal(settings.spool_file))
     if settings.metrics_port is not None:
@@ -2927,7 +3038,7 @@ def reload_settings(server: PolicyServer) -> None:
     try:
         new = load_settings(old.config_path)
         geoip = GeoIP(new.geoip_database)
-    except (ConfigError, OSError, ValueError) as error:
+    except (ConfigError, OSError, ValueError, RuntimeError) as error:  # maxminddb: InvalidDatabaseError
         log.error("reload refused, the running configuration stays in force: %s", error)
         return
     service = server.service
@@ -2947,6 +3058,7 @@ def reload_settings(server: PolicyServer) -> None:
     service.settings = new
     server.settings = new
     log.info("configuration %s reloaded; GeoIP %s; %s", new.config_path, geoip.description, describe_rules(new))
+    _warn_about_geoip(geoip)
 
 
 def describe_rules(settings: Settings) -> str:
@@ -2989,13 +3101,21 @@ def reload_geoip_if_replaced(service: PolicyService) -> bool:
         return False
     service.geoip = fresh
     log.warning("GeoIP file %s was replaced; now using %s", fresh.path, fresh.description)
-    _warn_if_stale(fresh)
+    _warn_about_geoip(fresh)
     return True
 
 
 # IP blocks change hands every week; country data older than this misplaces
 # enough addresses to matter.
 GEOIP_STALE_AFTER = dt.timedelta(days=60)
+
+
+def _warn_about_geoip(geoip: GeoIP) -> None:
+    """What makes GeoIP data miss countries: age, and no IPv6 data."""
+    _warn_if_stale(geoip)
+    if geoip.ipv4_only:
+        log.warning("GeoIP %s has no IPv6 data: messages from IPv6 clients get no country and are not "
+                    "counted (blocked accounts stay blocked); use a file with IPv6 data", geoip.description)
 
 
 def _warn_if_stale(geoip: GeoIP) -> None:
