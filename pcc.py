@@ -1644,6 +1644,7 @@ class OutageJournal:
                 self._set_aside(line, "cannot be read as a block")
         if damaged:
             self._rewrite_spool()
+
     def pending(self) -> bool:
         return bool(self._blocks or self._sightings)
 
@@ -1697,8 +1698,7 @@ class OutageJournal:
             except sa_exc.SQLAlchemyError as error:
                 if not is_data_error(error):
                     raise  # the database is down again: everything stays for the next try
-                with self._lock:
-                    self._set_aside(json.dumps(entry), f"refused by the database: {_first_line(error)}")
+                self._set_aside(json.dumps(entry), f"refused by the database: {_first_line(error)}")
                 self.discard_block(entry)
                 continue
             self.discard_block(entry)
@@ -1738,6 +1738,7 @@ class OutageJournal:
         if not self.spool_path:
             return
         directory = os.path.dirname(os.path.abspath(self.spool_path))
+        temporary = None
         try:
             # A new file of our own (never a name someone could have put a link at), then renamed over.
             descriptor, temporary = tempfile.mkstemp(prefix=".spool-", dir=directory)
@@ -1747,6 +1748,8 @@ class OutageJournal:
                 os.fsync(spool.fileno())
             os.replace(temporary, self.spool_path)
         except OSError as error:
+            if temporary is not None and os.path.exists(temporary):
+                os.unlink(temporary)
             log.error("spool %s cannot be rewritten (%s): blocks already in the database may be written "
                       "again at the next start (harmless)", self.spool_path, error.strerror or error)
 
