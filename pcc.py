@@ -65,6 +65,7 @@ import math
 import os
 import queue
 import re
+import shlex
 import signal
 import smtplib
 import socket
@@ -189,6 +190,27 @@ class Settings:
 
 # Control characters (CR, LF, NUL, DEL...) never belong in a value pcc reads.
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+# configparser keeps "port = 9999  # the port" whole: the comment would become
+# part of the value (and of the reason sent to clients).
+INLINE_COMMENT = re.compile(r"\s[#;]")
+
+
+# Only ASCII letters are lower-cased: str.lower() would also turn the Kelvin
+# sign into "k" and make two different accounts one.
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def escape_controls(text: str) -> str:
+    """Control characters shown as \\xNN: never deleted (ali<TAB>ce is not
+    alice), never passed on (no CR/LF reaches a reply, a log line or a mail)."""
+    return CONTROL_CHARACTERS.sub(lambda found: f"\\x{ord(found.group()):02x}", text)
+
+
+def normalise_login(text: str) -> str:
+    """How pcc names an account, from a SASL login, a config list or the
+    command line alike: surrounding white space dropped, ASCII letters
+    lower-cased, control characters escaped; nothing else changes."""
+    return escape_controls(text.strip()).translate(_ASCII_LOWER)
 
 
 def _split_list(value: str) -> list:
@@ -200,6 +222,7 @@ class _ConfigReader:
 
     def __init__(self, path: str):
         self.path = path
+        self.read_keys: set = set()  # (section, key) asked for: anything else in the file is unknown
         self.parser = configparser.ConfigParser(interpolation=None)
         try:
             with open(path, encoding="utf-8") as config_file:
@@ -210,6 +233,16 @@ class _ConfigReader:
             first_line = str(error).splitlines()[0]
             raise ConfigError(f"{path}: not a valid INI file: {first_line}") from None
 
+    def refuse_unknown_keys(self) -> None:
+        """A key pcc does not know is most likely a typo of one it does: say so."""
+        for section in self.parser.sections():
+            for key in self.parser.options(section):
+                if (section, key) not in self.read_keys:
+                    known = sorted(k for s, k in self.read_keys if s == section)
+                    if not known:
+                        raise ConfigError(f"{self.path}: unknown section [{section}]")
+                    raise self.fail(section, key, f"unknown key (a typo? known keys: {', '.join(known)})")
+
     def fail(self, section: str, key: str, problem: str) -> ConfigError:
         return ConfigError(f"{self.path}: [{section}] {key}: {problem}")
 
@@ -218,7 +251,11 @@ class _ConfigReader:
             raise ConfigError(f"{self.path}: section [{section}] is missing (it must hold '{key}')")
         if not self.parser.has_option(section, key):
             raise self.fail(section, key, "key is missing (every key must be present; leave it blank for none)")
+        self.read_keys.add((section, key))
         value = self.parser.get(section, key).strip()
+        if INLINE_COMMENT.search(value):
+            raise self.fail(section, key, "has a comment after the value; put comments on lines of their own "
+                            "(starting with # or ;)")
         if required and not value:
             raise self.fail(section, key, "must not be blank")
         if CONTROL_CHARACTERS.search(value):
@@ -277,7 +314,7 @@ class _ConfigReader:
         return frozenset(codes)
 
     def logins(self, section: str, key: str) -> frozenset:
-        return frozenset(item.lower() for item in _split_list(self.text(section, key)))
+        return frozenset(normalise_login(item) for item in _split_list(self.text(section, key)))
 
     def addresses(self, section: str, key: str) -> tuple:
         addresses = tuple(_split_list(self.text(section, key)))
@@ -321,6 +358,7 @@ def load_settings(path: str) -> Settings:
         impossible_travel_action=config.choice("policy", "impossible_travel_action", TRAVEL_ACTIONS, blank="NOTIFY"),
         postfix_config_directory=config.text("postfix", "config_directory"),
     )
+    config.refuse_unknown_keys()
     if settings.metrics_port is not None and settings.metrics_port == settings.port:
         raise config.fail("server", "metrics_port", f"must differ from [server] port ({settings.port})")
     if settings.notice and not settings.mailsrv:
@@ -393,7 +431,7 @@ class PolicyRequest:
     # cached_property works on a frozen dataclass: it writes the instance dict directly
     @functools.cached_property
     def login(self) -> str:
-        return self.sasl_username.strip().lower()
+        return normalise_login(self.sasl_username)
 
     @functools.cached_property
     def client_ip(self):
@@ -404,9 +442,28 @@ class PolicyRequest:
             address = ipaddress.ip_address(self.client_address.strip().split("%", 1)[0])
         except ValueError:
             return None
-        if address.version == 6 and address.ipv4_mapped is not None:
-            return address.ipv4_mapped
+        return unwrap_ipv4(address)
+
+
+# NAT64's well-known prefix (RFC 6052): the IPv4 client is the last 32 bits.
+NAT64_PREFIX = ipaddress.ip_network("64:ff9b::/96")
+
+
+def unwrap_ipv4(address):
+    """The IPv4 client inside an IPv6 address that carries one (IPv4-mapped,
+    6to4, Teredo, NAT64), so that it gets the country of that IPv4 address;
+    any other address as it is."""
+    if address.version == 4:
         return address
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if address.teredo is not None:
+        return address.teredo[1]  # (server, client)
+    if address in NAT64_PREFIX:
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return address
 
 
 _FILLED_IN_LATER = ("attributes", "client_country", "country_note", "client_place")
@@ -420,18 +477,22 @@ def parse_request(lines: Iterable[str]) -> PolicyRequest:
     `attributes` but otherwise ignored; a repeated attribute keeps its last value.
     """
     attributes = {}
+    skipped, first_skipped = 0, ""
     for line in lines:
         name, separator, value = line.partition("=")
         if not separator or not name:
-            log.warning("policy request: skipping a line that is not name=value: %r", line[:80])
+            skipped, first_skipped = skipped + 1, first_skipped or line
             continue
         attributes[name[:64]] = _clean_value(value)
+    if skipped:  # one line per request, however many it sent
+        log.warning("policy request: skipped %d line%s that %s not name=value, the first: %r", skipped,
+                    "s" if skipped != 1 else "", "are" if skipped != 1 else "is", first_skipped[:80])
     known = {name: value for name, value in attributes.items() if name in _REQUEST_FIELDS}
     return PolicyRequest(attributes=attributes, **known)
 
 
 def _clean_value(value: str) -> str:
-    return CONTROL_CHARACTERS.sub("", value[:MAX_ATTRIBUTE_VALUE])
+    return escape_controls(value[:MAX_ATTRIBUTE_VALUE])
 
 
 def format_reply(action: str) -> bytes:
@@ -607,6 +668,15 @@ class UTCDateTime(sa.types.TypeDecorator):
         return value.replace(tzinfo=UTC) if value is not None else None
 
 
+def _login_type() -> sa.types.TypeEngine:
+    """A login column: compared byte for byte everywhere.  MariaDB's default
+    collation would make alicé@ equal alice@ and Alice@ equal alice@."""
+    from sqlalchemy.dialects import mysql
+
+    return sa.String(MAX_LOGIN_LENGTH).with_variant(
+        mysql.VARCHAR(MAX_LOGIN_LENGTH, charset="utf8mb4", collation="utf8mb4_bin"), "mysql", "mariadb")
+
+
 class Base(DeclarativeBase):
     """pcc's tables.  Indexes are only those declared inside CREATE TABLE (primary
     keys, unique constraints): a separate CREATE INDEX would need MariaDB's INDEX
@@ -620,7 +690,7 @@ class Sighting(Base):
     __table_args__ = (sa.UniqueConstraint("login", "country", name="uq_pcc_sightings_login_country"),)
 
     id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
-    login: Mapped[str] = mapped_column(sa.String(MAX_LOGIN_LENGTH))
+    login: Mapped[str] = mapped_column(_login_type())
     country: Mapped[str] = mapped_column(sa.String(2))
     first_seen: Mapped[dt.datetime] = mapped_column(UTCDateTime())
     last_seen: Mapped[dt.datetime] = mapped_column(UTCDateTime())
@@ -638,7 +708,7 @@ class BlockedAccount(Base):
 
     __tablename__ = "pcc_blocked_accounts"
 
-    login: Mapped[str] = mapped_column(sa.String(MAX_LOGIN_LENGTH), primary_key=True)
+    login: Mapped[str] = mapped_column(_login_type(), primary_key=True)
     blocked_since: Mapped[Optional[dt.datetime]] = mapped_column(UTCDateTime(), nullable=True)
     block_id: Mapped[Optional[int]] = mapped_column(sa.Integer, nullable=True)
     counting_since: Mapped[Optional[dt.datetime]] = mapped_column(UTCDateTime(), nullable=True)
@@ -650,7 +720,7 @@ class Block(Base):
     __tablename__ = "pcc_blocks"
 
     id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
-    login: Mapped[str] = mapped_column(sa.String(MAX_LOGIN_LENGTH))
+    login: Mapped[str] = mapped_column(_login_type())
     blocked_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
     source: Mapped[str] = mapped_column(sa.String(16))  # "policy" or "admin"
     action: Mapped[str] = mapped_column(sa.String(16))
@@ -669,7 +739,7 @@ class TravelPass(Base):
     __table_args__ = (sa.UniqueConstraint("login", "country", name="uq_pcc_travel_passes_login_country"),)
 
     id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
-    login: Mapped[str] = mapped_column(sa.String(MAX_LOGIN_LENGTH))
+    login: Mapped[str] = mapped_column(_login_type())
     country: Mapped[str] = mapped_column(sa.String(2))
     granted_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
     expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
@@ -751,9 +821,9 @@ def _retry_on_conflict(method):
 class Store:
     """All database access.  One engine per process, shared by the threads."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, create_directory: bool = True):
         self.url = sa.engine.make_url(url)
-        options = self._engine_options()
+        options = self._engine_options(create_directory)
         self.engine = sa.create_engine(self.url, **options)
         # The hot path (one read, now and then one upsert) runs in autocommit on
         # a pool of its own: no BEGIN/ROLLBACK round trips, and each of those
@@ -776,13 +846,13 @@ class Store:
         self._sighting_upsert = self._build_sighting_upsert()
         self._prepare_raw_history_query()
 
-    def _engine_options(self) -> dict:
+    def _engine_options(self, create_directory: bool) -> dict:
         backend = self.url.get_backend_name()
         if backend == "sqlite":
             database = self.url.database or ""
-            if database and database != ":memory:" and not database.startswith("file:"):
+            if create_directory and database and database != ":memory:" and not database.startswith("file:"):
                 directory = os.path.dirname(os.path.abspath(database))
-                os.makedirs(directory, exist_ok=True)
+                os.makedirs(directory, mode=0o750, exist_ok=True)
             # check_same_thread: the pool hands a connection to one thread at a time.
             return {"connect_args": {"timeout": 30, "check_same_thread": False}}
         # Bounds on a thread stuck in a database that went away (the Watchdog has
@@ -804,6 +874,9 @@ class Store:
             "pool_recycle": 3600,
         }
 
+    def has_tables(self) -> bool:
+        return sa.inspect(self.engine).has_table(BlockedAccount.__tablename__)
+
     def create_tables(self) -> None:
         """CREATE TABLE for what is missing; needs no grant beyond CREATE."""
         Base.metadata.create_all(self.engine, checkfirst=True)
@@ -811,6 +884,19 @@ class Store:
     def dispose(self) -> None:
         self.engine.dispose()
         self.fast_engine.dispose()
+
+    def prove_writable(self) -> None:
+        """Write what the daemon writes, then roll back: a database the daemon
+        could read but not write fails here, at start, not at the first block."""
+        probe, now = "pcc-start-up-probe@invalid", utcnow()
+        with self.engine.connect() as connection:
+            self._upsert_sighting(connection, probe, "ZZ", "::", now)
+            self._insert_ignore(connection, BlockedAccount, {"login": probe})
+            block_id = connection.execute(sa.insert(Block).values(
+                login=probe, blocked_at=now, source="policy", action="HOLD", reason="start-up probe",
+                countries=[])).inserted_primary_key[0]
+            self._swap_block(connection, probe, BlockedAccount.blocked_since.is_(None), now, block_id)
+            connection.rollback()  # nothing of it is ever seen
 
     @staticmethod
     def _build_history_query():
@@ -1186,6 +1272,11 @@ def not_counted_reason(request: PolicyRequest, settings: Settings) -> Optional[s
         return "no SASL login"
     if len(login) > MAX_LOGIN_LENGTH:
         return f"SASL login longer than {MAX_LOGIN_LENGTH} characters"
+    return exempt_login_reason(login, settings)
+
+
+def exempt_login_reason(login: str, settings: Settings) -> Optional[str]:
+    """Why pcc never counts nor blocks this login, or None."""
     if settings.domains and login.rpartition("@")[2] not in settings.domains:
         return "login not in [mail] domains"
     if login in settings.whitelisted:
@@ -1290,6 +1381,8 @@ def impossible_journey(request: PolicyRequest, history: AccountHistory, settings
     latest, origin, destination = history.latest_sighting, history.last_place, request.client_place
     if settings.max_travel_speed_kmh is None or latest is None or origin is None or destination is None:
         return None
+    if history.counting_since is not None and latest.last_seen < history.counting_since:
+        return None  # unblocked since: the owner's next message starts afresh, like the country count
     ip = str(request.client_ip)
     if latest.last_ip == ip:
         return None
@@ -1350,11 +1443,14 @@ class Notifier:
         self._outbox: queue.Queue = queue.Queue()
         self._thread: Optional[threading.Thread] = None
         self._start_lock = threading.Lock()
+        self._queued_at: collections.deque = collections.deque()  # monotonic times of the unsent, oldest first
 
     def send(self, subject: str, body: str) -> None:
         """Queue a notification; returns at once."""
         if not self.settings.notice:
             return
+        with self._start_lock:
+            self._queued_at.append(time.monotonic())
         self._outbox.put(self._compose(subject, body))
         with self._start_lock:
             if self._thread is None:
@@ -1373,11 +1469,18 @@ class Notifier:
             log.error("notification to %s not sent: %s", message["To"], error)
             return False
 
+    def backlog(self) -> tuple:
+        """(notifications not sent yet, seconds the oldest of them has waited)."""
+        with self._start_lock:
+            if not self._queued_at:
+                return 0, 0.0
+            return len(self._queued_at), time.monotonic() - self._queued_at[0]
+
     def _compose(self, subject: str, body: str) -> email.message.EmailMessage:
         message = email.message.EmailMessage()
         message["From"] = self.sender
         message["To"] = ", ".join(self.settings.notice)
-        message["Subject"] = " ".join(subject.split())  # one line: no header injection
+        message["Subject"] = header_safe(subject)
         message["Date"] = email.utils.formatdate(localtime=True)
         message["Message-ID"] = email.utils.make_msgid(domain=socket.gethostname())
         message["Auto-Submitted"] = "auto-generated"
@@ -1392,6 +1495,8 @@ class Notifier:
                 try:
                     self._deliver(message)
                     log.info("notification sent to %s: %s", message["To"], message["Subject"])
+                    with self._start_lock:
+                        self._queued_at.popleft()
                     break
                 except (OSError, smtplib.SMTPException) as error:
                     log.error("notification to %s not sent (retrying in %.0f s): %s",
@@ -1404,10 +1509,18 @@ class Notifier:
             smtp.send_message(message, to_addrs=list(self.settings.notice))
 
 
+def header_safe(text: str) -> str:
+    """A header value from untrusted text (a SASL login): one line, and no RFC
+    2047 encoded word, which the email package would decode, CR/LF included,
+    into headers of the attacker's choosing."""
+    return " ".join(text.split()).replace("=?", "=\\?")
+
+
 def pcc_command(settings: Settings, option: str, login: str) -> str:
-    """The admin command line an email tells the reader to run."""
+    """The admin command line an email tells the reader to run, quoted for a
+    shell: a login with `...` or $(...) must not run when pasted."""
     program = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0].endswith("pcc.py") else "pcc.py"
-    return f"{program} --config {settings.config_path} {option} {login}"
+    return shlex.join([program, "--config", settings.config_path, option, login])
 
 
 def block_notice(settings: Settings, login: str, countries: Iterable[CountrySeen], reason: str,
@@ -1471,11 +1584,22 @@ DB_ANSWER_DEADLINE = 0.8
 DB_PROBE_INTERVAL = 1.0
 # Recently active accounts kept in memory, to decide during a database outage.
 HISTORY_CACHE_SIZE = 20000
+# The request `pcc.py --health` sends the daemon (Postfix never sends it):
+# the answer is DUNNO followed by what the daemon sees of itself.
+HEALTH_REQUEST = "pcc_health"
+# While the database fails, an ERROR line this often (seconds).
+OUTAGE_REPORT_INTERVAL = 60.0
 
 
 # Impossible-travel mails about one account are sent at most this often (an
 # account that flips between a VPN and its home line would cause one a flip).
 TRAVEL_NOTICE_INTERVAL = dt.timedelta(hours=6)
+
+
+# The metrics port serves a scraper or two: this many connections at once,
+# each done within this many seconds.
+METRICS_CONNECTIONS = 8
+METRICS_TIMEOUT = 10.0
 
 
 class Metrics:
@@ -1511,21 +1635,36 @@ class Metrics:
 
         from prometheus_client import make_wsgi_app
 
-        metrics_app = make_wsgi_app(self.registry)
-
-        def app(environ, start_response):
-            if not client_allowed(environ.get("REMOTE_ADDR", ""), allowed_clients):
-                log.warning("metrics request from %s refused: not in [server] allowed_clients",
-                            environ.get("REMOTE_ADDR"))
-                start_response("403 Forbidden", [("Content-Type", "text/plain")])
-                return [b"not in [server] allowed_clients\n"]
-            return metrics_app(environ, start_response)
+        app = make_wsgi_app(self.registry)
+        scrapes = threading.BoundedSemaphore(METRICS_CONNECTIONS)
 
         class MetricsServer(socketserver.ThreadingMixIn, WSGIServer):
+            """Bounded like the policy port: clients checked before a thread
+            is started, a few connections at a time, each with a time limit."""
+
             daemon_threads = True
             address_family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
 
+            def verify_request(self, request, client_address) -> bool:
+                if not client_allowed(client_address[0], allowed_clients):
+                    log.warning("metrics connection from %s refused: not in [server] allowed_clients",
+                                client_address[0])
+                    return False
+                if not scrapes.acquire(blocking=False):
+                    log.warning("metrics connection from %s refused: %d already open", client_address[0],
+                                METRICS_CONNECTIONS)
+                    return False
+                return True
+
+            def process_request_thread(self, request, client_address) -> None:
+                try:
+                    super().process_request_thread(request, client_address)
+                finally:
+                    scrapes.release()
+
         class QuietHandler(WSGIRequestHandler):
+            timeout = METRICS_TIMEOUT  # a client that sends nothing does not keep its thread
+
             def log_message(self, *_arguments) -> None:  # one line per scrape is noise
                 pass
 
@@ -1570,6 +1709,15 @@ class _StateCollector:
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+        state = self.service.database_state()
+        yield GaugeMetricFamily("pcc_database_up", "1 while this daemon can use its database, 0 while it decides "
+                                "without it", value=0 if state["failing"] else 1)
+        yield GaugeMetricFamily("pcc_database_failing_seconds", "How long the database has been failing (0 when "
+                                "it is not)", value=state["failing_seconds"])
+        yield CounterMetricFamily("pcc_database_error_answers", "Requests answered db_error_action because the "
+                                  "database failed", value=state["error_answers_total"])
+        yield GaugeMetricFamily("pcc_spooled_blocks", "Blocks waiting in the spool for the database",
+                                value=self.service.journal.blocks_waiting())
         operations = self.service.store.operation_counts()
         family = CounterMetricFamily("pcc_database_operations", "What the daemon asked of the database: "
                                      "history reads, sighting writes, block transactions", labels=["operation"])
@@ -1648,6 +1796,10 @@ class OutageJournal:
     def pending(self) -> bool:
         return bool(self._blocks or self._sightings)
 
+    def blocks_waiting(self) -> int:
+        with self._lock:
+            return len(self._blocks)
+
     def add_sighting(self, login: str, country: str, ip: str, now: dt.datetime) -> None:
         self._sightings.append((login, country, ip, now))
 
@@ -1661,8 +1813,9 @@ class OutageJournal:
             if not self.spool_path:
                 return
             try:
-                os.makedirs(os.path.dirname(os.path.abspath(self.spool_path)), exist_ok=True)
-                with open(self.spool_path, "a", encoding="utf-8") as spool:
+                os.makedirs(os.path.dirname(os.path.abspath(self.spool_path)), mode=0o750, exist_ok=True)
+                descriptor = os.open(self.spool_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+                with open(descriptor, "a", encoding="utf-8") as spool:
                     spool.write(json.dumps(entry) + "\n")
                     spool.flush()
                     os.fsync(spool.fileno())
@@ -1878,6 +2031,13 @@ class PolicyService:
         self._state_lock = threading.Lock()
         self._db_failing = False
         self._next_probe = 0.0
+        # The outage in course, for the log, the metrics and --health.
+        self._failing_since = 0.0  # monotonic
+        self._failed_on_write = False  # then only a successful write ends it
+        self._outage_problem = ""
+        self._outage_answers: collections.Counter = collections.Counter()  # "db_error_action" / "memory"
+        self._outage_reported = 0.0  # monotonic time of its latest ERROR line
+        self._error_answers_total = 0  # requests answered db_error_action since the start
         self.metrics = Metrics()  # off; run_daemon turns it on for [server] metrics_port
         self._travel_noticed: dict = {}  # login -> when its last impossible-travel mail went
 
@@ -1891,6 +2051,8 @@ class PolicyService:
                        ticket: Optional[RequestTicket] = None) -> tuple:
         """(the request with its country, the decision), recorded in the database
         (or, without it, in memory and the spool)."""
+        if request.request == HEALTH_REQUEST:
+            return request, Decision(f"DUNNO {self.health_report()}", "health check")
         skip = not_counted_reason(request, self.settings)
         if skip is not None:
             return request, Decision("DUNNO", skip)
@@ -1939,8 +2101,12 @@ class PolicyService:
                         ticket: RequestTicket) -> Decision:
         """Record a decision made on the database's history; if the database
         fails now, the decision stands and what it changes waits in the journal."""
+        wrote = decision.new_block or decision.record_sighting
         try:
             recorded = self._record(request, decision, now)
+            if not wrote and self._failed_on_write:  # a write failed before: only a write proves it works
+                self.store.prove_writable()
+                wrote = True
         except sa_exc.SQLAlchemyError as error:
             if is_data_error(error):  # it would be refused again: no journal; the decision stands
                 with ticket.lock:
@@ -1949,14 +2115,14 @@ class PolicyService:
                     self.journal.release_block(ticket.spooled)  # the replay sets it aside, with a line
                 self._refused_data(request, error)
                 return decision
-            self._database_failed(_first_line(error))
+            self._database_failed(_first_line(error), on_write=True)
             with ticket.lock:
                 ticket.recorded = True
                 if ticket.spooled is None:
                     return self._journal(request, decision, now)
             self.journal.release_block(ticket.spooled)  # spooled by the Watchdog already
             return dataclasses.replace(decision, reason=decision.reason + " (database failing: block spooled)")
-        self._database_ok()
+        self._database_ok(wrote)
         with ticket.lock:
             ticket.recorded = True
         if ticket.spooled is not None:  # the transaction did what the spool entry was kept for
@@ -2032,10 +2198,13 @@ class PolicyService:
     def _decide_offline(self, request: PolicyRequest, now: dt.datetime) -> Decision:
         login = request.login
         if login in self._known_blocked:
+            self._count_outage_answer("memory")
             return Decision(self.settings.block_reply, "account known to be blocked (database failing)")
         history = self._cache.get(login)
         if history is None:
+            self._count_outage_answer("db_error_action")
             return Decision(self.settings.db_error_action, "database failing, account not in memory")
+        self._count_outage_answer("memory")
         decision = decide(request, self._with_last_place(history), self.settings, now)
         self._remember(login, history, decision, now)
         decision = self._journal(request, decision, now)
@@ -2125,22 +2294,81 @@ class PolicyService:
             self._next_probe = time.monotonic() + DB_PROBE_INTERVAL
             return True
 
-    def _database_failed(self, problem: str) -> None:
-        # One line when an outage starts, not one per request.
+    def _database_failed(self, problem: str, on_write: bool = False) -> None:
+        # One line when an outage starts, not one per request; report_outage()
+        # repeats it every minute while it lasts.
         self.metrics.database_failed()
+        now = time.monotonic()
         with self._state_lock:
             starting, self._db_failing = not self._db_failing, True
-            self._next_probe = time.monotonic() + DB_PROBE_INTERVAL
+            self._next_probe = now + DB_PROBE_INTERVAL
+            self._outage_problem = problem
+            self._failed_on_write = self._failed_on_write or on_write
+            if starting:
+                self._failing_since = self._outage_reported = now
+                self._outage_answers.clear()
         if starting:
             log.error("database %s failed, answering from memory (else %s) until it is back: %s",
                       safe_url(self.settings.dbcon), self.settings.db_error_action, problem)
 
-    def _database_ok(self) -> None:
+    def _database_ok(self, wrote: bool = False) -> None:
+        """The database answered; a failure to write ends only with a write."""
         with self._state_lock:
-            ending, self._db_failing = self._db_failing, False
+            ending = self._db_failing and (wrote or not self._failed_on_write)
+            if ending:
+                self._db_failing = self._failed_on_write = False
+            lasted, answers = time.monotonic() - self._failing_since, dict(self._outage_answers)
         if ending:
-            log.warning("database %s is back; pcc answers from it again", safe_url(self.settings.dbcon))
+            log.warning("database %s is back; pcc answers from it again (the outage lasted %.0f s: %d requests "
+                        "got %s, %d were decided from memory)", safe_url(self.settings.dbcon), lasted,
+                        answers.get("db_error_action", 0), self.settings.db_error_action, answers.get("memory", 0))
             threading.Thread(target=self._write_journal, name="pcc-journal", daemon=True).start()
+
+    def _count_outage_answer(self, kind: str) -> None:
+        with self._state_lock:
+            self._outage_answers[kind] += 1
+            if kind == "db_error_action":
+                self._error_answers_total += 1
+
+    def database_unreachable_at_start(self, problem: str) -> None:
+        """A server that is down or unreachable at boot is an outage, not a
+        misconfiguration: serve as in an outage, and say so."""
+        log.error("database %s is unreachable at start-up; pcc serves as in an outage until it answers: %s",
+                  safe_url(self.settings.dbcon), problem)
+        self._database_failed(problem)
+
+    def report_outage(self) -> None:
+        """While pcc decides without its database, an ERROR line a minute: an
+        outage that lasts is a fault to fix, not a blip."""
+        now = time.monotonic()
+        with self._state_lock:
+            if not self._db_failing or now - self._outage_reported < OUTAGE_REPORT_INTERVAL:
+                return
+            self._outage_reported = now
+            lasted, answers, problem = now - self._failing_since, dict(self._outage_answers), self._outage_problem
+        log.error("database %s still failing after %.0f s (%s): %d requests answered %s, %d decided from "
+                  "memory, %d blocks waiting in the spool; protection is partly OFF until it is fixed",
+                  safe_url(self.settings.dbcon), lasted, problem, answers.get("db_error_action", 0),
+                  self.settings.db_error_action, answers.get("memory", 0), self.journal.blocks_waiting())
+
+    def health_report(self) -> str:
+        """What `pcc.py --health` asks the running daemon: name=value words."""
+        state = self.database_state()
+        unsent, waited = self.notifier.backlog()
+        built = self.geoip.built.isoformat() if self.geoip.built else "unknown"
+        return (f"{HEALTH_REQUEST} database={'failing' if state['failing'] else 'ok'} "
+                f"failing_seconds={state['failing_seconds']:.0f} error_answers={state['error_answers']} "
+                f"spooled_blocks={self.journal.blocks_waiting()} unsent_notices={unsent} "
+                f"oldest_unsent_seconds={waited:.0f} geoip_built={built}")
+
+    def database_state(self) -> dict:
+        """What the metrics and --health say of the database, as this daemon sees it."""
+        with self._state_lock:
+            return {"failing": self._db_failing,
+                    "failing_seconds": time.monotonic() - self._failing_since if self._db_failing else 0.0,
+                    "problem": self._outage_problem if self._db_failing else "",
+                    "error_answers": self._outage_answers.get("db_error_action", 0),
+                    "error_answers_total": self._error_answers_total}
 
     def _write_journal(self) -> None:
         try:
@@ -2504,7 +2732,7 @@ class PostfixQueue:
         except AdminError:
             return None  # the message left the queue meanwhile
         found = re.search(r"^named_attribute: sasl_username=(.*)$", envelope, re.MULTILINE)
-        return found.group(1).strip().lower() if found else None
+        return normalise_login(found.group(1)) if found else None
 
     def _postsuper(self, option: str, queue_ids: list, pattern: str) -> int:
         if not queue_ids:
@@ -2633,6 +2861,9 @@ class Admin:
         self._notify(f"pcc: travel pass for {login} ({listed})", body)
 
     def block(self, login: str, now: dt.datetime) -> None:
+        exempt = exempt_login_reason(login, self.settings)
+        if exempt is not None:
+            raise AdminError(f"{login} is not blocked: pcc never blocks it ({exempt}); change that first")
         _account, sightings, _blocks = self._account(login)
         recent = _countries_in_window(AccountHistory(sightings=tuple(sightings)), self.settings, now)
         reason = "blocked by an administrator"
@@ -2744,7 +2975,7 @@ class LogClock:
                                  int(classic[10:12]), int(classic[13:15]))
         if moment.tzinfo is None:
             moment = moment.astimezone()  # local time
-        return moment.astimezone(UTC)
+        return moment.astimezone(UTC)  # OverflowError for a stamp near year 1 or 9999: the caller skips the line
 
 
 class MemoryStore:
@@ -2870,7 +3101,7 @@ def replay_logs(paths: list, settings: Settings, geoip: GeoIP, today: Optional[d
                 found = _SUBMISSION_LINE.match(line)
                 try:
                     when = clock.parse(found["classic"], found["iso"]) if found else None
-                except (ValueError, KeyError):
+                except (ValueError, KeyError, OverflowError):
                     when = None
                 if when is None or not found["login"]:
                     result.unparseable += 1
@@ -2991,9 +3222,13 @@ def run_daemon(settings: Settings) -> int:
         service.metrics = Metrics(service)
     try:
         service.ensure_database()
+        service.store.prove_writable()
     except sa_exc.SQLAlchemyError as error:
-        log.error("database %s failed at start-up (will try again on each request): %s",
-                  safe_url(settings.dbcon), _first_line(error))
+        fault = permanent_database_fault(settings, error)
+        if fault is not None:  # it would protect nobody: refuse to run
+            refuse_to_start(f"pcc: {fault}")
+            return 1
+        service.database_unreachable_at_start(_first_line(error))
     try:
         server = PolicyServer(settings, service)
     except OSError as error:
@@ -3007,7 +3242,7 @@ def run_daemon(settings: Settings) -> int:
                       error.strerror or error)
             server.server_close()
             return 1
-    threading.Thread(target=watch_geoip_file, args=(service, server.stopping), name="pcc-geoip-watch",
+    threading.Thread(target=housekeeping, args=(service, server.stopping), name="pcc-housekeeping",
                      daemon=True).start()
 
     def on_stop(_signum, _frame):
@@ -3032,6 +3267,71 @@ def run_daemon(settings: Settings) -> int:
     log.info("pcc stopped")
     service.store.dispose()
     return 0
+
+
+def refuse_to_start(line: str) -> None:
+    """The one line that says why the daemon will not run: on standard error
+    (supervisord and systemd keep it) and in the log."""
+    print(mask_secrets(line, MaskingFormatter.secrets), file=sys.stderr, flush=True)
+    if not any(isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) is sys.stderr
+               for handler in log.handlers):
+        log.critical("%s", line)
+
+
+# Database errors that no retry fixes: (MariaDB error number, or PostgreSQL
+# SQLSTATE) -> what the administrator must do.
+_PERMANENT_FAULTS = {
+    1044: "grant the database to the user in [db] dbcon",
+    1045: "check the user and password in [db] dbcon",
+    1049: "create the database (CREATE DATABASE ...) or correct its name in [db] dbcon",
+    1142: "GRANT SELECT, INSERT, UPDATE, CREATE ON <database>.* TO <user> (see README, Databases)",
+    "28P01": "check the user and password in [db] dbcon",
+    "28000": "allow the user in pg_hba.conf, or correct it in [db] dbcon",
+    "3D000": "create the database (CREATE DATABASE ...) or correct its name in [db] dbcon",
+    "42501": "GRANT SELECT, INSERT, UPDATE ON pcc's tables (and CREATE) TO the user (see README, Databases)",
+}
+
+
+def permanent_database_fault(settings: Settings, error: sa_exc.SQLAlchemyError) -> Optional[str]:
+    """One line naming a fault that no retry fixes and its fix, or None for
+    what may pass by itself (a server down or unreachable)."""
+    original = getattr(error, "orig", None) or error
+    url = sa.engine.make_url(settings.dbcon)
+    if url.get_backend_name() == "sqlite":
+        return _sqlite_fault(url.database or "", original)
+    code = getattr(original, "sqlstate", None) or (getattr(original, "args", None) or [None])[0]
+    fix = _PERMANENT_FAULTS.get(code)
+    if fix is None:
+        return None
+    return f"database {safe_url(settings.dbcon)} refuses pcc: {_first_line(error)}: {fix}"
+
+
+def _sqlite_fault(path: str, error: BaseException) -> Optional[str]:
+    import grp
+    import pwd
+
+    text = str(error)
+    if not any(word in text for word in ("readonly", "read-only", "unable to open", "disk I/O")):
+        return None
+    path = os.path.abspath(path)
+    directory = os.path.dirname(path)
+    user = pwd.getpwuid(os.geteuid()).pw_name
+    group = grp.getgrgid(os.getegid()).gr_name
+    try:
+        if os.statvfs(directory).f_flag & os.ST_RDONLY:
+            return f"{directory} is on a read-only file system: put [db] dbcon's SQLite file on a writable one"
+    except OSError:
+        pass
+    for name in (path, path + "-wal", path + "-shm"):
+        if os.path.exists(name) and not os.access(name, os.R_OK | os.W_OK):
+            owner = pwd.getpwuid(os.stat(name).st_uid).pw_name
+            return (f"{name} is owned by {owner} and not writable by user {user}: "
+                    f"chown {user}:{group} {shlex.quote(name)}")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        owner = pwd.getpwuid(os.stat(directory).st_uid).pw_name if os.path.exists(directory) else "nobody"
+        return (f"{directory} is owned by {owner} and not writable by user {user} (SQLite writes its -wal and "
+                f"-shm files there): chown {user}:{group} {shlex.quote(directory)}")
+    return f"{path} cannot be written by user {user}: {text}"
 
 
 def reload_settings(server: PolicyServer) -> None:
@@ -3080,12 +3380,14 @@ def describe_rules(settings: Settings) -> str:
 GEOIP_CHECK_INTERVAL = 5.0
 
 
-def watch_geoip_file(service: PolicyService, stopping: threading.Event) -> None:
-    """Use a replaced GeoIP file without a restart (geoipupdate renames a new
-    file over the old one).  A file that cannot be used is logged once and the
-    data in use stays."""
+def housekeeping(service: PolicyService, stopping: threading.Event) -> None:
+    """Every few seconds: use a replaced GeoIP file without a restart
+    (geoipupdate renames a new file over the old one; a file that cannot be
+    used is logged once and the data in use stays), and say again that the
+    database is failing, if it still is."""
     while not stopping.wait(GEOIP_CHECK_INTERVAL):
         reload_geoip_if_replaced(service)
+        service.report_outage()
 
 
 def reload_geoip_if_replaced(service: PolicyService) -> bool:
@@ -3136,7 +3438,8 @@ def _warn_if_readable(settings: Settings) -> None:
     except OSError:
         return
     if secrets_of(settings) and mode & 0o004:
-        log.warning("%s holds a database password and is readable by every user: chmod 600 it",
+        log.warning("%s holds a database password and is readable by every user: "
+                    "chown root:pcc %s; chmod 640 %s", settings.config_path, settings.config_path,
                     settings.config_path)
 
 
@@ -3170,6 +3473,9 @@ def build_argument_parser() -> argparse.ArgumentParser:
                           help="run the policy service (in the foreground, as supervisord expects)")
     commands.add_argument("--check-config", action="store_true",
                           help="read and validate the configuration, print a summary, and exit")
+    commands.add_argument("--health", action="store_true",
+                          help="ask the running daemon how it is, for Nagios/Icinga/monit/cron: one line, "
+                          "exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN")
     commands.add_argument("-l", "--list", action="store_true",
                           help="list blocked accounts: login, blocked since, action, countries with last IP and time")
     commands.add_argument("-s", "--show", metavar="LOGIN",
@@ -3208,6 +3514,11 @@ def build_argument_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list] = None) -> int:
     parser = build_argument_parser()
     arguments = parser.parse_args(argv)
+    # Files pcc creates (SQLite, spool) are for its own user and group only.
+    os.umask(0o027)
+    if arguments.list or arguments.show or (arguments.replay and not arguments.record):
+        # Output that only reads: `pcc.py --replay ... | head` ends quietly, as any Unix filter does.
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     if arguments.allow:
         if arguments.country is None or arguments.days is None:
             parser.error("--allow needs --country and --days")
@@ -3221,8 +3532,15 @@ def main(argv: Optional[list] = None) -> int:
     try:
         settings = load_settings(arguments.config)
     except ConfigError as error:
+        if arguments.health:
+            print(f"PCC UNKNOWN - {error}")
+            return HEALTH_UNKNOWN
         print(f"pcc: {error}", file=sys.stderr)
         return 2
+    if arguments.health:
+        status, line = check_health(settings)
+        print(line)
+        return status
     if arguments.check_config:
         print(f"{settings.config_path}: OK; database {safe_url(settings.dbcon)}; {describe_rules(settings)}")
         return 0
@@ -3237,16 +3555,111 @@ def main(argv: Optional[list] = None) -> int:
     return run_admin_command(settings, arguments)
 
 
+# --- pcc.py --health: the monitoring-plugin conventions ---------------------
+
+HEALTH_OK, HEALTH_WARNING, HEALTH_CRITICAL, HEALTH_UNKNOWN = 0, 1, 2, 3
+HEALTH_LABELS = ("OK", "WARNING", "CRITICAL", "UNKNOWN")
+# The daemon must answer within this many seconds, as Postfix would need it to.
+HEALTH_TIMEOUT = 2.0
+# Notifications that have waited longer than this mean the admins hear nothing.
+UNSENT_NOTICE_WARNING = 600
+
+
+def ask_daemon_health(settings: Settings) -> dict:
+    """Send the health request to the daemon on host:port; its name=value words.
+    Raises OSError (TimeoutError included) when no whole answer comes in time."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(settings.host, settings.host)
+    deadline = time.monotonic() + HEALTH_TIMEOUT
+    with socket.create_connection((host, settings.port), timeout=HEALTH_TIMEOUT) as connection:
+        connection.sendall(f"request={HEALTH_REQUEST}\n\n".encode())
+        reply = b""
+        while not reply.endswith(b"\n\n"):
+            connection.settimeout(max(0.01, deadline - time.monotonic()))
+            chunk = connection.recv(4096)
+            if not chunk:
+                raise ConnectionError("the connection was closed without an answer")
+            reply += chunk
+    return dict(word.split("=", 1) for word in reply.decode("utf-8", "replace").split() if "=" in word)
+
+
+def check_health(settings: Settings) -> tuple:
+    """(exit status, the one line) of `pcc.py --health`."""
+    started = time.monotonic()
+    try:
+        report = ask_daemon_health(settings)
+    except OSError as error:
+        return HEALTH_CRITICAL, (f"PCC CRITICAL - no answer from {settings.host}:{settings.port} within "
+                                 f"{HEALTH_TIMEOUT:g} s: {error.strerror or error or 'timed out'} | "
+                                 f"response_time={time.monotonic() - started:.3f}s;;{HEALTH_TIMEOUT:g}")
+    seconds = time.monotonic() - started
+    if "database" not in report:
+        return HEALTH_UNKNOWN, (f"PCC UNKNOWN - {settings.host}:{settings.port} answered, but not with a "
+                                f"pcc health report (another service, or a pcc older than 1.2)")
+    critical, warnings = [], []
+    failing = int(float(report.get("failing_seconds", 0)))
+    if report["database"] != "ok":
+        critical.append(f"the daemon cannot use its database for {failing} s "
+                        f"({report.get('error_answers', '?')} requests answered {settings.db_error_action})")
+    built = report.get("geoip_built", "unknown")
+    age = (utcnow().date() - dt.date.fromisoformat(built)).days if built != "unknown" else None
+    if age is None or age > GEOIP_STALE_AFTER.days:
+        warnings.append(f"GeoIP data is {age if age is not None else 'of unknown'} days old: pcc.py --update-geoip")
+    spooled = int(report.get("spooled_blocks", 0))
+    if spooled:
+        warnings.append(f"{spooled} blocks wait in the spool for the database")
+    unsent, waited = int(report.get("unsent_notices", 0)), int(report.get("oldest_unsent_seconds", 0))
+    if unsent and waited > UNSENT_NOTICE_WARNING:
+        warnings.append(f"{unsent} notifications unsent, the oldest for {waited // 60} min (check [mail] mailsrv)")
+    status = HEALTH_CRITICAL if critical else HEALTH_WARNING if warnings else HEALTH_OK
+    summary = "; ".join(critical + warnings) or "answering, database in use"
+    perfdata = (f"response_time={seconds:.3f}s;;{HEALTH_TIMEOUT:g} database_failing_seconds={failing}s "
+                f"spooled_blocks={spooled};1 unsent_notices={unsent} geoip_age_days={age if age is not None else 'U'};"
+                f"{GEOIP_STALE_AFTER.days}")
+    return status, f"PCC {HEALTH_LABELS[status]} - {summary} | {perfdata}"
+
+
+def missing_sqlite_file(settings: Settings) -> Optional[str]:
+    """The path of the configured SQLite file if it does not exist yet."""
+    url = sa.engine.make_url(settings.dbcon)
+    path = url.database or ""
+    if url.get_backend_name() != "sqlite" or path in ("", ":memory:") or path.startswith("file:"):
+        return None
+    return None if os.path.exists(path) else path
+
+
+def start_the_daemon_first(path: str) -> str:
+    return (f"pcc: neither {path} nor its directory exist yet: start the daemon first (it creates them as its "
+            f"own user), then run this again")
+
+
+def _nothing_recorded_yet(arguments: argparse.Namespace, login) -> int:
+    """-l or -s before the daemon ever ran: answered without creating anything."""
+    if arguments.list:
+        print("[]" if arguments.json else "No account is blocked.")
+        return 0
+    print(f"pcc: unknown login {login(arguments.show)}: pcc has never counted nor blocked it", file=sys.stderr)
+    return 1
+
+
 def run_admin_command(settings: Settings, arguments: argparse.Namespace) -> int:
-    store = Store(settings.dbcon)
+    """The admin commands.  None of them creates the database: a file made by
+    root would stop the daemon that runs as its own user.  -l and -s only read."""
+    reading = bool(arguments.list or arguments.show)
+    missing = missing_sqlite_file(settings)
+    login = normalise_login
+    if missing and reading:
+        return _nothing_recorded_yet(arguments, login)
+    if missing and not os.path.isdir(os.path.dirname(os.path.abspath(missing))):
+        print(start_the_daemon_first(missing), file=sys.stderr)
+        return 1
+    store = Store(settings.dbcon, create_directory=False)
     admin = Admin(settings, store, Notifier(settings), PostfixQueue(settings.postfix_config_directory))
     now = utcnow()
-
-    def login(value: str) -> str:
-        return value.strip().lower()
-
     try:
-        store.create_tables()
+        if reading and not store.has_tables():
+            return _nothing_recorded_yet(arguments, login)
+        if not reading:
+            store.create_tables()
         if arguments.list:
             admin.list_blocked(arguments.json)
         elif arguments.show:
@@ -3271,7 +3684,21 @@ def run_admin_command(settings: Settings, arguments: argparse.Namespace) -> int:
         return 1
     finally:
         store.dispose()
+        if missing:
+            hand_over_to_directory_owner(missing)
     return 0
+
+
+def hand_over_to_directory_owner(path: str) -> None:
+    """A SQLite file a command made as root belongs to whoever owns its
+    directory (the daemon's user, /var/lib/pcc): root's file would stop the
+    daemon.  SQLite gives its -wal and -shm files the main file's owner."""
+    if os.geteuid() != 0 or not os.path.exists(path):
+        return
+    directory = os.stat(os.path.dirname(os.path.abspath(path)))
+    for name in (path, path + "-wal", path + "-shm"):
+        if os.path.exists(name):
+            os.chown(name, directory.st_uid, directory.st_gid)
 
 
 # A travel pass is for a trip, not a standing exception (that is ignorecountries).
@@ -3313,7 +3740,11 @@ def run_replay(settings: Settings, arguments: argparse.Namespace) -> int:
 
 
 def record_replayed_sightings(settings: Settings, result: ReplayResult) -> int:
-    store = Store(settings.dbcon)
+    missing = missing_sqlite_file(settings)
+    if missing and not os.path.isdir(os.path.dirname(os.path.abspath(missing))):
+        print(start_the_daemon_first(missing), file=sys.stderr)
+        return 1
+    store = Store(settings.dbcon, create_directory=False)
     sightings = ((login, seen) for login, countries in result.service.store.sightings.items()
                  for seen in countries.values())
     try:
@@ -3324,6 +3755,8 @@ def record_replayed_sightings(settings: Settings, result: ReplayResult) -> int:
         return 1
     finally:
         store.dispose()
+        if missing:
+            hand_over_to_directory_owner(missing)
     print(f"recorded {written} sightings of {len(result.service.store.sightings)} accounts from "
           f"{result.submissions} submissions into {safe_url(settings.dbcon)} "
           f"({result.unparseable} unparseable lines skipped)")

@@ -214,3 +214,13 @@ def test_block_writes_a_block_and_mails_the_journey(service_for, smtp_sink):
     (mail,) = [m for _r, m in smtp_sink.wait_for(1)]
     assert mail["Subject"] == "pcc: account alice@example.com blocked (REJECT)"
     assert "The impossible journey:" in mail.get_content() and "Tokyo, JP" in mail.get_content()
+
+
+def test_after_an_unblock_the_travel_rule_starts_afresh(service_for):
+    """The owner, unblocked, sends from home: not a journey from where the thief was."""
+    service = service_for("block")
+    assert ask(service, "Paris", NOW) == "DUNNO"
+    assert ask(service, "Tokyo", NOW + HOUR) == "REJECT blocked"
+    service.store.unblock("alice@example.com", NOW + 2 * HOUR)
+    assert ask(service, "Paris", NOW + 2 * HOUR + MINUTE) == "DUNNO"
+    assert ask(service, "Tokyo", NOW + 2 * HOUR + 2 * MINUTE) == "REJECT blocked"  # the rule still holds
