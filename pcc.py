@@ -75,6 +75,10 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import zlib
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
@@ -82,7 +86,7 @@ import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-__version__ = "1.1.0"
+__version__ = "1.2.0"
 
 log = logging.getLogger("pcc")
 
@@ -149,6 +153,7 @@ class Settings:
     spool_file: str  # blocks decided during a database outage wait here; "" = memory only
     # [geoip]
     geoip_database: str  # "" = the embedded default data
+    geoip_update_url: str  # where --update-geoip downloads from; "" = DB-IP's free monthly file
     # [mail]
     domains: frozenset  # lower-case domains; empty = every account
     mailsrv: str
@@ -324,7 +329,7 @@ class _ConfigReader:
         return addresses
 
 
-def load_settings(path: str) -> Settings:
+def load_settings(path: str, geoip_file_needed: bool = True) -> Settings:
     """Read and validate the whole configuration, or raise ConfigError."""
     config = _ConfigReader(path)
     settings = Settings(
@@ -340,6 +345,7 @@ def load_settings(path: str) -> Settings:
         db_error_action=config.choice("db", "db_error_action", DB_ERROR_ACTIONS),
         spool_file=config.text("db", "spool_file"),
         geoip_database=config.text("geoip", "database"),
+        geoip_update_url=config.text("geoip", "update_url"),
         domains=config.logins("mail", "domains"),
         mailsrv=config.text("mail", "mailsrv"),
         mailport=config.integer("mail", "mailport", 1, 65535, blank=25),
@@ -368,6 +374,10 @@ def load_settings(path: str) -> Settings:
     except sa_exc.ArgumentError:
         raise config.fail("db", "dbcon", "is not an SQLAlchemy database URL "
                           "(e.g. sqlite:////var/lib/pcc/pcc.sqlite3)") from None
+    if settings.geoip_update_url and urllib.parse.urlsplit(settings.geoip_update_url).scheme not in ("http", "https"):
+        raise config.fail("geoip", "update_url", f"must be an http:// or https:// URL, got {settings.geoip_update_url!r}")
+    if not geoip_file_needed and not os.path.exists(settings.geoip_database):
+        return settings  # --update-geoip installs it
     kind = _geoip_database_type(config, settings.geoip_database) if settings.geoip_database else None
     if settings.max_travel_speed_kmh is not None:
         _require_places(config, settings.geoip_database, kind)
@@ -550,6 +560,7 @@ class GeoIP:
         self.path = path
         self.has_places = False
         self.ipv4_only = False
+        self.database_type = "GeoLite2-Country"
         if path:
             import maxminddb
 
@@ -558,6 +569,7 @@ class GeoIP:
             metadata = self._reader.metadata()
             built = dt.datetime.fromtimestamp(metadata.build_epoch, UTC)
             self.built = built.date()
+            self.database_type = metadata.database_type
             self.has_places = is_city_level(metadata.database_type)
             self.ipv4_only = metadata.ip_version == 4
             self.description = f"{path} ({metadata.database_type}, built {self.built.isoformat()})"
@@ -574,6 +586,10 @@ class GeoIP:
             self.description = f"embedded GeoLite2-Country data of {built_text} (geoip2fast package)"
             self._lookup = self._lookup_embedded
         self._cached_country = functools.lru_cache(maxsize=16384)(self._country)
+
+    def close(self) -> None:
+        if self.path:
+            self._reader.close()
 
     @staticmethod
     def signature_of(path: str) -> Optional[tuple]:
@@ -3292,6 +3308,14 @@ _PERMANENT_FAULTS = {
 }
 
 
+_POSTGRESQL_CONNECTION_FAULTS = (
+    ("password authentication failed", "28P01"),
+    ("no pg_hba.conf entry", "28000"),
+    ("role \"", "28000"),  # role "x" does not exist
+    ("database \"", "3D000"),  # database "x" does not exist
+)
+
+
 def permanent_database_fault(settings: Settings, error: sa_exc.SQLAlchemyError) -> Optional[str]:
     """One line naming a fault that no retry fixes and its fix, or None for
     what may pass by itself (a server down or unreachable)."""
@@ -3299,7 +3323,10 @@ def permanent_database_fault(settings: Settings, error: sa_exc.SQLAlchemyError) 
     url = sa.engine.make_url(settings.dbcon)
     if url.get_backend_name() == "sqlite":
         return _sqlite_fault(url.database or "", original)
-    code = getattr(original, "sqlstate", None) or (getattr(original, "args", None) or [None])[0]
+    arguments = getattr(original, "args", None) or [None]
+    code = getattr(original, "sqlstate", None) or (arguments[0] if isinstance(arguments[0], int) else None)
+    if code is None:  # libpq reports a refused connection in words only
+        code = next((state for words, state in _POSTGRESQL_CONNECTION_FAULTS if words in str(original)), None)
     fix = _PERMANENT_FAULTS.get(code)
     if fix is None:
         return None
@@ -3428,7 +3455,7 @@ def _warn_if_stale(geoip: GeoIP) -> None:
         log.warning("GeoIP %s: its build date is unknown; keep it current", geoip.description)
     elif utcnow().date() - geoip.built > GEOIP_STALE_AFTER:
         log.warning("GeoIP data is %d days old (built %s): countries of moved IP blocks will be wrong; "
-                    "set [geoip] database to a file kept current by geoipupdate",
+                    "set [geoip] database and run pcc.py --update-geoip monthly (see README)",
                     (utcnow().date() - geoip.built).days, geoip.built.isoformat())
 
 
@@ -3473,6 +3500,9 @@ def build_argument_parser() -> argparse.ArgumentParser:
                           help="run the policy service (in the foreground, as supervisord expects)")
     commands.add_argument("--check-config", action="store_true",
                           help="read and validate the configuration, print a summary, and exit")
+    commands.add_argument("--update-geoip", action="store_true",
+                          help="download current GeoIP data ([geoip] update_url; blank = DB-IP Lite, no account "
+                          "needed), check it, and install it as [geoip] database; the daemon picks it up")
     commands.add_argument("--health", action="store_true",
                           help="ask the running daemon how it is, for Nagios/Icinga/monit/cron: one line, "
                           "exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN")
@@ -3508,6 +3538,9 @@ def build_argument_parser() -> argparse.ArgumentParser:
                         help="with --replay: write the sightings (not the blocks) into the configured "
                         "database, so a new pcc starts knowing each account's recent countries")
     parser.add_argument("--json", action="store_true", help="with -l, -s or --replay: print JSON for scripts")
+    parser.add_argument("--timeout", type=float, default=GEOIP_DOWNLOAD_TIMEOUT, metavar="SECONDS",
+                        help=f"with --update-geoip: give up a download after this long (default "
+                        f"{GEOIP_DOWNLOAD_TIMEOUT:g})")
     return parser
 
 
@@ -3530,10 +3563,10 @@ def main(argv: Optional[list] = None) -> int:
                                    or arguments.record):
         parser.error("--threshold, --days and --record go with --replay")
     try:
-        settings = load_settings(arguments.config)
+        settings = load_settings(arguments.config, geoip_file_needed=not arguments.update_geoip)
     except ConfigError as error:
         if arguments.health:
-            print(f"PCC UNKNOWN - {error}")
+            print(f"PCC UNKNOWN - {error} | ")  # no perfdata to give
             return HEALTH_UNKNOWN
         print(f"pcc: {error}", file=sys.stderr)
         return 2
@@ -3541,6 +3574,13 @@ def main(argv: Optional[list] = None) -> int:
         status, line = check_health(settings)
         print(line)
         return status
+    if arguments.update_geoip:
+        try:
+            print(update_geoip(settings, arguments.timeout, utcnow()))
+        except UpdateError as error:
+            print(f"pcc: GeoIP update failed, the installed file is unchanged: {error}", file=sys.stderr)
+            return 1
+        return 0
     if arguments.check_config:
         print(f"{settings.config_path}: OK; database {safe_url(settings.dbcon)}; {describe_rules(settings)}")
         return 0
@@ -3553,6 +3593,133 @@ def main(argv: Optional[list] = None) -> int:
     if arguments.replay:
         return run_replay(settings, arguments)
     return run_admin_command(settings, arguments)
+
+
+# --- pcc.py --update-geoip: current data without an account -------------------
+
+# DB-IP's free "Lite" databases (CC BY 4.0), one file a month, MaxMind format.
+DBIP_LITE_URL = "https://download.db-ip.com/free/dbip-{kind}-lite-{month}.mmdb.gz"
+GEOIP_DOWNLOAD_TIMEOUT = 60.0
+GEOIP_DOWNLOAD_LIMIT = 1 << 30  # bytes once uncompressed; the City Lite file is about 130 MB
+# Every real GeoIP file places these in a country; a file that does not is no
+# file to count with (an error page, a truncated or foreign file).
+WELL_KNOWN_ADDRESSES = ("8.8.8.8", "1.1.1.1", "9.9.9.9")
+
+
+class UpdateError(Exception):
+    """Why a GeoIP update failed; the installed file is untouched."""
+
+
+def default_geoip_urls(needs_places: bool, now: dt.datetime) -> list:
+    """This month's DB-IP Lite file, then last month's (a new one appears in
+    the first days of a month)."""
+    kind = "city" if needs_places else "country"
+    last_month = now.replace(day=1) - dt.timedelta(days=1)
+    return [DBIP_LITE_URL.format(kind=kind, month=f"{moment:%Y-%m}") for moment in (now, last_month)]
+
+
+def update_geoip(settings: Settings, timeout: float, now: dt.datetime) -> str:
+    """Download, check, and rename over [geoip] database; what was installed."""
+    target = settings.geoip_database
+    if not target:
+        raise UpdateError("[geoip] database is blank (the embedded data cannot be updated): set it to the path "
+                          "pcc keeps its GeoIP file at, e.g. /var/lib/pcc/dbip-country-lite.mmdb, and run this again")
+    needs_places = settings.max_travel_speed_kmh is not None
+    directory = os.path.dirname(os.path.abspath(target))
+    urls = [settings.geoip_update_url] if settings.geoip_update_url else default_geoip_urls(needs_places, now)
+    temporary = None
+    for number, url in enumerate(urls, 1):
+        try:
+            temporary = download_geoip(url, directory, timeout)
+            break
+        except UpdateError as error:
+            if number == len(urls) or "HTTP 404" not in str(error):
+                raise
+    try:
+        description = check_geoip_file(temporary, target, needs_places)
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, target)  # the daemon sees a new file and reads it; readers never see half of one
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+    return f"installed {target}: {description}, from {url}"
+
+
+def download_geoip(url: str, directory: str, timeout: float) -> str:
+    """The file at `url`, uncompressed if it is gzip, in a new file of
+    `directory`; its path."""
+    request = urllib.request.Request(url, headers={"User-Agent": f"pcc/{__version__}"})
+    deadline = time.monotonic() + timeout
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)  # proxies from the environment
+    except urllib.error.HTTPError as error:
+        raise UpdateError(f"{url}: HTTP {error.code} {error.reason}") from None
+    except (urllib.error.URLError, OSError) as error:
+        raise UpdateError(f"{url}: {getattr(error, 'reason', None) or error}") from None
+    descriptor, temporary = tempfile.mkstemp(prefix=".pcc-geoip-", suffix=".mmdb", dir=directory)
+    try:
+        with response, open(descriptor, "wb") as out:
+            _copy_uncompressed(response, out, deadline)
+    except (OSError, zlib.error, UpdateError) as error:
+        os.unlink(temporary)
+        if isinstance(error, UpdateError):
+            raise
+        raise UpdateError(f"{url}: {error}") from None
+    return temporary
+
+
+def _copy_uncompressed(response, out, deadline: float) -> None:
+    inflate, written = None, 0
+    while True:
+        if time.monotonic() > deadline:
+            raise UpdateError("the download took longer than --timeout")
+        chunk = response.read(1 << 16)
+        if not chunk:
+            break
+        if inflate is None and written == 0:
+            inflate = zlib.decompressobj(16 + zlib.MAX_WBITS) if chunk[:2] == b"\x1f\x8b" else False
+        data = inflate.decompress(chunk) if inflate else chunk
+        written += len(data)
+        if written > GEOIP_DOWNLOAD_LIMIT:
+            raise UpdateError(f"more than {GEOIP_DOWNLOAD_LIMIT >> 20} MB: not a GeoIP file")
+        out.write(data)
+    if inflate and not inflate.eof:
+        raise UpdateError("the gzip data ends early (a truncated download)")
+    out.flush()
+    os.fsync(out.fileno())
+
+
+def check_geoip_file(path: str, installed: str, needs_places: bool) -> str:
+    """Use a downloaded file only if it is what pcc needs; its description."""
+    try:
+        fresh = GeoIP(path)
+    except (OSError, ValueError, RuntimeError) as error:  # RuntimeError: maxminddb's InvalidDatabaseError
+        raise UpdateError(f"the download is not a MaxMind-format database (an error page, or truncated?): "
+                          f"{error}") from None
+    try:
+        kind = fresh.database_type
+        if needs_places and not fresh.has_places:
+            raise UpdateError(f"it is a {kind} database, and max_travel_speed_kmh needs City-level data "
+                              "(use an update_url of a City file)")
+        unplaced = [address for address in WELL_KNOWN_ADDRESSES
+                    if not re.fullmatch(r"[A-Z]{2}", fresh.country(ipaddress.ip_address(address)).code or "")]
+        if unplaced:
+            raise UpdateError(f"it places no country for {', '.join(unplaced)}: not a usable GeoIP file")
+        current = _installed_build_date(installed)
+        if current is not None and fresh.built < current:
+            raise UpdateError(f"it was built on {fresh.built}, before the installed file ({current})")
+        return f"{kind}, built {fresh.built}"
+    finally:
+        fresh.close()
+
+
+def _installed_build_date(path: str) -> Optional[dt.date]:
+    try:
+        installed = GeoIP(path)
+    except (OSError, ValueError, RuntimeError):
+        return None  # none yet, or broken: anything that passes the checks is better
+    installed.close()
+    return installed.built
 
 
 # --- pcc.py --health: the monitoring-plugin conventions ---------------------
@@ -3594,7 +3761,8 @@ def check_health(settings: Settings) -> tuple:
     seconds = time.monotonic() - started
     if "database" not in report:
         return HEALTH_UNKNOWN, (f"PCC UNKNOWN - {settings.host}:{settings.port} answered, but not with a "
-                                f"pcc health report (another service, or a pcc older than 1.2)")
+                                f"pcc health report (another service, or a pcc older than 1.2) | "
+                                f"response_time={seconds:.3f}s;;{HEALTH_TIMEOUT:g}")
     critical, warnings = [], []
     failing = int(float(report.get("failing_seconds", 0)))
     if report["database"] != "ok":

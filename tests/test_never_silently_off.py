@@ -1,0 +1,353 @@
+"""Never silently off (#12): a daemon that cannot write its database refuses to
+run, an outage that lasts is said again every minute, admin commands never
+leave a file the daemon cannot use, `--health` reports what the daemon sees,
+and `--update-geoip` installs current GeoIP data, or nothing."""
+import gzip
+import http.server
+import os
+import pathlib
+import shutil
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+
+import pytest
+import sqlalchemy as sa
+
+import pcc
+from conftest import ROOT, SERVER_DATABASES, fresh_database, free_port, ip_in, scrape, write_config
+from test_faults import TcpProxy, walk, wait_for_log
+
+
+def run_pcc(*arguments, timeout=60):
+    command = [sys.executable, str(ROOT / "pcc.py"), *arguments]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+
+
+# --- running as an unprivileged user ------------------------------------------------
+
+@pytest.fixture
+def shared_dir():
+    """A directory every user can reach (pytest's own tmp_path is root's alone)."""
+    directory = tempfile.mkdtemp(prefix="pcc-test-")
+    os.chmod(directory, 0o755)
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def as_nobody(arguments: list, directory: str) -> list:
+    """The command line to run pcc.py as the user nobody, with Debian's python3
+    and the test environment's packages (the venv's own python lives under
+    /root, which nobody cannot enter); pcc.py is copied into `directory`."""
+    packages = sysconfig.get_paths()["purelib"]
+    system_python = "/usr/bin/python3"
+    version = subprocess.run([system_python, "-c", "import sys; print(tuple(sys.version_info[:2]))"],
+                             capture_output=True, text=True).stdout.strip()
+    if version != str(tuple(sys.version_info[:2])):
+        pytest.fail(f"{system_python} is Python {version}, the test packages are for {sys.version_info[:2]}")
+    program = os.path.join(directory, "pcc.py")
+    shutil.copy(ROOT / "pcc.py", program)
+    os.chmod(program, 0o644)
+    return ["runuser", "-u", "nobody", "--", "env", f"PYTHONPATH={packages}", system_python, program, *arguments]
+
+
+def nobody_config(directory: str, **overrides) -> str:
+    values = {"db.dbcon": f"sqlite:///{directory}/state/pcc.sqlite3", "db.spool_file": f"{directory}/state/spool",
+              "server.port": free_port(), **overrides}
+    path = write_config(pathlib.Path(directory), values)
+    os.chmod(path, 0o644)
+    return path
+
+
+def test_the_daemon_refuses_a_database_file_it_cannot_write(shared_dir):
+    import sqlite3
+
+    state = os.path.join(shared_dir, "state")
+    os.makedirs(state)
+    os.chmod(state, 0o777)  # the directory is not the problem here: the file is
+    path = os.path.join(state, "pcc.sqlite3")
+    sqlite3.connect(path).execute("CREATE TABLE t (a)")  # made by root, as `pcc.py -b` of pcc 1.1 did
+    result = subprocess.run(as_nobody(["--config", nobody_config(shared_dir), "-d", "--stderr"], shared_dir),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result
+    assert f"pcc: {path} is owned by root and not writable by user nobody: chown nobody:nogroup {path}" \
+        in result.stderr.splitlines()
+
+
+def test_list_on_a_missing_database_creates_nothing(shared_dir):
+    config = nobody_config(shared_dir)
+    result = run_pcc("--config", config, "-l")
+    assert result.returncode == 0 and result.stdout.strip() == "No account is blocked."
+    assert run_pcc("--config", config, "-s", "alice@example.com").returncode == 1
+    assert os.listdir(shared_dir) == ["pcc.conf"]  # no state directory, no database
+
+
+def test_a_command_run_as_root_leaves_the_database_to_the_daemons_user(shared_dir):
+    state = os.path.join(shared_dir, "state")
+    os.makedirs(state)
+    shutil.chown(state, "nobody", "nogroup")
+    port = free_port()
+    config = nobody_config(shared_dir, **{"server.port": port})
+    result = run_pcc("--config", config, "--allow", "alice@example.com", "--country", "FR", "--days", "3")
+    assert result.returncode == 0, result.stderr
+    assert os.listdir(state)
+    for name in os.listdir(state):
+        assert os.stat(os.path.join(state, name)).st_uid == pwd_uid("nobody"), name
+    # and the daemon, as nobody, runs on that database
+    process = subprocess.Popen(as_nobody(["--config", config, "-d", "--stderr"], shared_dir),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert process.poll() is None, process.stdout.read()
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
+def pwd_uid(name: str) -> int:
+    import pwd
+
+    return pwd.getpwnam(name).pw_uid
+
+
+# --- permanent faults and outages at start ---------------------------------------------
+
+def test_an_unknown_database_is_refused_and_an_unreachable_one_is_an_outage(start_daemon, tmp_path):
+    for url in ("postgresql+psycopg://postgres@127.0.0.1:5432/no_such_database",
+                "mysql+pymysql://root:wrong-Secret-1@127.0.0.1:3306/test"):
+        config = write_config(tmp_path, {"db.dbcon": url, "server.port": free_port()})
+        result = run_pcc("--config", config, "-d", "--stderr", timeout=30)
+        assert result.returncode == 1, result
+        refusal = [line for line in result.stderr.splitlines() if line.startswith("pcc: database")]
+        assert len(refusal) == 1 and "refuses pcc" in refusal[0], result.stderr
+        assert "wrong-Secret-1" not in result.stderr
+    unreachable = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/test"
+    daemon = start_daemon(**{"db.dbcon": unreachable, "db.db_error_action": "DEFER_IF_PERMIT"})
+    assert "unreachable at start-up; pcc serves as in an outage" in daemon.log()
+    assert daemon.client().ask("alice@example.com", ip_in("GB")) == "DEFER_IF_PERMIT"
+
+
+# --- a permanent fault while running: loud, every minute ---------------------------------
+
+def test_a_lost_grant_is_an_error_every_minute_and_in_the_metrics(start_daemon):
+    url = sa.engine.make_url(fresh_database(SERVER_DATABASES["postgresql"]))
+    admin = sa.create_engine(url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(sa.text("DROP ROLE IF EXISTS pcc_limited"))
+        connection.execute(sa.text("CREATE ROLE pcc_limited LOGIN"))
+        connection.execute(sa.text("GRANT CREATE, USAGE ON SCHEMA public TO pcc_limited"))
+    try:
+        metrics_port = free_port()
+        daemon = start_daemon(**{"db.dbcon": url.set(username="pcc_limited").render_as_string(hide_password=False),
+                                 "server.metrics_port": metrics_port})
+        client = daemon.client()
+        assert client.ask("alice@example.com", ip_in("GB")) == "DUNNO"
+        with admin.connect() as connection:
+            connection.execute(sa.text("REVOKE INSERT, UPDATE ON pcc_sightings, pcc_blocks, pcc_blocked_accounts "
+                                       "FROM pcc_limited"))
+        started = time.monotonic()
+        while time.monotonic() - started < pcc.OUTAGE_REPORT_INTERVAL + 8:
+            client.ask_like_postfix(f"user{int(time.monotonic() * 10)}@example.com", ip_in("US"))
+            time.sleep(0.5)
+        log = daemon.log()
+        assert log.count("failed, answering from memory") == 1
+        assert "still failing after" in log and "requests answered DUNNO" in log
+        metrics = scrape(metrics_port)
+        assert metrics[("pcc_database_up", ())] == 0
+        assert metrics[("pcc_database_error_answers_total", ())] > 10
+        health = run_pcc("--config", daemon.config_path, "--health")
+        assert health.returncode == 2 and health.stdout.startswith("PCC CRITICAL - the daemon cannot use its database")
+        with admin.connect() as connection:
+            connection.execute(sa.text("GRANT INSERT, UPDATE ON pcc_sightings, pcc_blocks, pcc_blocked_accounts "
+                                       "TO pcc_limited"))
+        deadline = time.monotonic() + 15
+        while "is back; pcc answers from it again" not in daemon.log():
+            assert time.monotonic() < deadline, daemon.log()[-3000:]
+            client.ask_like_postfix("zed@example.com", ip_in("FR"))
+            time.sleep(0.3)
+        assert scrape(metrics_port)[("pcc_database_up", ())] == 1
+    finally:
+        with admin.connect() as connection:
+            pcc.Base.metadata.drop_all(connection)
+            connection.execute(sa.text("REVOKE ALL ON SCHEMA public FROM pcc_limited"))
+            connection.execute(sa.text("DROP ROLE IF EXISTS pcc_limited"))
+        admin.dispose()
+
+
+# --- pcc.py --health -------------------------------------------------------------------
+
+def health(config):
+    result = run_pcc("--config", config, "--health")
+    assert len(result.stdout.splitlines()) == 1 and " | " in result.stdout, result
+    return result.returncode, result.stdout
+
+
+def test_health_up_down_and_with_its_database_cut(start_daemon, shared_db_url, tmp_path):
+    url = sa.engine.make_url(shared_db_url)
+    proxy = TcpProxy(url.host, url.port)
+    try:
+        daemon = start_daemon(**{"db.dbcon": url.set(host="127.0.0.1", port=proxy.port).render_as_string(
+            hide_password=False)})
+        status, line = health(daemon.config_path)
+        assert status == 0 and line.startswith("PCC OK - answering, database in use | response_time="), line
+        walk(daemon.client(), "alice@example.com", ["GB", "US", "FR"])
+        proxy.cut()
+        daemon.client().ask_like_postfix("alice@example.com", ip_in("DE"))  # decided from memory, spooled
+        status, line = health(daemon.config_path)
+        assert status == 2 and line.startswith("PCC CRITICAL - the daemon cannot use its database"), line
+        assert "1 blocks wait in the spool" in line and "spooled_blocks=1" in line
+        proxy.restore()
+        deadline = time.monotonic() + 15
+        while health(daemon.config_path)[0] != 0:
+            assert time.monotonic() < deadline
+            daemon.client().ask_like_postfix("dave@example.com", ip_in("GB"))
+            time.sleep(0.3)
+        daemon.stop()
+        status, line = health(daemon.config_path)
+        assert status == 2 and line.startswith(f"PCC CRITICAL - no answer from 127.0.0.1:{daemon.port} within 2 s")
+    finally:
+        proxy.close()
+
+
+def test_health_warns_of_stale_geoip_data_and_unknown_for_a_bad_config(start_daemon, tmp_path):
+    daemon = start_daemon(**{"geoip.database": ""})  # the embedded data is from 2024
+    status, line = health(daemon.config_path)
+    assert status == 1 and line.startswith("PCC WARNING - GeoIP data is ") and "--update-geoip" in line
+    broken = write_config(tmp_path, {"server.port": "many"}, name="broken.conf")
+    status, line = health(broken)
+    assert status == 3 and line.startswith("PCC UNKNOWN - ")
+
+
+def test_health_of_a_port_that_is_not_pcc(tmp_path):
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        config = write_config(tmp_path, {"server.port": silent.getsockname()[1]})
+        started = time.monotonic()
+        status, line = health(config)  # accepts, never answers
+        assert status == 2 and "within 2 s" in line and time.monotonic() - started < 4
+
+
+# --- pcc.py --update-geoip ----------------------------------------------------------------
+
+def write_mmdb(path, countries: dict, database_type="DBIP-Country-Lite") -> bytes:
+    from mmdb_writer import MMDBWriter
+    from netaddr import IPSet
+
+    writer = MMDBWriter(ip_version=6, ipv4_compatible=True, database_type=database_type, languages=["en"])
+    for network, code in countries.items():
+        record = {"country": {"iso_code": code}}
+        if "City" in database_type:
+            record.update(city={"names": {"en": "X"}}, location={"latitude": 1.0, "longitude": 2.0})
+        writer.insert_network(IPSet([network]), record)
+    writer.to_db_file(str(path))
+    return open(path, "rb").read()
+
+
+WELL_KNOWN = {"8.8.8.0/24": "US", "1.1.1.0/24": "AU", "9.9.9.0/24": "CH"}
+
+
+class Downloads:
+    """A local HTTP server: path -> (status, body, seconds to wait first)."""
+
+    def __init__(self):
+        self.files: dict = {}
+        files = self.files
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                status, body, delay = files.get(self.path, (404, b"<html>Not Found</html>", 0))
+                time.sleep(delay)
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *_arguments):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def url(self, path):
+        return f"http://127.0.0.1:{self.server.server_address[1]}{path}"
+
+
+@pytest.fixture
+def downloads():
+    served = Downloads()
+    yield served
+    served.server.shutdown()
+
+
+def test_update_geoip_installs_a_good_file_and_the_daemon_counts_with_it(start_daemon, tmp_path, downloads):
+    installed = tmp_path / "geoip.mmdb"
+    write_mmdb(installed, {**WELL_KNOWN, "20.1.0.0/16": "GB"})
+    fresh = write_mmdb(tmp_path / "new.mmdb", {**WELL_KNOWN, "20.1.0.0/16": "JP"})
+    downloads.files["/dbip.mmdb.gz"] = (200, gzip.compress(fresh), 0)
+    daemon = start_daemon(**{"geoip.database": str(installed), "geoip.update_url": downloads.url("/dbip.mmdb.gz")})
+    client = daemon.client()
+    client.ask("alice@example.com", ip_in("GB"))
+    assert "country=GB" in daemon.log()
+    result = run_pcc("--config", daemon.config_path, "--update-geoip")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"installed {installed}: DBIP-Country-Lite, built ")
+    assert installed.read_bytes() == fresh
+    wait_for_log(daemon, "was replaced; now using")
+    client.ask("bob@example.com", ip_in("GB"))
+    assert "login=bob@example.com client=20.1.0.1 country=JP" in daemon.log()
+
+
+@pytest.mark.parametrize("served, expected", [
+    ((200, b"<html><body>Please log in</body></html>", 0), "not a MaxMind-format database"),
+    ("truncated-gzip", "truncated download"),
+    ("truncated-plain", "not a MaxMind-format database"),
+    ((404, b"Not Found", 0), "HTTP 404"),
+    ("country-for-city", "max_travel_speed_kmh needs City-level data"),
+    ("no-well-known", "places no country for 8.8.8.8, 1.1.1.1, 9.9.9.9"),
+    ((200, b"", 5), "timed out"),
+])
+def test_update_geoip_keeps_the_installed_file_when_the_download_is_bad(tmp_path, downloads, served, expected,
+                                                                       city_geoip_path):
+    installed = tmp_path / "geoip.mmdb"
+    city = "City" in expected or served == "country-for-city"
+    write_mmdb(installed, {**WELL_KNOWN, "90.1.0.0/16": "GB"}, "DBIP-City-Lite" if city else "DBIP-Country-Lite")
+    before = installed.read_bytes()
+    good = write_mmdb(tmp_path / "good.mmdb", WELL_KNOWN)
+    bodies = {"truncated-gzip": (200, gzip.compress(good)[:-200], 0), "truncated-plain": (200, good[:-4000], 0),
+              "country-for-city": (200, good, 0),
+              "no-well-known": (200, write_mmdb(tmp_path / "x.mmdb", {"20.1.0.0/16": "GB"}), 0)}
+    downloads.files["/file"] = bodies.get(served, served)
+    overrides = {"geoip.database": str(installed), "geoip.update_url": downloads.url("/file")}
+    if city:
+        overrides["policy.max_travel_speed_kmh"] = "1000"
+    config = write_config(tmp_path, overrides)
+    result = run_pcc("--config", config, "--update-geoip", "--timeout", "2")
+    assert result.returncode == 1, result
+    assert result.stderr.startswith("pcc: GeoIP update failed, the installed file is unchanged: ")
+    assert expected in result.stderr and len(result.stderr.splitlines()) == 1, result.stderr
+    assert installed.read_bytes() == before
+    assert [name for name in os.listdir(tmp_path) if name.startswith(".pcc-geoip-")] == []
+
+
+def test_update_geoip_with_no_database_path_says_which_to_set(tmp_path):
+    result = run_pcc("--config", write_config(tmp_path, {"geoip.database": ""}), "--update-geoip")
+    assert result.returncode == 1 and "set it to the path pcc keeps its GeoIP file at" in result.stderr
+
+
+def test_the_default_source_is_dbip_lite_of_this_month_then_the_last():
+    now = pcc.dt.datetime(2026, 3, 2, tzinfo=pcc.UTC)
+    assert pcc.default_geoip_urls(False, now) == [
+        "https://download.db-ip.com/free/dbip-country-lite-2026-03.mmdb.gz",
+        "https://download.db-ip.com/free/dbip-country-lite-2026-02.mmdb.gz"]
+    assert pcc.default_geoip_urls(True, now)[0] == "https://download.db-ip.com/free/dbip-city-lite-2026-03.mmdb.gz"
