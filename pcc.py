@@ -3324,7 +3324,8 @@ def permanent_database_fault(settings: Settings, error: sa_exc.SQLAlchemyError) 
     if url.get_backend_name() == "sqlite":
         return _sqlite_fault(url.database or "", original)
     arguments = getattr(original, "args", None) or [None]
-    code = getattr(original, "sqlstate", None) or (arguments[0] if isinstance(arguments[0], int) else None)
+    # MariaDB's error number first (PyMySQL also sets a vague SQLSTATE such as 42000)
+    code = arguments[0] if isinstance(arguments[0], int) else getattr(original, "sqlstate", None)
     if code is None:  # libpq reports a refused connection in words only
         code = next((state for words, state in _POSTGRESQL_CONNECTION_FAULTS if words in str(original)), None)
     fix = _PERMANENT_FAULTS.get(code)

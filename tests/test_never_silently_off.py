@@ -351,3 +351,24 @@ def test_the_default_source_is_dbip_lite_of_this_month_then_the_last():
         "https://download.db-ip.com/free/dbip-country-lite-2026-03.mmdb.gz",
         "https://download.db-ip.com/free/dbip-country-lite-2026-02.mmdb.gz"]
     assert pcc.default_geoip_urls(True, now)[0] == "https://download.db-ip.com/free/dbip-city-lite-2026-03.mmdb.gz"
+
+
+def test_a_missing_grant_at_start_is_refused_with_the_grant_to_give(tmp_path):
+    url = sa.engine.make_url(fresh_database(SERVER_DATABASES["mariadb"]))
+    admin = sa.create_engine(url)
+    with admin.begin() as connection:
+        connection.execute(sa.text("DROP USER IF EXISTS 'pcc_reader'@'%'"))
+        connection.execute(sa.text("CREATE USER 'pcc_reader'@'%' IDENTIFIED BY 'Reader-Pw-7'"))
+        connection.execute(sa.text(f"GRANT SELECT, CREATE ON {url.database}.* TO 'pcc_reader'@'%'"))
+    try:
+        limited = url.set(username="pcc_reader", password="Reader-Pw-7").render_as_string(hide_password=False)
+        config = write_config(tmp_path, {"db.dbcon": limited, "server.port": free_port()})
+        result = run_pcc("--config", config, "-d", "--stderr")
+        assert result.returncode == 1, result
+        (refusal,) = [line for line in result.stderr.splitlines() if line.startswith("pcc: database")]
+        assert "refuses pcc" in refusal and "GRANT SELECT, INSERT, UPDATE, CREATE" in refusal
+        assert "Reader-Pw-7" not in result.stderr
+    finally:
+        with admin.begin() as connection:
+            connection.execute(sa.text("DROP USER IF EXISTS 'pcc_reader'@'%'"))
+        admin.dispose()

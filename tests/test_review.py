@@ -159,3 +159,22 @@ def test_an_unknown_key_or_section_is_refused(tmp_path):
         config_file.write("\n[polcy]\naction = REJECT\n")
     with pytest.raises(pcc.ConfigError, match=r"unknown section \[polcy\]"):
         pcc.load_settings(path)
+
+
+# --- 10, 11: README and pcc.conf say what the code does ---------------------------------
+
+def test_one_rule_for_the_config_files_mode():
+    readme, shipped = (ROOT / "README.md").read_text(), (ROOT / "pcc.conf").read_text()
+    for text in (readme, shipped):
+        assert "mode 600" not in text and "chmod 600" not in text
+    assert "chown root:pcc /etc/pcc.conf; chmod 640 /etc/pcc.conf" in shipped
+    assert "`chown root:pcc`" in readme and "`chmod 640`" in readme
+
+
+def test_readme_names_every_long_option():
+    readme = (ROOT / "README.md").read_text()
+    options = [option for action in pcc.build_argument_parser()._actions for option in action.option_strings
+               if option.startswith("--") and option != "--help"]
+    assert len(options) > 15
+    missing = [option for option in options if f"`{option}" not in readme and f"/`{option}`" not in readme]
+    assert missing == []
