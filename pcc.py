@@ -3562,11 +3562,11 @@ def main(argv: Optional[list] = None) -> int:
             parser.error("--threshold and --record go with --replay")
     elif arguments.country is not None:
         parser.error("--country goes with --allow")
-    if arguments.timeout is not None and not (arguments.update_geoip and arguments.timeout > 0):
-        parser.error("--timeout takes a number of seconds above 0 and goes with --update-geoip")
     elif not arguments.replay and (arguments.threshold is not None or arguments.days is not None
                                    or arguments.record):
         parser.error("--threshold, --days and --record go with --replay")
+    if arguments.timeout is not None and not (arguments.update_geoip and arguments.timeout > 0):
+        parser.error("--timeout takes a number of seconds above 0 and goes with --update-geoip")
     try:
         settings = load_settings(arguments.config, geoip_file_needed=not arguments.update_geoip)
     except ConfigError as error:

@@ -178,3 +178,10 @@ def test_readme_names_every_long_option():
     assert len(options) > 15
     missing = [option for option in options if f"`{option}" not in readme and f"/`{option}`" not in readme]
     assert missing == []
+
+
+def test_timeout_goes_with_update_geoip_only():
+    for arguments in (["-l", "--timeout", "3"], ["--update-geoip", "--timeout", "0"]):
+        with pytest.raises(SystemExit) as refused:
+            pcc.main(["--config", str(ROOT / "pcc.conf"), *arguments])
+        assert refused.value.code == 2
