@@ -32,12 +32,15 @@ How the pieces fit, in the order data flows (and the order of this file):
   notifications   one email per new block or impossible journey, sent by a
                   background thread with retries
   the server      socketserver.ThreadingTCPServer, one loop of requests per connection;
-                  PolicyService asks the database in the connection's thread, one
-                  request per account at a time (a burst of one account is decided
-                  on its first request's result); a Watchdog answers any request
-                  still there after 0.8 s, with its decision when that is made (the
-                  block synced to a spool file first), else from memory; during an
-                  outage blocks go to the spool file; optional Prometheus metrics
+                  PolicyService decides in the connection's thread, one request per
+                  account at a time, on the account's history in memory while a poll
+                  of the database's changes (4 a second) keeps it current, else read
+                  from the database; blocks are written before the answer, sightings
+                  behind it in batches (SightingWriter); a Watchdog answers any
+                  request still there after 0.8 s, with its decision when that is
+                  made (the block synced to a spool file first), else from memory;
+                  during an outage blocks go to the spool file; log lines go through
+                  a queue to a thread of their own; optional Prometheus metrics
   admin commands  list, show, block, unblock (and release/delete held mail), cleanup,
                   travel passes, --replay of Postfix logs through the same
                   service and decision, --health (asks the daemon what it sees)
@@ -705,7 +708,11 @@ class Sighting(Base):
     """An account seen sending from a country: one row per (login, country)."""
 
     __tablename__ = "pcc_sightings"
-    __table_args__ = (sa.UniqueConstraint("login", "country", name="uq_pcc_sightings_login_country"),)
+    # (last_seen, id) is unique anyway: the constraint is the one way to get an
+    # index on last_seen inside CREATE TABLE on all three databases, for the
+    # daemons' poll of what changed (Store.changes_since) and for cleanup.
+    __table_args__ = (sa.UniqueConstraint("login", "country", name="uq_pcc_sightings_login_country"),
+                      sa.UniqueConstraint("last_seen", "id", name="uq_pcc_sightings_recent"))
 
     id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
     login: Mapped[str] = mapped_column(_login_type())
@@ -862,6 +869,7 @@ class Store:
         self._operations_lock = threading.Lock()
         self._history_query = self._build_history_query()
         self._sighting_upsert = self._build_sighting_upsert()
+        self._sighting_merge = self._build_sighting_merge()
         self._prepare_raw_history_query()
 
     def _engine_options(self, create_directory: bool) -> dict:
@@ -872,7 +880,13 @@ class Store:
                 directory = os.path.dirname(os.path.abspath(database))
                 os.makedirs(directory, mode=0o750, exist_ok=True)
             # check_same_thread: the pool hands a connection to one thread at a time.
-            return {"connect_args": {"timeout": 30, "check_same_thread": False}}
+            options: dict = {"connect_args": {"timeout": 30, "check_same_thread": False}}
+            if database and database != ":memory:":
+                # Sized for the connection threads: SQLAlchemy's default (5 + 10
+                # overflow, closed on return) opened a connection, with its
+                # PRAGMAs, for most requests at 32 connections.
+                options.update(pool_size=32, max_overflow=32, pool_timeout=5)
+            return options
         # Bounds on a thread stuck in a database that went away (the Watchdog has
         # answered Postfix long before): the connect, and unacknowledged data.
         connect_args: dict = {"connect_timeout": 3}
@@ -898,6 +912,25 @@ class Store:
     def create_tables(self) -> None:
         """CREATE TABLE for what is missing; needs no grant beyond CREATE."""
         Base.metadata.create_all(self.engine, checkfirst=True)
+        self._ensure_recent_index()
+
+    def _ensure_recent_index(self) -> None:
+        """Tables made by pcc 1.2 and older have no index on pcc_sightings.last_seen,
+        which the daemons' poll for changes needs: add one, or say how."""
+        inspector = sa.inspect(self.engine)
+        table = Sighting.__tablename__
+        found = inspector.get_indexes(table) + inspector.get_unique_constraints(table)
+        if any(list(index["column_names"])[:1] == ["last_seen"] for index in found):
+            return
+        index = sa.Index("ix_pcc_sightings_last_seen", Sighting.last_seen)
+        try:
+            index.create(self.engine)
+            log.warning("added the index ix_pcc_sightings_last_seen to %s (tables of pcc 1.2 and older lack it)",
+                        table)
+        except sa_exc.SQLAlchemyError as error:
+            log.warning("%s has no index on last_seen and pcc may not add one (%s): every daemon's poll for "
+                        "changes reads the whole table; run as the database owner: CREATE INDEX "
+                        "ix_pcc_sightings_last_seen ON %s (last_seen)", table, _first_line(error), table)
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -943,6 +976,30 @@ class Store:
         new = insert.excluded
         return insert.on_conflict_do_update(index_elements=["login", "country"],
                                             set_={"last_seen": new.last_seen, "last_ip": new.last_ip})
+
+    def _build_sighting_merge(self):
+        """An upsert that merges: the earliest first_seen and the latest
+        last_seen (with its IP) of what is there and what comes, so batches
+        written late, or by several daemons, never move a sighting back."""
+        names = ("login", "country", "first_seen", "last_seen", "last_ip")
+        insert = self._dialect_insert(Sighting).values({name: sa.bindparam(name) for name in names})
+        if self.dialect in ("mysql", "mariadb"):
+            new = insert.inserted
+            # MySQL applies these in order, each seeing the ones before: last_ip
+            # first (a list keeps the order; a dict would follow the table's).
+            return insert.on_duplicate_key_update([
+                ("last_ip", sa.case((new.last_seen > Sighting.last_seen, new.last_ip), else_=Sighting.last_ip)),
+                ("first_seen", sa.func.least(Sighting.first_seen, new.first_seen)),
+                ("last_seen", sa.func.greatest(Sighting.last_seen, new.last_seen)),
+            ])
+        new = insert.excluded
+        earliest, latest = (sa.func.min, sa.func.max) if self.dialect == "sqlite" else (sa.func.least,
+                                                                                         sa.func.greatest)
+        return insert.on_conflict_do_update(index_elements=["login", "country"], set_={
+            "last_ip": sa.case((new.last_seen > Sighting.last_seen, new.last_ip), else_=Sighting.last_ip),
+            "first_seen": earliest(Sighting.first_seen, new.first_seen),
+            "last_seen": latest(Sighting.last_seen, new.last_seen),
+        })
 
     # --- the daemon's reads and writes -------------------------------------
 
@@ -1004,6 +1061,34 @@ class Store:
         self._count("sighting_write")
         with self.fast_engine.connect() as connection:
             self._upsert_sighting(connection, login, country, ip, now)
+
+    @_retry_on_conflict
+    def write_sightings(self, rows: list) -> None:
+        """Merge many sightings in one transaction (one commit, one fsync).
+        rows: dicts with Sighting's columns, in (login, country) order so that
+        two daemons writing overlapping batches take the row locks in the same
+        order and cannot deadlock."""
+        self._count("sighting_write")
+        with self.engine.begin() as connection:
+            connection.execute(self._sighting_merge, rows)
+
+    def changes_since(self, since: dt.datetime) -> "DatabaseChanges":
+        """What changed from `since` on, as the daemons' poll needs it: sightings
+        written, blocks made or ended, travel passes granted or ended."""
+        with self.fast_engine.connect() as connection:
+            sightings = connection.execute(
+                sa.select(Sighting.login, Sighting.country, Sighting.last_seen).where(Sighting.last_seen >= since)
+            ).all()
+            accounts = connection.execute(
+                sa.select(BlockedAccount.login, BlockedAccount.blocked_since, BlockedAccount.counting_since,
+                          Block.action).outerjoin(Block, Block.id == BlockedAccount.block_id)
+                .where(sa.or_(BlockedAccount.blocked_since >= since, BlockedAccount.counting_since >= since))
+            ).all()
+            passes = connection.execute(
+                sa.select(TravelPass.login, TravelPass.country, TravelPass.expires_at)
+                .where(TravelPass.granted_at >= since)
+            ).all()
+        return DatabaseChanges(sightings, accounts, passes)
 
     @_retry_on_conflict
     def record_block(self, login: str, now: dt.datetime, *, source: str, action: str, reason: str,
@@ -1168,46 +1253,165 @@ class Store:
     def merge_sightings(self, sightings: Iterable[tuple]) -> int:
         """Write (login, CountrySeen) pairs, keeping the earliest first_seen and
         the latest last_seen (with its IP) of what is there and what comes."""
-        count = 0
-        batch: list = []
-        for login, seen in sightings:
-            batch.append({"login": login, "country": seen.country, "first_seen": seen.first_seen,
-                          "last_seen": seen.last_seen, "last_ip": seen.last_ip})
-            if len(batch) == 1000:
-                count += self._merge_batch(batch)
-                batch = []
-        if batch:
-            count += self._merge_batch(batch)
-        return count
-
-    @_retry_on_conflict
-    def _merge_batch(self, rows: list) -> int:
-        insert = self._dialect_insert(Sighting).values(rows)
-        if self.dialect in ("mysql", "mariadb"):
-            new = insert.inserted
-            # MySQL applies these in order, each seeing the ones before: last_ip first.
-            changes = {
-                "last_ip": sa.case((new.last_seen > Sighting.last_seen, new.last_ip), else_=Sighting.last_ip),
-                "first_seen": sa.func.least(Sighting.first_seen, new.first_seen),
-                "last_seen": sa.func.greatest(Sighting.last_seen, new.last_seen),
-            }
-            statement = insert.on_duplicate_key_update(changes)
-        else:
-            new = insert.excluded
-            earliest, latest = (sa.func.min, sa.func.max) if self.dialect == "sqlite" else (sa.func.least,
-                                                                                             sa.func.greatest)
-            statement = insert.on_conflict_do_update(index_elements=["login", "country"], set_={
-                "last_ip": sa.case((new.last_seen > Sighting.last_seen, new.last_ip), else_=Sighting.last_ip),
-                "first_seen": earliest(Sighting.first_seen, new.first_seen),
-                "last_seen": latest(Sighting.last_seen, new.last_seen),
-            })
-        with self.engine.begin() as connection:
-            connection.execute(statement)
+        rows = sorted(({"login": login, "country": seen.country, "first_seen": seen.first_seen,
+                        "last_seen": seen.last_seen, "last_ip": seen.last_ip} for login, seen in sightings),
+                      key=lambda row: (row["login"], row["country"]))
+        for start in range(0, len(rows), 1000):
+            self.write_sightings(rows[start:start + 1000])
         return len(rows)
 
     def delete_sightings_before(self, cutoff: dt.datetime) -> int:
         with self.engine.begin() as connection:
             return connection.execute(sa.delete(Sighting).where(Sighting.last_seen < cutoff)).rowcount
+
+
+# Sightings wait in memory at most this long (seconds) before they are written
+# together: what a kill -9 or a power cut can lose (the next decisions of this
+# daemon count them at once; blocks never wait).
+SIGHTING_FLUSH_INTERVAL = 0.05
+# A batch that takes longer than this (seconds) to write is logged.
+SLOW_SIGHTING_WRITE = 0.2
+# Sightings kept in memory while the database cannot take them; beyond this the
+# oldest are dropped (with an ERROR line): they cost some counting, never a block.
+SIGHTINGS_KEPT_UNWRITTEN = 200000
+
+
+def merge_seen(first: Optional[CountrySeen], second: CountrySeen) -> CountrySeen:
+    """One sighting of a country from two: the earliest first_seen, the latest
+    last_seen with its IP (the merge the database does too)."""
+    if first is None:
+        return second
+    latest = second if second.last_seen >= first.last_seen else first
+    return CountrySeen(latest.country, min(first.first_seen, second.first_seen), latest.last_seen, latest.last_ip)
+
+
+class SightingWriter:
+    """Writes sightings behind the answer: a request adds its sighting here and
+    is answered; a thread writes what gathered every SIGHTING_FLUSH_INTERVAL in
+    one transaction (group commit).  Until written, pending_for() gives them
+    to the account's next read, so counting never misses one.  While the
+    database fails they stay (merged per account and country) and are written
+    when it is back.  Not started (tests, replays), add() writes at once."""
+
+    def __init__(self, store, on_written=None, on_failed=None):
+        self.store = store
+        self.on_written = on_written or (lambda: None)
+        self.on_failed = on_failed or (lambda problem: None)
+        self._pending: dict = {}  # login -> {country: CountrySeen}, not yet taken by a write
+        self._writing: dict = {}  # the same, for the batch being written
+        self._count = 0  # entries in _pending
+        self._lock = threading.Lock()
+        self._flushing = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._dropped = 0
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="pcc-sightings", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Write what is pending (at the daemon's orderly stop)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+        self.flush()
+
+    def add(self, login: str, seen: CountrySeen) -> None:
+        with self._lock:
+            countries = self._pending.setdefault(login, {})
+            if seen.country not in countries:
+                self._count += 1
+            countries[seen.country] = merge_seen(countries.get(seen.country), seen)
+            if self._count > SIGHTINGS_KEPT_UNWRITTEN:
+                self._drop_oldest()
+        if self._thread is None:
+            self.flush()
+
+    def _drop_oldest(self) -> None:
+        oldest = next(iter(self._pending))
+        self._count -= len(self._pending.pop(oldest))
+        self._dropped += 1
+        if self._dropped == 1 or self._dropped % 10000 == 0:
+            log.error("%d sightings are waiting for the database; dropping the oldest (%d accounts so far): "
+                      "they are not counted", SIGHTINGS_KEPT_UNWRITTEN, self._dropped)
+
+    def pending_for(self, login: str) -> tuple:
+        """The account's sightings not yet known to be in the database."""
+        with self._lock:
+            waiting = list(self._writing.get(login, {}).values()) + list(self._pending.get(login, {}).values())
+        return tuple(waiting)
+
+    def waiting(self) -> int:
+        with self._lock:
+            return self._count + sum(len(countries) for countries in self._writing.values())
+
+    def _run(self) -> None:
+        while not self._stop.wait(SIGHTING_FLUSH_INTERVAL):
+            if not self.flush():
+                self._stop.wait(DB_PROBE_INTERVAL)  # a failing database is tried once a second
+
+    def flush(self) -> bool:
+        """Write what is pending; False when the database failed (it all stays)."""
+        with self._flushing:
+            with self._lock:
+                if not self._pending:
+                    return True
+                self._writing, self._pending, self._count = self._pending, {}, 0
+            rows = sorted(({"login": login, "country": seen.country, "first_seen": seen.first_seen,
+                            "last_seen": seen.last_seen, "last_ip": seen.last_ip}
+                           for login, countries in self._writing.items() for seen in countries.values()),
+                          key=lambda row: (row["login"], row["country"]))
+            started = time.monotonic()
+            try:
+                self._write(rows)
+            except sa_exc.SQLAlchemyError as error:
+                self._keep_writing()
+                self.on_failed(_first_line(error))
+                return False
+            with self._lock:
+                self._writing = {}
+            took = time.monotonic() - started
+            if took > SLOW_SIGHTING_WRITE:  # what a crash may lose grows with it
+                log.warning("writing %d sightings took %.2f s", len(rows), took)
+            self.on_written()
+            return True
+
+    def _write(self, rows: list) -> None:
+        try:
+            self.store.write_sightings(rows)
+        except sa_exc.SQLAlchemyError as error:
+            if not is_data_error(error):
+                raise
+            for row in rows:  # one value the database refuses must not hold up the others
+                try:
+                    self.store.write_sightings([row])
+                except sa_exc.SQLAlchemyError as row_error:
+                    if not is_data_error(row_error):
+                        raise
+                    log.error("database refused the sighting of %r from %s (dropped): %s", row["login"],
+                              row["country"], _first_line(row_error))
+
+    def _keep_writing(self) -> None:
+        """Put a batch that failed back in front of what came since."""
+        with self._lock:
+            kept = {login: dict(countries) for login, countries in self._writing.items()}  # oldest first
+            for login, countries in self._pending.items():
+                merged = kept.setdefault(login, {})
+                for country, seen in countries.items():
+                    merged[country] = merge_seen(merged.get(country), seen)
+            self._pending, self._writing = kept, {}
+            self._count = sum(len(countries) for countries in kept.values())
+
+
+@dataclass(frozen=True)
+class DatabaseChanges:
+    """Rows changed in a stretch of time (Store.changes_since)."""
+
+    sightings: list  # (login, country, last_seen)
+    accounts: list  # (login, blocked_since, counting_since, action of the block in force)
+    passes: list  # (login, country, expires_at)
 
 
 def _sqlite_pragmas(dbapi_connection, _record, synchronous: str = "FULL") -> None:
@@ -1422,10 +1626,21 @@ def history_after(history: AccountHistory, decision: Decision, settings: Setting
     has been read again."""
     if decision.new_block:
         return dataclasses.replace(history, blocked_since=now, block_action=settings.recorded_action,
-                                   sightings=decision.countries)
+                                   sightings=merge_sightings_by_country(history.sightings, decision.countries))
     if decision.counted:
-        return dataclasses.replace(history, sightings=decision.countries)
+        return dataclasses.replace(history, sightings=merge_sightings_by_country(history.sightings,
+                                                                                 decision.countries))
     return history
+
+
+def merge_sightings_by_country(known: Iterable[CountrySeen], new: Iterable[CountrySeen]) -> tuple:
+    """One CountrySeen per country of both (merge_seen), those outside the
+    counting window (ignored countries, travel passes) kept: they count again
+    once the pass ends."""
+    merged = {seen.country: seen for seen in known}
+    for seen in new:
+        merged[seen.country] = merge_seen(merged.get(seen.country), seen)
+    return tuple(merged.values())
 
 
 def _countries_in_window(history: AccountHistory, settings: Settings, now: dt.datetime) -> dict:
@@ -1600,8 +1815,22 @@ DB_ANSWER_DEADLINE = 0.8
 # While the database fails, one request a second tries it again; the others
 # are answered at once from memory.
 DB_PROBE_INTERVAL = 1.0
-# Recently active accounts kept in memory, to decide during a database outage.
+# Recently active accounts kept in memory: decided on without a database read
+# while the poll of changes keeps them current, and during an outage.
 HISTORY_CACHE_SIZE = 20000
+# Every daemon asks the database what changed (sightings written by other
+# daemons, blocks, unblocks, travel passes) this often, and decides from memory
+# only while its latest successful poll began less than CHANGES_STALE_AFTER
+# seconds ago: what one daemon or an administrator changes counts everywhere
+# within a second.  Each poll reaches CHANGES_OVERLAP back behind the previous
+# one, for sightings written late (SightingWriter) and clocks a little apart.
+CHANGES_POLL_INTERVAL = 0.25
+CHANGES_STALE_AFTER = 0.7
+CHANGES_OVERLAP = dt.timedelta(seconds=3)
+# ...and reads an account again after this many seconds whatever the poll says
+# (rows written with old times, by --replay --record or a late spool, are
+# missed by the poll; this bounds how long).
+HISTORY_MAX_AGE = 60.0
 # The request `pcc.py --health` sends the daemon (Postfix never sends it):
 # the answer is DUNNO followed by what the daemon sees of itself.
 HEALTH_REQUEST = "pcc_health"
@@ -1736,9 +1965,13 @@ class _StateCollector:
                                   "database failed", value=state["error_answers_total"])
         yield GaugeMetricFamily("pcc_spooled_blocks", "Blocks waiting in the spool for the database",
                                 value=self.service.journal.blocks_waiting())
+        yield GaugeMetricFamily("pcc_unwritten_sightings", "Sightings counted but not yet in the database "
+                                "(written every 50 ms; they pile up while it fails)",
+                                value=self.service.sightings.waiting())
         operations = self.service.store.operation_counts()
         family = CounterMetricFamily("pcc_database_operations", "What the daemon asked of the database: "
-                                     "history reads, sighting writes, block transactions", labels=["operation"])
+                                     "history reads, sighting writes (one transaction per batch), block "
+                                     "transactions", labels=["operation"])
         for operation in ("history_read", "sighting_write", "block_transaction"):
             family.add_metric([operation], operations.get(operation, 0))
         yield family
@@ -1778,8 +2011,8 @@ class OutageJournal:
     """What pcc decided while the database failed, written when it returns.
 
     Blocks go to the spool file, flushed to disk before Postfix is answered, so
-    a crash loses none; the next start writes them.  Sightings stay in memory:
-    losing one costs a little counting, never a block.  An entry that cannot be
+    a crash loses none; the next start writes them.  (Sightings wait in the
+    SightingWriter's memory: losing one costs a little counting, never a block.)  An entry that cannot be
     read or that the database refuses is moved to `<spool>.rejected` with an
     ERROR line: one bad entry never holds up the others.
     """
@@ -1788,7 +2021,6 @@ class OutageJournal:
         self.spool_path = spool_path
         self._lock = threading.Lock()
         self._replaying = threading.Lock()
-        self._sightings: collections.deque = collections.deque(maxlen=100000)
         self._blocks: list = []
         self._in_flight: set = set()  # id() of blocks whose own transaction still runs
         if spool_path and os.path.exists(spool_path):
@@ -1812,14 +2044,11 @@ class OutageJournal:
             self._rewrite_spool()
 
     def pending(self) -> bool:
-        return bool(self._blocks or self._sightings)
+        return bool(self._blocks)
 
     def blocks_waiting(self) -> int:
         with self._lock:
             return len(self._blocks)
-
-    def add_sighting(self, login: str, country: str, ip: str, now: dt.datetime) -> None:
-        self._sightings.append((login, country, ip, now))
 
     def add_block(self, entry: dict, in_flight: bool = False) -> None:
         """Keep a block (on disk first).  in_flight: its own transaction is
@@ -1853,10 +2082,6 @@ class OutageJournal:
             self._replaying.release()
 
     def _replay(self, store: "Store", on_new_block) -> None:
-        while self._sightings:
-            login, country, ip, when = self._sightings[0]
-            store.record_sighting(login, country, ip, when)
-            self._sightings.popleft()
         with self._lock:
             blocks = [entry for entry in self._blocks if id(entry) not in self._in_flight]
         for entry in blocks:
@@ -1926,26 +2151,49 @@ class OutageJournal:
 
 
 class HistoryCache:
-    """A bounded map login -> AccountHistory, least recently used out first."""
+    """A bounded map login -> AccountHistory, least recently used out first.
+
+    Each entry remembers when the database read it came from began: a daemon
+    decides on an entry without reading the database again while it is younger
+    than HISTORY_MAX_AGE and the poll of changes (PolicyService.poll_changes)
+    is keeping it current."""
 
     def __init__(self, size: int):
         self.size = size
-        self._entries: collections.OrderedDict = collections.OrderedDict()
+        self._entries: collections.OrderedDict = collections.OrderedDict()  # login -> (history, read at)
         self._lock = threading.Lock()
 
     def get(self, login: str) -> Optional[AccountHistory]:
         with self._lock:
-            history = self._entries.get(login)
-            if history is not None:
-                self._entries.move_to_end(login)
-            return history
+            entry = self._entries.get(login)
+            if entry is None:
+                return None
+            self._entries.move_to_end(login)
+            return entry[0]
 
-    def put(self, login: str, history: AccountHistory) -> None:
+    def fresh(self, login: str, max_age: float) -> Optional[AccountHistory]:
         with self._lock:
-            self._entries[login] = history
+            entry = self._entries.get(login)
+            if entry is None or time.monotonic() - entry[1] > max_age:
+                return None
+            self._entries.move_to_end(login)
+            return entry[0]
+
+    def put(self, login: str, history: AccountHistory, read_at: Optional[float] = None) -> None:
+        """read_at: when the database read began; None keeps the entry's (a
+        decision on a cached history is no newer than that history)."""
+        with self._lock:
+            if read_at is None:
+                previous = self._entries.get(login)
+                read_at = previous[1] if previous is not None else float("-inf")
+            self._entries[login] = (history, read_at)
             self._entries.move_to_end(login)
             while len(self._entries) > self.size:
                 self._entries.popitem(last=False)
+
+    def forget(self, login: str) -> None:
+        with self._lock:
+            self._entries.pop(login, None)
 
 
 class RequestTicket:
@@ -1968,26 +2216,12 @@ class RequestTicket:
         self.spooled: Optional[dict] = None  # the Watchdog's spool entry for a decided new block
 
 
-# Requests queued behind each other in an account's lane are decided on the
-# history the first of them read (updated with every decision since) for at
-# most this long; then one of them reads the database again, so that what other
-# daemons and the administrators changed is seen within this time.
-LANE_HISTORY_REUSE = 1.0
-
-
 class _Lane:
-    __slots__ = ("lock", "users", "history", "read_at")
+    __slots__ = ("lock", "users")
 
     def __init__(self):
         self.lock = threading.Lock()
         self.users = 0  # requests in the lane: the one deciding and those queued behind it
-        self.history: Optional[AccountHistory] = None  # as of the latest decision in this lane
-        self.read_at = 0.0  # monotonic time of the database read that history comes from
-
-    def reusable_history(self) -> Optional[AccountHistory]:
-        if self.history is not None and time.monotonic() - self.read_at < LANE_HISTORY_REUSE:
-            return self.history
-        return None
 
 
 class AccountLanes:
@@ -1997,9 +2231,8 @@ class AccountLanes:
     run as many transactions against the same rows, queue on their locks, and
     outlast the Watchdog.  In a lane, the first request reads the history,
     decides and records; the requests queued behind it are decided in memory on
-    its result.  A lane lives while requests of its account are in it; the next
-    request after that reads the database afresh.  Across daemons the database
-    stays the one truth (a block is a compare-and-swap)."""
+    its result (HistoryCache).  Across daemons the database stays the one truth
+    (a block is a compare-and-swap)."""
 
     def __init__(self):
         self._lanes: dict = {}
@@ -2058,6 +2291,19 @@ class PolicyService:
         self._error_answers_total = 0  # requests answered db_error_action since the start
         self.metrics = Metrics()  # off; run_daemon turns it on for [server] metrics_port
         self._travel_noticed: dict = {}  # login -> when its last impossible-travel mail went
+        self.sightings = SightingWriter(store, on_written=lambda: self._database_ok(wrote=True),
+                                        on_failed=lambda problem: self._database_failed(problem, on_write=True))
+        self._changes_from: Optional[dt.datetime] = None  # where the next poll of changes starts
+        self._changes_polled_at = float("-inf")  # monotonic start of the latest successful poll
+
+    def start_background(self, stopping: threading.Event) -> None:
+        """The daemon's helpers: the sighting writer and the poll of changes."""
+        self.sightings.start()
+        threading.Thread(target=self._poll_changes_until, args=(stopping,), name="pcc-changes",
+                         daemon=True).start()
+
+    def stop_background(self) -> None:
+        self.sightings.stop()
 
     def answer(self, request: PolicyRequest, now: Optional[dt.datetime] = None,
                ticket: Optional[RequestTicket] = None) -> str:
@@ -2087,14 +2333,14 @@ class PolicyService:
         probing = self._db_failing
         if probing and not self._probe_due():
             return self._decide_offline(request, now)
-        with self._lanes.enter(request.login) as lane:
-            history = lane.reusable_history()
+        with self._lanes.enter(request.login):
+            history, read_at = self._current_history(request.login), None
             if history is None:
                 # Queued behind a request that found the database failing: no
                 # second try, unless a probe is due.
                 if self._db_failing and not probing and not self._probe_due():
                     return self._decide_offline(request, now)
-                lane.read_at = time.monotonic()
+                read_at = time.monotonic()
                 try:
                     history = self._read_history(request.login, now, ticket)
                 except sa_exc.SQLAlchemyError as error:
@@ -2103,23 +2349,76 @@ class PolicyService:
                     self._database_failed(_first_line(error))
                     return self._decide_offline(request, now)
             decision = decide(request, self._with_last_place(history), self.settings, now)
-            lane.history = self._remember(request.login, history, decision, now)
+            self._remember(request.login, history, decision, now, read_at)
             ticket.decided = (request, decision, now)
             return self._record_decided(request, decision, now, ticket)
+
+    def _current_history(self, login: str) -> Optional[AccountHistory]:
+        """The account's history from memory, if it is known to be current."""
+        if self._db_failing or time.monotonic() - self._changes_polled_at > CHANGES_STALE_AFTER:
+            return None
+        return self._cache.fresh(login, HISTORY_MAX_AGE)
 
     def _read_history(self, login: str, now: dt.datetime, ticket: RequestTicket) -> AccountHistory:
         ticket.reading_database = True
         try:
             self.ensure_database()
-            return self.store.load_history(login, now - self.settings.country_window)
+            unwritten = self.sightings.pending_for(login)  # before the read: none can slip between
+            history = self.store.load_history(login, now - self.settings.country_window)
         finally:
             ticket.reading_database = False
+        if not unwritten:
+            return history
+        return dataclasses.replace(history, sightings=merge_sightings_by_country(history.sightings, unwritten))
+
+    def _poll_changes_until(self, stopping: threading.Event) -> None:
+        while not stopping.wait(CHANGES_POLL_INTERVAL):
+            self.poll_changes()
+
+    def poll_changes(self) -> bool:
+        """Forget the accounts in memory that the database knows more about."""
+        started, now = time.monotonic(), utcnow()
+        since = self._changes_from or now - CHANGES_OVERLAP
+        try:
+            if not self.tables_ready:
+                return False
+            changes = self.store.changes_since(since)
+        except sa_exc.SQLAlchemyError as error:
+            log.debug("poll of database changes failed: %s", _first_line(error))
+            return False
+        self.apply_changes(changes)
+        self._changes_from = now - CHANGES_OVERLAP
+        self._changes_polled_at = started
+        return True
+
+    def apply_changes(self, changes: DatabaseChanges) -> None:
+        stale = set()
+        for login, country, last_seen in changes.sightings:
+            history = self._cache.get(login)
+            if history is not None and not any(seen.country == country and seen.last_seen >= last_seen
+                                               for seen in history.sightings):
+                stale.add(login)
+        for login, blocked_since, counting_since, action in changes.accounts:
+            if blocked_since is None:
+                self._known_blocked.discard(login)  # unblocked
+            elif action != MONITOR_ACTION:
+                self._known_blocked.add(login)  # also blocked here, should the database fail
+            history = self._cache.get(login)
+            if history is not None and (history.blocked_since, history.counting_since) != (blocked_since,
+                                                                                           counting_since):
+                stale.add(login)
+        for login, country, expires_at in changes.passes:
+            history = self._cache.get(login)
+            if history is not None and history.travel_passes.get(country) != expires_at:
+                stale.add(login)
+        for login in stale:
+            self._cache.forget(login)
 
     def _record_decided(self, request: PolicyRequest, decision: Decision, now: dt.datetime,
                         ticket: RequestTicket) -> Decision:
         """Record a decision made on the database's history; if the database
         fails now, the decision stands and what it changes waits in the journal."""
-        wrote = decision.new_block or decision.record_sighting
+        wrote = decision.new_block  # a sighting is written behind the answer (SightingWriter)
         try:
             recorded = self._record(request, decision, now)
             if not wrote and self._failed_on_write:  # a write failed before: only a write proves it works
@@ -2237,7 +2536,7 @@ class PolicyService:
             self.journal.add_block(self._block_entry(request, decision, now))
             return dataclasses.replace(decision, reason=decision.reason + " (database failing: block spooled)")
         if decision.record_sighting:
-            self.journal.add_sighting(request.login, request.client_country, str(request.client_ip), now)
+            self.sightings.add(request.login, CountrySeen(request.client_country, now, now, str(request.client_ip)))
         return decision
 
     def _block_entry(self, request: PolicyRequest, decision: Decision, now: dt.datetime) -> dict:
@@ -2249,17 +2548,16 @@ class PolicyService:
             "trigger": dict(request.attributes), "sighting": [request.client_country, str(request.client_ip)],
         }
 
-    def _remember(self, login: str, history: AccountHistory, decision: Decision,
-                  now: dt.datetime) -> AccountHistory:
+    def _remember(self, login: str, history: AccountHistory, decision: Decision, now: dt.datetime,
+                  read_at: Optional[float] = None) -> None:
         """Keep the account's history as `decision` leaves it, for the requests
-        after it and for an outage; returns it."""
-        after = history_after(history, decision, self.settings, now)
+        after it and for an outage.  read_at: when the database read of
+        `history` began (None: it came from memory)."""
         if decision.blocks:
             self._known_blocked.add(login)
         else:
             self._known_blocked.discard(login)
-            self._cache.put(login, after)
-        return after
+        self._cache.put(login, history_after(history, decision, self.settings, now), read_at)
 
     def _record(self, request: PolicyRequest, decision: Decision, now: dt.datetime) -> Decision:
         login, country, ip = request.login, request.client_country, str(request.client_ip)
@@ -2281,7 +2579,7 @@ class PolicyService:
             self.notifier.send(subject, body)
             return decision
         if decision.record_sighting:
-            self.store.record_sighting(login, country, ip, now)
+            self.sightings.add(login, CountrySeen(country, now, now, ip))
         if decision.journey is not None:
             self._notify_journey(login, decision.journey, now)
         return decision
@@ -3023,8 +3321,13 @@ class MemoryStore:
 
     def record_sighting(self, login: str, country: str, ip: str, now: dt.datetime) -> None:
         countries = self.sightings.setdefault(login, {})
-        previous = countries.get(country)
-        countries[country] = CountrySeen(country, previous.first_seen if previous else now, now, ip)
+        countries[country] = merge_seen(countries.get(country), CountrySeen(country, now, now, ip))
+
+    def write_sightings(self, rows: list) -> None:
+        for row in rows:
+            countries = self.sightings.setdefault(row["login"], {})
+            countries[row["country"]] = merge_seen(countries.get(row["country"]), CountrySeen(
+                row["country"], row["first_seen"], row["last_seen"], row["last_ip"]))
 
     def record_block(self, login: str, now: dt.datetime, *, source: str, action: str, reason: str,
                      countries: list, trigger: Optional[dict] = None, sighting: Optional[tuple] = None,
@@ -3205,6 +3508,34 @@ def mask_secrets(text: str, secrets: Iterable[str]) -> str:
     return text
 
 
+class _QueueHandler(logging.handlers.QueueHandler):
+    """Hands records to the QueueListener's thread, which formats and writes
+    them.  The queue is thread-safe: no handler lock (the stock handle() takes
+    one, and formats the message under it), so the connection threads never
+    queue behind each other for the line every decision writes."""
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        if self.filter(record):
+            self.enqueue(record)
+            return True
+        return False
+
+
+def queue_logging() -> logging.handlers.QueueListener:
+    """The daemon's logging: records go through a queue to the handlers set up
+    by setup_logging, in a thread of their own.  Stop the listener to flush."""
+    records: queue.SimpleQueue = queue.SimpleQueue()
+    listener = logging.handlers.QueueListener(records, *log.handlers, respect_handler_level=True)
+    handler = _QueueHandler(records)
+    handler.targets = tuple(log.handlers)  # where its records end up (refuse_to_start looks)
+    log.handlers[:] = [handler]
+    # The file and line of every log call (a stack walk per record) are not in
+    # pcc's log format: the logging documentation's way to skip finding them.
+    logging._srcfile = None
+    listener.start()
+    return listener
+
+
 def setup_logging(verbose: bool, to_stderr: bool, secrets: Iterable[str] = ()) -> None:
     MaskingFormatter.secrets = {secret for secret in secrets if secret}
     if not to_stderr and os.path.exists("/dev/log"):
@@ -3262,6 +3593,7 @@ def run_daemon(settings: Settings) -> int:
             return 1
     threading.Thread(target=housekeeping, args=(service, server.stopping), name="pcc-housekeeping",
                      daemon=True).start()
+    service.start_background(server.stopping)
 
     def on_stop(_signum, _frame):
         if not server.stopping.is_set():
@@ -3282,6 +3614,10 @@ def run_daemon(settings: Settings) -> int:
     server.socket.close()
     if not server.in_flight.wait_until_none(timeout=20):
         log.warning("stopping with requests still unanswered after 20 s")
+    service.stop_background()  # the sightings still in memory are written
+    unwritten = service.sightings.waiting()
+    if unwritten:
+        log.error("stopping with %d sightings the database did not take (they are not counted)", unwritten)
     log.info("pcc stopped")
     service.store.dispose()
     return 0
@@ -3291,8 +3627,9 @@ def refuse_to_start(line: str) -> None:
     """The one line that says why the daemon will not run: on standard error
     (supervisord and systemd keep it) and in the log."""
     print(mask_secrets(line, MaskingFormatter.secrets), file=sys.stderr, flush=True)
+    handlers = [target for handler in log.handlers for target in getattr(handler, "targets", (handler,))]
     if not any(isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) is sys.stderr
-               for handler in log.handlers):
+               for handler in handlers):
         log.critical("%s", line)
 
 
@@ -3591,7 +3928,11 @@ def main(argv: Optional[list] = None) -> int:
         return 0
     if arguments.daemon:
         setup_logging(arguments.verbose, arguments.stderr, secrets_of(settings))
-        return run_daemon(settings)
+        listener = queue_logging()
+        try:
+            return run_daemon(settings)
+        finally:
+            listener.stop()  # every line written before the exit
     # The commands print what they did; their log shows only problems (or all, with -v).
     setup_logging(arguments.verbose, True, secrets_of(settings))
     log.setLevel(logging.DEBUG if arguments.verbose else logging.WARNING)

@@ -274,7 +274,8 @@ def peer_server(name, backend, workdir):
     url = sa.engine.make_url(PG_URL if backend == "pgsql" else MY_URL)
     config = {
         "debug": False, "user": "root", "group": "root", "pidfile": f"{workdir}/{name}.pid",
-        "backend": {"pgsql": 2, "mysql": 1}[backend],
+        "backend": {"sqlite": 0, "pgsql": 2, "mysql": 1}[backend],
+        "sqlite_config": {"database": f"{workdir}/{name}.sqlite3"},
         "pgsql_config": {"database": url.database, "user": url.username or "postgres", "host": url.host,
                          "port": url.port or 5432},
         "mysql_config": {"db": url.database, "user": url.username or "root", "passwd": url.password or "",
@@ -288,10 +289,15 @@ def peer_server(name, backend, workdir):
     path = os.path.join(workdir, f"{name}.yaml")
     with open(path, "w") as out:
         json.dump(config, out)  # JSON is YAML
-    engine = sa.create_engine(PG_URL if backend == "pgsql" else MY_URL)
-    with engine.begin() as connection:
-        connection.execute(sa.text("DROP TABLE IF EXISTS mail_count"))
-    engine.dispose()
+    if backend == "sqlite":
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            if os.path.exists(f"{workdir}/{name}.sqlite3{suffix}"):
+                os.unlink(f"{workdir}/{name}.sqlite3{suffix}")
+    else:
+        engine = sa.create_engine(PG_URL if backend == "pgsql" else MY_URL)
+        with engine.begin() as connection:
+            connection.execute(sa.text("DROP TABLE IF EXISTS mail_count"))
+        engine.dispose()
     return Server(name, [os.path.join(PEER_VENV, "bin", "python"),
                          os.path.join(PEER_VENV, "bin", "policyd-rate-limit"), "--file", path], port)
 

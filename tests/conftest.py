@@ -287,6 +287,24 @@ class PolicyClient:
         self.sock.close()
 
 
+# What one daemon records, or an administrator changes, counts in every
+# running daemon within this many seconds (pcc's poll of the database).
+VISIBLE_WITHIN = 1.0
+
+
+def wait_until_visible() -> None:
+    """Let what was just recorded reach the other daemons' memory."""
+    time.sleep(VISIBLE_WITHIN)
+
+
+def pcc_command(config, *arguments, expect=0) -> subprocess.CompletedProcess:
+    """An admin command (pcc.py --config CONFIG ARGUMENTS...) that must exit `expect`."""
+    result = subprocess.run([sys.executable, str(ROOT / "pcc.py"), "--config", config, *arguments],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == expect, (result.stdout, result.stderr)
+    return result
+
+
 def scrape(port) -> dict:
     """A daemon's metrics: {(sample name, sorted labels): value}."""
     import urllib.request
@@ -297,6 +315,41 @@ def scrape(port) -> dict:
         text = response.read().decode()
     return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
             for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+class WritersLockedOut:
+    """Holds a lock that lets readers of pcc's tables go on but makes writers
+    of `table` wait (on SQLite: writers of any table): another process's long
+    transaction."""
+
+    def __init__(self, url, table: str = "pcc_blocks"):
+        self.url = sa.engine.make_url(url)
+        self.table = table
+
+    def __enter__(self):
+        backend = self.url.get_backend_name()
+        if backend == "sqlite":
+            import sqlite3
+
+            self.connection = sqlite3.connect(self.url.database, isolation_level=None)
+            self.connection.execute("BEGIN IMMEDIATE")  # WAL: readers go on, writers wait
+            self.release = lambda: self.connection.execute("ROLLBACK")
+            return self
+        self.engine = sa.create_engine(self.url)
+        self.connection = self.engine.connect()
+        if backend == "postgresql":
+            self.connection.execute(sa.text(f"LOCK TABLE {self.table} IN EXCLUSIVE MODE"))  # SELECT goes on
+            self.release = self.connection.rollback
+        else:
+            self.connection.execute(sa.text(f"LOCK TABLES {self.table} READ"))  # others read, none write
+            self.release = lambda: self.connection.execute(sa.text("UNLOCK TABLES"))
+        return self
+
+    def __exit__(self, *_exc):
+        self.release()
+        self.connection.close()
+        if hasattr(self, "engine"):
+            self.engine.dispose()
 
 
 # --- daemons ----------------------------------------------------------------

@@ -1,12 +1,10 @@
 """The admin command line (without Postfix; the held-mail commands are proven
 against a real Postfix in test_postfix_e2e.py)."""
 import json
-import subprocess
-import sys
 
 import pytest
 
-from conftest import ROOT, free_port, ip_in, write_config
+from conftest import free_port, ip_in, pcc_command, wait_until_visible, write_config
 
 
 @pytest.fixture
@@ -22,11 +20,7 @@ def setup(start_daemon, db_url, smtp_sink):
     return daemon, client, smtp_sink
 
 
-def pcc(config, *arguments, expect=0):
-    result = subprocess.run([sys.executable, str(ROOT / "pcc.py"), "--config", config, *arguments],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == expect, (result.stdout, result.stderr)
-    return result
+pcc = pcc_command
 
 
 def test_list_shows_blocked_accounts_with_countries(setup):
@@ -58,6 +52,7 @@ def test_unblock_while_the_daemon_serves_and_repeat(setup):
     assert client.ask("alice@example.com", ip_in("GB")).startswith("REJECT")
     output = pcc(daemon.config_path, "-u", "alice@example.com").stdout
     assert "alice@example.com unblocked" in output
+    wait_until_visible()  # the daemon had alice in memory, blocked
     assert client.ask("alice@example.com", ip_in("GB")) == "DUNNO"
     assert "not blocked" in pcc(daemon.config_path, "-u", "alice@example.com").stdout
     subjects = [m["Subject"] for _r, m in sink.wait_for(2)]

@@ -5,7 +5,7 @@ import pytest
 import sqlalchemy as sa
 
 import pcc
-from conftest import SERVER_DATABASES, free_port, ip_in
+from conftest import SERVER_DATABASES, free_port, ip_in, wait_until_visible
 
 COUNTRIES = ["GB", "US", "FR", "DE"]
 
@@ -86,14 +86,19 @@ def test_two_daemons_share_one_database(start_daemon, shared_db_url):
     a = start_daemon(**{"db.dbcon": shared_db_url, "policy.action": "REJECT"})
     b = start_daemon(**{"db.dbcon": shared_db_url, "policy.action": "REJECT"})
     client_a, client_b = a.client(), b.client()
-    # countries seen through A and B add up
+    # countries seen through A and B add up (within a second of being seen)
     assert client_a.ask("alice@example.com", ip_in("GB")) == "DUNNO"
+    wait_until_visible()
     assert client_b.ask("alice@example.com", ip_in("US")) == "DUNNO"
+    wait_until_visible()
     assert client_a.ask("alice@example.com", ip_in("FR")) == "DUNNO"
+    wait_until_visible()
     assert client_b.ask("alice@example.com", ip_in("DE")).startswith("REJECT")
     # a block made through B is answered by A, and one made through A by B
+    wait_until_visible()
     assert client_a.ask("alice@example.com", ip_in("GB")).startswith("REJECT")
     walk(client_a, "bob@example.com", COUNTRIES)
+    wait_until_visible()
     assert client_b.ask("bob@example.com", ip_in("GB")).startswith("REJECT")
     assert client_b.ask("carol@example.com", ip_in("GB")) == "DUNNO"
 

@@ -1,13 +1,11 @@
 """Travel passes: pcc.py --allow LOGIN --country FR,DE --days 14."""
 import datetime as dt
 import json
-import subprocess
-import sys
 
 import pytest
 
 import pcc
-from conftest import ROOT, counted_request as request, ip_in, seen_an_hour_before
+from conftest import counted_request as request, ip_in, pcc_command, seen_an_hour_before, wait_until_visible
 
 NOW = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.timezone.utc)
 HOUR = dt.timedelta(hours=1)
@@ -66,13 +64,6 @@ def test_passes_are_stored_replaced_and_ended(db_url):
 # --- the admin command with a running daemon ----------------------------------------
 
 
-def pcc_command(config, *arguments, expect=0):
-    result = subprocess.run([sys.executable, str(ROOT / "pcc.py"), "--config", config, *arguments],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == expect, (result.stdout, result.stderr)
-    return result
-
-
 def test_allow_a_trip(start_daemon, db_url, smtp_sink):
     daemon = start_daemon(**{"db.dbcon": db_url, "policy.action": "REJECT", "mail.notice": "admin@example.com",
                              "mail.mailsrv": "127.0.0.1", "mail.mailport": smtp_sink.port})
@@ -83,6 +74,7 @@ def test_allow_a_trip(start_daemon, db_url, smtp_sink):
     assert output.startswith("travel pass for alice@example.com: DE, FR, SE do not count until ")
     (mail,) = [m for _r, m in smtp_sink.wait_for(1)]
     assert mail["Subject"] == "pcc: travel pass for alice@example.com (DE, FR, SE)"
+    wait_until_visible()  # the daemon had alice in memory
     # a tour of six countries, three of them passed: still only three count
     answers = [client.ask("alice@example.com", ip_in(country)) for country in ("FR", "DE", "SE", "US", "JP")]
     assert answers == ["DUNNO"] * 5
@@ -106,6 +98,7 @@ def test_end_a_pass_early(start_daemon, db_url):
         assert client.ask("alice@example.com", ip_in(country)) == "DUNNO"
     output = pcc_command(daemon.config_path, "--allow", "alice@example.com", "--country", "FR", "--days", "0").stdout
     assert output.strip() == "travel pass of alice@example.com for FR ended"
+    wait_until_visible()
     assert client.ask("alice@example.com", ip_in("FR")).startswith("REJECT")
     assert "travel pass FR: expired" in pcc_command(daemon.config_path, "-s", "alice@example.com").stdout
 
