@@ -213,6 +213,8 @@ _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrst
 def escape_controls(text: str) -> str:
     """Control characters shown as \\xNN: never deleted (ali<TAB>ce is not
     alice), never passed on (no CR/LF reaches a reply, a log line or a mail)."""
+    if text.isprintable():  # nearly always; isprintable() is false for every control character
+        return text
     return CONTROL_CHARACTERS.sub(lambda found: f"\\x{ord(found.group()):02x}", text)
 
 
@@ -443,21 +445,40 @@ class PolicyRequest:
     country_note: str = ""
     client_place: Optional["Place"] = None  # only with City-level GeoIP data
 
-    # cached_property works on a frozen dataclass: it writes the instance dict directly
-    @functools.cached_property
+    # Computed once per request and kept in the instance's dict (a frozen
+    # dataclass allows that).  Not functools.cached_property: on Python 3.11 it
+    # takes one lock shared by every instance, i.e. by all connection threads.
+    @property
     def login(self) -> str:
-        return normalise_login(self.sasl_username)
+        login = self.__dict__.get("_login")
+        if login is None:
+            login = self.__dict__["_login"] = normalise_login(self.sasl_username)
+        return login
 
-    @functools.cached_property
+    @property
     def client_ip(self):
         """The client address as an ipaddress object (IPv4-mapped IPv6 unwrapped), or None."""
-        try:
-            # A zone id (fe80::1%eth0) names a local link, never a country, and
-            # would make the address longer than any stored one.
-            address = ipaddress.ip_address(self.client_address.strip().split("%", 1)[0])
-        except ValueError:
-            return None
-        return unwrap_ipv4(address)
+        if "_client_ip" not in self.__dict__:
+            self.__dict__["_client_ip"] = _client_ip(self.client_address)
+        return self.__dict__["_client_ip"]
+
+    def with_country(self, found: "Country") -> "PolicyRequest":
+        """This request with what the GeoIP lookup found (what was computed kept)."""
+        located = dataclasses.replace(self, client_country=found.code, country_note=found.note,
+                                      client_place=found.place)
+        located.__dict__.update((name, self.__dict__[name]) for name in ("_login", "_client_ip")
+                                if name in self.__dict__)
+        return located
+
+
+def _client_ip(client_address: str):
+    try:
+        # A zone id (fe80::1%eth0) names a local link, never a country, and
+        # would make the address longer than any stored one.
+        address = ipaddress.ip_address(client_address.strip().split("%", 1)[0])
+    except ValueError:
+        return None
+    return unwrap_ipv4(address)
 
 
 # NAT64's well-known prefix (RFC 6052): the IPv4 client is the last 32 bits.
@@ -2323,8 +2344,7 @@ class PolicyService:
         found = self.geoip.country(request.client_ip)
         if found.code is None:
             self.metrics.no_country(found.missing)
-        request = dataclasses.replace(request, client_country=found.code, country_note=found.note,
-                                      client_place=found.place)
+        request = request.with_country(found)
         if use_database:
             return request, self._decide_counted(request, now, ticket or RequestTicket(request))
         return request, self._decide_offline(request, now)
