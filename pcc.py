@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import concurrent.futures
 import configparser
 import contextlib
 import dataclasses
@@ -62,6 +63,9 @@ import datetime as dt
 import email.message
 import email.utils
 import functools
+import hmac
+import http
+import http.server
 import ipaddress
 import json
 import logging
@@ -91,7 +95,7 @@ import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-__version__ = "1.2.0"
+__version__ = "1.3.0"
 
 log = logging.getLogger("pcc")
 
@@ -178,6 +182,10 @@ class Settings:
     impossible_travel_action: str  # BLOCK or NOTIFY
     # [postfix]
     postfix_config_directory: str
+    # [dovecot]
+    dovecot_policy_port: Optional[int] = None  # Dovecot's authentication policy (HTTP); None = off
+    count_logins: bool = False  # a successful Dovecot login counts its country like a submission
+    dovecot_api_header: str = ""  # "Name: value" Dovecot must send; "" = none
 
     @property
     def country_window(self) -> dt.timedelta:
@@ -370,10 +378,15 @@ def load_settings(path: str, geoip_file_needed: bool = True) -> Settings:
                                                 blank=0.0, low_inclusive=True),
         impossible_travel_action=config.choice("policy", "impossible_travel_action", TRAVEL_ACTIONS, blank="NOTIFY"),
         postfix_config_directory=config.text("postfix", "config_directory"),
+        dovecot_policy_port=config.integer("dovecot", "policy_port", 1, 65535, blank=0) or None,
+        count_logins=config.choice("dovecot", "count_logins", ("YES", "NO"), blank="NO") == "YES",
+        dovecot_api_header=config.text("dovecot", "api_header"),
     )
     config.refuse_unknown_keys()
-    if settings.metrics_port is not None and settings.metrics_port == settings.port:
-        raise config.fail("server", "metrics_port", f"must differ from [server] port ({settings.port})")
+    _check_ports(config, settings)
+    if settings.dovecot_api_header and not re.fullmatch(r"[!-9;-~]+:\s*\S.*", settings.dovecot_api_header):
+        raise config.fail("dovecot", "api_header", "must be one HTTP header, 'Name: value' (as Dovecot's "
+                          "auth_policy_server_api_header), e.g. 'Authorization: Basic cGNjOnNlY3JldA=='")
     if settings.notice and not settings.mailsrv:
         raise config.fail("mail", "mailsrv", "must name an SMTP server when [mail] notice is set")
     try:
@@ -389,6 +402,14 @@ def load_settings(path: str, geoip_file_needed: bool = True) -> Settings:
     if settings.max_travel_speed_kmh is not None:
         _require_places(config, settings.geoip_database, kind)
     return settings
+
+
+def _check_ports(config: _ConfigReader, settings: Settings) -> None:
+    if settings.metrics_port is not None and settings.metrics_port == settings.port:
+        raise config.fail("server", "metrics_port", f"must differ from [server] port ({settings.port})")
+    if settings.dovecot_policy_port is not None and settings.dovecot_policy_port in (settings.port,
+                                                                                     settings.metrics_port):
+        raise config.fail("dovecot", "policy_port", "must differ from [server] port and metrics_port")
 
 
 def _geoip_database_type(config: _ConfigReader, path: str) -> str:
@@ -444,6 +465,11 @@ class PolicyRequest:
     client_country: Optional[str] = None
     country_note: str = ""
     client_place: Optional["Place"] = None  # only with City-level GeoIP data
+    # A Dovecot login (request DOVECOT_LOGIN): the door ("imap", "pop3", "smtp"
+    # for SMTP AUTH, "doveadm"), and whether only the blocked list is asked
+    # (before the password is checked) or a successful login is to be counted.
+    door: str = ""
+    check_only: bool = False
 
     # Computed once per request and kept in the instance's dict (a frozen
     # dataclass allows that).  Not functools.cached_property: on Python 3.11 it
@@ -502,7 +528,7 @@ def unwrap_ipv4(address):
     return address
 
 
-_FILLED_IN_LATER = ("attributes", "client_country", "country_note", "client_place")
+_FILLED_IN_LATER = ("attributes", "client_country", "country_note", "client_place", "door", "check_only")
 _REQUEST_FIELDS = frozenset(f.name for f in dataclasses.fields(PolicyRequest) if f.name not in _FILLED_IN_LATER)
 
 
@@ -1456,6 +1482,11 @@ def _sqlite_pragmas_for_sightings(dbapi_connection, record) -> None:
 # The decision
 # ---------------------------------------------------------------------------
 
+# What pcc decides on: Postfix's policy requests, and Dovecot's logins as the
+# Dovecot adapter hands them over.
+DOVECOT_LOGIN = "dovecot_login"
+COUNTED_REQUESTS = ("smtpd_access_policy", DOVECOT_LOGIN)
+
 # A sighting's last_seen (and last_ip) is refreshed at most this often, so an
 # account sending thousands of messages from one country, even from several
 # addresses, costs reads, not writes.  It is far below any useful window (a day
@@ -1508,7 +1539,7 @@ class Decision:
 
 def not_counted_reason(request: PolicyRequest, settings: Settings) -> Optional[str]:
     """Why this request is no business of pcc's, before any database work."""
-    if request.request != "smtpd_access_policy":
+    if request.request not in COUNTED_REQUESTS:
         return "not an smtpd_access_policy request"
     login = request.login
     if not login:
@@ -1550,6 +1581,8 @@ def decide(request: PolicyRequest, history: Optional[AccountHistory], settings: 
         if settings.monitoring:
             return Decision("DUNNO", f"would be blocked since {since} (monitor mode)")
         # enforce mode and only a monitor-mode flag: the account is judged afresh
+    if request.check_only:
+        return Decision("DUNNO", "not blocked (asked before the password is checked)")
     skip = _not_counted_here(request, history, settings, now)
     if skip is not None:
         return Decision("DUNNO", skip)
@@ -1583,6 +1616,8 @@ def _count(request: PolicyRequest, history: AccountHistory, settings: Settings, 
     recent[country] = CountrySeen(country, previous.first_seen if previous else now, now, ip)
     limit = settings.how_many_different_countries
     summary = f"{len(recent)} of at most {limit} countries in {settings.in_how_much_time_in_days:g} days"
+    if request.door:
+        summary = f"{request.door} login: {summary}"
     countries = tuple(sorted(recent.values(), key=lambda seen: seen.first_seen))
     if len(recent) > limit:
         listed = ", ".join(seen.country for seen in countries)
@@ -1790,6 +1825,11 @@ def block_notice(settings: Settings, login: str, countries: Iterable[CountrySeen
         subject = f"pcc: account {login} blocked ({action})"
         lines = [f"pcc has blocked the account {login}.", "", f"Why: {reason}",
                  f"Every message of this account is now answered: {action} {settings.reason}".rstrip()]
+        if settings.dovecot_policy_port:
+            lines.append("Its Dovecot logins (IMAP, POP3, SMTP AUTH) are refused too.")
+        if source.startswith("dovecot/"):
+            lines.append(f"The login that crossed the line was granted before pcc heard of it; end its session: "
+                         f"doveadm kick {shlex.quote(login)}")
     if journey is not None:
         lines += ["", *journey_lines(settings, journey)]
     lines += ["", "Countries it sent from (last client IP, first and last time seen, UTC):"]
@@ -1894,6 +1934,9 @@ class Metrics:
                                         registry=self.registry)
         self._no_country = Counter("pcc_geoip_lookups_without_country", "Counted requests whose client address "
                                    "has no country, by why", ["why"], registry=self.registry)
+        self._dovecot = Counter("pcc_dovecot_requests", "Dovecot auth policy requests, by command (allow, report; "
+                                "- when refused before it was read) and status (allowed, refused, not_counted, "
+                                "unauthorised, bad_request)", ["command", "status"], registry=self.registry)
         self.registry.register(_StateCollector(service))
 
     def serve(self, host: str, port: int, allowed_clients: tuple) -> None:
@@ -1965,6 +2008,10 @@ class Metrics:
     def no_country(self, why: str) -> None:
         if self.enabled:
             self._no_country.labels(why).inc()
+
+    def dovecot(self, command: str, status: str) -> None:
+        if self.enabled:
+            self._dovecot.labels(command, status).inc()
 
 
 class _StateCollector:
@@ -2108,7 +2155,7 @@ class OutageJournal:
         for entry in blocks:
             try:
                 block_id = store.record_block(
-                    entry["login"], dt.datetime.fromisoformat(entry["at"]), source="policy",
+                    entry["login"], dt.datetime.fromisoformat(entry["at"]), source=entry.get("source", "policy"),
                     action=entry["action"], reason=entry["reason"], countries=entry["countries"],
                     trigger=entry["trigger"], sighting=tuple(entry["sighting"]),
                     replace_flag=entry.get("replaces_flag", False))
@@ -2314,6 +2361,8 @@ class PolicyService:
         self._travel_noticed: dict = {}  # login -> when its last impossible-travel mail went
         self.sightings = SightingWriter(store, on_written=lambda: self._database_ok(wrote=True),
                                         on_failed=lambda problem: self._database_failed(problem, on_write=True))
+        self._login_workers: Optional[concurrent.futures.ThreadPoolExecutor] = None  # Dovecot's logins
+        self._login_workers_lock = threading.Lock()
         self._changes_from: Optional[dt.datetime] = None  # where the next poll of changes starts
         self._changes_polled_at = float("-inf")  # monotonic start of the latest successful poll
 
@@ -2466,6 +2515,23 @@ class PolicyService:
             self.journal.discard_block(ticket.spooled)
         return recorded
 
+    def answer_login(self, request: PolicyRequest) -> bool:
+        """Whether a Dovecot login is refused: decided like a Postfix request,
+        within DB_ANSWER_DEADLINE whatever the database does (then from memory:
+        an account known to be blocked is refused, any other gets in)."""
+        ticket = RequestTicket(request)
+        with self._login_workers_lock:
+            if self._login_workers is None:
+                self._login_workers = concurrent.futures.ThreadPoolExecutor(DOVECOT_WORKERS, "pcc-dovecot")
+        answer = self._login_workers.submit(self.answer, request, None, ticket)
+        try:
+            action = answer.result(timeout=DB_ANSWER_DEADLINE)
+        except concurrent.futures.TimeoutError:
+            action = self.answer_late(ticket)
+        except Exception:  # a bug costs one answer, never the listener, and never opens the blocked list
+            action = self.answer_after_error(request)
+        return action == self.settings.block_reply
+
     def answer_late(self, ticket: RequestTicket, now: Optional[dt.datetime] = None) -> str:
         """The answer for a request still in its thread after DB_ANSWER_DEADLINE
         (the Watchdog calls this while that thread goes on): its decision if it
@@ -2563,6 +2629,7 @@ class PolicyService:
         """A new block as the spool keeps it."""
         return {
             "login": request.login, "at": now.isoformat(), "action": self.settings.recorded_action,
+            "source": block_source(request),
             "rule": decision.rule, "replaces_flag": decision.replaces_flag,
             "reason": decision.reason, "countries": [seen.as_json() for seen in decision.countries],
             "trigger": dict(request.attributes), "sighting": [request.client_country, str(request.client_ip)],
@@ -2586,7 +2653,7 @@ class PolicyService:
         if decision.new_block:
             action = self.settings.recorded_action
             block_id = self.store.record_block(
-                login, now, source="policy", action=action, reason=decision.reason,
+                login, now, source=block_source(request), action=action, reason=decision.reason,
                 countries=[seen.as_json() for seen in decision.countries],
                 trigger=dict(request.attributes), sighting=(country, ip), replace_flag=decision.replaces_flag,
             )
@@ -2594,7 +2661,7 @@ class PolicyService:
                 return dataclasses.replace(decision, new_block=False,
                                            reason=decision.reason + " (already blocked by a concurrent request)")
             self.metrics.new_block(decision.rule, action)
-            subject, body = block_notice(self.settings, login, decision.countries, decision.reason, "policy",
+            subject, body = block_notice(self.settings, login, decision.countries, decision.reason, block_source(request),
                                          action, decision.journey)
             self.notifier.send(subject, body)
             return decision
@@ -2714,11 +2781,17 @@ class PolicyService:
 
     def _log_decision(self, request: PolicyRequest, decision: Decision) -> None:
         log.info(
-            "login=%s client=%s country=%s decision=%s reason=%s%s",
+            "login=%s client=%s country=%s decision=%s reason=%s%s%s",
             request.login or "-", request.client_address or "-", request.client_country or "-",
             decision.action.split()[0], decision.reason,
+            f" via=dovecot door={request.door}" if request.request == DOVECOT_LOGIN else "",
             " NEW BLOCK" if decision.new_block else "",
         )
+
+
+def block_source(request: PolicyRequest) -> str:
+    """Who made a block, as -l shows it: "policy" (Postfix) or "dovecot/<door>"."""
+    return f"dovecot/{request.door}"[:16] if request.request == DOVECOT_LOGIN else "policy"
 
 
 def is_data_error(error: BaseException) -> bool:
@@ -3020,6 +3093,138 @@ class PolicyServer(socketserver.ThreadingTCPServer):
         log.exception("connection from %s: internal error", client_address[0])
 
 
+# --- Dovecot's authentication policy: the same service for logins --------------
+#
+# Dovecot posts JSON before a login's password is checked (?command=allow), once
+# more after a good password, and reports the outcome (?command=report, with
+# "success").  pcc answers {"status": -1, "msg": reason} for a blocked account,
+# else {"status": 0}; a successful login counts its country when count_logins
+# is on.  Failed logins never count: anybody could otherwise lock anybody out.
+
+# Dovecot's bodies are a few hundred bytes; anything much larger is not Dovecot.
+DOVECOT_MAX_BODY = 16384
+# Logins answered at once; more wait for a worker (each answered within
+# DB_ANSWER_DEADLINE all the same, from memory when the database is slow).
+DOVECOT_WORKERS = 32
+# Dovecot's protocol names -> the door named in log lines, blocks and mails.
+DOVECOT_DOORS = {"imap": "imap", "pop3": "pop3", "smtp": "smtp", "submission": "smtp", "lmtp": "lmtp",
+                 "doveadm": "doveadm", "sieve": "sieve", "managesieve": "sieve"}
+
+
+def dovecot_login_request(command: str, fields: dict) -> Optional[PolicyRequest]:
+    """The PolicyRequest for one Dovecot call, or None when it asks nothing of
+    the rules (a report of a failed login)."""
+    if command == "report" and fields.get("success") is not True:
+        return None
+    protocol = str(fields.get("protocol", ""))
+    attributes = {name: _clean_value(str(value)) for name, value in fields.items() if name != "pwhash"}
+    attributes["command"] = command
+    return PolicyRequest(request=DOVECOT_LOGIN, sasl_username=_clean_value(str(fields.get("login", ""))),
+                         client_address=_clean_value(str(fields.get("remote", ""))),
+                         door=DOVECOT_DOORS.get(protocol.lower(), escape_controls(protocol[:16]) or "unknown"),
+                         check_only=command == "allow", attributes=attributes)
+
+
+class DovecotPolicyHandler(http.server.BaseHTTPRequestHandler):
+    """One HTTP request of Dovecot's auth policy client."""
+
+    protocol_version = "HTTP/1.1"  # Dovecot keeps its connections alive
+    timeout = METRICS_TIMEOUT  # a client that stops sending does not keep its thread
+
+    def do_POST(self) -> None:
+        server = self.server
+        settings = server.service.settings
+        command = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query).get("command", [""])[0]
+        if not self._authorised(settings.dovecot_api_header):
+            self._refuse(401, "unauthorised", f"without the [dovecot] api_header (command={command[:20]!r})")
+            return
+        if command not in ("allow", "report"):
+            self._refuse(400, "bad_request", f"unknown command {command[:20]!r}")
+            return
+        fields = self._json_body()
+        if fields is None:
+            return
+        request = dovecot_login_request(command, fields)
+        if request is None or (command == "report" and not settings.count_logins):
+            server.service.metrics.dovecot(command, "not_counted")
+            self._reply(200, {"status": 0})
+            return
+        refused = server.service.answer_login(request)
+        server.service.metrics.dovecot(command, "refused" if refused else "allowed")
+        self._reply(200, {"status": -1, "msg": settings.reason or "account blocked"} if refused else {"status": 0})
+
+    def do_GET(self) -> None:
+        self._refuse(405, "bad_request", "GET (Dovecot POSTs)")
+
+    def _authorised(self, api_header: str) -> bool:
+        if not api_header:
+            return True
+        name, _colon, value = api_header.partition(":")
+        sent = self.headers.get(name.strip(), "")
+        return hmac.compare_digest(sent.strip().encode(), value.strip().encode())
+
+    def _json_body(self) -> Optional[dict]:
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            self._refuse(411, "bad_request", "no Content-Length")
+            return None
+        if not 0 <= length <= DOVECOT_MAX_BODY:
+            self._refuse(413, "bad_request", f"a body of {length} bytes (at most {DOVECOT_MAX_BODY})")
+            return None
+        body = self.rfile.read(length)
+        try:
+            fields = json.loads(body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            fields = None
+        if not isinstance(fields, dict):
+            self._refuse(400, "bad_request", f"a body that is not a JSON object: {body[:60]!r}")
+            return None
+        return fields
+
+    def _refuse(self, code: int, status: str, what: str) -> None:
+        log.warning("dovecot policy request from %s refused (HTTP %d): %s", self.client_address[0], code, what)
+        self.server.service.metrics.dovecot("-", status)
+        self._reply(code, {"error": http.HTTPStatus(code).phrase}, close=code != 401)
+
+    def _reply(self, code: int, answer: dict, close: bool = False) -> None:
+        body = json.dumps(answer).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        if close:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_arguments) -> None:  # pcc logs decisions and refusals itself
+        pass
+
+
+class DovecotPolicyServer(http.server.ThreadingHTTPServer):
+    """Dovecot's auth policy port: a thin adapter onto the PolicyService."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, settings: Settings, service: "PolicyService"):
+        self.service = service
+        self.allowed_clients = settings.allowed_clients
+        infos = socket.getaddrinfo(settings.host, settings.dovecot_policy_port, type=socket.SOCK_STREAM)
+        self.address_family = infos[0][0]
+        super().__init__(infos[0][4][:2], DovecotPolicyHandler)
+
+    def verify_request(self, request, client_address) -> bool:
+        if client_allowed(client_address[0], self.allowed_clients):
+            return True
+        log.warning("dovecot policy connection from %s refused: not in [server] allowed_clients", client_address[0])
+        return False
+
+    def handle_error(self, request, client_address) -> None:
+        log.exception("dovecot policy connection from %s: internal error", client_address[0])
+
+
 # ---------------------------------------------------------------------------
 # Admin command line
 # ---------------------------------------------------------------------------
@@ -3119,10 +3324,10 @@ class Admin:
         if not rows:
             self.say("No account is blocked.")
             return
-        self.say(f"{'LOGIN':<32} {'STATE':<16} {'SINCE (UTC)':<20} {'ACTION':<7} {'BY':<7} "
+        self.say(f"{'LOGIN':<32} {'STATE':<16} {'SINCE (UTC)':<20} {'ACTION':<7} {'BY':<15} "
                  f"{'COUNTRY':<8}{'LAST IP':<40} LAST SEEN (UTC)")
         for login, since, block in rows:
-            first = f"{login:<32} {_block_state(block):<16} {_when(since):<20} {block.action:<7} {block.source:<7} "
+            first = f"{login:<32} {_block_state(block):<16} {_when(since):<20} {block.action:<7} {block.source:<15} "
             countries = block.countries or [{"country": "-", "last_ip": "-", "last_seen": None}]
             for index, seen in enumerate(countries):
                 lead = first if index == 0 else " " * len(first)
@@ -3279,6 +3484,15 @@ _SUBMISSION_LINE = re.compile(
     r"^(?:(?P<classic>[A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d)|(?P<iso>\d{4}-\d\d-\d\dT\S+)) \S+ "
     r"postfix[^\s/\[]*(?:/[^\s/\[]+)*/smtpd\[\d+\]: [0-9A-Za-z]+: "
     r"client=[^\[\s]*\[(?:IPv6:)?(?P<ip>[^\]]+)\](?::\d+)?, (?:.*?, )?sasl_username=(?P<login>[^,\s]*)"
+)
+# A successful Dovecot login (replayed when [dovecot] count_logins = yes), as
+# syslog or Dovecot's own log_path has it:
+#   Nov 25 18:40:02 mx dovecot: imap-login: Login: user=<alice@example.com>, method=PLAIN, rip=203.0.113.9, ...
+#   Nov 25 18:40:02 imap-login: Info: Logged in: user=<alice@example.com>, method=PLAIN, rip=203.0.113.9, ...
+_DOVECOT_LOGIN_LINE = re.compile(
+    r"^(?:(?P<classic>[A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d)|(?P<iso>\d{4}-\d\d-\d\dT\S+)) "
+    r"(?:\S+ dovecot(?:\[\d+\])?: )?(?P<door>imap|pop3|submission|managesieve)-login: (?:Info: )?"
+    r"(?:Login|Logged in): user=<(?P<login>[^>]*)>, (?:.*?, )?rip=(?P<ip>[^,\s]+)"
 )
 _MONTHS = {name: number for number, name in enumerate(
     "Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split(), start=1)}
@@ -3437,9 +3651,12 @@ def replay_logs(paths: list, settings: Settings, geoip: GeoIP, today: Optional[d
         with log_file:
             for line in log_file:
                 result.lines += 1
-                if "sasl_username=" not in line:
+                if "sasl_username=" in line:
+                    found = _SUBMISSION_LINE.match(line)
+                elif settings.count_logins and "-login: " in line and " user=<" in line:
+                    found = _DOVECOT_LOGIN_LINE.match(line)
+                else:
                     continue
-                found = _SUBMISSION_LINE.match(line)
                 try:
                     when = clock.parse(found["classic"], found["iso"]) if found else None
                 except (ValueError, KeyError, OverflowError):
@@ -3450,17 +3667,26 @@ def replay_logs(paths: list, settings: Settings, geoip: GeoIP, today: Optional[d
                 result.submissions += 1
                 result.first = result.first or when
                 result.last = when
-                request = PolicyRequest(request="smtpd_access_policy", sasl_username=found["login"],
-                                        client_address=found["ip"], attributes={"log_line": line.rstrip("\n")})
-                decide_request(request, when)
+                decide_request(_replayed_request(found, line), when)
     return result
+
+
+def _replayed_request(found: re.Match, line: str) -> PolicyRequest:
+    attributes = {"log_line": line.rstrip("\n")}
+    if "door" not in found.groupdict():
+        return PolicyRequest(request="smtpd_access_policy", sasl_username=found["login"],
+                             client_address=found["ip"], attributes=attributes)
+    door = DOVECOT_DOORS.get(found["door"], found["door"])
+    return PolicyRequest(request=DOVECOT_LOGIN, sasl_username=found["login"], client_address=found["ip"],
+                         door=door, attributes=attributes)
 
 
 def print_replay_report(result: ReplayResult, out) -> None:
     settings = result.settings
     span = f" from {_when(result.first)} to {_when(result.last)} UTC" if result.first else ""
+    logins = " and Dovecot logins" if settings.count_logins else ""
     print(f"Replayed {len(result.files)} file(s): {result.lines} lines, {result.submissions} authenticated "
-          f"submissions{span}; {result.unparseable} unparseable lines skipped.", file=out)
+          f"submissions{logins}{span}; {result.unparseable} unparseable lines skipped.", file=out)
     print(f"Rule: more than {settings.how_many_different_countries} countries in "
           f"{settings.in_how_much_time_in_days:g} days -> {settings.action}.", file=out)
     blocks = list(result.service.store.blocks.values())
@@ -3611,6 +3837,16 @@ def run_daemon(settings: Settings) -> int:
                       error.strerror or error)
             server.server_close()
             return 1
+    dovecot = None
+    if settings.dovecot_policy_port is not None:
+        try:
+            dovecot = DovecotPolicyServer(settings, service)
+        except OSError as error:
+            log.error("cannot listen for Dovecot on %s:%s: %s", settings.host, settings.dovecot_policy_port,
+                      error.strerror or error)
+            server.server_close()
+            return 1
+        threading.Thread(target=dovecot.serve_forever, name="pcc-dovecot", daemon=True).start()
     threading.Thread(target=housekeeping, args=(service, server.stopping), name="pcc-housekeeping",
                      daemon=True).start()
     service.start_background(server.stopping)
@@ -3619,6 +3855,8 @@ def run_daemon(settings: Settings) -> int:
         if not server.stopping.is_set():
             server.stopping.set()
             threading.Thread(target=server.shutdown, daemon=True).start()
+            if dovecot is not None:
+                threading.Thread(target=dovecot.shutdown, daemon=True).start()
 
     def on_reload(_signum, _frame):
         threading.Thread(target=reload_settings, args=(server,), daemon=True).start()
@@ -3626,8 +3864,12 @@ def run_daemon(settings: Settings) -> int:
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
     signal.signal(signal.SIGHUP, on_reload)
+    extra_ports = [f"metrics on port {settings.metrics_port}"] if settings.metrics_port else []
+    if settings.dovecot_policy_port:
+        extra_ports.append(f"Dovecot auth policy on port {settings.dovecot_policy_port}, logins "
+                           f"{'counted' if settings.count_logins else 'checked against the blocked list only'}")
     log.info("pcc %s listening on %s port %d%s; database %s; GeoIP %s; %s", __version__, settings.host,
-             settings.port, f" (metrics on port {settings.metrics_port})" if settings.metrics_port else "",
+             settings.port, f" ({'; '.join(extra_ports)})" if extra_ports else "",
              safe_url(settings.dbcon), geoip.description, describe_rules(settings))
     server.serve_forever(poll_interval=0.5)
     # Stopped: accept nothing new, answer the requests in flight, then exit.
@@ -3736,12 +3978,17 @@ def reload_settings(server: PolicyServer) -> None:
         log.warning("reload: a new host/port needs a restart; still listening on %s port %d", old.host, old.port)
         new = dataclasses.replace(new, host=old.host, port=old.port)
     if new.dbcon != old.dbcon:
+        service.sightings.flush()  # what the old database was to get, it gets
         service.store, service.tables_ready = Store(new.dbcon), False
+        service.sightings.store = service.store
     if new.spool_file != old.spool_file:
         log.warning("reload: a new spool_file needs a restart; still using %s", old.spool_file or "memory")
     if new.metrics_port != old.metrics_port:
         log.warning("reload: a new metrics_port needs a restart; metrics stay %s",
                     f"on port {old.metrics_port}" if old.metrics_port else "off")
+    if new.dovecot_policy_port != old.dovecot_policy_port:
+        log.warning("reload: a new [dovecot] policy_port needs a restart; the Dovecot port stays %s",
+                    f"{old.dovecot_policy_port}" if old.dovecot_policy_port else "off")
     MaskingFormatter.secrets |= set(secrets_of(new))
     service.geoip = geoip
     service.notifier.settings = new

@@ -25,6 +25,7 @@ class PostfixInstance:
         self.pcc_port = pcc_port
         self.smtp_port = free_port()
         self.directory = tempfile.mkdtemp(prefix="pcc-postfix-")
+        self.extra_settings: list = []  # more main.cf settings ("name=value")
 
     def start(self) -> None:
         d = self.directory
@@ -47,6 +48,7 @@ class PostfixInstance:
             "smtpd_policy_service_max_idle=1s", "smtpd_policy_service_max_ttl=2s",
             "smtpd_relay_restrictions=permit_mynetworks, "
             f"check_policy_service inet:127.0.0.1:{self.pcc_port}, reject_unauth_destination",
+            *self.extra_settings,
         )
         for command in (["set-permissions"], ["check"], ["start"]):
             subprocess.run(["postfix", "-c", d, *command], check=True, capture_output=True, timeout=120)
