@@ -396,7 +396,19 @@ class Daemon:
         return PolicyClient(self.port, host=self.host)
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        """The daemon's log so far.  pcc writes its lines from a thread of its
+        own (a queue): read once the file has stopped growing for 50 ms."""
+        def read() -> str:
+            return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+        text, deadline = read(), time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            newer = read()
+            if newer == text:
+                break
+            text = newer
+        return text
 
 
 @pytest.fixture
