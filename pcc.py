@@ -47,7 +47,7 @@ How the pieces fit, in the order data flows (and the order of this file):
                   and --update-geoip
 
 Only the decision knows the rules; everything around it does I/O.  The file is
-long (about 3,900 lines) but each section stands alone; the admin command line
+long (about 4,550 lines) but each section stands alone; the admin command line
 (with the replay, --health and --update-geoip, about 1,000 lines) has outgrown
 it and is the first candidate for a module of its own.
 """
