@@ -969,9 +969,11 @@ class Store:
         found = inspector.get_indexes(table) + inspector.get_unique_constraints(table)
         if any(list(index["column_names"])[:1] == ["last_seen"] for index in found):
             return
-        index = sa.Index("ix_pcc_sightings_last_seen", Sighting.last_seen)
         try:
-            index.create(self.engine)
+            # Plain DDL: an sa.Index on Sighting's column would join pcc's
+            # metadata for good, and every later create_all would add it again.
+            with self.engine.begin() as connection:
+                connection.execute(sa.text(f"CREATE INDEX ix_pcc_sightings_last_seen ON {table} (last_seen)"))
             log.warning("added the index ix_pcc_sightings_last_seen to %s (tables of pcc 1.2 and older lack it)",
                         table)
         except sa_exc.SQLAlchemyError as error:
@@ -3185,7 +3187,8 @@ class DovecotPolicyHandler(http.server.BaseHTTPRequestHandler):
     def _refuse(self, code: int, status: str, what: str) -> None:
         log.warning("dovecot policy request from %s refused (HTTP %d): %s", self.client_address[0], code, what)
         self.server.service.metrics.dovecot("-", status)
-        self._reply(code, {"error": http.HTTPStatus(code).phrase}, close=code != 401)
+        # Closed after the answer: the body, if any, was not read.
+        self._reply(code, {"error": http.HTTPStatus(code).phrase}, close=True)
 
     def _reply(self, code: int, answer: dict, close: bool = False) -> None:
         body = json.dumps(answer).encode()

@@ -11,7 +11,7 @@ import tempfile
 
 import pytest
 
-from conftest import ROOT, free_port, ip_in, unavailable
+from conftest import ROOT, free_port, ip_in, unavailable, wait_until_visible
 
 pytestmark = pytest.mark.postfix
 
@@ -155,7 +155,9 @@ def test_hold_then_release_exactly_that_accounts_mail(postfix, pcc_for, smtp_sin
     queue = postfix.queue()
     assert queue.get(fourth) != "hold" and queue.get(later) != "hold"
     assert queue[carols] == "hold"  # another account's held mail stays held
-    # alice sends normally again, in a fresh window
+    # alice sends normally again, in a fresh window (the daemon had her in
+    # memory, blocked: the unblock reaches it within a second)
+    wait_until_visible()
     _code, _text, again = postfix.send(ALICE, ip_in("GB"))
     assert postfix.queue()[again] != "hold"
     assert "released 0 held messages" in admin(daemon, "-r", ALICE)  # safe to repeat
@@ -192,9 +194,11 @@ def test_manual_block_is_enforced_on_the_next_message(postfix, pcc_for):
     daemon = pcc_for("REJECT")
     assert postfix.send(BOB, ip_in("GB"))[0] == 250
     assert "blocked" in admin(daemon, "-b", BOB)
+    wait_until_visible()  # bob is in the daemon's memory; the block reaches it within a second
     assert postfix.send(BOB, ip_in("GB"))[0] == 554
     assert "already blocked" in admin(daemon, "-b", BOB)
     admin(daemon, "-u", BOB)
+    wait_until_visible()
     assert postfix.send(BOB, ip_in("GB"))[0] == 250
 
 
