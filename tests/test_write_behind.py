@@ -231,7 +231,10 @@ def test_sqlite_connections_are_kept_across_requests(tmp_path):
 def test_tables_of_pcc_1_2_get_the_index_the_poll_needs(db_url):
     engine = sa.create_engine(db_url)
     old_sightings = sa.Table(  # pcc 1.2's table: no index on last_seen
-        "pcc_sightings", sa.MetaData(), *[column.copy() for column in pcc.Sighting.__table__.columns],
+        "pcc_sightings", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("login", sa.String(255)), sa.Column("country", sa.String(2)),
+        sa.Column("first_seen", pcc.UTCDateTime()), sa.Column("last_seen", pcc.UTCDateTime()),
+        sa.Column("last_ip", sa.String(45)),
         sa.UniqueConstraint("login", "country", name="uq_pcc_sightings_login_country"))
     old_sightings.create(engine)
     engine.dispose()
