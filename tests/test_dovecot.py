@@ -274,3 +274,88 @@ def test_replay_counts_dovecot_logins(tmp_path, geoip_path):
     config_off = write_config(tmp_path, {"db.dbcon": f"sqlite:///{tmp_path}/pcc.sqlite3",
                                          "geoip.database": geoip_path}, name="off.conf")
     assert "alice@example.com" not in pcc_command(config_off, "--replay", str(log_file)).stdout
+
+
+def post(port: int, command: str, body: bytes, timeout: float = 5.0) -> tuple:
+    """One request as Dovecot sends it: (HTTP status, JSON answer or None, seconds)."""
+    started = time.monotonic()
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/?command={command}", body,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.load(response), time.monotonic() - started
+    except urllib.error.HTTPError as error:
+        return error.code, None, time.monotonic() - started
+
+
+def login_body(login: str, country: str, **extra) -> bytes:
+    return json.dumps({"login": login, "remote": ip_in(country), "protocol": "imap", "pwhash": "0ee9",
+                       "device_id": "", "tls": False, **extra}).encode()
+
+
+def test_answers_within_a_second_while_the_database_hangs(start_daemon, shared_db_url):
+    """The database stops answering (a black hole): a blocked account is still
+    refused and an unknown one let in, each within a second."""
+    from test_faults import TcpProxy
+
+    import sqlalchemy as sa
+
+    url = sa.engine.make_url(shared_db_url)
+    proxy = TcpProxy(url.host, url.port)
+    try:
+        port = free_port()
+        daemon = start_daemon(**{
+            "db.dbcon": url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False),
+            "policy.action": "REJECT", "dovecot.policy_port": port, "dovecot.count_logins": "yes"})
+        pcc_command(daemon.config_path, "-b", "alice@example.com")
+        assert post(port, "allow", login_body("alice@example.com", "GB"))[1]["status"] == -1
+        proxy.cut("blackhole")
+        time.sleep(1.0)  # the poll of changes goes stale: every account needs the database now
+        for login, status in (("alice@example.com", -1), ("dave@example.com", 0)):
+            code, answer, seconds = post(port, "allow", login_body(login, "GB"))
+            assert code == 200 and answer["status"] == status and seconds < 1.0, (login, answer, seconds)
+        proxy.restore()
+    finally:
+        proxy.close()
+
+
+def test_oversized_bodies_and_other_methods_are_refused(start_daemon, db_url):
+    port = free_port()
+    daemon = start_daemon(**{"db.dbcon": db_url, "dovecot.policy_port": port})
+    code, _answer, _seconds = post(port, "allow", b"{" + b" " * 20000 + b"}")
+    assert code == 413
+    assert post(port, "shutdown", login_body("alice@example.com", "GB"))[0] == 400
+    assert post(port, "allow", b"[1, 2]")[0] == 400
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/?command=allow", timeout=5)
+    assert refused.value.code == 405
+    # still serving, and a login without an account name is nobody's business
+    assert post(port, "allow", login_body("", "GB"))[1] == {"status": 0}
+    assert "refused (HTTP 413)" in daemon.log() and "refused (HTTP 405)" in daemon.log()
+
+
+def test_rules_apply_to_logins_as_to_submissions(start_daemon, db_url):
+    """Whitelisted logins and ignored countries do not count; in monitor mode
+    a flagged account is not refused; after SIGHUP the new rules apply."""
+    port = free_port()
+    daemon = start_daemon(**{"db.dbcon": db_url, "policy.action": "REJECT", "dovecot.policy_port": port,
+                             "dovecot.count_logins": "yes", "policy.whitelisted": "boss@example.com",
+                             "policy.ignorecountries": "SE", "policy.mode": "monitor"})
+    for country in ("GB", "US", "FR", "DE", "JP"):
+        post(port, "report", login_body("boss@example.com", country, success=True))
+        post(port, "report", login_body("alice@example.com", country, success=True))
+    assert post(port, "allow", login_body("alice@example.com", "GB"))[1] == {"status": 0}  # flagged only
+    assert "would be blocked" in pcc_command(daemon.config_path, "-l").stdout
+    assert "boss@example.com" not in pcc_command(daemon.config_path, "-l").stdout
+    for country in ("SE", "SE"):
+        post(port, "report", login_body("carol@example.com", country, success=True))
+    assert "not counted: SE is in ignorecountries" in daemon.log()
+    config = open(daemon.config_path).read().replace("mode = monitor", "mode = enforce")
+    open(daemon.config_path, "w").write(config)
+    daemon.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "reloaded" not in daemon.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for country in ("GB", "US", "FR", "DE"):  # judged afresh in enforce mode: the 4th blocks
+        post(port, "report", login_body("alice@example.com", country, success=True))
+    assert post(port, "allow", login_body("alice@example.com", "GB"))[1]["status"] == -1
