@@ -3815,11 +3815,17 @@ def setup_logging(verbose: bool, to_stderr: bool, secrets: Iterable[str] = ()) -
 
 
 def secrets_of(settings: Settings) -> list:
+    """What must never reach a log line: the database password and the
+    credentials in the Dovecot api_header."""
+    secrets = []
+    credentials = settings.dovecot_api_header.partition(":")[2].strip()
+    if len(credentials) >= 8:  # a short value would mask innocent words too
+        secrets.append(credentials)
     try:
         password = sa.engine.make_url(settings.dbcon).password
     except sa_exc.ArgumentError:
-        return []
-    return [str(password)] if password else []
+        return secrets
+    return secrets + ([str(password)] if password else [])
 
 
 def run_daemon(settings: Settings) -> int:

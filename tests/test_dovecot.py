@@ -224,6 +224,7 @@ def test_the_api_header_is_required(dovecot_pcc):
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(bad, timeout=5)
     assert refused.value.code == 400 and "not a JSON object" in daemon.log()
+    assert API_HEADER.split()[-1] not in daemon.log()  # the credentials never reach a log line
     metrics = scrape(metrics_port)
     assert metrics[("pcc_dovecot_requests_total", (("command", "-"), ("status", "unauthorised")))] >= 2
     assert metrics[("pcc_dovecot_requests_total", (("command", "allow"), ("status", "allowed")))] == 1
