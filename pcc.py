@@ -1323,12 +1323,17 @@ class Store:
             return connection.execute(sa.delete(Sighting).where(Sighting.last_seen < cutoff)).rowcount
 
 
-# Sightings wait in memory at most this long (seconds) before they are written
-# together: what a kill -9 or a power cut can lose (the next decisions of this
-# daemon count them at once; blocks never wait).
+# Sightings gather in memory this long (seconds) and are then written together
+# (the next decisions of this daemon count them at once; blocks never wait).
+# What a crash can lose is bounded by MAX_UNWRITTEN_AGE below.
 SIGHTING_FLUSH_INTERVAL = 0.05
 # A batch that takes longer than this (seconds) to write is logged.
 SLOW_SIGHTING_WRITE = 0.2
+# When the oldest unwritten sighting is older than this (seconds), the request
+# that adds one more writes them before it is answered: under a load that
+# starves the writer thread (it gets its share of one GIL), this is what keeps
+# a crash from losing more than the last moments of sightings.
+MAX_UNWRITTEN_AGE = 0.1
 # Sightings kept in memory while the database cannot take them; beyond this the
 # oldest are dropped (with an ERROR line): they cost some counting, never a block.
 SIGHTINGS_KEPT_UNWRITTEN = 200000
@@ -1346,7 +1351,8 @@ def merge_seen(first: Optional[CountrySeen], second: CountrySeen) -> CountrySeen
 class SightingWriter:
     """Writes sightings behind the answer: a request adds its sighting here and
     is answered; a thread writes what gathered every SIGHTING_FLUSH_INTERVAL in
-    one transaction (group commit).  Until written, pending_for() gives them
+    one transaction (group commit).  Should that thread fall more than
+    MAX_UNWRITTEN_AGE behind, the requests write instead of it.  Until written, pending_for() gives them
     to the account's next read, so counting never misses one.  While the
     database fails they stay (merged per account and country) and are written
     when it is back.  Not started (tests, replays), add() writes at once."""
@@ -1358,6 +1364,9 @@ class SightingWriter:
         self._pending: dict = {}  # login -> {country: CountrySeen}, not yet taken by a write
         self._writing: dict = {}  # the same, for the batch being written
         self._count = 0  # entries in _pending
+        self._pending_since: Optional[float] = None  # monotonic time of the oldest entry in _pending
+        self._writing_since: Optional[float] = None  # ...and in _writing
+        self._failing = False  # the last write failed: requests do not wait for the next
         self._lock = threading.Lock()
         self._flushing = threading.Lock()
         self._stop = threading.Event()
@@ -1382,10 +1391,17 @@ class SightingWriter:
             if seen.country not in countries:
                 self._count += 1
             countries[seen.country] = merge_seen(countries.get(seen.country), seen)
+            if self._pending_since is None:
+                self._pending_since = time.monotonic()
             if self._count > SIGHTINGS_KEPT_UNWRITTEN:
                 self._drop_oldest()
-        if self._thread is None:
-            self.flush()
+        if self._thread is None or (self._lagging() and not self._failing):
+            self.flush()  # waits for a batch being written, then writes what is left
+
+    def _lagging(self) -> bool:
+        oldest = min((since for since in (self._writing_since, self._pending_since) if since is not None),
+                     default=None)
+        return oldest is not None and time.monotonic() - oldest > MAX_UNWRITTEN_AGE
 
     def _drop_oldest(self) -> None:
         oldest = next(iter(self._pending))
@@ -1417,6 +1433,7 @@ class SightingWriter:
                 if not self._pending:
                     return True
                 self._writing, self._pending, self._count = self._pending, {}, 0
+                self._writing_since, self._pending_since = self._pending_since, None
             rows = sorted(({"login": login, "country": seen.country, "first_seen": seen.first_seen,
                             "last_seen": seen.last_seen, "last_ip": seen.last_ip}
                            for login, countries in self._writing.items() for seen in countries.values()),
@@ -1425,11 +1442,13 @@ class SightingWriter:
             try:
                 self._write(rows)
             except sa_exc.SQLAlchemyError as error:
+                self._failing = True
                 self._keep_writing()
                 self.on_failed(_first_line(error))
                 return False
+            self._failing = False
             with self._lock:
-                self._writing = {}
+                self._writing, self._writing_since = {}, None
             took = time.monotonic() - started
             if took > SLOW_SIGHTING_WRITE:  # what a crash may lose grows with it
                 log.warning("writing %d sightings took %.2f s", len(rows), took)
@@ -1461,6 +1480,9 @@ class SightingWriter:
                     merged[country] = merge_seen(merged.get(country), seen)
             self._pending, self._writing = kept, {}
             self._count = sum(len(countries) for countries in kept.values())
+            self._pending_since = min((since for since in (self._writing_since, self._pending_since)
+                                       if since is not None), default=None)
+            self._writing_since = None
 
 
 @dataclass(frozen=True)

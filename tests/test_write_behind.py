@@ -106,15 +106,17 @@ def _send_until_killed(port, logins, country, answered, stop):
 
 
 def test_kill_9_under_load_loses_at_most_the_last_moment(start_daemon, db_url, tmp_path):
-    """Four connections send first sightings as fast as the daemon answers,
-    and one stolen account crosses the line among them; kill -9.  Every
-    sighting answered more than 0.25 s before the kill is in the database
-    (pcc writes every 50 ms), and the block is in the database or the spool."""
+    """Sixteen connections send first sightings as fast as the daemon answers
+    (the writer thread gets its share of the GIL only), and one stolen account
+    crosses the line among them; kill -9.  Every sighting answered more than
+    0.25 s before pcc's last answer is in the database (pcc writes every 50
+    ms, and requests write themselves once the writer is 100 ms behind), and
+    the block is in the database or the spool."""
     daemon = start_daemon(**{"db.dbcon": db_url, "policy.action": "HOLD"})
     answered: list = []
     stop = threading.Event()
     threads = [threading.Thread(target=_send_until_killed, args=(
-        daemon.port, [f"c{n}-{k}@example.com" for k in range(100000)], "GB", answered, stop)) for n in range(4)]
+        daemon.port, [f"c{n}-{k}@example.com" for k in range(100000)], "GB", answered, stop)) for n in range(16)]
     for thread in threads:
         thread.start()
     time.sleep(0.7)
@@ -129,12 +131,21 @@ def test_kill_9_under_load_loses_at_most_the_last_moment(start_daemon, db_url, t
     for thread in threads:
         thread.join()
     in_database = {login for login, _country in sightings_in_database(db_url)}
-    settled = {login for login, at, reply in answered if at < killed_at - 0.25 and "DUNNO" in reply}
+    # pcc's promise: it gives no answer while a sighting more than 100 ms old is
+    # unwritten (the database working).  So a sighting can be lost only if it
+    # was answered within the last moments before pcc's last answer; those
+    # moments may end well before the kill when the database is slow to commit
+    # (answers then wait, the loss does not grow).
+    first_sights = [(login, at) for login, at, reply in answered if "DUNNO" in reply]
+    last_answer = max(at for _login, at in first_sights)
+    settled = {login for login, at in first_sights if at < last_answer - 0.25}
     assert len(settled) > 200, len(settled)  # the load was real
-    lost = [(login, round(killed_at - at, 3)) for login, at, reply in answered
+    lost = [(login, round(last_answer - at, 3)) for login, at in first_sights
             if login in settled and login not in in_database]
-    assert lost == [], f"{len(lost)} of {len(settled)} sightings answered before the kill were lost " \
-                       f"(login, seconds before the kill): {lost[:5]}\n{daemon.log()[-3000:]}"
+    slow = [line for line in daemon.log().splitlines() if "sightings took" in line]
+    assert lost == [], f"{len(lost)} of {len(settled)} sightings answered more than 0.25 s before the last " \
+                       f"answer were lost (login, seconds before it): {lost[:5]}; last answer " \
+                       f"{killed_at - last_answer:.3f} s before the kill; slow writes: {slow[-5:]}"
     restarted = start_daemon(**{"db.dbcon": db_url, "policy.action": "HOLD",
                                 "db.spool_file": daemon_spool(daemon)})
     assert restarted.client().ask("stolen@example.com", ip_in("GB")).startswith("HOLD")
