@@ -1352,10 +1352,11 @@ class SightingWriter:
     """Writes sightings behind the answer: a request adds its sighting here and
     is answered; a thread writes what gathered every SIGHTING_FLUSH_INTERVAL in
     one transaction (group commit).  Should that thread fall more than
-    MAX_UNWRITTEN_AGE behind, the requests write instead of it.  Until written, pending_for() gives them
-    to the account's next read, so counting never misses one.  While the
-    database fails they stay (merged per account and country) and are written
-    when it is back.  Not started (tests, replays), add() writes at once."""
+    MAX_UNWRITTEN_AGE behind, the requests write instead of it.  Until
+    written, pending_for() gives them to the account's next read, so counting
+    never misses one.  While the database fails they stay (merged per account
+    and country) and are written when it is back.  Not started (tests,
+    replays), add() writes at once."""
 
     def __init__(self, store, on_written=None, on_failed=None):
         self.store = store
