@@ -1311,9 +1311,7 @@ class Store:
     def merge_sightings(self, sightings: Iterable[tuple]) -> int:
         """Write (login, CountrySeen) pairs, keeping the earliest first_seen and
         the latest last_seen (with its IP) of what is there and what comes."""
-        rows = sorted(({"login": login, "country": seen.country, "first_seen": seen.first_seen,
-                        "last_seen": seen.last_seen, "last_ip": seen.last_ip} for login, seen in sightings),
-                      key=lambda row: (row["login"], row["country"]))
+        rows = sighting_rows(sightings)
         for start in range(0, len(rows), 1000):
             self.write_sightings(rows[start:start + 1000])
         return len(rows)
@@ -1337,6 +1335,16 @@ MAX_UNWRITTEN_AGE = 0.1
 # Sightings kept in memory while the database cannot take them; beyond this the
 # oldest are dropped (with an ERROR line): they cost some counting, never a block.
 SIGHTINGS_KEPT_UNWRITTEN = 200000
+
+
+def sighting_rows(sightings: Iterable[tuple]) -> list:
+    """(login, CountrySeen) pairs as Store.write_sightings takes them: rows in
+    (login, country) order, so that two daemons writing overlapping batches
+    take the row locks in the same order and cannot deadlock."""
+    rows = [{"login": login, "country": seen.country, "first_seen": seen.first_seen,
+             "last_seen": seen.last_seen, "last_ip": seen.last_ip} for login, seen in sightings]
+    rows.sort(key=lambda row: (row["login"], row["country"]))
+    return rows
 
 
 def merge_seen(first: Optional[CountrySeen], second: CountrySeen) -> CountrySeen:
@@ -1435,10 +1443,8 @@ class SightingWriter:
                     return True
                 self._writing, self._pending, self._count = self._pending, {}, 0
                 self._writing_since, self._pending_since = self._pending_since, None
-            rows = sorted(({"login": login, "country": seen.country, "first_seen": seen.first_seen,
-                            "last_seen": seen.last_seen, "last_ip": seen.last_ip}
-                           for login, countries in self._writing.items() for seen in countries.values()),
-                          key=lambda row: (row["login"], row["country"]))
+            rows = sighting_rows((login, seen) for login, countries in self._writing.items()
+                                 for seen in countries.values())
             started = time.monotonic()
             try:
                 self._write(rows)
