@@ -170,7 +170,7 @@ def fresh_database(url: str) -> str:
     try:
         pcc.Base.metadata.drop_all(engine)
     except sa.exc.OperationalError as error:
-        unavailable(f"{pcc.safe_url(url)} ({pcc._first_line(error)})")
+        unavailable(f"{pcc.safe_url(url)} ({pcc.first_line(error)})")
     finally:
         engine.dispose()
     return url

@@ -3,7 +3,6 @@ against a real Postfix in test_postfix_e2e.py)."""
 import json
 
 import pytest
-
 from conftest import free_port, ip_in, pcc_command, wait_until_visible, write_config
 
 

@@ -4,9 +4,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ROOT, write_config
 
 import pcc
-from conftest import ROOT, write_config
 
 
 def shipped_keys():

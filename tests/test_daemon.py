@@ -3,9 +3,9 @@ import time
 
 import pytest
 import sqlalchemy as sa
+from conftest import SERVER_DATABASES, free_port, ip_in, wait_until_visible
 
 import pcc
-from conftest import SERVER_DATABASES, free_port, ip_in, wait_until_visible
 
 COUNTRIES = ["GB", "US", "FR", "DE"]
 
@@ -133,7 +133,7 @@ def limited_mariadb_user():
             connection.execute(sa.text("GRANT SELECT, INSERT, UPDATE, CREATE ON test.* TO 'pcc_limited'@'%'"))
     except sa.exc.OperationalError as error:
         from conftest import unavailable
-        unavailable(f"MariaDB ({pcc._first_line(error)})")
+        unavailable(f"MariaDB ({pcc.first_line(error)})")
     url = sa.engine.make_url(SERVER_DATABASES["mariadb"]).set(username="pcc_limited", password="Lim1ted-pw")
     yield url.render_as_string(hide_password=False)
     with admin.begin() as connection:
@@ -166,6 +166,7 @@ def test_a_port_in_use_is_a_clear_error(start_daemon):
     import socket
     import subprocess
     import sys
+
     from conftest import ROOT, write_config
 
     with socket.create_server(("127.0.0.1", 0)) as taken:

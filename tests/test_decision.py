@@ -2,9 +2,9 @@
 import datetime as dt
 
 import pytest
+from conftest import ip_in
 
 import pcc
-from conftest import ip_in
 
 NOW = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.timezone.utc)
 HOUR = dt.timedelta(hours=1)

@@ -15,8 +15,14 @@ import urllib.error
 import urllib.request
 
 import pytest
-
-from conftest import free_port, ip_in, pcc_command, scrape, unavailable, wait_until_visible
+from conftest import (
+    free_port,
+    ip_in,
+    pcc_command,
+    scrape,
+    unavailable,
+    wait_until_visible,
+)
 
 pytestmark = pytest.mark.dovecot
 
@@ -297,9 +303,8 @@ def login_body(login: str, country: str, **extra) -> bytes:
 def test_answers_within_a_second_while_the_database_hangs(start_daemon, shared_db_url):
     """The database stops answering (a black hole): a blocked account is still
     refused and an unknown one let in, each within a second."""
-    from test_faults import TcpProxy
-
     import sqlalchemy as sa
+    from test_faults import TcpProxy
 
     url = sa.engine.make_url(shared_db_url)
     proxy = TcpProxy(url.host, url.port)

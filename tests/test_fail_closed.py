@@ -8,11 +8,18 @@ import time
 
 import pytest
 import sqlalchemy as sa
+from conftest import (
+    COUNTRY_NETWORKS,
+    encode_request,
+    ip_in,
+    policy_request,
+    write_config,
+)
+from test_config import run_pcc
+from test_faults import TcpProxy, blocked_logins, wait_for_log, walk
 
 import pcc
-from conftest import COUNTRY_NETWORKS, encode_request, ip_in, policy_request, write_config
-from test_config import run_pcc
-from test_faults import TcpProxy, blocked_logins, walk, wait_for_log
+import pcclib.service
 
 
 def write_ipv4_only_database(path) -> str:
@@ -142,7 +149,7 @@ def test_an_unforeseen_error_keeps_a_known_blocked_account_blocked(make_settings
     for country in ("GB", "US", "FR", "DE"):
         service.answer(pcc.parse_request(f"{k}={v}" for k, v in policy_request("alice@example.com",
                                                                                 ip_in(country)).items()))
-    monkeypatch.setattr(pcc, "decide", lambda *_arguments: 1 / 0)
+    monkeypatch.setattr(pcclib.service, "decide", lambda *_arguments: 1 / 0)
     assert ask("alice@example.com").startswith("action=REJECT")
     assert ask("bob@example.com") == "action=DEFER_IF_PERMIT\n\n"
 

@@ -8,9 +8,9 @@ import time
 
 import pytest
 import sqlalchemy as sa
+from conftest import free_port, ip_in
 
 import pcc
-from conftest import free_port, ip_in
 
 
 class TcpProxy:

@@ -2,9 +2,9 @@
 import ipaddress
 
 import pytest
+from conftest import NOT_IN_GEOIP, ip_in
 
 import pcc
-from conftest import NOT_IN_GEOIP, ip_in
 
 
 def country(geoip, text):

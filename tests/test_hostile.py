@@ -4,10 +4,12 @@ import socket
 import time
 
 import pytest
-from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st
+from conftest import all_at_once, encode_request, free_port, ip_in, policy_request
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 import pcc
-from conftest import all_at_once, encode_request, free_port, ip_in, policy_request
 
 text_lines = st.lists(st.text(max_size=300), max_size=60)
 

@@ -5,9 +5,9 @@ import socket
 import time
 
 import pytest
+from conftest import NOT_IN_GEOIP, free_port, ip_in, scrape
 
 import pcc
-from conftest import NOT_IN_GEOIP, free_port, ip_in, scrape
 
 
 def test_decisions_latency_blocks_and_geoip(start_daemon, db_url, geoip_path):

@@ -9,10 +9,10 @@ import sys
 import time
 
 import pytest
-
-import pcc
 from conftest import ROOT, all_at_once, ip_in, seen_an_hour_before, write_config
 from conftest import counted_request as request
+
+import pcc
 
 NOW = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.timezone.utc)
 HOUR = dt.timedelta(hours=1)

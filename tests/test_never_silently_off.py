@@ -17,10 +17,18 @@ import time
 
 import pytest
 import sqlalchemy as sa
+from conftest import (
+    ROOT,
+    SERVER_DATABASES,
+    free_port,
+    fresh_database,
+    ip_in,
+    scrape,
+    write_config,
+)
+from test_faults import TcpProxy, wait_for_log, walk
 
 import pcc
-from conftest import ROOT, SERVER_DATABASES, fresh_database, free_port, ip_in, scrape, write_config
-from test_faults import TcpProxy, walk, wait_for_log
 
 
 def run_pcc(*arguments, timeout=60):

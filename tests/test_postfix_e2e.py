@@ -10,7 +10,6 @@ import sys
 import tempfile
 
 import pytest
-
 from conftest import ROOT, free_port, ip_in, unavailable, wait_until_visible
 
 pytestmark = pytest.mark.postfix

@@ -3,9 +3,9 @@ import socket
 import time
 
 import pytest
+from conftest import PolicyClient, encode_request, ip_in, policy_request
 
 import pcc
-from conftest import PolicyClient, encode_request, ip_in, policy_request
 
 
 @pytest.fixture

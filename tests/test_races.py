@@ -7,9 +7,16 @@ import time
 
 import pytest
 import sqlalchemy as sa
+from conftest import (
+    WritersLockedOut,
+    all_at_once,
+    free_port,
+    ip_in,
+    scrape,
+    wait_until_visible,
+)
 
 import pcc
-from conftest import WritersLockedOut, all_at_once, free_port, ip_in, scrape, wait_until_visible
 
 NEW_COUNTRIES = ["DE", "SE", "JP", "BR"]
 

@@ -8,9 +8,16 @@ import sys
 
 import pytest
 import sqlalchemy as sa
+from conftest import (
+    NOT_IN_GEOIP,
+    ROOT,
+    SERVER_DATABASES,
+    fresh_database,
+    ip_in,
+    write_config,
+)
 
 import pcc
-from conftest import NOT_IN_GEOIP, ROOT, SERVER_DATABASES, fresh_database, ip_in, write_config
 
 START = dt.datetime(2025, 12, 30, 22, 0, 0, tzinfo=dt.timezone.utc)  # the classic log crosses new year
 

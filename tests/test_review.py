@@ -10,12 +10,11 @@ import subprocess
 import sys
 
 import pytest
-
-import pcc
 from conftest import ROOT, encode_request, ip_in, policy_request, write_config
 from test_admin import pcc as run_command
 from test_faults import blocked_logins, walk
 
+import pcc
 
 # --- 4: -b on a login pcc never blocks ----------------------------------------
 

@@ -4,9 +4,9 @@ import threading
 
 import pytest
 import sqlalchemy as sa
+from conftest import all_at_once, ip_in, policy_request
 
 import pcc
-from conftest import all_at_once, ip_in, policy_request
 
 T0 = dt.datetime(2026, 11, 25, 8, 0, tzinfo=dt.timezone.utc)
 

@@ -4,9 +4,9 @@ import datetime as dt
 import ipaddress
 
 import pytest
+from conftest import PLACES, ip_at, ip_in, policy_request
 
 import pcc
-from conftest import PLACES, ip_at, ip_in, policy_request
 
 NOW = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.timezone.utc)
 MINUTE = dt.timedelta(minutes=1)

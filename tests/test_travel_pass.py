@@ -3,9 +3,10 @@ import datetime as dt
 import json
 
 import pytest
+from conftest import counted_request as request
+from conftest import ip_in, pcc_command, seen_an_hour_before, wait_until_visible
 
 import pcc
-from conftest import counted_request as request, ip_in, pcc_command, seen_an_hour_before, wait_until_visible
 
 NOW = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.timezone.utc)
 HOUR = dt.timedelta(hours=1)

@@ -10,10 +10,20 @@ import threading
 import time
 
 import sqlalchemy as sa
+from conftest import (
+    WritersLockedOut,
+    all_at_once,
+    encode_request,
+    free_port,
+    ip_in,
+    pcc_command,
+    policy_request,
+    scrape,
+    wait_until_visible,
+)
 
 import pcc
-from conftest import (WritersLockedOut, all_at_once, encode_request, free_port, ip_in, pcc_command, policy_request,
-                      scrape, wait_until_visible)
+
 
 def sightings_in_database(url, login=None) -> set:
     engine = sa.create_engine(url)

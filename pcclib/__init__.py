@@ -1,0 +1,26 @@
+"""pcc's code, one module per job; pcc.py (beside this package) is the script
+administrators run.  Imports run one way, each module using only those above
+it in this list:
+
+  common     the clock, the logger, cleaning untrusted text
+  config     /etc/pcc.conf -> Settings
+  protocol   Postfix's attribute lines -> PolicyRequest; an action -> the reply
+  geoip      client address -> country (and place)
+  decision   decide(request, history, settings, now): the rules, pure
+  notify     the administrators' mail
+  storage    the database: models, Store, what an error means
+  memory     histories kept in memory; sightings written behind the answer
+  outage     the spool of blocks decided while the database fails
+  metrics    the Prometheus endpoint
+  service    one request's path, top to bottom (and its late answer)
+  server     the Postfix port and its Watchdog
+  dovecot    the Dovecot auth policy port, an adapter onto the service
+  logs       syslog/stderr, secrets masked, through a queue
+  daemon     pcc.py -d: start, reload, housekeeping, stop
+  admin      -l -s -b -u -r -e -c --allow
+  replay     --replay of Postfix and Dovecot logs
+  tools      --update-geoip, --health
+  cli        the options, and which of the above each runs
+
+README's "How pcc is built" walks a request through them.
+"""

@@ -1,0 +1,397 @@
+"""The administrator's commands (-l, -s, -b, -u, -r, -e, -c, --allow): what
+each does to the database and the Postfix hold queue, and what it prints.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from typing import Optional
+
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+
+from .common import first_line, normalise_login, split_list, utcnow, when
+from .config import COUNTRY_CODES, MONITOR_ACTION, Settings
+from .decision import AccountHistory, countries_in_window, exempt_login_reason
+from .logs import mask_secrets, secrets_of
+from .notify import Notifier, block_notice
+from .protocol import MAX_LOGIN_LENGTH
+from .storage import Block, Store, TravelPass, safe_url
+
+# A held message whose arrival is this much older than the block was held by
+# something else (the clocks of the database and Postfix hosts may differ a little).
+HOLD_CLOCK_SKEW = dt.timedelta(seconds=60)
+
+# A travel pass is for a trip, not a standing exception (that is ignorecountries).
+MAX_TRAVEL_PASS_DAYS = 366
+
+
+class AdminError(Exception):
+    """An admin command cannot do what was asked; the message says why."""
+
+
+class PostfixQueue:
+    """The Postfix hold queue, through postqueue, postcat and postsuper."""
+
+    def __init__(self, config_directory: str = ""):
+        self.config_directory = config_directory
+
+    def held_by(self, login: str, since: dt.datetime) -> list:
+        """Queue IDs of held messages submitted by `login` (its SASL login, as the
+        queue file records it, whatever the envelope sender) since `since`."""
+        earliest = (since - HOLD_CLOCK_SKEW).timestamp()
+        held = []
+        for line in self._run("postqueue", "-j").splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if entry.get("queue_name") != "hold" or entry.get("arrival_time", 0) < earliest:
+                continue
+            if self._sasl_username(entry["queue_id"]) == login:
+                held.append(entry["queue_id"])
+        return held
+
+    def release(self, queue_ids: list) -> int:
+        return self._postsuper("-H", queue_ids, r"Released from hold: (\d+)")
+
+    def delete(self, queue_ids: list) -> int:
+        return self._postsuper("-d", queue_ids, r"Deleted: (\d+)")
+
+    def _sasl_username(self, queue_id: str) -> Optional[str]:
+        try:
+            envelope = self._run("postcat", "-e", "-q", queue_id)
+        except AdminError:
+            return None  # the message left the queue meanwhile
+        found = re.search(r"^named_attribute: sasl_username=(.*)$", envelope, re.MULTILINE)
+        return normalise_login(found.group(1)) if found else None
+
+    def _postsuper(self, option: str, queue_ids: list, pattern: str) -> int:
+        if not queue_ids:
+            return 0
+        report = self._run("postsuper", option, "-", stdin="\n".join(queue_ids) + "\n", report_stderr=True)
+        return sum(int(number) for number in re.findall(pattern, report))
+
+    def _run(self, program: str, *arguments: str, stdin: Optional[str] = None, report_stderr: bool = False) -> str:
+        command = [program] + (["-c", self.config_directory] if self.config_directory else []) + list(arguments)
+        try:
+            result = subprocess.run(command, input=stdin, capture_output=True, text=True, timeout=120)
+        except FileNotFoundError:
+            raise AdminError(f"{program} not found: is Postfix installed and on PATH?") from None
+        except subprocess.TimeoutExpired:
+            raise AdminError(f"{' '.join(command)} did not finish within 120 s") from None
+        if result.returncode != 0:
+            detail = (result.stderr.strip().splitlines() or ["no message"])[-1]
+            raise AdminError(f"{' '.join(command)} failed: {detail}")
+        return result.stderr if report_stderr else result.stdout
+
+
+class Admin:
+    """The administrator's commands.  Each prints what it did; those that change
+    state notify the `notice` addresses.  All are safe to run while the daemon
+    serves, and safe to repeat."""
+
+    def __init__(self, settings: Settings, store: Store, notifier: Notifier, postfix: PostfixQueue,
+                 out=None):
+        self.settings = settings
+        self.store = store
+        self.notifier = notifier
+        self.postfix = postfix
+        self.out = out or sys.stdout
+
+    def say(self, text: str = "") -> None:
+        print(text, file=self.out)
+
+    def list_blocked(self, as_json: bool) -> None:
+        rows = self.store.blocked_accounts()
+        if as_json:
+            self.say(json.dumps([dict(_block_json(block), state=_block_state(block))
+                                 for _login, _since, block in rows], indent=2))
+            return
+        if not rows:
+            self.say("No account is blocked.")
+            return
+        self.say(f"{'LOGIN':<32} {'STATE':<16} {'SINCE (UTC)':<20} {'ACTION':<7} {'BY':<15} "
+                 f"{'COUNTRY':<8}{'LAST IP':<40} LAST SEEN (UTC)")
+        for login, since, block in rows:
+            first = f"{login:<32} {_block_state(block):<16} {when(since):<20} {block.action:<7} {block.source:<15} "
+            countries = block.countries or [{"country": "-", "last_ip": "-", "last_seen": None}]
+            for index, seen in enumerate(countries):
+                lead = first if index == 0 else " " * len(first)
+                last_seen = seen["last_seen"][:19].replace("T", " ") if seen.get("last_seen") else "-"
+                self.say(f"{lead}{seen['country']:<8}{seen['last_ip']:<40} {last_seen}")
+        flagged = sum(1 for _login, _since, block in rows if block.action == MONITOR_ACTION)
+        blocked = len(rows) - flagged
+        summary = f"{blocked} blocked account{'s' if blocked != 1 else ''}"
+        if flagged:
+            summary += f", {flagged} would be blocked (flagged in monitor mode, mail flows)"
+        self.say(summary)
+
+    def show(self, login: str, as_json: bool, now: dt.datetime) -> None:
+        account, sightings, blocks, passes = self._known_account(login)
+        in_force = next((block for block in blocks if account and block.id == account.block_id), None)
+        history = AccountHistory(account.blocked_since if account else None,
+                                 account.counting_since if account else None, tuple(sightings),
+                                 in_force.action if in_force else None,
+                                 travel_passes={p.country: p.expires_at for p in passes})
+        counted = countries_in_window(history, self.settings, now)
+        limit = self.settings.how_many_different_countries
+        blocked_since = history.blocked_since
+        state = "not blocked"
+        if history.enforced_block:
+            state = f"blocked since {when(blocked_since)} UTC"
+        elif blocked_since:
+            state = f"would be blocked since {when(blocked_since)} UTC (flagged in monitor mode; mail flows)"
+        if as_json:
+            self.say(json.dumps({
+                "login": login, "blocked": blocked_since is not None, "state": state,
+                "blocked_since": blocked_since.isoformat() if blocked_since else None,
+                "counting_since": history.counting_since.isoformat() if history.counting_since else None,
+                "countries_in_window": [seen.as_json() for seen in counted.values()],
+                "threshold": limit, "window_days": self.settings.in_how_much_time_in_days,
+                "travel_passes": [_pass_json(travel_pass, now) for travel_pass in passes],
+                "blocks": [_block_json(block) for block in blocks],
+            }, indent=2))
+            return
+        self.say(f"{login}: {state}")
+        self.say(f"countries in the last {self.settings.in_how_much_time_in_days:g} days: {len(counted)} "
+                 f"(blocked at more than {limit}"
+                 + (f"; {limit - len(counted) + 1} more would block)" if not blocked_since else ")"))
+        for seen in sorted(counted.values(), key=lambda s: s.first_seen):
+            self.say(f"  {seen.country}  last IP {seen.last_ip:<39}  first seen {when(seen.first_seen)}"
+                     f"  last seen {when(seen.last_seen)}")
+        for travel_pass in passes:
+            status = "active" if travel_pass.expires_at > now else "expired"
+            self.say(f"travel pass {travel_pass.country}: {status} until {when(travel_pass.expires_at)} UTC "
+                     f"(granted {when(travel_pass.granted_at)} by {travel_pass.granted_by})")
+        for block in blocks:
+            ended = f", ended {when(block.unblocked_at)}" if block.unblocked_at else " (in force)"
+            self.say(f"block #{block.id}: {when(block.blocked_at)} by {block.source}, {block.action}{ended}: "
+                     f"{block.reason}")
+
+    def allow(self, login: str, countries: list, days: float, now: dt.datetime) -> None:
+        """A travel pass: `countries` do not count for `login` for `days` days
+        (0 ends its passes for those countries now)."""
+        if not 0 <= days <= MAX_TRAVEL_PASS_DAYS:
+            raise AdminError(f"--days {days:g}: a travel pass lasts 0 to {MAX_TRAVEL_PASS_DAYS} days "
+                             "(for countries that never count, use [policy] ignorecountries)")
+        _check_login(login)  # an account never seen may get a pass
+        expires_at = now + dt.timedelta(days=days)
+        self.store.grant_travel_pass(login, countries, now, expires_at, _who())
+        listed = ", ".join(countries)
+        if days == 0:
+            report = f"travel pass of {login} for {listed} ended"
+        else:
+            report = (f"travel pass for {login}: {listed} do{'es' if len(countries) == 1 else ''} not count "
+                      f"until {when(expires_at)} UTC")
+        self.say(report)
+        body = f"{report}.\nGranted by {_who()} on {socket.gethostname()} at {when(now)} UTC.\n"
+        self._notify(f"pcc: travel pass for {login} ({listed})", body)
+
+    def block(self, login: str, now: dt.datetime) -> None:
+        exempt = exempt_login_reason(login, self.settings)
+        if exempt is not None:
+            raise AdminError(f"{login} is not blocked: pcc never blocks it ({exempt}); change that first")
+        _account, sightings, _blocks = self._account(login)
+        recent = countries_in_window(AccountHistory(sightings=tuple(sightings)), self.settings, now)
+        reason = "blocked by an administrator"
+        block_id = self.store.record_block(login, now, source="admin", action=self.settings.action,
+                                           reason=reason, countries=[s.as_json() for s in recent.values()],
+                                           replace_flag=True)
+        if block_id is None:
+            self.say(f"{login} is already blocked; nothing changed")
+            return
+        self.say(f"{login} blocked: its messages now get {self.settings.action}")
+        subject, body = block_notice(self.settings, login, recent.values(), reason, f"admin ({_who()})",
+                                     self.settings.action)
+        self._notify(subject, body)
+
+    def unblock(self, login: str, held: Optional[str], now: dt.datetime) -> None:
+        """held: None (leave held mail alone), "release" or "delete"."""
+        _account, _sightings, blocks, _passes = self._known_account(login)
+        block_id = self.store.unblock(login, now)
+        if block_id is None:
+            report = [self._say_line(f"{login} is not blocked; nothing to unblock")]
+        else:
+            report = [self._say_line(f"{login} unblocked (block #{block_id}); "
+                                     "its earlier countries no longer count")]
+        if blocks and held:
+            report.append(self._say_line(self._handle_held_mail(login, blocks[-1].blocked_at, held)))
+        if block_id is not None:
+            body = (f"pcc account {login} was unblocked by {_who()} on {socket.gethostname()} "
+                    f"at {when(now)} UTC.\n\n" + "\n".join(report) + "\n")
+            self._notify(f"pcc: account {login} unblocked", body)
+
+    def _say_line(self, line: str) -> str:
+        self.say(line)
+        return line
+
+    def _handle_held_mail(self, login: str, blocked_at: dt.datetime, held: str) -> str:
+        queue_ids = self.postfix.held_by(login, blocked_at)
+        plural = "s" if len(queue_ids) != 1 else ""
+        if held == "release":
+            count = self.postfix.release(queue_ids)
+            return f"released {count} held message{plural} of {login} from the hold queue"
+        count = self.postfix.delete(queue_ids)
+        return f"deleted {count} held message{plural} of {login} from the hold queue"
+
+    def cleanup(self, days: float, now: dt.datetime) -> None:
+        if days < self.settings.in_how_much_time_in_days:
+            raise AdminError(f"-c {days:g}: refusing to delete sightings younger than the window "
+                             f"({self.settings.in_how_much_time_in_days:g} days); they still count")
+        deleted = self.store.delete_sightings_before(now - dt.timedelta(days=days))
+        self.say(f"deleted {deleted} sighting{'s' if deleted != 1 else ''} older than {days:g} days")
+
+    def _account(self, login: str):
+        _check_login(login)
+        return self.store.account(login)
+
+    def _known_account(self, login: str):
+        """(its blocked-list row, sightings, blocks, travel passes) of an account
+        pcc knows anything about."""
+        account, sightings, blocks = self._account(login)
+        passes = self.store.travel_passes(login)
+        if account is None and not sightings and not blocks and not passes:
+            raise AdminError(f"unknown login {login}: pcc has never counted nor blocked it")
+        return account, sightings, blocks, passes
+
+    def _notify(self, subject: str, body: str) -> None:
+        if self.settings.notice and not self.notifier.send_now(subject, body):
+            self.say(f"warning: the notification to {', '.join(self.settings.notice)} was not sent")
+
+
+def _block_json(block: Block) -> dict:
+    return {
+        "id": block.id, "login": block.login, "blocked_at": block.blocked_at.isoformat(),
+        "source": block.source, "action": block.action, "reason": block.reason,
+        "countries": block.countries, "trigger": block.trigger,
+        "unblocked_at": block.unblocked_at.isoformat() if block.unblocked_at else None,
+    }
+
+
+def _check_login(login: str) -> None:
+    if not login or len(login) > MAX_LOGIN_LENGTH or any(ord(c) < 33 for c in login):
+        raise AdminError(f"{login!r} is not a login")
+
+
+def _block_state(block: Block) -> str:
+    return "would be blocked" if block.action == MONITOR_ACTION else "blocked"
+
+
+def _pass_json(travel_pass: TravelPass, now: dt.datetime) -> dict:
+    return {"country": travel_pass.country, "granted_at": travel_pass.granted_at.isoformat(),
+            "expires_at": travel_pass.expires_at.isoformat(), "granted_by": travel_pass.granted_by,
+            "active": travel_pass.expires_at > now}
+
+
+def _who() -> str:
+    try:
+        import pwd
+
+        return pwd.getpwuid(os.getuid()).pw_name
+    except (ImportError, KeyError):
+        return f"uid {os.getuid()}"
+
+
+def trip_countries(text: str) -> list:
+    codes = sorted({code.upper() for code in split_list(text)})
+    unknown = [code for code in codes if code not in COUNTRY_CODES]
+    if not codes or unknown:
+        raise AdminError(f"--country {text!r}: give ISO 3166 two-letter country codes, e.g. FR,DE"
+                         + (f" ({', '.join(unknown)} is not one)" if unknown else ""))
+    return codes
+
+
+def missing_sqlite_file(settings: Settings) -> Optional[str]:
+    """The path of the configured SQLite file if it does not exist yet."""
+    url = sa.engine.make_url(settings.dbcon)
+    path = url.database or ""
+    if url.get_backend_name() != "sqlite" or path in ("", ":memory:") or path.startswith("file:"):
+        return None
+    return None if os.path.exists(path) else path
+
+
+def start_the_daemon_first(path: str) -> str:
+    return (f"pcc: neither {path} nor its directory exist yet: start the daemon first (it creates them as its "
+            f"own user), then run this again")
+
+
+def _nothing_recorded_yet(arguments: argparse.Namespace, login) -> int:
+    """-l or -s before the daemon ever ran: answered without creating anything."""
+    if arguments.list:
+        print("[]" if arguments.json else "No account is blocked.")
+        return 0
+    print(f"pcc: unknown login {login(arguments.show)}: pcc has never counted nor blocked it", file=sys.stderr)
+    return 1
+
+
+def run_admin_command(settings: Settings, arguments: argparse.Namespace) -> int:
+    """The admin commands.  None of them creates the database: a file made by
+    root would stop the daemon that runs as its own user.  -l and -s only read."""
+    reading = bool(arguments.list or arguments.show)
+    missing = missing_sqlite_file(settings)
+    login = normalise_login
+    if missing and reading:
+        return _nothing_recorded_yet(arguments, login)
+    if missing and not os.path.isdir(os.path.dirname(os.path.abspath(missing))):
+        print(start_the_daemon_first(missing), file=sys.stderr)
+        return 1
+    store = Store(settings.dbcon, create_directory=False)
+    admin = Admin(settings, store, Notifier(settings), PostfixQueue(settings.postfix_config_directory))
+    now = utcnow()
+    try:
+        if reading and not store.has_tables():
+            return _nothing_recorded_yet(arguments, login)
+        if not reading:
+            store.create_tables()
+        if arguments.list:
+            admin.list_blocked(arguments.json)
+        elif arguments.show:
+            admin.show(login(arguments.show), arguments.json, now)
+        elif arguments.block:
+            admin.block(login(arguments.block), now)
+        elif arguments.unblock:
+            admin.unblock(login(arguments.unblock), None, now)
+        elif arguments.release:
+            admin.unblock(login(arguments.release), "release", now)
+        elif arguments.erase:
+            admin.unblock(login(arguments.erase), "delete", now)
+        elif arguments.cleanup is not None:
+            admin.cleanup(arguments.cleanup, now)
+        elif arguments.allow:
+            admin.allow(login(arguments.allow), trip_countries(arguments.country), arguments.days, now)
+    except AdminError as error:
+        print(f"pcc: {error}", file=sys.stderr)
+        return 1
+    except sa_exc.SQLAlchemyError as error:
+        print(database_failure(settings, error), file=sys.stderr)
+        return 1
+    finally:
+        store.dispose()
+        if missing:
+            hand_over_to_directory_owner(missing)
+    return 0
+
+
+def hand_over_to_directory_owner(path: str) -> None:
+    """A SQLite file a command made as root belongs to whoever owns its
+    directory (the daemon's user, /var/lib/pcc): root's file would stop the
+    daemon.  SQLite gives its -wal and -shm files the main file's owner."""
+    if os.geteuid() != 0 or not os.path.exists(path):
+        return
+    directory = os.stat(os.path.dirname(os.path.abspath(path)))
+    for name in (path, path + "-wal", path + "-shm"):
+        if os.path.exists(name):
+            os.chown(name, directory.st_uid, directory.st_gid)
+
+
+def database_failure(settings: Settings, error: Exception) -> str:
+    """One line for a command whose database failed, without its password."""
+    return f"pcc: database {safe_url(settings.dbcon)} failed: " + mask_secrets(first_line(error),
+                                                                             secrets_of(settings))

@@ -1,0 +1,140 @@
+"""The command line: options, their checks, and which part of pcc each mode
+runs.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import logging.handlers
+import os
+import signal
+import sys
+from typing import Optional
+
+from .admin import run_admin_command
+from .common import log, utcnow
+from .config import DEFAULT_CONFIG_PATH, ConfigError, load_settings
+from .daemon import describe_rules, run_daemon
+from .logs import queue_logging, secrets_of, setup_logging
+from .replay import run_replay
+from .storage import safe_url
+from .tools import GEOIP_DOWNLOAD_TIMEOUT, HEALTH_UNKNOWN, UpdateError, check_health, update_geoip
+
+
+def build_argument_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pcc.py",
+        description="Postfix Country Control: a Postfix policy service that blocks accounts "
+        "sending from more than X countries within Y days.",
+        epilog="Postfix: smtpd_relay_restrictions = permit_mynetworks, "
+        "check_policy_service inet:127.0.0.1:9999, permit_sasl_authenticated, reject_unauth_destination",
+    )
+    parser.add_argument("--config", default=DEFAULT_CONFIG_PATH, metavar="PATH",
+                        help=f"configuration file (default {DEFAULT_CONFIG_PATH})")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages too")
+    parser.add_argument("--stderr", action="store_true",
+                        help="log to standard error instead of syslog (mail facility)")
+    commands = parser.add_mutually_exclusive_group(required=True)
+    commands.add_argument("-d", "--daemon", action="store_true",
+                          help="run the policy service (in the foreground, as supervisord expects)")
+    commands.add_argument("--check-config", action="store_true",
+                          help="read and validate the configuration, print a summary, and exit")
+    commands.add_argument("--update-geoip", action="store_true",
+                          help="download current GeoIP data ([geoip] update_url; blank = DB-IP Lite, no account "
+                          "needed), check it, and install it as [geoip] database; the daemon picks it up")
+    commands.add_argument("--health", action="store_true",
+                          help="ask the running daemon how it is, for Nagios/Icinga/monit/cron: one line, "
+                          "exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN")
+    commands.add_argument("-l", "--list", action="store_true",
+                          help="list blocked accounts: login, blocked since, action, countries with last IP and time")
+    commands.add_argument("-s", "--show", metavar="LOGIN",
+                          help="show an account: state, countries in the window, how close to the threshold, blocks")
+    commands.add_argument("-b", "--block", metavar="LOGIN",
+                          help="block an account by hand (e.g. reported compromised); notifies the admins")
+    commands.add_argument("-u", "--unblock", metavar="LOGIN",
+                          help="unblock an account; its earlier countries stop counting; notifies the admins")
+    commands.add_argument("-r", "--release", metavar="LOGIN",
+                          help="unblock, and release the account's held mail from the Postfix hold queue")
+    commands.add_argument("-e", "--erase", metavar="LOGIN",
+                          help="unblock, and delete the account's held mail from the Postfix hold queue")
+    commands.add_argument("-c", "--cleanup", metavar="DAYS", type=float,
+                          help="delete sightings older than DAYS days (needs the DELETE grant)")
+    commands.add_argument("--allow", metavar="LOGIN",
+                          help="grant a travel pass: with --country and --days, those countries do not count "
+                          "for LOGIN until the pass expires (--days 0 ends them now); notifies the admins")
+    commands.add_argument("--replay", nargs="+", metavar="FILE",
+                          help="replay Postfix logs (plain, .gz, or - for stdin; oldest first) through the "
+                          "decision, against a throw-away in-memory database, and report whom pcc would "
+                          "have blocked")
+    parser.add_argument("--threshold", type=int, metavar="N",
+                        help="with --replay: use this how_many_different_countries instead of the config's")
+    parser.add_argument("--days", type=float, metavar="D",
+                        help="with --replay: use this in_how_much_time_in_days instead of the config's; "
+                        "with --allow: how long the travel pass lasts")
+    parser.add_argument("--country", metavar="CC[,CC...]",
+                        help="with --allow: the countries of the trip, ISO codes, e.g. FR,DE")
+    parser.add_argument("--record", action="store_true",
+                        help="with --replay: write the sightings (not the blocks) into the configured "
+                        "database, so a new pcc starts knowing each account's recent countries")
+    parser.add_argument("--json", action="store_true", help="with -l, -s or --replay: print JSON for scripts")
+    parser.add_argument("--timeout", type=float, metavar="SECONDS",
+                        help=f"with --update-geoip: give up a download after this long (default "
+                        f"{GEOIP_DOWNLOAD_TIMEOUT:g})")
+    return parser
+
+
+def main(argv: Optional[list] = None) -> int:
+    parser = build_argument_parser()
+    arguments = parser.parse_args(argv)
+    # Files pcc creates (SQLite, spool) are for its own user and group only.
+    os.umask(0o027)
+    if arguments.list or arguments.show or (arguments.replay and not arguments.record):
+        # Output that only reads: `pcc.py --replay ... | head` ends quietly, as any Unix filter does.
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    if arguments.allow:
+        if arguments.country is None or arguments.days is None:
+            parser.error("--allow needs --country and --days")
+        if arguments.threshold is not None or arguments.record:
+            parser.error("--threshold and --record go with --replay")
+    elif arguments.country is not None:
+        parser.error("--country goes with --allow")
+    elif not arguments.replay and (arguments.threshold is not None or arguments.days is not None
+                                   or arguments.record):
+        parser.error("--threshold, --days and --record go with --replay")
+    if arguments.timeout is not None and not (arguments.update_geoip and arguments.timeout > 0):
+        parser.error("--timeout takes a number of seconds above 0 and goes with --update-geoip")
+    try:
+        settings = load_settings(arguments.config, geoip_file_needed=not arguments.update_geoip)
+    except ConfigError as error:
+        if arguments.health:
+            print(f"PCC UNKNOWN - {error} | ")  # no perfdata to give
+            return HEALTH_UNKNOWN
+        print(f"pcc: {error}", file=sys.stderr)
+        return 2
+    if arguments.health:
+        status, line = check_health(settings)
+        print(line)
+        return status
+    if arguments.update_geoip:
+        try:
+            print(update_geoip(settings, arguments.timeout or GEOIP_DOWNLOAD_TIMEOUT, utcnow()))
+        except UpdateError as error:
+            print(f"pcc: GeoIP update failed, the installed file is unchanged: {error}", file=sys.stderr)
+            return 1
+        return 0
+    if arguments.check_config:
+        print(f"{settings.config_path}: OK; database {safe_url(settings.dbcon)}; {describe_rules(settings)}")
+        return 0
+    if arguments.daemon:
+        setup_logging(arguments.verbose, arguments.stderr, secrets_of(settings))
+        listener = queue_logging()
+        try:
+            return run_daemon(settings)
+        finally:
+            listener.stop()  # every line written before the exit
+    # The commands print what they did; their log shows only problems (or all, with -v).
+    setup_logging(arguments.verbose, True, secrets_of(settings))
+    log.setLevel(logging.DEBUG if arguments.verbose else logging.WARNING)
+    if arguments.replay:
+        return run_replay(settings, arguments)
+    return run_admin_command(settings, arguments)

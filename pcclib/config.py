@@ -1,0 +1,330 @@
+"""The configuration: /etc/pcc.conf read once into a frozen Settings, every
+key required and validated, every problem one line naming file, section and
+key.  The constants the settings choose among live here too.
+"""
+from __future__ import annotations
+
+import configparser
+import datetime as dt
+import ipaddress
+import os
+import re
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from typing import Optional
+
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+
+from .common import CONTROL_CHARACTERS, normalise_login, split_list
+
+DEFAULT_CONFIG_PATH = "/etc/pcc.conf"
+BLOCK_ACTIONS = ("REJECT", "HOLD")
+
+# What Postfix is told when the database cannot be asked.  DUNNO lets mail flow
+# (an outage of pcc must not stop a whole organisation's mail); DEFER_IF_PERMIT
+# makes Postfix answer 450 so clients retry later.
+DB_ERROR_ACTIONS = ("DUNNO", "DEFER_IF_PERMIT")
+
+# enforce: blocked accounts get `action`.  monitor: pcc records and notifies
+# exactly as it would when enforcing, but answers DUNNO (to roll out and tune).
+MODES = ("ENFORCE", "MONITOR")
+
+# What an impossible journey does: BLOCK the account, or only NOTIFY the admins.
+TRAVEL_ACTIONS = ("BLOCK", "NOTIFY")
+
+# The action stored with a block that monitor mode decided: nothing was enforced.
+MONITOR_ACTION = "MONITOR"
+
+# ISO 3166-1 alpha-2, plus XK (Kosovo) and EU/AP, which MaxMind data uses too.
+COUNTRY_CODES = frozenset(
+    """AD AE AF AG AI AL AM AO AQ AR AS AT AU AW AX AZ BA BB BD BE BF BG BH BI BJ BL
+    BM BN BO BQ BR BS BT BV BW BY BZ CA CC CD CF CG CH CI CK CL CM CN CO CR CU CV CW
+    CX CY CZ DE DJ DK DM DO DZ EC EE EG EH ER ES ET FI FJ FK FM FO FR GA GB GD GE GF
+    GG GH GI GL GM GN GP GQ GR GS GT GU GW GY HK HM HN HR HT HU ID IE IL IM IN IO IQ
+    IR IS IT JE JM JO JP KE KG KH KI KM KN KP KR KW KY KZ LA LB LC LI LK LR LS LT LU
+    LV LY MA MC MD ME MF MG MH MK ML MM MN MO MP MQ MR MS MT MU MV MW MX MY MZ NA NC
+    NE NF NG NI NL NO NP NR NU NZ OM PA PE PF PG PH PK PL PM PN PR PS PT PW PY QA RE
+    RO RS RU RW SA SB SC SD SE SG SH SI SJ SK SL SM SN SO SR SS ST SV SX SY SZ TC TD
+    TF TG TH TJ TK TL TM TN TO TR TT TV TW TZ UA UG UM US UY UZ VA VC VE VG VI VN VU
+    WF WS YE YT ZA ZM ZW XK EU AP""".split()
+)
+
+
+class ConfigError(Exception):
+    """A configuration problem; the message names file, section and key."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything /etc/pcc.conf says, validated.  See pcc.conf for each key."""
+
+    config_path: str
+    # [server]
+    host: str
+    port: int
+    max_request_bytes: int
+    idle_timeout: float
+    max_connections: int
+    allowed_clients: tuple  # of ipaddress networks; empty = anyone who can connect
+    metrics_port: Optional[int]  # Prometheus endpoint on host:metrics_port; None = off
+    # [db]
+    dbcon: str
+    db_error_action: str
+    spool_file: str  # blocks decided during a database outage wait here; "" = memory only
+    # [geoip]
+    geoip_database: str  # "" = the embedded default data
+    geoip_update_url: str  # where --update-geoip downloads from; "" = DB-IP's free monthly file
+    # [mail]
+    domains: frozenset  # lower-case domains; empty = every account
+    mailsrv: str
+    mailport: int
+    notice: tuple  # addresses to notify; empty = send nothing
+    # [policy]
+    action: str
+    how_many_different_countries: int
+    in_how_much_time_in_days: float
+    ignorecountries: frozenset
+    whitelisted: frozenset  # lower-case logins
+    whitelistedips: tuple  # of ipaddress networks
+    reason: str
+    mode: str  # ENFORCE or MONITOR
+    max_travel_speed_kmh: Optional[float]  # None = impossible-travel rule off
+    travel_accuracy_radius_km: float  # journeys shorter than this are never judged
+    impossible_travel_action: str  # BLOCK or NOTIFY
+    # [postfix]
+    postfix_config_directory: str
+    # [dovecot]
+    dovecot_policy_port: Optional[int] = None  # Dovecot's authentication policy (HTTP); None = off
+    count_logins: bool = False  # a successful Dovecot login counts its country like a submission
+    dovecot_api_header: str = ""  # "Name: value" Dovecot must send; "" = none
+
+    @property
+    def country_window(self) -> dt.timedelta:
+        return dt.timedelta(days=self.in_how_much_time_in_days)
+
+    @property
+    def block_reply(self) -> str:
+        """What Postfix is told for a blocked account: "<action> <reason>"."""
+        return f"{self.action} {self.reason}".strip()
+
+    @property
+    def monitoring(self) -> bool:
+        return self.mode == "MONITOR"
+
+    @property
+    def recorded_action(self) -> str:
+        """The action a new block is recorded with: what pcc answers for it."""
+        return MONITOR_ACTION if self.monitoring else self.action
+
+
+# configparser keeps "port = 9999  # the port" whole: the comment would become
+# part of the value (and of the reason sent to clients).
+INLINE_COMMENT = re.compile(r"\s[#;]")
+
+
+def is_city_level(database_type: str) -> bool:
+    """Whether an .mmdb of this type has places (GeoLite2-City, DBIP-City-Lite...)."""
+    return "city" in database_type.lower()
+
+
+class _ConfigReader:
+    """Reads one key at a time and turns every problem into one clear line."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.read_keys: set = set()  # (section, key) asked for: anything else in the file is unknown
+        self.parser = configparser.ConfigParser(interpolation=None)
+        try:
+            with open(path, encoding="utf-8") as config_file:
+                self.parser.read_file(config_file)
+        except OSError as error:
+            raise ConfigError(f"{path}: cannot read the configuration: {error.strerror}") from None
+        except (configparser.Error, UnicodeDecodeError) as error:
+            first_line = str(error).splitlines()[0]
+            raise ConfigError(f"{path}: not a valid INI file: {first_line}") from None
+
+    def refuse_unknown_keys(self) -> None:
+        """A key pcc does not know is most likely a typo of one it does: say so."""
+        for section in self.parser.sections():
+            for key in self.parser.options(section):
+                if (section, key) not in self.read_keys:
+                    known = sorted(k for s, k in self.read_keys if s == section)
+                    if not known:
+                        raise ConfigError(f"{self.path}: unknown section [{section}]")
+                    raise self.fail(section, key, f"unknown key (a typo? known keys: {', '.join(known)})")
+
+    def fail(self, section: str, key: str, problem: str) -> ConfigError:
+        return ConfigError(f"{self.path}: [{section}] {key}: {problem}")
+
+    def text(self, section: str, key: str, *, required: bool = False) -> str:
+        if not self.parser.has_section(section):
+            raise ConfigError(f"{self.path}: section [{section}] is missing (it must hold '{key}')")
+        if not self.parser.has_option(section, key):
+            raise self.fail(section, key, "key is missing (every key must be present; leave it blank for none)")
+        self.read_keys.add((section, key))
+        value = self.parser.get(section, key).strip()
+        if INLINE_COMMENT.search(value):
+            raise self.fail(section, key, "has a comment after the value; put comments on lines of their own "
+                            "(starting with # or ;)")
+        if required and not value:
+            raise self.fail(section, key, "must not be blank")
+        if CONTROL_CHARACTERS.search(value):
+            raise self.fail(section, key, "must be one line without control characters")
+        return value
+
+    def integer(self, section: str, key: str, low: int, high: int, blank: Optional[int] = None) -> int:
+        value = self.text(section, key, required=blank is None)
+        if not value:
+            return blank
+        try:
+            number = int(value)
+        except ValueError:
+            raise self.fail(section, key, f"must be a whole number, got {value!r}") from None
+        if not low <= number <= high:
+            raise self.fail(section, key, f"must be between {low} and {high}, got {number}")
+        return number
+
+    def number(self, section: str, key: str, low: float, high: float, *, required: bool = True,
+               blank: Optional[float] = None, low_inclusive: bool = False) -> Optional[float]:
+        """A number in (low, high], or [low, high] with low_inclusive; `blank`
+        when the value is blank and not required."""
+        value = self.text(section, key, required=required)
+        if not value:
+            return blank
+        try:
+            number = float(value)
+        except ValueError:
+            raise self.fail(section, key, f"must be a number, got {value!r}") from None
+        above_low = number >= low if low_inclusive else number > low
+        if not (above_low and number <= high):
+            at_least = "at least" if low_inclusive else "more than"
+            raise self.fail(section, key, f"must be {at_least} {low:g} and at most {high:g}, got {value}")
+        return number
+
+    def choice(self, section: str, key: str, choices: tuple, blank: Optional[str] = None) -> str:
+        value = self.text(section, key, required=blank is None).upper() or blank
+        if value not in choices:
+            raise self.fail(section, key, f"must be one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    def networks(self, section: str, key: str) -> tuple:
+        networks = []
+        for item in split_list(self.text(section, key)):
+            try:
+                networks.append(ipaddress.ip_network(item, strict=False))
+            except ValueError:
+                raise self.fail(section, key, f"{item!r} is not an IP address or CIDR network") from None
+        return tuple(networks)
+
+    def countries(self, section: str, key: str) -> frozenset:
+        codes = [item.upper() for item in split_list(self.text(section, key))]
+        for code in codes:
+            if code not in COUNTRY_CODES:
+                raise self.fail(section, key, f"{code!r} is not an ISO 3166 two-letter country code")
+        return frozenset(codes)
+
+    def logins(self, section: str, key: str) -> frozenset:
+        return frozenset(normalise_login(item) for item in split_list(self.text(section, key)))
+
+    def addresses(self, section: str, key: str) -> tuple:
+        addresses = tuple(split_list(self.text(section, key)))
+        for address in addresses:
+            if "@" not in address.strip("@"):
+                raise self.fail(section, key, f"{address!r} is not an email address")
+        return addresses
+
+
+def load_settings(path: str, geoip_file_needed: bool = True) -> Settings:
+    """Read and validate the whole configuration, or raise ConfigError."""
+    config = _ConfigReader(path)
+    settings = Settings(
+        config_path=path,
+        host=config.text("server", "host", required=True),
+        port=config.integer("server", "port", 1, 65535),
+        max_request_bytes=config.integer("server", "max_request_bytes", 1024, 16 * 1024 * 1024, blank=65536),
+        idle_timeout=float(config.integer("server", "idle_timeout", 1, 86400, blank=600)),
+        max_connections=config.integer("server", "max_connections", 1, 100000, blank=4000),
+        allowed_clients=config.networks("server", "allowed_clients"),
+        metrics_port=config.integer("server", "metrics_port", 1, 65535, blank=0) or None,
+        dbcon=config.text("db", "dbcon", required=True),
+        db_error_action=config.choice("db", "db_error_action", DB_ERROR_ACTIONS),
+        spool_file=config.text("db", "spool_file"),
+        geoip_database=config.text("geoip", "database"),
+        geoip_update_url=config.text("geoip", "update_url"),
+        domains=config.logins("mail", "domains"),
+        mailsrv=config.text("mail", "mailsrv"),
+        mailport=config.integer("mail", "mailport", 1, 65535, blank=25),
+        notice=config.addresses("mail", "notice"),
+        action=config.choice("policy", "action", BLOCK_ACTIONS),
+        how_many_different_countries=config.integer("policy", "how_many_different_countries", 1, 300),
+        in_how_much_time_in_days=config.number("policy", "in_how_much_time_in_days", 0, 3650),
+        ignorecountries=config.countries("policy", "ignorecountries"),
+        whitelisted=config.logins("policy", "whitelisted"),
+        whitelistedips=config.networks("policy", "whitelistedips"),
+        reason=config.text("policy", "reason"),
+        mode=config.choice("policy", "mode", MODES, blank="ENFORCE"),
+        max_travel_speed_kmh=config.number("policy", "max_travel_speed_kmh", 0, 100000, required=False),
+        travel_accuracy_radius_km=config.number("policy", "travel_accuracy_radius_km", 0, 20000, required=False,
+                                                blank=0.0, low_inclusive=True),
+        impossible_travel_action=config.choice("policy", "impossible_travel_action", TRAVEL_ACTIONS, blank="NOTIFY"),
+        postfix_config_directory=config.text("postfix", "config_directory"),
+        dovecot_policy_port=config.integer("dovecot", "policy_port", 1, 65535, blank=0) or None,
+        count_logins=config.choice("dovecot", "count_logins", ("YES", "NO"), blank="NO") == "YES",
+        dovecot_api_header=config.text("dovecot", "api_header"),
+    )
+    config.refuse_unknown_keys()
+    _check_ports(config, settings)
+    if settings.dovecot_api_header and not re.fullmatch(r"[!-9;-~]+:\s*\S.*", settings.dovecot_api_header):
+        raise config.fail("dovecot", "api_header", "must be one HTTP header, 'Name: value' (as Dovecot's "
+                          "auth_policy_server_api_header), e.g. 'Authorization: Basic cGNjOnNlY3JldA=='")
+    if settings.notice and not settings.mailsrv:
+        raise config.fail("mail", "mailsrv", "must name an SMTP server when [mail] notice is set")
+    try:
+        sa.engine.make_url(settings.dbcon)
+    except sa_exc.ArgumentError:
+        raise config.fail("db", "dbcon", "is not an SQLAlchemy database URL "
+                          "(e.g. sqlite:////var/lib/pcc/pcc.sqlite3)") from None
+    if settings.geoip_update_url and urllib.parse.urlsplit(settings.geoip_update_url).scheme not in ("http", "https"):
+        raise config.fail("geoip", "update_url", f"must be an http:// or https:// URL, got {settings.geoip_update_url!r}")
+    if not geoip_file_needed and not os.path.exists(settings.geoip_database):
+        return settings  # --update-geoip installs it
+    kind = _geoip_database_type(config, settings.geoip_database) if settings.geoip_database else None
+    if settings.max_travel_speed_kmh is not None:
+        _require_places(config, settings.geoip_database, kind)
+    return settings
+
+
+def _check_ports(config: _ConfigReader, settings: Settings) -> None:
+    if settings.metrics_port is not None and settings.metrics_port == settings.port:
+        raise config.fail("server", "metrics_port", f"must differ from [server] port ({settings.port})")
+    if settings.dovecot_policy_port is not None and settings.dovecot_policy_port in (settings.port,
+                                                                                     settings.metrics_port):
+        raise config.fail("dovecot", "policy_port", "must differ from [server] port and metrics_port")
+
+
+def _geoip_database_type(config: _ConfigReader, path: str) -> str:
+    """The type of the .mmdb at `path` (GeoLite2-Country...), or one clear line
+    for a file that is missing or not a MaxMind-format database."""
+    import maxminddb
+
+    if not os.path.isfile(path):
+        raise config.fail("geoip", "database", f"no such file: {path}")
+    try:
+        with maxminddb.open_database(path) as reader:
+            return reader.metadata().database_type
+    except (OSError, ValueError, RuntimeError) as error:  # RuntimeError: maxminddb's InvalidDatabaseError
+        raise config.fail("geoip", "database", f"{path} is not a MaxMind-format database: {error}") from None
+
+
+def _require_places(config: _ConfigReader, path: str, kind: Optional[str]) -> None:
+    """The impossible-travel rule needs coordinates: a City-level database."""
+    problem = "it has countries only" if path else "the embedded default data has countries only"
+    if path:
+        if is_city_level(kind):
+            return
+        problem = f"{path} is a {kind} database"
+    raise config.fail("policy", "max_travel_speed_kmh", f"needs City-level GeoIP data in [geoip] database, but "
+                      f"{problem} (use GeoLite2-City or DB-IP City Lite, or leave this blank)")

@@ -1,0 +1,220 @@
+"""`pcc.py -d`: start (database, ports, helper threads), reload on SIGHUP,
+housekeeping (a replaced GeoIP file, an outage that lasts), and an orderly
+stop.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import threading
+from typing import Optional
+
+from sqlalchemy import exc as sa_exc
+
+from .common import __version__, first_line, log
+from .config import ConfigError, Settings, load_settings
+from .dovecot import DovecotPolicyServer
+from .geoip import GeoIP, warn_about_geoip
+from .logs import MaskingFormatter, refuse_to_start, secrets_of
+from .metrics import Metrics
+from .notify import Notifier
+from .outage import OutageJournal
+from .server import PolicyServer
+from .service import PolicyService
+from .storage import Store, permanent_database_fault, safe_url
+
+# How often pcc looks whether the GeoIP file was replaced (a stat() call).
+GEOIP_CHECK_INTERVAL = 5.0
+
+
+def run_daemon(settings: Settings) -> int:
+    _warn_if_readable(settings)
+    _raise_file_limit(settings.max_connections + 256)
+    threading.stack_size(512 * 1024)  # thousands of idle Postfix connections stay cheap
+    geoip = GeoIP(settings.geoip_database)
+    warn_about_geoip(geoip)
+    service = PolicyService(settings, Store(settings.dbcon), geoip, Notifier(settings),
+                            OutageJournal(settings.spool_file))
+    if settings.metrics_port is not None:
+        service.metrics = Metrics(service)
+    try:
+        service.ensure_database()
+        service.store.prove_writable()
+    except sa_exc.SQLAlchemyError as error:
+        fault = permanent_database_fault(settings, error)
+        if fault is not None:  # it would protect nobody: refuse to run
+            refuse_to_start(f"pcc: {fault}")
+            return 1
+        service.database_unreachable_at_start(first_line(error))
+    listeners = open_listeners(settings, service)
+    if listeners is None:
+        return 1
+    server, dovecot = listeners
+    threading.Thread(target=housekeeping, args=(service, server.stopping), name="pcc-housekeeping",
+                     daemon=True).start()
+    service.start_background(server.stopping)
+
+    def on_stop(_signum, _frame):
+        if not server.stopping.is_set():
+            server.stopping.set()
+            threading.Thread(target=server.shutdown, daemon=True).start()
+            if dovecot is not None:
+                threading.Thread(target=dovecot.shutdown, daemon=True).start()
+
+    def on_reload(_signum, _frame):
+        threading.Thread(target=reload_settings, args=(server,), daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGHUP, on_reload)
+    extra_ports = [f"metrics on port {settings.metrics_port}"] if settings.metrics_port else []
+    if settings.dovecot_policy_port:
+        extra_ports.append(f"Dovecot auth policy on port {settings.dovecot_policy_port}, logins "
+                           f"{'counted' if settings.count_logins else 'checked against the blocked list only'}")
+    log.info("pcc %s listening on %s port %d%s; database %s; GeoIP %s; %s", __version__, settings.host,
+             settings.port, f" ({'; '.join(extra_ports)})" if extra_ports else "",
+             safe_url(settings.dbcon), geoip.description, describe_rules(settings))
+    server.serve_forever(poll_interval=0.5)
+    # Stopped: accept nothing new, answer the requests in flight, then exit.
+    server.socket.close()
+    if not server.in_flight.wait_until_none(timeout=20):
+        log.warning("stopping with requests still unanswered after 20 s")
+    service.stop_background()  # the sightings still in memory are written
+    unwritten = service.sightings.waiting()
+    if unwritten:
+        log.error("stopping with %d sightings the database did not take (they are not counted)", unwritten)
+    log.info("pcc stopped")
+    service.store.dispose()
+    return 0
+
+
+def open_listeners(settings: Settings, service: PolicyService) -> Optional[tuple]:
+    """(the policy server, the Dovecot server or None), or None when a port
+    cannot be opened (logged).  The policy port opens last: a daemon that
+    exits for want of another port never accepted a connection from Postfix."""
+    if settings.metrics_port is not None:
+        try:
+            service.metrics.serve(settings.host, settings.metrics_port, settings.allowed_clients)
+        except OSError as error:
+            log.error("cannot serve metrics on %s:%s: %s", settings.host, settings.metrics_port,
+                      error.strerror or error)
+            return None
+    dovecot = None
+    if settings.dovecot_policy_port is not None:
+        try:
+            dovecot = DovecotPolicyServer(settings, service)
+        except OSError as error:
+            log.error("cannot listen for Dovecot on %s:%s: %s", settings.host, settings.dovecot_policy_port,
+                      error.strerror or error)
+            return None
+    try:
+        server = PolicyServer(settings, service)
+    except OSError as error:
+        log.error("cannot listen on %s:%s: %s", settings.host, settings.port, error.strerror or error)
+        if dovecot is not None:
+            dovecot.server_close()
+        return None
+    if dovecot is not None:
+        threading.Thread(target=dovecot.serve_forever, name="pcc-dovecot", daemon=True).start()
+    return server, dovecot
+
+
+def reload_settings(server: PolicyServer) -> None:
+    """SIGHUP: re-read the configuration and the GeoIP data.  Open connections
+    stay; a broken new configuration is refused and the old one stays in force."""
+    old = server.settings
+    try:
+        new = load_settings(old.config_path)
+        geoip = GeoIP(new.geoip_database)
+    except (ConfigError, OSError, ValueError, RuntimeError) as error:  # maxminddb: InvalidDatabaseError
+        log.error("reload refused, the running configuration stays in force: %s", error)
+        return
+    service = server.service
+    if (new.host, new.port) != (old.host, old.port):
+        log.warning("reload: a new host/port needs a restart; still listening on %s port %d", old.host, old.port)
+        new = dataclasses.replace(new, host=old.host, port=old.port)
+    if new.dbcon != old.dbcon:
+        service.sightings.flush()  # what the old database was to get, it gets
+        service.store, service.tables_ready = Store(new.dbcon), False
+        service.sightings.store = service.store
+    if new.spool_file != old.spool_file:
+        log.warning("reload: a new spool_file needs a restart; still using %s", old.spool_file or "memory")
+    if new.metrics_port != old.metrics_port:
+        log.warning("reload: a new metrics_port needs a restart; metrics stay %s",
+                    f"on port {old.metrics_port}" if old.metrics_port else "off")
+    if new.dovecot_policy_port != old.dovecot_policy_port:
+        log.warning("reload: a new [dovecot] policy_port needs a restart; the Dovecot port stays %s",
+                    f"{old.dovecot_policy_port}" if old.dovecot_policy_port else "off")
+    MaskingFormatter.secrets |= set(secrets_of(new))
+    service.geoip = geoip
+    service.notifier.settings = new
+    service.settings = new
+    server.settings = new
+    log.info("configuration %s reloaded; GeoIP %s; %s", new.config_path, geoip.description, describe_rules(new))
+    warn_about_geoip(geoip)
+
+
+def describe_rules(settings: Settings) -> str:
+    """The rules in force, in one line for the log and --check-config."""
+    text = (f"rule: more than {settings.how_many_different_countries} countries in "
+            f"{settings.in_how_much_time_in_days:g} days -> {settings.action}")
+    if settings.max_travel_speed_kmh is not None:
+        text += (f"; impossible travel: faster than {settings.max_travel_speed_kmh:g} km/h -> "
+                 f"{settings.impossible_travel_action.lower()}")
+    if settings.monitoring:
+        text += "; MONITOR MODE: new blocks are only recorded and notified, mail flows"
+    return text
+
+
+def housekeeping(service: PolicyService, stopping: threading.Event) -> None:
+    """Every few seconds: use a replaced GeoIP file without a restart
+    (geoipupdate renames a new file over the old one; a file that cannot be
+    used is logged once and the data in use stays), and say again that the
+    database is failing, if it still is."""
+    while not stopping.wait(GEOIP_CHECK_INTERVAL):
+        reload_geoip_if_replaced(service)
+        service.report_outage()
+
+
+def reload_geoip_if_replaced(service: PolicyService) -> bool:
+    current = service.geoip
+    if not current.changed_on_disk():
+        return False
+    signature = GeoIP.signature_of(current.path)
+    try:
+        fresh = GeoIP(current.path)
+        if service.settings.max_travel_speed_kmh is not None and not fresh.has_places:
+            raise ValueError("it has no places (a Country database), and max_travel_speed_kmh needs them")
+    except Exception as error:  # a half-written or foreign file must not stop the daemon
+        current.file_signature = signature  # say it once, until the file changes again
+        log.error("GeoIP file %s changed but cannot be used; still using the data loaded before: %s",
+                  current.path, error)
+        return False
+    service.geoip = fresh
+    log.warning("GeoIP file %s was replaced; now using %s", fresh.path, fresh.description)
+    warn_about_geoip(fresh)
+    return True
+
+
+def _warn_if_readable(settings: Settings) -> None:
+    try:
+        mode = os.stat(settings.config_path).st_mode
+    except OSError:
+        return
+    if secrets_of(settings) and mode & 0o004:
+        log.warning("%s holds a database password and is readable by every user: "
+                    "chown root:pcc %s; chmod 640 %s", settings.config_path, settings.config_path,
+                    settings.config_path)
+
+
+def _raise_file_limit(wanted: int) -> None:
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        if soft != resource.RLIM_INFINITY and soft < target:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ImportError, ValueError, OSError) as error:
+        log.warning("cannot raise the open files limit to %d: %s", wanted, error)

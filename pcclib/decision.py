@@ -1,0 +1,290 @@
+"""The rules, as pure functions of (request, history, settings, now): no I/O,
+no clock, no database.  Also the values the rules work on: an account's
+history (CountrySeen, AccountHistory) and what a decision says (Decision,
+Journey).  Everything else in pcc exists to feed decide() and carry out what
+it returns.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+from .common import replaced
+from .config import MONITOR_ACTION, Settings
+from .geoip import Place
+from .protocol import DOVECOT_LOGIN, MAX_LOGIN_LENGTH, PolicyRequest
+
+COUNTED_REQUESTS = ("smtpd_access_policy", DOVECOT_LOGIN)
+
+# A sighting's last_seen (and last_ip) is refreshed at most this often, so an
+# account sending thousands of messages from one country, even from several
+# addresses, costs reads, not writes.  It is far below any useful window (a day
+# or more), so counting stays exact in practice; a block records exact IPs.
+SIGHTING_REFRESH = dt.timedelta(seconds=60)
+
+
+@dataclass(frozen=True)
+class CountrySeen:
+    country: str
+    first_seen: dt.datetime
+    last_seen: dt.datetime
+    last_ip: str
+
+    def as_json(self) -> dict:
+        return {
+            "country": self.country,
+            "last_ip": self.last_ip,
+            "first_seen": self.first_seen.isoformat(),
+            "last_seen": self.last_seen.isoformat(),
+        }
+
+
+@dataclass(frozen=True)
+class AccountHistory:
+    """What the database knows about one account, as the decision needs it."""
+
+    blocked_since: Optional[dt.datetime] = None
+    counting_since: Optional[dt.datetime] = None
+    sightings: tuple = ()  # of CountrySeen, the recent ones (possibly more than the window)
+    block_action: Optional[str] = None  # the action of the block in force; MONITOR_ACTION = only flagged
+    travel_passes: dict = field(default_factory=dict)  # country -> expires_at (possibly expired)
+    # Where the account's latest sighting's IP is (filled in by the service from
+    # GeoIP when the impossible-travel rule is on).
+    last_place: Optional[Place] = None
+
+    @property
+    def latest_sighting(self) -> Optional[CountrySeen]:
+        return max(self.sightings, key=lambda seen: seen.last_seen, default=None)
+
+    @property
+    def enforced_block(self) -> bool:
+        """Blocked for real, not only flagged by monitor mode."""
+        return self.blocked_since is not None and self.block_action != MONITOR_ACTION
+
+
+def merge_seen(first: Optional[CountrySeen], second: CountrySeen) -> CountrySeen:
+    """One sighting of a country from two: the earliest first_seen, the latest
+    last_seen with its IP (the merge the database does too)."""
+    if first is None:
+        return second
+    latest = second if second.last_seen >= first.last_seen else first
+    return CountrySeen(latest.country, min(first.first_seen, second.first_seen), latest.last_seen, latest.last_ip)
+
+
+@dataclass(frozen=True)
+class Journey:
+    """Two consecutive sightings of an account farther apart than anybody can
+    travel in the time between them."""
+
+    origin: Place
+    origin_ip: str
+    departed: dt.datetime
+    destination: Place
+    destination_ip: str
+    arrived: dt.datetime
+    distance_km: float
+    speed_kmh: float  # over the distance less both places' accuracy radii
+
+    def describe(self) -> str:
+        minutes = (self.arrived - self.departed).total_seconds() / 60
+        return (f"{self.origin.name} ({self.origin_ip}) at {self.departed:%Y-%m-%d %H:%M:%S} UTC, then "
+                f"{self.destination.name} ({self.destination_ip}) at {self.arrived:%Y-%m-%d %H:%M:%S} UTC: "
+                f"{self.distance_km:,.0f} km in {minutes:,.0f} min, {self.speed_kmh:,.0f} km/h")
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: str  # "DUNNO", or the configured block action
+    reason: str  # for the log line and, when blocking, the admins
+    counted: bool = False  # the request's country counts for the account
+    record_sighting: bool = False  # the database must learn about this sighting
+    new_block: bool = False  # this request puts the account on the blocked list (or flags it, in monitor mode)
+    countries: tuple = ()  # CountrySeen in the window, this request's included
+    journey: Optional[Journey] = None  # an impossible journey that ends with this request
+    replaces_flag: bool = False  # the new block replaces a monitor-mode flag
+
+    @property
+    def blocks(self) -> bool:
+        return self.action != "DUNNO"
+
+    @property
+    def rule(self) -> str:
+        """Which rule a new block comes from (the country rule blocks before
+        a journey is ever looked at)."""
+        return "travel" if self.journey is not None else "countries"
+
+
+def not_counted_reason(request: PolicyRequest, settings: Settings) -> Optional[str]:
+    """Why this request is no business of pcc's, before any database work."""
+    if request.request not in COUNTED_REQUESTS:
+        return "not an smtpd_access_policy request"
+    login = request.login
+    if not login:
+        return "no SASL login"
+    if len(login) > MAX_LOGIN_LENGTH:
+        return f"SASL login longer than {MAX_LOGIN_LENGTH} characters"
+    return exempt_login_reason(login, settings)
+
+
+def exempt_login_reason(login: str, settings: Settings) -> Optional[str]:
+    """Why pcc never counts nor blocks this login, or None."""
+    if settings.domains and login.rpartition("@")[2] not in settings.domains:
+        return "login not in [mail] domains"
+    if login in settings.whitelisted:
+        return "whitelisted login"
+    return None
+
+
+def decide(request: PolicyRequest, history: Optional[AccountHistory], settings: Settings,
+           now: dt.datetime) -> Decision:
+    """The rules, as a pure function.
+
+    Blocked when, counting this request's country, the account has sent from more
+    than `how_many_different_countries` distinct counted countries within the last
+    `in_how_much_time_in_days` days; or, with `max_travel_speed_kmh` set and
+    `impossible_travel_action = block`, when it could not have travelled from its
+    previous place to this one in the time between.  A blocked account stays
+    blocked until an administrator unblocks it.  In monitor mode a new block is
+    only flagged (recorded and notified) and the answer is DUNNO.
+    """
+    skip = not_counted_reason(request, settings)
+    if skip is not None:
+        return Decision("DUNNO", skip)
+    history = history or AccountHistory()
+    if history.blocked_since is not None:
+        since = f"{history.blocked_since:%Y-%m-%d %H:%M:%S} UTC"
+        if history.enforced_block:  # blocks in force stay enforced in monitor mode too
+            return Decision(settings.block_reply, f"account blocked since {since}")
+        if settings.monitoring:
+            return Decision("DUNNO", f"would be blocked since {since} (monitor mode)")
+        # enforce mode and only a monitor-mode flag: the account is judged afresh
+    if request.check_only:
+        return Decision("DUNNO", "not blocked (asked before the password is checked)")
+    skip = _not_counted_here(request, history, settings, now)
+    if skip is not None:
+        return Decision("DUNNO", skip)
+    decision = _count(request, history, settings, now)
+    if decision.new_block and history.blocked_since is not None:
+        decision = dataclasses.replace(decision, replaces_flag=True)
+    return decision
+
+
+def _not_counted_here(request: PolicyRequest, history: AccountHistory, settings: Settings,
+                      now: dt.datetime) -> Optional[str]:
+    """Why this message's place does not count for the account."""
+    address = request.client_ip
+    if address is not None and any(address in network for network in settings.whitelistedips):
+        return "whitelisted client address"
+    country = request.client_country
+    if country is None:
+        return f"not counted: {request.country_note or 'no country'}"
+    if country in settings.ignorecountries:
+        return f"not counted: {country} is in ignorecountries"
+    pass_ends = history.travel_passes.get(country)
+    if pass_ends is not None and pass_ends > now:
+        return f"not counted: travel pass for {country} until {pass_ends:%Y-%m-%d %H:%M} UTC"
+    return None
+
+
+def _count(request: PolicyRequest, history: AccountHistory, settings: Settings, now: dt.datetime) -> Decision:
+    country, ip = request.client_country, str(request.client_ip)
+    recent = countries_in_window(history, settings, now)
+    previous = recent.get(country)
+    recent[country] = CountrySeen(country, previous.first_seen if previous else now, now, ip)
+    limit = settings.how_many_different_countries
+    summary = f"{len(recent)} of at most {limit} countries in {settings.in_how_much_time_in_days:g} days"
+    if request.door:
+        summary = f"{request.door} login: {summary}"
+    countries = tuple(sorted(recent.values(), key=lambda seen: seen.first_seen))
+    if len(recent) > limit:
+        listed = ", ".join(seen.country for seen in countries)
+        return _new_block(settings, f"{summary} ({listed})", countries)
+    journey = impossible_journey(request, history, settings, now)
+    if journey is not None and settings.impossible_travel_action == "BLOCK":
+        return _new_block(settings, f"impossible travel: {journey.describe()}", countries, journey)
+    if journey is not None:
+        summary += f"; impossible travel noticed: {journey.describe()}"
+    stale = previous is None or now - previous.last_seen >= SIGHTING_REFRESH
+    # With the travel rule on, every move to another place is written, so the
+    # next message is judged against where the account really was last.
+    moved = settings.max_travel_speed_kmh is not None and not stale and _moved(request, history)
+    return Decision("DUNNO", summary, counted=True, record_sighting=stale or moved, countries=countries,
+                    journey=journey)
+
+
+def _moved(request: PolicyRequest, history: AccountHistory) -> bool:
+    latest = history.latest_sighting
+    if latest is None or latest.country != request.client_country:
+        return True
+    return latest.last_ip != str(request.client_ip) and history.last_place != request.client_place
+
+
+def _new_block(settings: Settings, reason: str, countries: tuple, journey: Optional[Journey] = None) -> Decision:
+    if settings.monitoring:
+        action, reason = "DUNNO", f"would block (monitor mode): {reason}"
+    else:
+        action, reason = settings.block_reply, f"blocking: {reason}"
+    return Decision(action, reason, counted=True, record_sighting=True, new_block=True, countries=countries,
+                    journey=journey)
+
+
+def impossible_journey(request: PolicyRequest, history: AccountHistory, settings: Settings,
+                       now: dt.datetime) -> Optional[Journey]:
+    """The journey from the account's previous sighting to this request, if no
+    one can travel that fast.  Places closer than travel_accuracy_radius_km, or
+    than both places' own accuracy radii, are never judged."""
+    latest, origin, destination = history.latest_sighting, history.last_place, request.client_place
+    if settings.max_travel_speed_kmh is None or latest is None or origin is None or destination is None:
+        return None
+    if history.counting_since is not None and latest.last_seen < history.counting_since:
+        return None  # unblocked since: the owner's next message starts afresh, like the country count
+    ip = str(request.client_ip)
+    if latest.last_ip == ip:
+        return None
+    distance = origin.distance_km(destination)
+    beyond_doubt = distance - origin.accuracy_km - destination.accuracy_km
+    if distance < settings.travel_accuracy_radius_km or beyond_doubt <= 0:
+        return None
+    hours = max((now - latest.last_seen).total_seconds(), 1.0) / 3600
+    speed = beyond_doubt / hours
+    if speed <= settings.max_travel_speed_kmh:
+        return None
+    return Journey(origin, latest.last_ip, latest.last_seen, destination, ip, now, distance, speed)
+
+
+def history_after(history: AccountHistory, decision: Decision, settings: Settings,
+                  now: dt.datetime) -> AccountHistory:
+    """The account's history once `decision` is recorded: what the next
+    request of the account is decided on when it comes before the database
+    has been read again."""
+    if decision.new_block:
+        return replaced(history, blocked_since=now, block_action=settings.recorded_action,
+                         sightings=merge_sightings_by_country(history.sightings, decision.countries))
+    if decision.counted:
+        return replaced(history, sightings=merge_sightings_by_country(history.sightings, decision.countries))
+    return history
+
+
+def merge_sightings_by_country(known: Iterable[CountrySeen], new: Iterable[CountrySeen]) -> tuple:
+    """One CountrySeen per country of both (merge_seen), those outside the
+    counting window (ignored countries, travel passes) kept: they count again
+    once the pass ends."""
+    merged = {seen.country: seen for seen in known}
+    for seen in new:
+        merged[seen.country] = merge_seen(merged.get(seen.country), seen)
+    return tuple(merged.values())
+
+
+def countries_in_window(history: AccountHistory, settings: Settings, now: dt.datetime) -> dict:
+    start = now - settings.country_window
+    if history.counting_since is not None:
+        start = max(start, history.counting_since)
+    passes = history.travel_passes
+    return {
+        seen.country: seen
+        for seen in history.sightings
+        if seen.last_seen >= start and seen.country not in settings.ignorecountries
+        and not (seen.country in passes and passes[seen.country] > now)
+    }

@@ -1,0 +1,100 @@
+"""Logging: syslog (mail facility) or standard error, secrets masked in every
+line, and the queue that lets connection threads log without waiting on a
+handler lock.
+"""
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+import queue
+import sys
+from typing import Iterable
+
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+
+from .common import log
+from .config import Settings
+
+
+class MaskingFormatter(logging.Formatter):
+    """Formats a record, then blanks out every secret (database passwords)."""
+
+    secrets: set = set()
+
+    def format(self, record: logging.LogRecord) -> str:
+        return mask_secrets(super().format(record), self.secrets)
+
+
+def mask_secrets(text: str, secrets: Iterable[str]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
+
+
+class _QueueHandler(logging.handlers.QueueHandler):
+    """Hands records to the QueueListener's thread, which formats and writes
+    them.  The queue is thread-safe: no handler lock (the stock handle() takes
+    one, and formats the message under it), so the connection threads never
+    queue behind each other for the line every decision writes."""
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        if self.filter(record):
+            self.enqueue(record)
+            return True
+        return False
+
+
+def queue_logging() -> logging.handlers.QueueListener:
+    """The daemon's logging: records go through a queue to the handlers set up
+    by setup_logging, in a thread of their own.  Stop the listener to flush."""
+    records: queue.SimpleQueue = queue.SimpleQueue()
+    listener = logging.handlers.QueueListener(records, *log.handlers, respect_handler_level=True)
+    handler = _QueueHandler(records)
+    handler.targets = tuple(log.handlers)  # where its records end up (refuse_to_start looks)
+    log.handlers[:] = [handler]
+    # The file and line of every log call (a stack walk per record) are not in
+    # pcc's log format: the logging documentation's way to skip finding them.
+    logging._srcfile = None
+    listener.start()
+    return listener
+
+
+def setup_logging(verbose: bool, to_stderr: bool, secrets: Iterable[str] = ()) -> None:
+    MaskingFormatter.secrets = {secret for secret in secrets if secret}
+    if not to_stderr and os.path.exists("/dev/log"):
+        handler: logging.Handler = logging.handlers.SysLogHandler(
+            address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_MAIL
+        )
+        handler.setFormatter(MaskingFormatter("pcc[%(process)d]: %(levelname)s %(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(MaskingFormatter("%(asctime)s pcc[%(process)d]: %(levelname)s %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    log.propagate = False
+
+
+def secrets_of(settings: Settings) -> list:
+    """What must never reach a log line: the database password and the
+    credentials in the Dovecot api_header."""
+    secrets = []
+    credentials = settings.dovecot_api_header.partition(":")[2].strip()
+    if len(credentials) >= 8:  # a short value would mask innocent words too
+        secrets.append(credentials)
+    try:
+        password = sa.engine.make_url(settings.dbcon).password
+    except sa_exc.ArgumentError:
+        return secrets
+    return secrets + ([str(password)] if password else [])
+
+
+def refuse_to_start(line: str) -> None:
+    """The one line that says why the daemon will not run: on standard error
+    (supervisord and systemd keep it) and in the log."""
+    print(mask_secrets(line, MaskingFormatter.secrets), file=sys.stderr, flush=True)
+    handlers = [target for handler in log.handlers for target in getattr(handler, "targets", (handler,))]
+    if not any(isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) is sys.stderr
+               for handler in handlers):
+        log.critical("%s", line)

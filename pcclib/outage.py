@@ -1,0 +1,180 @@
+"""What pcc decided while its database failed: the spool of blocks (on disk
+before Postfix is answered) and its replay once the database is back.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import tempfile
+import threading
+
+from sqlalchemy import exc as sa_exc
+
+from .common import first_line, log
+from .storage import Store, is_data_error
+
+# While the database fails, one request a second tries it again; the others
+# are answered at once from memory.
+DB_PROBE_INTERVAL = 1.0
+
+# While the database fails, an ERROR line this often (seconds).
+OUTAGE_REPORT_INTERVAL = 60.0
+
+# A spooled block's keys and their types: an entry without them is set aside.
+SPOOL_ENTRY_KEYS = {"login": str, "at": str, "action": str, "reason": str, "countries": list,
+                    "trigger": dict, "sighting": list}
+
+
+def valid_spool_entry(entry) -> bool:
+    if not isinstance(entry, dict) or not all(isinstance(entry.get(key), kind)
+                                              for key, kind in SPOOL_ENTRY_KEYS.items()):
+        return False
+    try:
+        dt.datetime.fromisoformat(entry["at"])
+    except ValueError:
+        return False
+    return len(entry["sighting"]) == 2
+
+
+class OutageJournal:
+    """What pcc decided while the database failed, written when it returns.
+
+    Blocks go to the spool file, flushed to disk before Postfix is answered, so
+    a crash loses none; the next start writes them.  (Sightings wait in the
+    SightingWriter's memory: losing one costs a little counting, never a block.)  An entry that cannot be
+    read or that the database refuses is moved to `<spool>.rejected` with an
+    ERROR line: one bad entry never holds up the others.
+    """
+
+    def __init__(self, spool_path: str = ""):
+        self.spool_path = spool_path
+        self._lock = threading.Lock()
+        self._replaying = threading.Lock()
+        self._blocks: list = []
+        self._in_flight: set = set()  # id() of blocks whose own transaction still runs
+        if spool_path and os.path.exists(spool_path):
+            self._load()
+
+    def _load(self) -> None:
+        with open(self.spool_path, encoding="utf-8", errors="replace") as spool:
+            text = spool.read()
+        damaged = not text.endswith("\n") and bool(text)  # a torn last line: rewrite before appending
+        for line in text.splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                entry = None
+            if valid_spool_entry(entry):
+                self._blocks.append(entry)
+            elif line.strip():
+                damaged = True
+                self._set_aside(line, "cannot be read as a block")
+        if damaged:
+            self._rewrite_spool()
+
+    def pending(self) -> bool:
+        return bool(self._blocks)
+
+    def blocks_waiting(self) -> int:
+        with self._lock:
+            return len(self._blocks)
+
+    def add_block(self, entry: dict, in_flight: bool = False) -> None:
+        """Keep a block (on disk first).  in_flight: its own transaction is
+        still running; the replay leaves it alone until release_block()."""
+        with self._lock:
+            self._blocks.append(entry)
+            if in_flight:
+                self._in_flight.add(id(entry))
+            if not self.spool_path:
+                return
+            try:
+                os.makedirs(os.path.dirname(os.path.abspath(self.spool_path)), mode=0o750, exist_ok=True)
+                descriptor = os.open(self.spool_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+                with open(descriptor, "a", encoding="utf-8") as spool:
+                    spool.write(json.dumps(entry) + "\n")
+                    spool.flush()
+                    os.fsync(spool.fileno())
+            except OSError as error:  # the block stands; only its survival of a crash is lost
+                log.error("spool %s cannot be written (%s): the block of %s is kept in memory only and "
+                          "is lost if pcc stops before the database takes it", self.spool_path,
+                          error.strerror or error, entry["login"])
+
+    def replay(self, store: "Store", on_new_block) -> None:
+        """Write everything to the database; what fails stays for the next try.
+        One thread replays at a time; others go on without waiting."""
+        if not self._replaying.acquire(blocking=False):
+            return
+        try:
+            self._replay(store, on_new_block)
+        finally:
+            self._replaying.release()
+
+    def _replay(self, store: "Store", on_new_block) -> None:
+        with self._lock:
+            blocks = [entry for entry in self._blocks if id(entry) not in self._in_flight]
+        for entry in blocks:
+            try:
+                block_id = store.record_block(
+                    entry["login"], dt.datetime.fromisoformat(entry["at"]), source=entry.get("source", "policy"),
+                    action=entry["action"], reason=entry["reason"], countries=entry["countries"],
+                    trigger=entry["trigger"], sighting=tuple(entry["sighting"]),
+                    replace_flag=entry.get("replaces_flag", False))
+            except sa_exc.SQLAlchemyError as error:
+                if not is_data_error(error):
+                    raise  # the database is down again: everything stays for the next try
+                self._set_aside(json.dumps(entry), f"refused by the database: {first_line(error)}")
+                self.discard_block(entry)
+                continue
+            self.discard_block(entry)
+            log.warning("block of %s decided during the database outage is now written%s", entry["login"],
+                        "" if block_id else " (it was blocked already)")
+            if block_id is not None:
+                on_new_block(entry)
+
+    def release_block(self, entry: dict) -> None:
+        """The block's own transaction failed: replay it like any other."""
+        with self._lock:
+            self._in_flight.discard(id(entry))
+
+    def discard_block(self, entry: dict) -> None:
+        """Forget a spooled block that is in the database now."""
+        with self._lock:
+            self._in_flight.discard(id(entry))
+            kept = [block for block in self._blocks if block is not entry]
+            if len(kept) != len(self._blocks):
+                self._blocks = kept
+                self._rewrite_spool()
+
+    def _set_aside(self, line: str, why: str) -> None:
+        """Keep an entry pcc cannot write in <spool>.rejected, for a person."""
+        log.error("spool %s: an entry %s; moved to %s.rejected: %s", self.spool_path or "(memory)", why,
+                  self.spool_path, line[:300])
+        if not self.spool_path:
+            return
+        try:
+            descriptor = os.open(self.spool_path + ".rejected", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            with open(descriptor, "a", encoding="utf-8") as rejected:
+                rejected.write(line.rstrip("\n") + "\n")
+        except OSError as error:
+            log.error("cannot write %s.rejected: %s", self.spool_path, error.strerror or error)
+
+    def _rewrite_spool(self) -> None:
+        if not self.spool_path:
+            return
+        directory = os.path.dirname(os.path.abspath(self.spool_path))
+        temporary = None
+        try:
+            # A new file of our own (never a name someone could have put a link at), then renamed over.
+            descriptor, temporary = tempfile.mkstemp(prefix=".spool-", dir=directory)
+            with open(descriptor, "w", encoding="utf-8") as spool:
+                spool.writelines(json.dumps(entry) + "\n" for entry in self._blocks)
+                spool.flush()
+                os.fsync(spool.fileno())
+            os.replace(temporary, self.spool_path)
+        except OSError as error:
+            if temporary is not None and os.path.exists(temporary):
+                os.unlink(temporary)
+            log.error("spool %s cannot be rewritten (%s): blocks already in the database may be written "
+                      "again at the next start (harmless)", self.spool_path, error.strerror or error)

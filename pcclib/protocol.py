@@ -1,0 +1,154 @@
+"""The Postfix policy protocol: the attribute lines of one request become a
+PolicyRequest, a decided action becomes the "action=..." reply.  Also what a
+request's client address means (IPv4 inside IPv6, zone ids) and who may
+connect at all (allowed_clients).
+"""
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterable, Optional
+
+from .common import escape_controls, log, normalise_login, replaced
+
+if TYPE_CHECKING:  # annotations only: geoip comes after protocol
+    from .geoip import Country, Place
+
+# Postfix never sends values this long; postgrey caps them the same way.  Longer
+# values are cut so a hostile client cannot make us store megabytes.
+MAX_ATTRIBUTE_VALUE = 512
+
+# An account name longer than this is not a real login; it is not counted.
+MAX_LOGIN_LENGTH = 255
+
+# What pcc decides on: Postfix's policy requests, and Dovecot's logins as the
+# Dovecot adapter hands them over.
+DOVECOT_LOGIN = "dovecot_login"
+
+
+@dataclass(frozen=True)
+class PolicyRequest:
+    """One Postfix policy request (the attributes pcc uses, plus all of them)."""
+
+    request: str = ""
+    sasl_username: str = ""  # as sent; `login` is the normalised account name
+    client_address: str = ""
+    sender: str = ""
+    recipient: str = ""
+    queue_id: str = ""
+    instance: str = ""
+    protocol_state: str = ""
+    attributes: dict = field(default_factory=dict, compare=False, repr=False)
+    # Filled in by the GeoIP lookup before the decision.
+    client_country: Optional[str] = None
+    country_note: str = ""
+    client_place: Optional["Place"] = None  # only with City-level GeoIP data
+    # A Dovecot login (request DOVECOT_LOGIN): the door ("imap", "pop3", "smtp"
+    # for SMTP AUTH, "doveadm"), and whether only the blocked list is asked
+    # (before the password is checked) or a successful login is to be counted.
+    door: str = ""
+    check_only: bool = False
+
+    # Computed once per request and kept in the instance's dict (a frozen
+    # dataclass allows that).  Not functools.cached_property: on Python 3.11 it
+    # takes one lock shared by every instance, i.e. by all connection threads.
+    @property
+    def login(self) -> str:
+        login = self.__dict__.get("_login")
+        if login is None:
+            login = self.__dict__["_login"] = normalise_login(self.sasl_username)
+        return login
+
+    @property
+    def client_ip(self):
+        """The client address as an ipaddress object (IPv4-mapped IPv6 unwrapped), or None."""
+        if "_client_ip" not in self.__dict__:
+            self.__dict__["_client_ip"] = _client_ip(self.client_address)
+        return self.__dict__["_client_ip"]
+
+    def with_country(self, found: "Country") -> "PolicyRequest":
+        """This request with what the GeoIP lookup found (what was computed kept)."""
+        return replaced(self, client_country=found.code, country_note=found.note, client_place=found.place)
+
+
+def _client_ip(client_address: str):
+    try:
+        # A zone id (fe80::1%eth0) names a local link, never a country, and
+        # would make the address longer than any stored one.
+        address = ipaddress.ip_address(client_address.strip().split("%", 1)[0])
+    except ValueError:
+        return None
+    return unwrap_ipv4(address)
+
+
+# NAT64's well-known prefix (RFC 6052): the IPv4 client is the last 32 bits.
+NAT64_PREFIX = ipaddress.ip_network("64:ff9b::/96")
+
+
+def unwrap_ipv4(address):
+    """The IPv4 client inside an IPv6 address that carries one (IPv4-mapped,
+    6to4, Teredo, NAT64), so that it gets the country of that IPv4 address;
+    any other address as it is."""
+    if address.version == 4:
+        return address
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if address.teredo is not None:
+        return address.teredo[1]  # (server, client)
+    if address in NAT64_PREFIX:
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return address
+
+
+_FILLED_IN_LATER = ("attributes", "client_country", "country_note", "client_place", "door", "check_only")
+_REQUEST_FIELDS = frozenset(f.name for f in dataclasses.fields(PolicyRequest) if f.name not in _FILLED_IN_LATER)
+
+
+def parse_request(lines: Iterable[str]) -> PolicyRequest:
+    """Turn the attribute lines of one request into a PolicyRequest.
+
+    Lines without '=' are logged and skipped; unknown attributes are kept in
+    `attributes` but otherwise ignored; a repeated attribute keeps its last value.
+    """
+    attributes = {}
+    skipped, first_skipped = 0, ""
+    for line in lines:
+        name, separator, value = line.partition("=")
+        if not separator or not name:
+            skipped, first_skipped = skipped + 1, first_skipped or line
+            continue
+        # clean_value(), written out: this loop runs 30 times a request
+        if len(value) > MAX_ATTRIBUTE_VALUE:
+            value = value[:MAX_ATTRIBUTE_VALUE]
+        attributes[name[:64]] = value if value.isprintable() else escape_controls(value)
+    if skipped:  # one line per request, however many it sent
+        log.warning("policy request: skipped %d line%s that %s not name=value, the first: %r", skipped,
+                    "s" if skipped != 1 else "", "are" if skipped != 1 else "is", first_skipped[:80])
+    known = {name: value for name, value in attributes.items() if name in _REQUEST_FIELDS}
+    return PolicyRequest(attributes=attributes, **known)
+
+
+def clean_value(value: str) -> str:
+    return escape_controls(value[:MAX_ATTRIBUTE_VALUE])
+
+
+def format_reply(action: str) -> bytes:
+    """The reply block for Postfix; the action text can never span two lines."""
+    one_line = " ".join(action.split())
+    return f"action={one_line}\n\n".encode("utf-8", "replace")
+
+
+def client_allowed(address_text: str, allowed_clients: tuple) -> bool:
+    """Whether a peer may talk to pcc: anyone when allowed_clients is empty."""
+    if not allowed_clients:
+        return True
+    try:
+        address = ipaddress.ip_address(address_text.split("%")[0])
+    except ValueError:
+        return False
+    if address.version == 6 and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in allowed_clients)

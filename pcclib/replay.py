@@ -1,0 +1,310 @@
+"""`pcc.py --replay`: Postfix (and Dovecot) log lines run through the daemon's
+own service and decision against a throw-away in-memory store, to see whom
+pcc would have blocked; --record writes the sightings for a new pcc to start
+from.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+from sqlalchemy import exc as sa_exc
+
+from .admin import (
+    AdminError,
+    database_failure,
+    hand_over_to_directory_owner,
+    missing_sqlite_file,
+    start_the_daemon_first,
+)
+from .common import UTC, utcnow, when
+from .config import MONITOR_ACTION, Settings
+from .decision import AccountHistory, CountrySeen, Decision, merge_seen
+from .dovecot import DOVECOT_DOORS
+from .geoip import GeoIP
+from .notify import Notifier
+from .protocol import DOVECOT_LOGIN, PolicyRequest
+from .service import PolicyService, RequestTicket
+from .storage import Store, safe_url
+
+# One authenticated submission as Postfix's smtpd logs it, e.g.
+#   Nov 25 18:43:13 mx postfix/submission/smtpd[1234]: 4F3A21C0: client=unknown[203.0.113.9],
+#   sasl_method=LOGIN, sasl_username=alice@example.com
+# with a classic syslog time stamp (no year) or an RFC 3339 one (journald,
+# rsyslog high precision), under any postfix*/.../smtpd service name.
+_SUBMISSION_LINE = re.compile(
+    r"^(?:(?P<classic>[A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d)|(?P<iso>\d{4}-\d\d-\d\dT\S+)) \S+ "
+    r"postfix[^\s/\[]*(?:/[^\s/\[]+)*/smtpd\[\d+\]: [0-9A-Za-z]+: "
+    r"client=[^\[\s]*\[(?:IPv6:)?(?P<ip>[^\]]+)\](?::\d+)?, (?:.*?, )?sasl_username=(?P<login>[^,\s]*)"
+)
+
+# A successful Dovecot login (replayed when [dovecot] count_logins = yes), as
+# syslog or Dovecot's own log_path has it:
+#   Nov 25 18:40:02 mx dovecot: imap-login: Login: user=<alice@example.com>, method=PLAIN, rip=203.0.113.9, ...
+#   Nov 25 18:40:02 imap-login: Info: Logged in: user=<alice@example.com>, method=PLAIN, rip=203.0.113.9, ...
+_DOVECOT_LOGIN_LINE = re.compile(
+    r"^(?:(?P<classic>[A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d)|(?P<iso>\d{4}-\d\d-\d\dT\S+)) "
+    r"(?:\S+ dovecot(?:\[\d+\])?: )?(?P<door>imap|pop3|submission|managesieve)-login: (?:Info: )?"
+    r"(?:Login|Logged in): user=<(?P<login>[^>]*)>, (?:.*?, )?rip=(?P<ip>[^,\s]+)"
+)
+_MONTHS = {name: number for number, name in enumerate(
+    "Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split(), start=1)}
+
+
+class LogClock:
+    """Turns log time stamps into aware UTC datetimes.
+
+    Classic syslog stamps have no year: the first one is taken to be in the
+    current year (the previous one if that would put it in the future), and the
+    year goes up each time the month goes back (December, then January).
+    Stamps without a zone are local time, as syslog writes them."""
+
+    def __init__(self, today: dt.datetime):
+        self.today = today
+        self.year: Optional[int] = None
+        self.month = 0
+
+    def parse(self, classic: Optional[str], iso: Optional[str]) -> dt.datetime:
+        if iso:
+            moment = dt.datetime.fromisoformat(iso)
+        else:
+            month = _MONTHS[classic[:3]]
+            if self.year is None:
+                self.year = self.today.year - (1 if month > self.today.month else 0)
+            elif month < self.month:
+                self.year += 1
+            self.month = month
+            moment = dt.datetime(self.year, month, int(classic[4:6]), int(classic[7:9]),
+                                 int(classic[10:12]), int(classic[13:15]))
+        if moment.tzinfo is None:
+            moment = moment.astimezone()  # local time
+        return moment.astimezone(UTC)  # OverflowError for a stamp near year 1 or 9999: the caller skips the line
+
+
+class MemoryStore:
+    """A throw-away in-memory database with Store's interface, for --replay.
+
+    The replay runs the daemon's own service and decision code against it, so
+    the live database is never touched; it holds one entry per account and
+    country, whatever the number of log lines."""
+
+    def __init__(self):
+        self.sightings: dict = {}  # login -> {country: CountrySeen}
+        self.blocks: dict = {}  # login -> dict describing the block
+
+    def create_tables(self) -> None:
+        pass
+
+    def dispose(self) -> None:
+        pass
+
+    def load_history(self, login: str, since: dt.datetime) -> AccountHistory:
+        seen = self.sightings.get(login)
+        recent = tuple(s for s in seen.values() if s.last_seen >= since) if seen else ()
+        block = self.blocks.get(login)
+        if block is None:
+            return AccountHistory(sightings=recent)
+        return AccountHistory(block["blocked_at"], None, recent, block["action"])
+
+    def record_sighting(self, login: str, country: str, ip: str, now: dt.datetime) -> None:
+        countries = self.sightings.setdefault(login, {})
+        countries[country] = merge_seen(countries.get(country), CountrySeen(country, now, now, ip))
+
+    def write_sightings(self, rows: list) -> None:
+        for row in rows:
+            countries = self.sightings.setdefault(row["login"], {})
+            countries[row["country"]] = merge_seen(countries.get(row["country"]), CountrySeen(
+                row["country"], row["first_seen"], row["last_seen"], row["last_ip"]))
+
+    def record_block(self, login: str, now: dt.datetime, *, source: str, action: str, reason: str,
+                     countries: list, trigger: Optional[dict] = None, sighting: Optional[tuple] = None,
+                     replace_flag: bool = False) -> Optional[int]:
+        if sighting is not None:
+            self.record_sighting(login, *sighting, now)
+        flagged = login in self.blocks and self.blocks[login]["action"] == MONITOR_ACTION
+        if login in self.blocks and not (replace_flag and flagged and action != MONITOR_ACTION):
+            return None
+        self.blocks[login] = {"login": login, "blocked_at": now, "reason": reason, "action": action,
+                              "countries": countries, "log_line": (trigger or {}).get("log_line", "")}
+        return len(self.blocks)
+
+
+class ReplayService(PolicyService):
+    """PolicyService on a MemoryStore, answering in the caller's thread and
+    remembering, per account, the most countries it saw within the window."""
+
+    def __init__(self, settings: Settings, geoip: GeoIP):
+        quiet = dataclasses.replace(settings, notice=())  # a replay never emails anyone
+        super().__init__(quiet, MemoryStore(), geoip, Notifier(quiet))
+        self.most_countries: dict = {}
+
+    def _decide_counted(self, request: PolicyRequest, now: dt.datetime, ticket: RequestTicket) -> Decision:
+        decision = super()._decide_counted(request, now, ticket)
+        if decision.counted:
+            login = request.login
+            self.most_countries[login] = max(self.most_countries.get(login, 0), len(decision.countries))
+        return decision
+
+
+@dataclass
+class ReplayResult:
+    settings: Settings
+    files: list
+    lines: int = 0
+    submissions: int = 0
+    unparseable: int = 0
+    first: Optional[dt.datetime] = None
+    last: Optional[dt.datetime] = None
+    service: Optional[ReplayService] = None
+
+    def country_buckets(self) -> dict:
+        buckets = {"1": 0, "2": 0, "3": 0, "4": 0, "5+": 0}
+        for most in self.service.most_countries.values():
+            buckets[str(most) if most < 5 else "5+"] += 1
+        return buckets
+
+    def as_json(self) -> dict:
+        return {
+            "files": self.files, "lines": self.lines, "submissions": self.submissions,
+            "unparseable_lines": self.unparseable,
+            "first": self.first.isoformat() if self.first else None,
+            "last": self.last.isoformat() if self.last else None,
+            "threshold": self.settings.how_many_different_countries,
+            "window_days": self.settings.in_how_much_time_in_days,
+            "would_block": [
+                {"login": block["login"], "blocked_at": block["blocked_at"].isoformat(),
+                 "countries": block["countries"], "log_line": block["log_line"]}
+                for block in self.service.store.blocks.values()
+            ],
+            "accounts_by_most_countries": self.country_buckets(),
+        }
+
+
+def _open_log(path: str):
+    if path == "-":
+        return open(sys.stdin.fileno(), encoding="utf-8", errors="replace", closefd=False)
+    if path.endswith(".gz"):
+        import gzip
+
+        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
+    return open(path, encoding="utf-8", errors="replace")
+
+
+def replay_logs(paths: list, settings: Settings, geoip: GeoIP, today: Optional[dt.datetime] = None) -> ReplayResult:
+    """Run every authenticated submission in `paths` (oldest first) through the
+    daemon's decision, with the log's own time stamps as "now"."""
+    result = ReplayResult(settings, list(paths), service=ReplayService(settings, geoip))
+    decide_request = result.service.decide_request
+    clock = LogClock(today or utcnow())
+    for path in paths:
+        try:
+            log_file = _open_log(path)
+        except OSError as error:
+            raise AdminError(f"cannot read {path}: {error.strerror}") from None
+        with log_file:
+            for line in log_file:
+                result.lines += 1
+                if "sasl_username=" in line:
+                    found = _SUBMISSION_LINE.match(line)
+                elif settings.count_logins and "-login: " in line and " user=<" in line:
+                    found = _DOVECOT_LOGIN_LINE.match(line)
+                else:
+                    continue
+                try:
+                    when = clock.parse(found["classic"], found["iso"]) if found else None
+                except (ValueError, KeyError, OverflowError):
+                    when = None
+                if when is None or not found["login"]:
+                    result.unparseable += 1
+                    continue
+                result.submissions += 1
+                result.first = result.first or when
+                result.last = when
+                decide_request(_replayed_request(found, line), when)
+    return result
+
+
+def _replayed_request(found: re.Match, line: str) -> PolicyRequest:
+    attributes = {"log_line": line.rstrip("\n")}
+    if "door" not in found.groupdict():
+        return PolicyRequest(request="smtpd_access_policy", sasl_username=found["login"],
+                             client_address=found["ip"], attributes=attributes)
+    door = DOVECOT_DOORS.get(found["door"], found["door"])
+    return PolicyRequest(request=DOVECOT_LOGIN, sasl_username=found["login"], client_address=found["ip"],
+                         door=door, attributes=attributes)
+
+
+def print_replay_report(result: ReplayResult, out) -> None:
+    settings = result.settings
+    span = f" from {when(result.first)} to {when(result.last)} UTC" if result.first else ""
+    logins = " and Dovecot logins" if settings.count_logins else ""
+    print(f"Replayed {len(result.files)} file(s): {result.lines} lines, {result.submissions} authenticated "
+          f"submissions{logins}{span}; {result.unparseable} unparseable lines skipped.", file=out)
+    print(f"Rule: more than {settings.how_many_different_countries} countries in "
+          f"{settings.in_how_much_time_in_days:g} days -> {settings.action}.", file=out)
+    blocks = list(result.service.store.blocks.values())
+    print(f"\nWould have blocked {len(blocks)} account{'s' if len(blocks) != 1 else ''}:", file=out)
+    for block in blocks:
+        places = ", ".join(f"{seen['country']} {seen['last_ip']}" for seen in block["countries"])
+        print(f"  {block['login']}  at {when(block['blocked_at'])} UTC  from {places}", file=out)
+        print(f"    why: {block['reason']}", file=out)
+        print(f"    {block['log_line']}", file=out)
+    print(f"\nAccounts by the most countries seen within {settings.in_how_much_time_in_days:g} days:", file=out)
+    for bucket, count in result.country_buckets().items():
+        print(f"  {bucket:>2} {'country' if bucket == '1' else 'countries':<9} {count}", file=out)
+
+
+def run_replay(settings: Settings, arguments: argparse.Namespace) -> int:
+    if arguments.threshold is not None:
+        if not 1 <= arguments.threshold <= 300:
+            print("pcc: --threshold must be between 1 and 300", file=sys.stderr)
+            return 2
+        settings = dataclasses.replace(settings, how_many_different_countries=arguments.threshold)
+    if arguments.days is not None:
+        if not 0 < arguments.days <= 3650:
+            print("pcc: --days must be more than 0 and at most 3650", file=sys.stderr)
+            return 2
+        settings = dataclasses.replace(settings, in_how_much_time_in_days=arguments.days)
+    try:
+        result = replay_logs(arguments.replay, settings, GeoIP(settings.geoip_database))
+    except AdminError as error:
+        print(f"pcc: {error}", file=sys.stderr)
+        return 1
+    if arguments.record:
+        return record_replayed_sightings(settings, result)
+    if arguments.json:
+        print(json.dumps(result.as_json(), indent=2))
+    else:
+        print_replay_report(result, sys.stdout)
+    return 0
+
+
+def record_replayed_sightings(settings: Settings, result: ReplayResult) -> int:
+    missing = missing_sqlite_file(settings)
+    if missing and not os.path.isdir(os.path.dirname(os.path.abspath(missing))):
+        print(start_the_daemon_first(missing), file=sys.stderr)
+        return 1
+    store = Store(settings.dbcon, create_directory=False)
+    sightings = ((login, seen) for login, countries in result.service.store.sightings.items()
+                 for seen in countries.values())
+    try:
+        store.create_tables()
+        written = store.merge_sightings(sightings)
+    except sa_exc.SQLAlchemyError as error:
+        print(database_failure(settings, error), file=sys.stderr)
+        return 1
+    finally:
+        store.dispose()
+        if missing:
+            hand_over_to_directory_owner(missing)
+    print(f"recorded {written} sightings of {len(result.service.store.sightings)} accounts from "
+          f"{result.submissions} submissions into {safe_url(settings.dbcon)} "
+          f"({result.unparseable} unparseable lines skipped)")
+    return 0
