@@ -39,8 +39,11 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
-import pcc  # noqa: E402
 import sqlalchemy as sa  # noqa: E402
+
+from pcclib.common import __version__
+from pcclib.geoip import GeoIP
+from pcclib.storage import Base, Sighting
 
 PG_URL = os.environ.get("PCC_BENCH_POSTGRESQL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 MY_URL = os.environ.get("PCC_BENCH_MARIADB", "mysql+pymysql://root@127.0.0.1:3306/test")
@@ -51,7 +54,7 @@ CONCURRENCY = [1, 8, 32, 128]
 
 # --- the workload -------------------------------------------------------------
 
-def country_pools(geoip: pcc.GeoIP, seed: int = 1) -> dict:
+def country_pools(geoip: GeoIP, seed: int = 1) -> dict:
     """Public IPv4 and IPv6 addresses grouped by their country in pcc's GeoIP data."""
     rng = random.Random(seed)
     pools: dict = {}
@@ -73,7 +76,7 @@ def build_requests(accounts: int, count: int, seed: int = 2) -> list:
     Most accounts send from one or two addresses of one country, 8% from two
     countries, 1.5% travel through several, and 0.5% are compromised and hop
     countries with every message (pcc blocks them after the fourth)."""
-    geoip = pcc.GeoIP("")
+    geoip = GeoIP("")
     pools = country_pools(geoip)
     countries = sorted(pools, key=lambda code: -len(pools[code]))
     rng = random.Random(seed)
@@ -314,8 +317,8 @@ def ensure_peer():
 
 def reset_pcc_tables(url):
     engine = sa.create_engine(url)
-    pcc.Base.metadata.drop_all(engine)
-    pcc.Base.metadata.create_all(engine)
+    Base.metadata.drop_all(engine)
+    Base.metadata.create_all(engine)
     engine.dispose()
 
 
@@ -333,10 +336,10 @@ def prefill(url, accounts, countries_each=2):
                               "first_seen": now - dt.timedelta(hours=30), "last_seen": now - dt.timedelta(hours=k),
                               "last_ip": f"192.0.2.{k + 1}"})
             if len(batch) >= 20000:
-                connection.execute(sa.insert(pcc.Sighting.__table__), batch)
+                connection.execute(sa.insert(Sighting.__table__), batch)
                 batch = []
         if batch:
-            connection.execute(sa.insert(pcc.Sighting.__table__), batch)
+            connection.execute(sa.insert(Sighting.__table__), batch)
     engine.dispose()
 
 
@@ -348,7 +351,7 @@ def machine():
         for line in meminfo:
             if line.startswith("MemTotal:"):
                 memory = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
-    versions = {"Python": platform.python_version(), "pcc": pcc.__version__, "SQLAlchemy": sa.__version__}
+    versions = {"Python": platform.python_version(), "pcc": __version__, "SQLAlchemy": sa.__version__}
     from importlib import metadata
     for distribution in ("psycopg", "PyMySQL", "maxminddb", "geoip2fast"):
         try:

@@ -29,14 +29,16 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import bench  # noqa: E402
-from bench import pcc, sa  # noqa: E402
+from bench import sa  # noqa: E402
+from pcclib.geoip import GeoIP  # noqa: E402
+from pcclib.storage import Block  # noqa: E402
 
 DATABASES = {"sqlite": None, "mariadb": bench.MY_URL, "postgresql": bench.PG_URL}
 LOGIN = "stolen@example.com"
 
 
 def one_address_per_country(countries) -> dict:
-    pools = bench.country_pools(pcc.GeoIP(""))
+    pools = bench.country_pools(GeoIP(""))
     return {code: pools[code] for code in countries}
 
 
@@ -61,7 +63,7 @@ def block_transactions(url: str, dialect: str):
 def block_rows(url: str) -> int:
     engine = sa.create_engine(url)
     with engine.connect() as connection:
-        count = connection.execute(sa.select(sa.func.count()).select_from(pcc.Block)).scalar()
+        count = connection.execute(sa.select(sa.func.count()).select_from(Block)).scalar()
     engine.dispose()
     return count
 

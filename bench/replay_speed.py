@@ -6,6 +6,9 @@ accounts, most from one or two IPs, some travellers, a few compromised
 accounts hopping countries, and 40% other Postfix lines), then replays it
 through pcc's real code path with the embedded GeoIP data and prints lines/s
 and peak RSS."""
+import logging
+import datetime
+import dataclasses
 import datetime as dt
 import os
 import random
@@ -15,7 +18,10 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import pcc  # noqa: E402
+from pcclib.common import UTC, log
+from pcclib.config import load_settings
+from pcclib.geoip import GeoIP
+from pcclib.replay import replay_logs
 
 
 def public_ip(rng):
@@ -55,14 +61,14 @@ def main():
     path = os.path.join(directory, "maillog")
     write_log(path, lines)
     config = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "pcc.conf")
-    settings = pcc.dataclasses.replace(pcc.load_settings(config), dbcon="sqlite://")
-    geoip = pcc.GeoIP(settings.geoip_database)
-    pcc.log.setLevel(pcc.logging.WARNING)
+    settings = dataclasses.replace(load_settings(config), dbcon="sqlite://")
+    geoip = GeoIP(settings.geoip_database)
+    log.setLevel(logging.WARNING)
     started = time.perf_counter()
-    result = pcc.replay_logs([path], settings, geoip, today=pcc.dt.datetime(2026, 1, 15, tzinfo=pcc.UTC))
+    result = replay_logs([path], settings, geoip, today=datetime.datetime(2026, 1, 15, tzinfo=UTC))
     seconds = time.perf_counter() - started
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"{result.lines:,} lines ({result.submissions:,} submissions, {len(result.service.most_countries):,} "
+    print(f"{result.lines:,} lines ({result.submissions:,} submissions, {len(result.most_countries):,} "
           f"accounts) replayed in {seconds:.1f} s = {result.lines / seconds:,.0f} lines/s; "
           f"would block {len(result.service.store.blocks)}; peak RSS {peak_mb:.0f} MB")
     os.remove(path)

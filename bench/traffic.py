@@ -34,7 +34,8 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import bench  # noqa: E402
-from bench import pcc  # noqa: E402
+from pcclib.common import __version__  # noqa: E402
+from pcclib.geoip import GeoIP  # noqa: E402
 
 WORKLOADS = ("read-mostly", "sporadic", "first-sight")
 SECTION = "## Traffic: read-mostly, sporadic and first-sight"
@@ -88,7 +89,7 @@ def servers(workdir: str) -> list:
 
 
 def measure(args, log) -> dict:
-    pools = bench.country_pools(pcc.GeoIP(""))
+    pools = bench.country_pools(GeoIP(""))
     streams = {"read-mostly": bench.build_requests(10000, 200000),
                "sporadic": sporadic_requests(pools, 10000, 200000)}
     per_cell = int(args.duration * 25000)  # more than any server answers: no account comes twice
@@ -125,7 +126,7 @@ def table(rows: dict, info: dict, args) -> list:
     peers = {key: result["per_second"] for key, result in rows.items() if key[0].startswith("peer")}
     lines = [SECTION, "",
              f"Measured {info['date']} by bench/traffic.py on {info['cores']} cores, one load-generator process, "
-             f"{args.duration:g} s per cell, pcc {pcc.__version__}. `of floor`: decisions/s over the floor's at "
+             f"{args.duration:g} s per cell, pcc {__version__}. `of floor`: decisions/s over the floor's at "
              "the same connections; `vs peer`: over policyd-rate-limit's on the same database and workload.", "",
              "| server | workload | connections | decisions/s | of floor | vs peer | p50 ms | p99 ms | peak RSS MB |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]

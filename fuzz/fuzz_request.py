@@ -13,17 +13,26 @@ run with the input saved as a crash file.
 Uses a throw-away SQLite file, and the GeoLite2-City 2015 data that .ci/run
 installs with the impossible-travel rule on (else the embedded country data).
 """
+import logging
 import os
 import socket
 import sys
 import tempfile
+import threading
 
 import atheris
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 with atheris.instrument_imports():
-    import pcc
+    from pcclib.config import load_settings
+    from pcclib.geoip import GeoIP
+    from pcclib.logs import setup_logging
+    from pcclib.notify import Notifier
+    from pcclib.server import InFlight, PolicyHandler, PolicyServer
+    from pcclib.service import PolicyService
+    from pcclib.storage import Store
+    from pcclib.common import log
 
 WORKDIR = tempfile.mkdtemp(prefix="pcc-fuzz-")
 SEEDS = [
@@ -36,12 +45,12 @@ SEEDS = [
 ]
 
 
-def build() -> pcc.PolicyServer:
-    config = os.path.join(WORKDIR, "pcc.conf")
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "pcc.conf")) as shipped:
+def build() -> PolicyServer:
+    config = os.path.join(WORKDIR, "conf")
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "conf")) as shipped:
         text = shipped.read()
     replacements = {
-        "dbcon = sqlite:////var/lib/pcc/pcc.sqlite3": f"dbcon = sqlite:///{WORKDIR}/pcc.sqlite3",
+        "dbcon = sqlite:////var/lib/pcc/sqlite3": f"dbcon = sqlite:///{WORKDIR}/sqlite3",
         "spool_file = /var/lib/pcc/spool.jsonl": "spool_file =",
         "port = 9999": "port = 39999",
         "idle_timeout = 600": "idle_timeout = 1",
@@ -57,15 +66,15 @@ def build() -> pcc.PolicyServer:
         text = text.replace(old, new)
     with open(config, "w") as out:
         out.write(text)
-    settings = pcc.load_settings(config)
-    service = pcc.PolicyService(settings, pcc.Store(settings.dbcon), pcc.GeoIP(settings.geoip_database),
-                                pcc.Notifier(settings))
+    settings = load_settings(config)
+    service = PolicyService(settings, Store(settings.dbcon), GeoIP(settings.geoip_database),
+                                Notifier(settings))
     service.ensure_database()
-    server = pcc.PolicyServer.__new__(pcc.PolicyServer)  # no listening socket needed
+    server = PolicyServer.__new__(PolicyServer)  # no listening socket needed
     server.settings, server.service = settings, service
-    server.stopping = pcc.threading.Event()
-    server.in_flight = pcc.InFlight()
-    server.watchdog = pcc.Watchdog()
+    server.stopping = threading.Event()
+    server.in_flight = InFlight()
+    server.init_bounds(64, "connections")
     return server
 
 
@@ -86,7 +95,7 @@ def one_input(data: bytes) -> None:
     try:
         client.sendall(data)
         client.shutdown(socket.SHUT_WR)
-        pcc.PolicyHandler(served, ("127.0.0.1", 4242), SERVER)  # runs setup/handle/finish
+        PolicyHandler(served, ("127.0.0.1", 4242), SERVER)  # runs setup/handle/finish
         served.close()
         replies = b""
         while True:
@@ -106,8 +115,8 @@ def one_input(data: bytes) -> None:
 
 def main() -> None:
     global SERVER
-    pcc.setup_logging(False, True)
-    pcc.log.setLevel(pcc.logging.CRITICAL)  # the fuzzer's own output is what matters
+    setup_logging(False, True)
+    log.setLevel(logging.CRITICAL)  # the fuzzer's own output is what matters
     SERVER = build()
     corpus = os.path.join(WORKDIR, "corpus")
     os.makedirs(corpus, exist_ok=True)

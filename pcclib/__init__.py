@@ -5,6 +5,7 @@ it in this list:
   common     the clock, the logger, cleaning untrusted text
   config     /etc/pcc.conf -> Settings
   protocol   Postfix's attribute lines -> PolicyRequest; an action -> the reply
+  ports      what every listening port shares: caps, deadlines, back-off
   geoip      client address -> country (and place)
   decision   decide(request, history, settings, now): the rules, pure
   notify     the administrators' mail
@@ -19,7 +20,8 @@ it in this list:
   daemon     pcc.py -d: start, reload, housekeeping, stop
   admin      -l -s -b -u -r -e -c --allow
   replay     --replay of Postfix and Dovecot logs
-  tools      --update-geoip, --health
+  update     --update-geoip: download, check, install
+  health     --health, in the monitoring-plugin conventions
   cli        the options, and which of the above each runs
 
 README's "How pcc is built" walks a request through them.

@@ -4,25 +4,26 @@ each does to the database and the Postfix hold queue, and what it prints.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
 import re
 import socket
+import stat
 import subprocess
 import sys
-from typing import Optional
+from typing import Callable, Optional
 
-import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 
-from .common import first_line, normalise_login, split_list, utcnow, when
+from .common import first_line, normalise_login, split_list, symlink_refusal, utcnow, when
 from .config import COUNTRY_CODES, MONITOR_ACTION, Settings
 from .decision import AccountHistory, countries_in_window, exempt_login_reason
 from .logs import mask_secrets, secrets_of
 from .notify import Notifier, block_notice
 from .protocol import MAX_LOGIN_LENGTH
-from .storage import Block, Store, TravelPass, safe_url
+from .storage import Block, Store, TravelPass, safe_url, sqlite_path
 
 # A held message whose arrival is this much older than the block was held by
 # something else (the clocks of the database and Postfix hosts may differ a little).
@@ -310,85 +311,135 @@ def trip_countries(text: str) -> list:
 
 def missing_sqlite_file(settings: Settings) -> Optional[str]:
     """The path of the configured SQLite file if it does not exist yet."""
-    url = sa.engine.make_url(settings.dbcon)
-    path = url.database or ""
-    if url.get_backend_name() != "sqlite" or path in ("", ":memory:") or path.startswith("file:"):
-        return None
-    return None if os.path.exists(path) else path
+    path = sqlite_path(settings.dbcon)
+    return path if path and not os.path.lexists(path) else None
 
 
 def start_the_daemon_first(path: str) -> str:
-    return (f"pcc: neither {path} nor its directory exist yet: start the daemon first (it creates them as its "
+    return (f"neither {path} nor its directory exist yet: start the daemon first (it creates them as its "
             f"own user), then run this again")
 
 
-def _nothing_recorded_yet(arguments: argparse.Namespace, login) -> int:
+@contextlib.contextmanager
+def admin_store(settings: Settings):
+    """The Store a command run by an administrator writes through.  It never
+    creates the SQLite file's directory (root's directory would stop the
+    daemon); a file it creates as root is the directory owner's from the
+    start, and it refuses a symbolic link where a file of pcc's should be."""
+    path = sqlite_path(settings.dbcon)
+    if path:
+        for name in (path, path + "-wal", path + "-shm"):
+            refusal = symlink_refusal(name, "the SQLite database")
+            if refusal:
+                raise AdminError(refusal)
+    missing = missing_sqlite_file(settings)
+    if missing and not os.path.isdir(os.path.dirname(os.path.abspath(missing))):
+        raise AdminError(start_the_daemon_first(missing))
+    if missing:
+        create_as_directory_owner(missing)
+    store = Store(settings.dbcon, create_directory=False)
+    try:
+        yield store
+    finally:
+        store.dispose()
+        if path:
+            hand_over_to_directory_owner(path)
+
+
+def _nothing_recorded_yet(arguments: argparse.Namespace) -> int:
     """-l or -s before the daemon ever ran: answered without creating anything."""
     if arguments.list:
         print("[]" if arguments.json else "No account is blocked.")
         return 0
-    print(f"pcc: unknown login {login(arguments.show)}: pcc has never counted nor blocked it", file=sys.stderr)
+    print(f"pcc: unknown login {normalise_login(arguments.show)}: pcc has never counted nor blocked it",
+          file=sys.stderr)
+    return 1
+
+
+def on_admin_store(settings: Settings, work: Callable[[Store], Optional[int]]) -> int:
+    """work(store)'s exit status (None: 0), or 1 with one line on standard
+    error when it fails (an AdminError, or the database's error)."""
+    try:
+        with admin_store(settings) as store:
+            return work(store) or 0
+    except AdminError as error:
+        print(f"pcc: {error}", file=sys.stderr)
+    except sa_exc.SQLAlchemyError as error:
+        print(database_failure(settings, error), file=sys.stderr)
     return 1
 
 
 def run_admin_command(settings: Settings, arguments: argparse.Namespace) -> int:
-    """The admin commands.  None of them creates the database: a file made by
-    root would stop the daemon that runs as its own user.  -l and -s only read."""
+    """The admin commands.  -l and -s only read, and answer without creating anything."""
     reading = bool(arguments.list or arguments.show)
-    missing = missing_sqlite_file(settings)
-    login = normalise_login
-    if missing and reading:
-        return _nothing_recorded_yet(arguments, login)
-    if missing and not os.path.isdir(os.path.dirname(os.path.abspath(missing))):
-        print(start_the_daemon_first(missing), file=sys.stderr)
-        return 1
-    store = Store(settings.dbcon, create_directory=False)
-    admin = Admin(settings, store, Notifier(settings), PostfixQueue(settings.postfix_config_directory))
-    now = utcnow()
-    try:
+    if reading and missing_sqlite_file(settings):
+        return _nothing_recorded_yet(arguments)
+
+    def run(store: Store) -> Optional[int]:
         if reading and not store.has_tables():
-            return _nothing_recorded_yet(arguments, login)
+            return _nothing_recorded_yet(arguments)
         if not reading:
             store.create_tables()
-        if arguments.list:
-            admin.list_blocked(arguments.json)
-        elif arguments.show:
-            admin.show(login(arguments.show), arguments.json, now)
-        elif arguments.block:
-            admin.block(login(arguments.block), now)
-        elif arguments.unblock:
-            admin.unblock(login(arguments.unblock), None, now)
-        elif arguments.release:
-            admin.unblock(login(arguments.release), "release", now)
-        elif arguments.erase:
-            admin.unblock(login(arguments.erase), "delete", now)
-        elif arguments.cleanup is not None:
-            admin.cleanup(arguments.cleanup, now)
-        elif arguments.allow:
-            admin.allow(login(arguments.allow), trip_countries(arguments.country), arguments.days, now)
-    except AdminError as error:
-        print(f"pcc: {error}", file=sys.stderr)
-        return 1
-    except sa_exc.SQLAlchemyError as error:
-        print(database_failure(settings, error), file=sys.stderr)
-        return 1
+        admin = Admin(settings, store, Notifier(settings), PostfixQueue(settings.postfix_config_directory))
+        _run_one(admin, arguments, utcnow())
+        return 0
+
+    return on_admin_store(settings, run)
+
+
+def _run_one(admin: Admin, arguments: argparse.Namespace, now: dt.datetime) -> None:
+    login = normalise_login
+    if arguments.list:
+        admin.list_blocked(arguments.json)
+    elif arguments.show:
+        admin.show(login(arguments.show), arguments.json, now)
+    elif arguments.block:
+        admin.block(login(arguments.block), now)
+    elif arguments.unblock:
+        admin.unblock(login(arguments.unblock), None, now)
+    elif arguments.release:
+        admin.unblock(login(arguments.release), "release", now)
+    elif arguments.erase:
+        admin.unblock(login(arguments.erase), "delete", now)
+    elif arguments.cleanup is not None:
+        admin.cleanup(arguments.cleanup, now)
+    elif arguments.allow:
+        admin.allow(login(arguments.allow), trip_countries(arguments.country), arguments.days, now)
+
+
+def create_as_directory_owner(path: str) -> None:
+    """Create the missing SQLite file for SQLite to open: a new file (never
+    one a link points at: O_EXCL and O_NOFOLLOW), given, through its
+    descriptor, to whoever owns the directory (the daemon's user,
+    /var/lib/pcc) when pcc runs as root: root's file would stop the daemon."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
+    try:
+        if os.geteuid() == 0:
+            directory = os.stat(os.path.dirname(os.path.abspath(path)))
+            os.fchown(descriptor, directory.st_uid, directory.st_gid)
     finally:
-        store.dispose()
-        if missing:
-            hand_over_to_directory_owner(missing)
-    return 0
+        os.close(descriptor)
 
 
 def hand_over_to_directory_owner(path: str) -> None:
-    """A SQLite file a command made as root belongs to whoever owns its
-    directory (the daemon's user, /var/lib/pcc): root's file would stop the
-    daemon.  SQLite gives its -wal and -shm files the main file's owner."""
-    if os.geteuid() != 0 or not os.path.exists(path):
+    """SQLite's -wal and -shm files that a command run as root created go to
+    the directory's owner too (SQLite gives them the main file's owner when it
+    can; this makes sure).  Each is changed through a descriptor opened without
+    following links."""
+    if os.geteuid() != 0:
         return
     directory = os.stat(os.path.dirname(os.path.abspath(path)))
     for name in (path, path + "-wal", path + "-shm"):
-        if os.path.exists(name):
-            os.chown(name, directory.st_uid, directory.st_gid)
+        try:
+            descriptor = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            continue  # not there (SQLite removes -wal and -shm at close), or a link: left alone
+        try:
+            status = os.fstat(descriptor)
+            if stat.S_ISREG(status.st_mode) and status.st_uid == 0:
+                os.fchown(descriptor, directory.st_uid, directory.st_gid)
+        finally:
+            os.close(descriptor)
 
 
 def database_failure(settings: Settings, error: Exception) -> str:

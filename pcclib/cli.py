@@ -13,12 +13,13 @@ from typing import Optional
 
 from .admin import run_admin_command
 from .common import log, utcnow
-from .config import DEFAULT_CONFIG_PATH, ConfigError, load_settings
+from .config import DEFAULT_CONFIG_PATH, ConfigError, Settings, load_settings
 from .daemon import describe_rules, run_daemon
+from .health import HEALTH_UNKNOWN, check_health
 from .logs import queue_logging, secrets_of, setup_logging
 from .replay import run_replay
 from .storage import safe_url
-from .tools import GEOIP_DOWNLOAD_TIMEOUT, HEALTH_UNKNOWN, UpdateError, check_health, update_geoip
+from .update import GEOIP_DOWNLOAD_TIMEOUT, UpdateError, update_geoip
 
 
 def build_argument_parser() -> argparse.ArgumentParser:
@@ -77,6 +78,9 @@ def build_argument_parser() -> argparse.ArgumentParser:
                         help="with --replay: write the sightings (not the blocks) into the configured "
                         "database, so a new pcc starts knowing each account's recent countries")
     parser.add_argument("--json", action="store_true", help="with -l, -s or --replay: print JSON for scripts")
+    parser.add_argument("--force", action="store_true",
+                        help="with --update-geoip: install a file even though it moves many addresses to other "
+                        "countries than the installed file, or is older (after a person looked at it)")
     parser.add_argument("--timeout", type=float, metavar="SECONDS",
                         help=f"with --update-geoip: give up a download after this long (default "
                         f"{GEOIP_DOWNLOAD_TIMEOUT:g})")
@@ -84,13 +88,29 @@ def build_argument_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list] = None) -> int:
+    """pcc.py's exit status: 0 done, 1 failed, 2 bad configuration; --health
+    follows the monitoring-plugin conventions (0-3)."""
     parser = build_argument_parser()
     arguments = parser.parse_args(argv)
+    check_arguments(parser, arguments)
     # Files pcc creates (SQLite, spool) are for its own user and group only.
     os.umask(0o027)
     if arguments.list or arguments.show or (arguments.replay and not arguments.record):
         # Output that only reads: `pcc.py --replay ... | head` ends quietly, as any Unix filter does.
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    try:
+        settings = load_settings(arguments.config, geoip_file_needed=not arguments.update_geoip)
+    except ConfigError as error:
+        if arguments.health:
+            print(f"PCC UNKNOWN - {error} | ")  # no perfdata to give
+            return HEALTH_UNKNOWN
+        print(f"pcc: {error}", file=sys.stderr)
+        return 2
+    return run_mode(settings, arguments)
+
+
+def check_arguments(parser: argparse.ArgumentParser, arguments: argparse.Namespace) -> None:
+    """Options that go with one mode only (parser.error exits 2 with usage)."""
     if arguments.allow:
         if arguments.country is None or arguments.days is None:
             parser.error("--allow needs --country and --days")
@@ -103,21 +123,18 @@ def main(argv: Optional[list] = None) -> int:
         parser.error("--threshold, --days and --record go with --replay")
     if arguments.timeout is not None and not (arguments.update_geoip and arguments.timeout > 0):
         parser.error("--timeout takes a number of seconds above 0 and goes with --update-geoip")
-    try:
-        settings = load_settings(arguments.config, geoip_file_needed=not arguments.update_geoip)
-    except ConfigError as error:
-        if arguments.health:
-            print(f"PCC UNKNOWN - {error} | ")  # no perfdata to give
-            return HEALTH_UNKNOWN
-        print(f"pcc: {error}", file=sys.stderr)
-        return 2
+    if arguments.force and not arguments.update_geoip:
+        parser.error("--force goes with --update-geoip")
+
+
+def run_mode(settings: Settings, arguments: argparse.Namespace) -> int:
     if arguments.health:
         status, line = check_health(settings)
         print(line)
         return status
     if arguments.update_geoip:
         try:
-            print(update_geoip(settings, arguments.timeout or GEOIP_DOWNLOAD_TIMEOUT, utcnow()))
+            print(update_geoip(settings, arguments.timeout or GEOIP_DOWNLOAD_TIMEOUT, utcnow(), arguments.force))
         except UpdateError as error:
             print(f"pcc: GeoIP update failed, the installed file is unchanged: {error}", file=sys.stderr)
             return 1

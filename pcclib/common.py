@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import logging.handlers
+import os
 import re
 from typing import Optional
 
@@ -28,11 +29,33 @@ _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrst
 
 
 def escape_controls(text: str) -> str:
-    """Control characters shown as \\xNN: never deleted (ali<TAB>ce is not
-    alice), never passed on (no CR/LF reaches a reply, a log line or a mail)."""
-    if text.isprintable():  # nearly always; isprintable() is false for every control character
+    """Every character that is not printable shown as \\xNN or \\uXXXX: the
+    controls (Cc: CR, LF, NUL, NEL, CSI), the format and bidi characters (Cf:
+    U+202E turns the rest of a line around), the line and paragraph
+    separators (Zl, Zp) and the spaces other than the ASCII one.  Never
+    deleted (ali<TAB>ce is not alice), never passed on (no such character
+    reaches a reply, a log line, a mail or a terminal); the escaped form is
+    the one the admin commands take."""
+    if text.isprintable():  # nearly always; false for each of the characters above
         return text
-    return CONTROL_CHARACTERS.sub(lambda found: f"\\x{ord(found.group()):02x}", text)
+    return "".join(character if character.isprintable() else _escaped(character) for character in text)
+
+
+def _escaped(character: str) -> str:
+    code = ord(character)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def quoted(value: str) -> str:
+    """A value for a log line of name=value fields: as it is when it has no
+    space, quote or backslash, else in double quotes with those escaped, so
+    that no value can pass for more fields (login="x country=RU")."""
+    if value and not _NEEDS_QUOTES.search(value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+_NEEDS_QUOTES = re.compile(r'[\s"\\=]')
 
 
 def normalise_login(text: str) -> str:
@@ -40,6 +63,16 @@ def normalise_login(text: str) -> str:
     command line alike: surrounding white space dropped, ASCII letters
     lower-cased, control characters escaped; nothing else changes."""
     return escape_controls(text.strip()).translate(_ASCII_LOWER)
+
+
+def symlink_refusal(path: str, what: str) -> str:
+    """The one line refusing a symbolic link where pcc keeps a file of its own,
+    or "" when there is none: pcc run as root must not write where a link
+    planted by another user points."""
+    if not os.path.islink(path):
+        return ""
+    return (f"{path} ({what}) is a symbolic link; pcc does not follow links to the files it writes: "
+            f"point the configuration at the real file")
 
 
 def split_list(value: str) -> list:

@@ -280,6 +280,12 @@ def load_settings(path: str, geoip_file_needed: bool = True) -> Settings:
     if settings.dovecot_api_header and not re.fullmatch(r"[!-9;-~]+:\s*\S.*", settings.dovecot_api_header):
         raise config.fail("dovecot", "api_header", "must be one HTTP header, 'Name: value' (as Dovecot's "
                           "auth_policy_server_api_header), e.g. 'Authorization: Basic cGNjOnNlY3JldA=='")
+    if settings.dovecot_policy_port and settings.count_logins and not settings.dovecot_api_header:
+        # Without it anyone who can reach the port could report logins "from"
+        # any country and block any account.
+        raise config.fail("dovecot", "api_header", "must be set when count_logins = yes: make a secret with "
+                          "`printf 'pcc:%s' \"$(openssl rand -hex 16)\" | base64`, put 'Authorization: Basic "
+                          "<that>' here and the same in dovecot.conf's auth_policy_server_api_header")
     if settings.notice and not settings.mailsrv:
         raise config.fail("mail", "mailsrv", "must name an SMTP server when [mail] notice is set")
     try:
@@ -287,14 +293,27 @@ def load_settings(path: str, geoip_file_needed: bool = True) -> Settings:
     except sa_exc.ArgumentError:
         raise config.fail("db", "dbcon", "is not an SQLAlchemy database URL "
                           "(e.g. sqlite:////var/lib/pcc/pcc.sqlite3)") from None
-    if settings.geoip_update_url and urllib.parse.urlsplit(settings.geoip_update_url).scheme not in ("http", "https"):
-        raise config.fail("geoip", "update_url", f"must be an http:// or https:// URL, got {settings.geoip_update_url!r}")
-    if not geoip_file_needed and not os.path.exists(settings.geoip_database):
-        return settings  # --update-geoip installs it
+    update_url = settings.geoip_update_url
+    if update_url and urllib.parse.urlsplit(update_url).scheme != "https" and not is_loopback_url(update_url):
+        raise config.fail("geoip", "update_url", f"must be an https:// URL (plain http only to this host, for "
+                          f"tests), got {update_url[:100]!r}")
+    if not geoip_file_needed:
+        return settings  # --update-geoip installs it, or replaces a broken one
     kind = _geoip_database_type(config, settings.geoip_database) if settings.geoip_database else None
     if settings.max_travel_speed_kmh is not None:
         _require_places(config, settings.geoip_database, kind)
     return settings
+
+
+def is_loopback_url(url: str) -> bool:
+    """An http:// URL of this host (tests serve files there)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "http":
+        return False
+    try:
+        return parts.hostname == "localhost" or ipaddress.ip_address(parts.hostname or "").is_loopback
+    except ValueError:
+        return False
 
 
 def _check_ports(config: _ConfigReader, settings: Settings) -> None:
@@ -307,16 +326,22 @@ def _check_ports(config: _ConfigReader, settings: Settings) -> None:
 
 def _geoip_database_type(config: _ConfigReader, path: str) -> str:
     """The type of the .mmdb at `path` (GeoLite2-Country...), or one clear line
-    for a file that is missing or not a MaxMind-format database."""
+    for a file that is missing, not a MaxMind-format database, or of no date."""
     import maxminddb
 
     if not os.path.isfile(path):
         raise config.fail("geoip", "database", f"no such file: {path}")
     try:
         with maxminddb.open_database(path) as reader:
-            return reader.metadata().database_type
+            metadata = reader.metadata()
     except (OSError, ValueError, RuntimeError) as error:  # RuntimeError: maxminddb's InvalidDatabaseError
         raise config.fail("geoip", "database", f"{path} is not a MaxMind-format database: {error}") from None
+    try:
+        dt.datetime.fromtimestamp(metadata.build_epoch, dt.timezone.utc)
+    except (OverflowError, OSError, ValueError, TypeError):
+        raise config.fail("geoip", "database", f"{path}: its build_epoch {str(metadata.build_epoch)[:30]} "
+                          f"is no date (a broken or forged file)") from None
+    return metadata.database_type
 
 
 def _require_places(config: _ConfigReader, path: str, kind: Optional[str]) -> None:

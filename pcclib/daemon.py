@@ -12,7 +12,7 @@ from typing import Optional
 
 from sqlalchemy import exc as sa_exc
 
-from .common import __version__, first_line, log
+from .common import __version__, first_line, log, symlink_refusal
 from .config import ConfigError, Settings, load_settings
 from .dovecot import DovecotPolicyServer
 from .geoip import GeoIP, warn_about_geoip
@@ -20,15 +20,24 @@ from .logs import MaskingFormatter, refuse_to_start, secrets_of
 from .metrics import Metrics
 from .notify import Notifier
 from .outage import OutageJournal
+from .ports import connection_caps
 from .server import PolicyServer
 from .service import PolicyService
-from .storage import Store, permanent_database_fault, safe_url
+from .storage import Store, permanent_database_fault, safe_url, sqlite_path
 
 # How often pcc looks whether the GeoIP file was replaced (a stat() call).
 GEOIP_CHECK_INTERVAL = 5.0
+# How soon the accept loop notices SIGTERM (seconds): a stop, a restart by
+# supervisord or systemd, waits this long at most before the in-flight
+# requests are finished.
+STOP_POLL_INTERVAL = 0.05
 
 
 def run_daemon(settings: Settings) -> int:
+    refusal = files_refused(settings)
+    if refusal:
+        refuse_to_start(f"pcc: {refusal}")
+        return 1
     _warn_if_readable(settings)
     _raise_file_limit(settings.max_connections + 256)
     threading.stack_size(512 * 1024)  # thousands of idle Postfix connections stay cheap
@@ -37,7 +46,7 @@ def run_daemon(settings: Settings) -> int:
     service = PolicyService(settings, Store(settings.dbcon), geoip, Notifier(settings),
                             OutageJournal(settings.spool_file))
     if settings.metrics_port is not None:
-        service.metrics = Metrics(service)
+        service.metrics = Metrics(service.state, service.count_blocked)
     try:
         service.ensure_database()
         service.store.prove_writable()
@@ -47,6 +56,7 @@ def run_daemon(settings: Settings) -> int:
             refuse_to_start(f"pcc: {fault}")
             return 1
         service.database_unreachable_at_start(first_line(error))
+    service.load_blocked_list()  # whole before a port opens
     listeners = open_listeners(settings, service)
     if listeners is None:
         return 1
@@ -75,7 +85,7 @@ def run_daemon(settings: Settings) -> int:
     log.info("pcc %s listening on %s port %d%s; database %s; GeoIP %s; %s", __version__, settings.host,
              settings.port, f" ({'; '.join(extra_ports)})" if extra_ports else "",
              safe_url(settings.dbcon), geoip.description, describe_rules(settings))
-    server.serve_forever(poll_interval=0.5)
+    server.serve_forever(poll_interval=STOP_POLL_INTERVAL)
     # Stopped: accept nothing new, answer the requests in flight, then exit.
     server.socket.close()
     if not server.in_flight.wait_until_none(timeout=20):
@@ -89,13 +99,26 @@ def run_daemon(settings: Settings) -> int:
     return 0
 
 
+def files_refused(settings: Settings) -> str:
+    """A symbolic link where pcc writes a file of its own, if there is one."""
+    database = sqlite_path(settings.dbcon)
+    for path, what in ((database, "the SQLite database"), (database and database + "-wal", "the SQLite database"),
+                       (settings.spool_file, "[db] spool_file"),
+                       (settings.spool_file and settings.spool_file + ".blocked", "the blocked list's copy")):
+        refusal = path and symlink_refusal(path, what)
+        if refusal:
+            return refusal
+    return ""
+
+
 def open_listeners(settings: Settings, service: PolicyService) -> Optional[tuple]:
     """(the policy server, the Dovecot server or None), or None when a port
     cannot be opened (logged).  The policy port opens last: a daemon that
     exits for want of another port never accepted a connection from Postfix."""
     if settings.metrics_port is not None:
         try:
-            service.metrics.serve(settings.host, settings.metrics_port, settings.allowed_clients)
+            service.metrics.serve(settings.host, settings.metrics_port, lambda: service.settings.allowed_clients,
+                                  connection_caps(settings.max_connections)["metrics"])
         except OSError as error:
             log.error("cannot serve metrics on %s:%s: %s", settings.host, settings.metrics_port,
                       error.strerror or error)
@@ -134,10 +157,6 @@ def reload_settings(server: PolicyServer) -> None:
     if (new.host, new.port) != (old.host, old.port):
         log.warning("reload: a new host/port needs a restart; still listening on %s port %d", old.host, old.port)
         new = dataclasses.replace(new, host=old.host, port=old.port)
-    if new.dbcon != old.dbcon:
-        service.sightings.flush()  # what the old database was to get, it gets
-        service.store, service.tables_ready = Store(new.dbcon), False
-        service.sightings.store = service.store
     if new.spool_file != old.spool_file:
         log.warning("reload: a new spool_file needs a restart; still using %s", old.spool_file or "memory")
     if new.metrics_port != old.metrics_port:
@@ -147,9 +166,7 @@ def reload_settings(server: PolicyServer) -> None:
         log.warning("reload: a new [dovecot] policy_port needs a restart; the Dovecot port stays %s",
                     f"{old.dovecot_policy_port}" if old.dovecot_policy_port else "off")
     MaskingFormatter.secrets |= set(secrets_of(new))
-    service.geoip = geoip
-    service.notifier.settings = new
-    service.settings = new
+    service.reconfigure(new, geoip)  # the Dovecot and metrics ports read allowed_clients from it
     server.settings = new
     log.info("configuration %s reloaded; GeoIP %s; %s", new.config_path, geoip.description, describe_rules(new))
     warn_about_geoip(geoip)

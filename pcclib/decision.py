@@ -6,7 +6,6 @@ it returns.
 """
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
@@ -152,6 +151,13 @@ def decide(request: PolicyRequest, history: Optional[AccountHistory], settings: 
     skip = not_counted_reason(request, settings)
     if skip is not None:
         return Decision("DUNNO", skip)
+    return decide_counted(request, history, settings, now)
+
+
+def decide_counted(request: PolicyRequest, history: Optional[AccountHistory], settings: Settings,
+                   now: dt.datetime) -> Decision:
+    """decide() for a request that not_counted_reason() has let through (the
+    service asks that before any GeoIP or database work, and only once)."""
     history = history or AccountHistory()
     if history.blocked_since is not None:
         since = f"{history.blocked_since:%Y-%m-%d %H:%M:%S} UTC"
@@ -167,7 +173,7 @@ def decide(request: PolicyRequest, history: Optional[AccountHistory], settings: 
         return Decision("DUNNO", skip)
     decision = _count(request, history, settings, now)
     if decision.new_block and history.blocked_since is not None:
-        decision = dataclasses.replace(decision, replaces_flag=True)
+        decision = replaced(decision, replaces_flag=True)
     return decision
 
 

@@ -14,31 +14,32 @@ import hmac
 import http
 import http.server
 import json
+import queue
+import re
 import socket
 import urllib.error
 import urllib.parse
 import urllib.request
 from typing import Optional
 
-from .common import escape_controls, log
+from .common import log
 from .config import Settings
-from .metrics import METRICS_TIMEOUT
+from .ports import BoundedHttpHandler, BoundedHttpPort, RateLimitedWarning, connection_caps
 from .protocol import DOVECOT_LOGIN, PolicyRequest, clean_value, client_allowed
-from .service import DB_ANSWER_DEADLINE, PolicyService, RequestTicket
-
-#
-# Dovecot posts JSON before a login's password is checked (?command=allow), once
-# more after a good password, and reports the outcome (?command=report, with
-# "success").  pcc answers {"status": -1, "msg": reason} for a blocked account,
-# else {"status": 0}; a successful login counts its country when count_logins
-# is on.  Failed logins never count: anybody could otherwise lock anybody out.
+from .service import PolicyService, RequestTicket
 
 # Dovecot's bodies are a few hundred bytes; anything much larger is not Dovecot.
 DOVECOT_MAX_BODY = 16384
+# Dovecot keeps its connections open between logins; one idle this long
+# (seconds) is closed (Dovecot opens another when it needs one).
+DOVECOT_IDLE_TIMEOUT = 10.0
 
 # Logins answered at once; more wait for a worker (each answered within
 # DB_ANSWER_DEADLINE all the same, from memory when the database is slow).
 DOVECOT_WORKERS = 32
+# The longest an HTTP thread waits for its answer (the late answer comes
+# within DB_ANSWER_DEADLINE; this only bounds a fault of pcc's own).
+LATE_ANSWER_WAIT = 10.0
 
 # Dovecot's protocol names -> the door named in log lines, blocks and mails.
 DOVECOT_DOORS = {"imap": "imap", "pop3": "pop3", "smtp": "smtp", "submission": "smtp", "lmtp": "lmtp",
@@ -55,19 +56,24 @@ def dovecot_login_request(command: str, fields: dict) -> Optional[PolicyRequest]
     attributes["command"] = command
     return PolicyRequest(request=DOVECOT_LOGIN, sasl_username=clean_value(str(fields.get("login", ""))),
                          client_address=clean_value(str(fields.get("remote", ""))),
-                         door=DOVECOT_DOORS.get(protocol.lower(), escape_controls(protocol[:16]) or "unknown"),
+                         door=DOVECOT_DOORS.get(protocol.lower(), re.sub(r"[^a-z0-9-]", "", protocol.lower())[:16] or "unknown"),
                          check_only=command == "allow", attributes=attributes)
 
 
-class DovecotPolicyHandler(http.server.BaseHTTPRequestHandler):
+class DovecotPolicyHandler(BoundedHttpHandler, http.server.BaseHTTPRequestHandler):
     """One HTTP request of Dovecot's auth policy client."""
 
     protocol_version = "HTTP/1.1"  # Dovecot keeps its connections alive
-    timeout = METRICS_TIMEOUT  # a client that stops sending does not keep its thread
+    idle_timeout = DOVECOT_IDLE_TIMEOUT
+    max_body = DOVECOT_MAX_BODY
 
     def do_POST(self) -> None:
         server = self.server
         settings = server.service.settings
+        framing = self._framing_problem()
+        if framing:
+            self._refuse(400, "bad_request", framing)
+            return
         command = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query).get("command", [""])[0]
         if not self._authorised(settings.dovecot_api_header):
             self._refuse(401, "unauthorised", f"without the [dovecot] api_header (command={command[:20]!r})")
@@ -97,13 +103,24 @@ class DovecotPolicyHandler(http.server.BaseHTTPRequestHandler):
         sent = self.headers.get(name.strip(), "")
         return hmac.compare_digest(sent.strip().encode(), value.strip().encode())
 
+    def _framing_problem(self) -> str:
+        """Why the body cannot be told apart from what follows it, if it cannot:
+        one plain Content-Length is all pcc reads (as Dovecot sends)."""
+        if self.headers.get("Transfer-Encoding") is not None:
+            return "a Transfer-Encoding (pcc reads bodies of one Content-Length only)"
+        lengths = self.headers.get_all("Content-Length") or []
+        if len(lengths) > 1:
+            return f"{len(lengths)} Content-Length headers"
+        if lengths and not re.fullmatch(r"[0-9]{1,9}", lengths[0].strip()):
+            return f"a Content-Length that is not a number: {lengths[0][:20]!r}"
+        return ""
+
     def _json_body(self) -> Optional[dict]:
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
+        if self.headers.get("Content-Length") is None:
             self._refuse(411, "bad_request", "no Content-Length")
             return None
-        if not 0 <= length <= DOVECOT_MAX_BODY:
+        length = int(self.headers["Content-Length"])
+        if length > DOVECOT_MAX_BODY:
             self._refuse(413, "bad_request", f"a body of {length} bytes (at most {DOVECOT_MAX_BODY})")
             return None
         body = self.rfile.read(length)
@@ -133,19 +150,22 @@ class DovecotPolicyHandler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, *_arguments) -> None:  # pcc logs decisions and refusals itself
-        pass
 
 
-class DovecotPolicyServer(http.server.ThreadingHTTPServer):
+class DovecotPolicyServer(BoundedHttpPort, http.server.ThreadingHTTPServer):
     """Dovecot's auth policy port: a thin adapter onto the PolicyService."""
 
+    port_name = "dovecot policy port"
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 256
 
     def __init__(self, settings: Settings, service: "PolicyService"):
         self.service = service
-        self.allowed_clients = settings.allowed_clients
+        self.init_bounds(connection_caps(settings.max_connections)["dovecot"],
+                         "its share of the open-file limit")
+        self._not_allowed = RateLimitedWarning("dovecot policy port: connection refused, not in [server] "
+                                               "allowed_clients")
         infos = socket.getaddrinfo(settings.host, settings.dovecot_policy_port, type=socket.SOCK_STREAM)
         self.address_family = infos[0][0]
         super().__init__(infos[0][4][:2], DovecotPolicyHandler)
@@ -153,24 +173,35 @@ class DovecotPolicyServer(http.server.ThreadingHTTPServer):
 
     def answer_login(self, request: PolicyRequest) -> bool:
         """Whether a Dovecot login is refused: decided like a Postfix request,
-        within DB_ANSWER_DEADLINE whatever the database does (then from memory:
-        an account known to be blocked is refused, any other gets in)."""
+        by a worker, and answered late like one (service.py) when the database
+        keeps it: an account known to be blocked is refused, any other gets in.
+        The HTTP thread only waits for whichever answer comes first."""
         service = self.service
         ticket = RequestTicket(request)
-        answer = self._workers.submit(service.answer, request, None, ticket)
+        answers: queue.SimpleQueue = queue.SimpleQueue()
+        service.watchdog.watch(ticket, answers.put)
+        self._workers.submit(self._answer_in_worker, ticket, answers.put)
         try:
-            action = answer.result(timeout=DB_ANSWER_DEADLINE)
-        except concurrent.futures.TimeoutError:
-            action = service.answer_late(ticket)
-        except Exception:  # a bug costs one answer, never the listener, and never opens the blocked list
-            action = service.answer_after_error(request)
+            action = answers.get(timeout=LATE_ANSWER_WAIT)
+        except queue.Empty:  # neither answered: a fault of pcc's own; never an open door
+            log.error("dovecot policy request of %r: no answer within %.0f s", request.login, LATE_ANSWER_WAIT)
+            action = service.settings.block_reply if service.memory.is_blocked(request.login) \
+                else service.settings.db_error_action
         return action == service.settings.block_reply
 
-    def verify_request(self, request, client_address) -> bool:
-        if client_allowed(client_address[0], self.allowed_clients):
-            return True
-        log.warning("dovecot policy connection from %s refused: not in [server] allowed_clients", client_address[0])
-        return False
+    def _answer_in_worker(self, ticket: RequestTicket, deliver) -> None:
+        service = self.service
+        try:
+            action = service.answer(ticket.request, None, ticket)
+        except Exception:  # a bug costs one answer, never the listener, and never opens the blocked list
+            action = service.answer_after_error(ticket.request)
+        finally:
+            service.watchdog.unwatch(ticket)
+        if ticket.claim():
+            deliver(action)
 
-    def handle_error(self, request, client_address) -> None:
-        log.exception("dovecot policy connection from %s: internal error", client_address[0])
+    def verify_request(self, request, client_address) -> bool:
+        if client_allowed(client_address[0], self.service.settings.allowed_clients):  # as reloaded
+            return True
+        self._not_allowed(client_address[0])
+        return False

@@ -62,7 +62,11 @@ class GeoIP:
             self.file_signature = self.signature_of(path)
             self._reader = maxminddb.open_database(path)
             metadata = self._reader.metadata()
-            built = dt.datetime.fromtimestamp(metadata.build_epoch, UTC)
+            try:
+                built = dt.datetime.fromtimestamp(metadata.build_epoch, UTC)
+            except (OverflowError, OSError, ValueError, TypeError):
+                self._reader.close()
+                raise ValueError(f"{path}: its build_epoch {str(metadata.build_epoch)[:30]} is no date") from None
             self.built = built.date()
             self.database_type = metadata.database_type
             self.has_places = is_city_level(metadata.database_type)

@@ -1,11 +1,14 @@
 """What a daemon keeps in memory so that most requests need no database read:
-the recent accounts' histories (HistoryCache) and the sightings counted but
-not yet written (SightingWriter, which writes them behind the answer in
-batches).
+the recent accounts' histories and the accounts known to be blocked
+(AccountMemory, kept current by a poll of the database's changes), and the
+sightings counted but not yet written (SightingWriter, which writes them
+behind the answer in batches).
 """
 from __future__ import annotations
 
 import collections
+import os
+import tempfile
 import datetime as dt
 import threading
 import time
@@ -14,8 +17,9 @@ from typing import Optional
 from sqlalchemy import exc as sa_exc
 
 from .common import first_line, log
+from .config import MONITOR_ACTION
 from .decision import AccountHistory, CountrySeen, merge_seen
-from .storage import is_data_error, sighting_rows
+from .storage import DatabaseChanges, Store, is_data_error, sighting_rows
 
 # Recently active accounts kept in memory: decided on without a database read
 # while the poll of changes keeps them current, and during an outage.
@@ -30,6 +34,11 @@ HISTORY_CACHE_SIZE = 20000
 CHANGES_POLL_INTERVAL = 0.25
 CHANGES_STALE_AFTER = 0.7
 CHANGES_OVERLAP = dt.timedelta(seconds=3)
+
+# The whole blocked list is read again this often (seconds), whatever the poll
+# says: a block written with an old time (a late spool, another host's clock)
+# reaches every daemon's memory within this bound at worst.
+BLOCKED_LIST_RELOAD = 30.0
 
 # ...and reads an account again after this many seconds whatever the poll says
 # (rows written with old times, by --replay --record or a late spool, are
@@ -62,8 +71,8 @@ class HistoryCache:
 
     Each entry remembers when the database read it came from began: a daemon
     decides on an entry without reading the database again while it is younger
-    than HISTORY_MAX_AGE and the poll of changes (PolicyService.poll_changes)
-    is keeping it current."""
+    than HISTORY_MAX_AGE and the poll of changes (AccountMemory.poll) is
+    keeping it current."""
 
     def __init__(self, size: int):
         self.size = size
@@ -101,6 +110,152 @@ class HistoryCache:
     def forget(self, login: str) -> None:
         with self._lock:
             self._entries.pop(login, None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+class AccountMemory:
+    """What this daemon knows of accounts without asking the database.
+
+    The histories of the accounts it served lately, trusted only while the
+    poll of the database's changes keeps them current; and the blocked list,
+    always whole: loaded before the ports open (from the database, else from
+    the copy on local disk beside the spool), fed by this daemon's blocks, the
+    poll and a full reload every BLOCKED_LIST_RELOAD seconds, and written back
+    to that copy, so that a blocked account stays refused whatever the
+    database does, a restart during an outage included."""
+
+    def __init__(self, size: int = HISTORY_CACHE_SIZE, blocked_file: str = ""):
+        self.histories = HistoryCache(size)
+        self.blocked_file = blocked_file
+        self._blocked: set = set()
+        self._blocked_lock = threading.Lock()
+        self._blocked_changed = False  # since the copy on disk was written
+        self._blocked_since_reload: set = set()  # added while a full reload ran
+        self._changes_from: Optional[dt.datetime] = None  # where the next poll of changes starts
+        self._polled_at = float("-inf")  # monotonic start of the latest successful poll
+
+    def is_blocked(self, login: str) -> bool:
+        return login in self._blocked
+
+    def blocked_count(self) -> int:
+        return len(self._blocked)
+
+    def set_blocked(self, login: str, blocked: bool) -> None:
+        with self._blocked_lock:
+            if blocked and login not in self._blocked:
+                self._blocked.add(login)
+                self._blocked_since_reload.add(login)
+                self._blocked_changed = True
+            elif not blocked and login in self._blocked:
+                self._blocked.discard(login)
+                self._blocked_since_reload.discard(login)
+                self._blocked_changed = True
+
+    def reload_blocked(self, store: Store) -> None:
+        """The whole blocked list from the database (raises its errors).  Blocks
+        this daemon made while the query ran are kept."""
+        with self._blocked_lock:
+            self._blocked_since_reload = set()
+        logins = store.enforced_blocks()
+        with self._blocked_lock:
+            fresh = logins | self._blocked_since_reload
+            if fresh != self._blocked:
+                self._blocked, self._blocked_changed = fresh, True
+
+    def load_blocked_copy(self) -> int:
+        """At start, when the database cannot be asked: the copy on disk."""
+        if not self.blocked_file or not os.path.lexists(self.blocked_file):
+            return 0
+        descriptor = os.open(self.blocked_file, os.O_RDONLY | os.O_NOFOLLOW)
+        with open(descriptor, encoding="utf-8", errors="replace") as copy:
+            logins = {line.rstrip("\n") for line in copy if line.strip()}
+        with self._blocked_lock:
+            self._blocked |= logins
+        return len(logins)
+
+    def save_blocked_copy(self) -> None:
+        """Rewrite the copy on disk if the list changed (a new file of pcc's
+        own, synced, renamed over the old one; mode 0640)."""
+        if not self.blocked_file or not self._blocked_changed:
+            return
+        with self._blocked_lock:
+            logins, self._blocked_changed = sorted(self._blocked), False
+        directory = os.path.dirname(os.path.abspath(self.blocked_file))
+        temporary = None
+        try:
+            descriptor, temporary = tempfile.mkstemp(prefix=".blocked-", dir=directory)
+            os.fchmod(descriptor, 0o640)
+            with open(descriptor, "w", encoding="utf-8") as copy:
+                copy.writelines(login + "\n" for login in logins)
+                copy.flush()
+                os.fsync(copy.fileno())
+            os.replace(temporary, self.blocked_file)
+        except OSError as error:
+            self._blocked_changed = True  # try again next time
+            if temporary is not None and os.path.exists(temporary):
+                os.unlink(temporary)
+            log.error("the blocked list's copy %s cannot be written (%s): a restart while the database is down "
+                      "would not know the accounts blocked since", self.blocked_file, error.strerror or error)
+
+    def current(self, login: str) -> Optional[AccountHistory]:
+        """The account's history, if the poll keeps it current."""
+        if time.monotonic() - self._polled_at > CHANGES_STALE_AFTER:
+            return None
+        return self.histories.fresh(login, HISTORY_MAX_AGE)
+
+    def last_known(self, login: str) -> Optional[AccountHistory]:
+        """The account's history however old: what an outage is decided on."""
+        return self.histories.get(login)
+
+    def remember(self, login: str, history: AccountHistory, blocked: bool, read_at: Optional[float] = None) -> None:
+        """Keep `history` (as a decision left it), and the account on the
+        blocked list if the decision refuses it.  read_at: when the database read it came from began
+        (None: it came from memory)."""
+        if blocked:  # only the poll and the full reload take an account off the list
+            self.set_blocked(login, True)
+        self.histories.put(login, history, read_at)
+
+    def poll(self, store: Store, now: dt.datetime) -> bool:
+        """Forget the accounts the database knows more about; False when it
+        could not be asked."""
+        started = time.monotonic()
+        since = self._changes_from or now - CHANGES_OVERLAP
+        try:
+            changes = store.changes_since(since)
+        except sa_exc.SQLAlchemyError as error:
+            log.debug("poll of database changes failed: %s", first_line(error))
+            return False
+        self.apply(changes)
+        self._changes_from = now - CHANGES_OVERLAP
+        self._polled_at = started
+        return True
+
+    def apply(self, changes: DatabaseChanges) -> None:
+        stale = set()
+        histories = self.histories
+        for login, country, last_seen in changes.sightings:
+            history = histories.get(login)
+            if history is not None and not any(seen.country == country and seen.last_seen >= last_seen
+                                               for seen in history.sightings):
+                stale.add(login)
+        for login, blocked_since, counting_since, action in changes.accounts:
+            if blocked_since is None:
+                self.set_blocked(login, False)  # unblocked
+            elif action != MONITOR_ACTION:
+                self.set_blocked(login, True)  # blocked by another daemon or an administrator
+            history = histories.get(login)
+            if history is not None and (history.blocked_since, history.counting_since) != (blocked_since,
+                                                                                           counting_since):
+                stale.add(login)
+        for login, country, expires_at in changes.passes:
+            history = histories.get(login)
+            if history is not None and history.travel_passes.get(country) != expires_at:
+                stale.add(login)
+        for login in stale:
+            histories.forget(login)
 
 
 class SightingWriter:
@@ -141,7 +296,10 @@ class SightingWriter:
             self._thread = None
         self.flush()
 
-    def add(self, login: str, seen: CountrySeen) -> None:
+    def add(self, login: str, seen: CountrySeen, may_wait: bool = True) -> None:
+        """may_wait: the caller may write a lagging batch itself (a request's
+        own thread); False for answers that must not wait (late answers, the
+        answers during an outage)."""
         with self._lock:
             countries = self._pending.setdefault(login, {})
             if seen.country not in countries:
@@ -151,7 +309,7 @@ class SightingWriter:
                 self._pending_since = time.monotonic()
             if self._count > SIGHTINGS_KEPT_UNWRITTEN:
                 self._drop_oldest()
-        if self._thread is None or (self._lagging() and not self._failing):
+        if self._thread is None or (may_wait and self._lagging() and not self._failing):
             self.flush()  # waits for a batch being written, then writes what is left
 
     def _lagging(self) -> bool:

@@ -7,20 +7,14 @@ import datetime as dt
 import socket
 import socketserver
 import threading
-from typing import TYPE_CHECKING, Optional
+from typing import Callable, Optional
 
-from sqlalchemy import exc as sa_exc
-
-from .common import UTC, first_line, log
+from .common import UTC
 from .config import MONITOR_ACTION
+from .ports import BoundedHttpHandler, BoundedHttpPort, RateLimitedWarning, RequestTooLarge
 from .protocol import client_allowed
 
-if TYPE_CHECKING:  # annotations only: the service comes after its metrics
-    from .service import PolicyService
-
-# The metrics port serves a scraper or two: this many connections at once,
-# each done within this many seconds.
-METRICS_CONNECTIONS = 8
+# A scraper that sends nothing for this long (seconds) is disconnected.
 METRICS_TIMEOUT = 10.0
 
 
@@ -28,8 +22,12 @@ class Metrics:
     """The Prometheus metrics ([server] metrics_port).  With metrics off every
     method returns at once and prometheus_client is not even imported."""
 
-    def __init__(self, service: Optional["PolicyService"] = None):
-        self.enabled = service is not None
+    def __init__(self, state: Optional[Callable[[], dict]] = None,
+                 count_blocked: Optional[Callable[[], Optional[dict]]] = None):
+        """state: the service's snapshot (PolicyService.state); count_blocked:
+        the blocked list's size by mode, None when it cannot be had.  Without
+        them, metrics are off."""
+        self.enabled = state is not None
         if not self.enabled:
             return
         from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -51,49 +49,43 @@ class Metrics:
         self._dovecot = Counter("pcc_dovecot_requests", "Dovecot auth policy requests, by command (allow, report; "
                                 "- when refused before it was read) and status (allowed, refused, not_counted, "
                                 "unauthorised, bad_request)", ["command", "status"], registry=self.registry)
-        self.registry.register(_StateCollector(service))
+        self.registry.register(_StateCollector(state, count_blocked or (lambda: None)))
 
-    def serve(self, host: str, port: int, allowed_clients: tuple) -> None:
-        """Serve /metrics from a thread of its own; `allowed_clients` (when set)
+    def serve(self, host: str, port: int, allowed_clients: Callable[[], tuple], cap: int) -> None:
+        """Serve /metrics from a thread of its own to at most `cap` clients at
+        once; `allowed_clients()` (the setting in force, reloads included)
         guards it as it guards the policy port."""
-        from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+        from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
         from prometheus_client import make_wsgi_app
 
-        app = make_wsgi_app(self.registry)
-        scrapes = threading.BoundedSemaphore(METRICS_CONNECTIONS)
-
-        class MetricsServer(socketserver.ThreadingMixIn, WSGIServer):
-            """Bounded like the policy port: clients checked before a thread
-            is started, a few connections at a time, each with a time limit."""
-
+        class MetricsServer(BoundedHttpPort, socketserver.ThreadingMixIn, WSGIServer):
+            port_name = "metrics port"
             daemon_threads = True
             address_family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+            refused = RateLimitedWarning("metrics port: connection refused, not in [server] allowed_clients")
 
             def verify_request(self, request, client_address) -> bool:
-                if not client_allowed(client_address[0], allowed_clients):
-                    log.warning("metrics connection from %s refused: not in [server] allowed_clients",
-                                client_address[0])
-                    return False
-                if not scrapes.acquire(blocking=False):
-                    log.warning("metrics connection from %s refused: %d already open", client_address[0],
-                                METRICS_CONNECTIONS)
-                    return False
-                return True
+                if client_allowed(client_address[0], allowed_clients()):
+                    return True
+                self.refused(client_address[0])
+                return False
 
-            def process_request_thread(self, request, client_address) -> None:
+        class MetricsHandler(BoundedHttpHandler, WSGIRequestHandler):
+            idle_timeout = METRICS_TIMEOUT  # a client that sends nothing does not keep its thread
+
+            def handle(self) -> None:  # WSGIRequestHandler's: one request a connection
+                self.rfile.next_request()
                 try:
-                    super().process_request_thread(request, client_address)
+                    super().handle()
+                except (RequestTooLarge, OSError) as error:
+                    self.server.client_fault(self.client_address[0], error)
                 finally:
-                    scrapes.release()
+                    self.server.answering(self.request, False)
 
-        class QuietHandler(WSGIRequestHandler):
-            timeout = METRICS_TIMEOUT  # a client that sends nothing does not keep its thread
-
-            def log_message(self, *_arguments) -> None:  # one line per scrape is noise
-                pass
-
-        server = make_server(host, port, app, MetricsServer, QuietHandler)
+        server = MetricsServer((host, port), MetricsHandler)
+        server.init_bounds(cap, "its share of the open-file limit")
+        server.set_app(make_wsgi_app(self.registry))
         threading.Thread(target=server.serve_forever, name="pcc-metrics", daemon=True).start()
 
     def answered(self, reply: bytes, seconds: float) -> None:
@@ -129,16 +121,17 @@ class Metrics:
 
 
 class _StateCollector:
-    """Metrics read at scrape time: the blocked list (one COUNT query) and the
-    GeoIP data in use."""
+    """Metrics read at scrape time from the service's state snapshot, and the
+    blocked list's size (one COUNT query)."""
 
-    def __init__(self, service: "PolicyService"):
-        self.service = service
+    def __init__(self, state: Callable[[], dict], count_blocked: Callable[[], Optional[dict]]):
+        self.state = state
+        self.count_blocked = count_blocked
 
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        state = self.service.database_state()
+        state = self.state()
         yield GaugeMetricFamily("pcc_database_up", "1 while this daemon can use its database, 0 while it decides "
                                 "without it", value=0 if state["failing"] else 1)
         yield GaugeMetricFamily("pcc_database_failing_seconds", "How long the database has been failing (0 when "
@@ -146,26 +139,27 @@ class _StateCollector:
         yield CounterMetricFamily("pcc_database_error_answers", "Requests answered db_error_action because the "
                                   "database failed", value=state["error_answers_total"])
         yield GaugeMetricFamily("pcc_spooled_blocks", "Blocks waiting in the spool for the database",
-                                value=self.service.journal.blocks_waiting())
+                                value=state["spooled_blocks"])
         yield GaugeMetricFamily("pcc_unwritten_sightings", "Sightings counted but not yet in the database "
                                 "(written every 50 ms; they pile up while it fails)",
-                                value=self.service.sightings.waiting())
-        operations = self.service.store.operation_counts()
+                                value=state["unwritten_sightings"])
+        yield GaugeMetricFamily("pcc_unsent_notifications", "Mails to the administrators not sent yet (retried "
+                                "while the daemon runs)", value=state["unsent_notifications"])
+        yield GaugeMetricFamily("pcc_oldest_unsent_notification_seconds", "How long the oldest unsent mail to the "
+                                "administrators has waited (0 when none waits)", value=state["oldest_unsent_seconds"])
+        operations = state["operations"]
         family = CounterMetricFamily("pcc_database_operations", "What the daemon asked of the database: "
                                      "history reads, sighting writes (one transaction per batch), block "
                                      "transactions", labels=["operation"])
         for operation in ("history_read", "sighting_write", "block_transaction"):
             family.add_metric([operation], operations.get(operation, 0))
         yield family
-        built = self.service.geoip.built
+        built = state["geoip_built"]
         if built is not None:
             yield GaugeMetricFamily("pcc_geoip_build_timestamp_seconds", "When the GeoIP data in use was built",
                                     value=dt.datetime(built.year, built.month, built.day, tzinfo=UTC).timestamp())
-        try:
-            counts = self.service.store.count_blocked()
-        except sa_exc.SQLAlchemyError as error:
-            self.service.metrics.database_failed()
-            log.warning("metrics: cannot count blocked accounts: %s", first_line(error))
+        counts = self.count_blocked()
+        if counts is None:
             return
         family = GaugeMetricFamily("pcc_blocked_accounts", "Accounts on the blocked list, by mode", labels=["mode"])
         family.add_metric(["enforce"], counts.get("enforce", 0))

@@ -25,6 +25,8 @@ from .decision import CountrySeen, Journey
 # Impossible-travel mails about one account are sent at most this often (an
 # account that flips between a VPN and its home line would cause one a flip).
 TRAVEL_NOTICE_INTERVAL = dt.timedelta(hours=6)
+# Accounts whose latest travel mail is remembered; beyond, the memory starts afresh.
+TRAVEL_NOTICES_REMEMBERED = 20000
 
 
 class Notifier:
@@ -43,6 +45,7 @@ class Notifier:
         self._thread: Optional[threading.Thread] = None
         self._start_lock = threading.Lock()
         self._queued_at: collections.deque = collections.deque()  # monotonic times of the unsent, oldest first
+        self._travel_noticed: dict = {}  # login -> when its last impossible-travel mail went
 
     def send(self, subject: str, body: str) -> None:
         """Queue a notification; returns at once."""
@@ -55,6 +58,17 @@ class Notifier:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="pcc-notifier", daemon=True)
                 self._thread.start()
+
+    def send_journey(self, login: str, journey: Journey, now: dt.datetime) -> None:
+        """The impossible-travel mail, at most one per account every TRAVEL_NOTICE_INTERVAL."""
+        with self._start_lock:
+            last = self._travel_noticed.get(login)
+            if last is not None and now - last < TRAVEL_NOTICE_INTERVAL:
+                return
+            if len(self._travel_noticed) > TRAVEL_NOTICES_REMEMBERED:
+                self._travel_noticed.clear()
+            self._travel_noticed[login] = now
+        self.send(*travel_notice(self.settings, login, journey))
 
     def send_now(self, subject: str, body: str) -> bool:
         """For the admin commands: send in this thread, report success."""

@@ -1,18 +1,23 @@
-"""What pcc decided while its database failed: the spool of blocks (on disk
-before Postfix is answered) and its replay once the database is back.
+"""The database outage: when one starts and ends (OutageState, the one state
+machine the log, the metrics and --health read), and what pcc decided
+meanwhile (OutageJournal: the spool of blocks, on disk before Postfix is
+answered, replayed once the database is back).
 """
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import json
 import os
 import tempfile
 import threading
+import time
 
 from sqlalchemy import exc as sa_exc
 
 from .common import first_line, log
-from .storage import Store, is_data_error
+from .config import Settings
+from .storage import Store, is_data_error, safe_url
 
 # While the database fails, one request a second tries it again; the others
 # are answered at once from memory.
@@ -37,6 +42,96 @@ def valid_spool_entry(entry) -> bool:
     return len(entry["sighting"]) == 2
 
 
+class OutageState:
+    """Whether this daemon's database is failing, since when and why, and how
+    requests were answered meanwhile.
+
+    A failure starts an outage (one ERROR line, then one a minute while it
+    lasts); while it lasts, one request a second probes the database.  A
+    failure to write ends only with a successful write."""
+
+    def __init__(self, settings: Settings, clock=time.monotonic):
+        self.settings = settings
+        self._clock = clock  # monotonic seconds; a test's own clock
+        self._lock = threading.Lock()
+        self.failing = False  # read without the lock: a bool, set under it
+        self._next_probe = 0.0
+        self._since = 0.0  # monotonic
+        self._on_write = False
+        self._problem = ""
+        self._answers: collections.Counter = collections.Counter()  # "db_error_action" / "memory"
+        self._reported = 0.0  # monotonic time of its latest ERROR line
+        self._error_answers_total = 0  # requests answered db_error_action since the start
+
+    def probe_due(self) -> bool:
+        with self._lock:
+            if self._clock() < self._next_probe:
+                return False
+            self._next_probe = self._clock() + DB_PROBE_INTERVAL
+            return True
+
+    def failed(self, problem: str, on_write: bool = False) -> None:
+        now = self._clock()
+        with self._lock:
+            starting, self.failing = not self.failing, True
+            self._next_probe = now + DB_PROBE_INTERVAL
+            self._problem = problem
+            self._on_write = self._on_write or on_write
+            if starting:
+                self._since = self._reported = now
+                self._answers.clear()
+        if starting:
+            log.error("database %s failed, answering from memory (else %s) until it is back: %s",
+                      safe_url(self.settings.dbcon), self.settings.db_error_action, problem)
+
+    def failed_on_write(self) -> bool:
+        """A write failed and none has succeeded since: only a write proves the database works."""
+        return self._on_write
+
+    def ok(self, wrote: bool = False) -> bool:
+        """The database answered; True when that ends an outage."""
+        with self._lock:
+            ending = self.failing and (wrote or not self._on_write)
+            if ending:
+                self.failing = self._on_write = False
+            lasted, answers = self._clock() - self._since, dict(self._answers)
+        if ending:
+            log.warning("database %s is back; pcc answers from it again (the outage lasted %.0f s: %d requests "
+                        "got %s, %d were decided from memory)", safe_url(self.settings.dbcon), lasted,
+                        answers.get("db_error_action", 0), self.settings.db_error_action, answers.get("memory", 0))
+        return ending
+
+    def count_answer(self, kind: str) -> None:
+        """kind: "memory" or "db_error_action"."""
+        with self._lock:
+            self._answers[kind] += 1
+            if kind == "db_error_action":
+                self._error_answers_total += 1
+
+    def report(self, spooled_blocks: int) -> None:
+        """While pcc decides without its database, an ERROR line a minute: an
+        outage that lasts is a fault to fix, not a blip."""
+        now = self._clock()
+        with self._lock:
+            if not self.failing or now - self._reported < OUTAGE_REPORT_INTERVAL:
+                return
+            self._reported = now
+            lasted, answers, problem = now - self._since, dict(self._answers), self._problem
+        log.error("database %s still failing after %.0f s (%s): %d requests answered %s, %d decided from "
+                  "memory, %d blocks waiting in the spool; protection is partly OFF until it is fixed",
+                  safe_url(self.settings.dbcon), lasted, problem, answers.get("db_error_action", 0),
+                  self.settings.db_error_action, answers.get("memory", 0), spooled_blocks)
+
+    def snapshot(self) -> dict:
+        """What the metrics and --health say of the database, as this daemon sees it."""
+        with self._lock:
+            return {"failing": self.failing,
+                    "failing_seconds": self._clock() - self._since if self.failing else 0.0,
+                    "problem": self._problem if self.failing else "",
+                    "error_answers": self._answers.get("db_error_action", 0),
+                    "error_answers_total": self._error_answers_total}
+
+
 class OutageJournal:
     """What pcc decided while the database failed, written when it returns.
 
@@ -53,11 +148,12 @@ class OutageJournal:
         self._replaying = threading.Lock()
         self._blocks: list = []
         self._in_flight: set = set()  # id() of blocks whose own transaction still runs
-        if spool_path and os.path.exists(spool_path):
+        if spool_path and os.path.lexists(spool_path):
             self._load()
 
     def _load(self) -> None:
-        with open(self.spool_path, encoding="utf-8", errors="replace") as spool:
+        descriptor = os.open(self.spool_path, os.O_RDONLY | os.O_NOFOLLOW)  # never a planted link
+        with open(descriptor, encoding="utf-8", errors="replace") as spool:
             text = spool.read()
         damaged = not text.endswith("\n") and bool(text)  # a torn last line: rewrite before appending
         for line in text.splitlines():
@@ -72,6 +168,11 @@ class OutageJournal:
                 self._set_aside(line, "cannot be read as a block")
         if damaged:
             self._rewrite_spool()
+
+    def entries(self) -> list:
+        """The blocks waiting in the spool, oldest first."""
+        with self._lock:
+            return list(self._blocks)
 
     def pending(self) -> bool:
         return bool(self._blocks)
@@ -91,7 +192,8 @@ class OutageJournal:
                 return
             try:
                 os.makedirs(os.path.dirname(os.path.abspath(self.spool_path)), mode=0o750, exist_ok=True)
-                descriptor = os.open(self.spool_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+                descriptor = os.open(self.spool_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW,
+                                     0o640)
                 with open(descriptor, "a", encoding="utf-8") as spool:
                     spool.write(json.dumps(entry) + "\n")
                     spool.flush()
@@ -154,7 +256,8 @@ class OutageJournal:
         if not self.spool_path:
             return
         try:
-            descriptor = os.open(self.spool_path + ".rejected", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            descriptor = os.open(self.spool_path + ".rejected",
+                                 os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
             with open(descriptor, "a", encoding="utf-8") as rejected:
                 rejected.write(line.rstrip("\n") + "\n")
         except OSError as error:

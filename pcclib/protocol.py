@@ -149,6 +149,10 @@ def client_allowed(address_text: str, allowed_clients: tuple) -> bool:
         address = ipaddress.ip_address(address_text.split("%")[0])
     except ValueError:
         return False
+    # Only an IPv4-mapped address is an IPv4 peer (a dual-stack socket's view
+    # of it).  Not unwrap_ipv4(): a 6to4, Teredo or NAT64 address merely names
+    # an IPv4 address, which anyone can put in one (2002:7f00:1:: "is"
+    # 127.0.0.1); fine for a country, never for a door.
     if address.version == 6 and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
     return any(address in network for network in allowed_clients)

@@ -9,29 +9,20 @@ import argparse
 import dataclasses
 import datetime as dt
 import json
-import os
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
-from sqlalchemy import exc as sa_exc
-
-from .admin import (
-    AdminError,
-    database_failure,
-    hand_over_to_directory_owner,
-    missing_sqlite_file,
-    start_the_daemon_first,
-)
-from .common import UTC, utcnow, when
+from .admin import AdminError, on_admin_store
+from .common import UTC, escape_controls, utcnow, when
 from .config import MONITOR_ACTION, Settings
-from .decision import AccountHistory, CountrySeen, Decision, merge_seen
+from .decision import AccountHistory, CountrySeen, merge_seen
 from .dovecot import DOVECOT_DOORS
 from .geoip import GeoIP
 from .notify import Notifier
 from .protocol import DOVECOT_LOGIN, PolicyRequest
-from .service import PolicyService, RequestTicket
+from .service import PolicyService
 from .storage import Store, safe_url
 
 # One authenticated submission as Postfix's smtpd logs it, e.g.
@@ -136,21 +127,11 @@ class MemoryStore:
         return len(self.blocks)
 
 
-class ReplayService(PolicyService):
-    """PolicyService on a MemoryStore, answering in the caller's thread and
-    remembering, per account, the most countries it saw within the window."""
-
-    def __init__(self, settings: Settings, geoip: GeoIP):
-        quiet = dataclasses.replace(settings, notice=())  # a replay never emails anyone
-        super().__init__(quiet, MemoryStore(), geoip, Notifier(quiet))
-        self.most_countries: dict = {}
-
-    def _decide_counted(self, request: PolicyRequest, now: dt.datetime, ticket: RequestTicket) -> Decision:
-        decision = super()._decide_counted(request, now, ticket)
-        if decision.counted:
-            login = request.login
-            self.most_countries[login] = max(self.most_countries.get(login, 0), len(decision.countries))
-        return decision
+def replay_service(settings: Settings, geoip: GeoIP) -> PolicyService:
+    """The daemon's own PolicyService, on a MemoryStore and mailing nobody;
+    it answers in the caller's thread (no helper threads are started)."""
+    quiet = dataclasses.replace(settings, notice=())
+    return PolicyService(quiet, MemoryStore(), geoip, Notifier(quiet))
 
 
 @dataclass
@@ -162,11 +143,12 @@ class ReplayResult:
     unparseable: int = 0
     first: Optional[dt.datetime] = None
     last: Optional[dt.datetime] = None
-    service: Optional[ReplayService] = None
+    service: Optional[PolicyService] = None
+    most_countries: dict = field(default_factory=dict)  # login -> the most countries seen within the window
 
     def country_buckets(self) -> dict:
         buckets = {"1": 0, "2": 0, "3": 0, "4": 0, "5+": 0}
-        for most in self.service.most_countries.values():
+        for most in self.most_countries.values():
             buckets[str(most) if most < 5 else "5+"] += 1
         return buckets
 
@@ -200,8 +182,8 @@ def _open_log(path: str):
 def replay_logs(paths: list, settings: Settings, geoip: GeoIP, today: Optional[dt.datetime] = None) -> ReplayResult:
     """Run every authenticated submission in `paths` (oldest first) through the
     daemon's decision, with the log's own time stamps as "now"."""
-    result = ReplayResult(settings, list(paths), service=ReplayService(settings, geoip))
-    decide_request = result.service.decide_request
+    result = ReplayResult(settings, list(paths), service=replay_service(settings, geoip))
+    decide_request, most_countries = result.service.decide_request, result.most_countries
     clock = LogClock(today or utcnow())
     for path in paths:
         try:
@@ -227,12 +209,15 @@ def replay_logs(paths: list, settings: Settings, geoip: GeoIP, today: Optional[d
                 result.submissions += 1
                 result.first = result.first or when
                 result.last = when
-                decide_request(_replayed_request(found, line), when)
+                request, decision = decide_request(_replayed_request(found, line), when)
+                if decision.counted:
+                    most_countries[request.login] = max(most_countries.get(request.login, 0),
+                                                        len(decision.countries))
     return result
 
 
 def _replayed_request(found: re.Match, line: str) -> PolicyRequest:
-    attributes = {"log_line": line.rstrip("\n")}
+    attributes = {"log_line": escape_controls(line.rstrip("\n"))}
     if "door" not in found.groupdict():
         return PolicyRequest(request="smtpd_access_policy", sasl_username=found["login"],
                              client_address=found["ip"], attributes=attributes)
@@ -287,24 +272,17 @@ def run_replay(settings: Settings, arguments: argparse.Namespace) -> int:
 
 
 def record_replayed_sightings(settings: Settings, result: ReplayResult) -> int:
-    missing = missing_sqlite_file(settings)
-    if missing and not os.path.isdir(os.path.dirname(os.path.abspath(missing))):
-        print(start_the_daemon_first(missing), file=sys.stderr)
-        return 1
-    store = Store(settings.dbcon, create_directory=False)
     sightings = ((login, seen) for login, countries in result.service.store.sightings.items()
                  for seen in countries.values())
-    try:
+    written = []
+
+    def record(store: Store) -> None:
         store.create_tables()
-        written = store.merge_sightings(sightings)
-    except sa_exc.SQLAlchemyError as error:
-        print(database_failure(settings, error), file=sys.stderr)
+        written.append(store.merge_sightings(sightings))
+
+    if on_admin_store(settings, record):
         return 1
-    finally:
-        store.dispose()
-        if missing:
-            hand_over_to_directory_owner(missing)
-    print(f"recorded {written} sightings of {len(result.service.store.sightings)} accounts from "
+    print(f"recorded {written[0]} sightings of {len(result.service.store.sightings)} accounts from "
           f"{result.submissions} submissions into {safe_url(settings.dbcon)} "
           f"({result.unparseable} unparseable lines skipped)")
     return 0

@@ -1,9 +1,10 @@
 """The Postfix port: a ThreadingTCPServer, one loop of requests per
-connection, the limits on what a client may send, and the Watchdog that
-answers any request the database keeps longer than DB_ANSWER_DEADLINE.
+connection, and the limits on what a client may send.  Requests go to the
+PolicyService; a late answer (service.py) comes back through deliver_late().
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
 import logging.handlers
 import socket
@@ -12,10 +13,11 @@ import threading
 import time
 from typing import Optional
 
-from .common import log
+from .common import log, replaced
 from .config import Settings
+from .ports import BoundedPort, RateLimitedWarning, connection_caps
 from .protocol import client_allowed, format_reply, parse_request
-from .service import DB_ANSWER_DEADLINE, PolicyService, RequestTicket
+from .service import HEALTH_REQUEST, PolicyService, RequestTicket
 
 # Once a request has begun, all of it must arrive within this many seconds
 # (or idle_timeout, if shorter): Postfix sends a request in one go, and a client
@@ -37,10 +39,8 @@ class PolicyHandler(socketserver.BaseRequestHandler):
     def setup(self) -> None:
         self._buffer = b""
         self._started: Optional[float] = None  # when the request being read began
-        self._reply_lock = threading.Lock()
-        self._answered = False
         self._late_answer_sent = threading.Event()  # the Watchdog is done with this socket
-        self.ticket: Optional[RequestTicket] = None  # the request being answered, for the Watchdog
+        self.ticket: Optional[RequestTicket] = None  # the request being answered
 
     def handle(self) -> None:
         server = self.server
@@ -49,11 +49,12 @@ class PolicyHandler(socketserver.BaseRequestHandler):
             lines = self._read_request(peer)
             if lines is None:
                 return
+            server.answering(self.request, True)  # a whole request: this connection is not cut now
             try:
-                self._answered = False
                 began = self._started or time.monotonic()
+                self.ticket = None
                 reply = server.answer(lines, self)
-                if not self._claim_reply():
+                if self.ticket is not None and not self.ticket.claim():
                     # The Watchdog answers this one and closes the connection;
                     # returning now would close the socket under it.
                     self._late_answer_sent.wait(LATE_ANSWER_WAIT)
@@ -65,32 +66,12 @@ class PolicyHandler(socketserver.BaseRequestHandler):
                 return
             finally:
                 self._finish_request()
+                server.answering(self.request, False)
 
-    def _claim_reply(self) -> bool:
-        """True for whichever of this thread and the Watchdog answers first."""
-        with self._reply_lock:
-            if self._answered:
-                return False
-            self._answered = True
-            return True
-
-    def answer_late(self, ticket: RequestTicket) -> None:
-        """Called by the Watchdog while this connection's thread waits for the
-        database: answer (with the decision if it is made, else from memory),
-        then close, so that Postfix sends its next
-        request on a new connection instead of waiting behind this one."""
-        if ticket is not self.ticket or not self._claim_reply():
-            return  # that request was answered, and this connection is on to another
-        try:
-            self._send_late_answer()
-        finally:
-            self._late_answer_sent.set()
-
-    def _send_late_answer(self) -> None:
-        try:
-            action = self.server.service.answer_late(self.ticket)
-        except Exception:  # never leave Postfix without an answer
-            action = self.server.service.answer_after_error(self.ticket.request)
+    def deliver_late(self, action: str) -> None:
+        """The Watchdog's answer, while this connection's thread waits for the
+        database; then close, so that Postfix sends its next request on a new
+        connection instead of waiting behind this one."""
         try:
             reply = format_reply(action)
             self.server.service.metrics.answered(reply, time.monotonic() - (self._started or time.monotonic()))
@@ -98,6 +79,8 @@ class PolicyHandler(socketserver.BaseRequestHandler):
             self.request.shutdown(socket.SHUT_RDWR)
         except OSError as error:
             log.info("connection from %s: cannot send the answer: %s", self.client_address[0], error)
+        finally:
+            self._late_answer_sent.set()
 
     def _read_request(self, peer: str) -> Optional[list]:
         """The lines of the next request, or None when the connection should end.
@@ -176,43 +159,6 @@ class PolicyHandler(socketserver.BaseRequestHandler):
         return None
 
 
-class Watchdog:
-    """Makes sure every request is answered within DB_ANSWER_DEADLINE seconds.
-
-    Requests are answered in their connection's thread, database work included
-    (no hand-over to another thread: that cost a quarter of the throughput).
-    This one thread looks at the requests in flight twenty times a second and
-    answers, from memory, any that the database has kept too long."""
-
-    def __init__(self):
-        self._deadlines: dict = {}  # handler -> (monotonic deadline, its request's ticket)
-        self._lock = threading.Lock()
-        self._thread: Optional[threading.Thread] = None
-
-    def watch(self, handler: PolicyHandler) -> None:
-        with self._lock:
-            self._deadlines[handler] = (time.monotonic() + DB_ANSWER_DEADLINE, handler.ticket)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="pcc-watchdog", daemon=True)
-                self._thread.start()
-
-    def unwatch(self, handler: PolicyHandler) -> None:
-        with self._lock:
-            self._deadlines.pop(handler, None)
-
-    def _run(self) -> None:
-        while True:
-            time.sleep(0.05)
-            now = time.monotonic()
-            with self._lock:
-                late = [(handler, ticket) for handler, (deadline, ticket) in self._deadlines.items()
-                        if deadline <= now]
-                for handler, _ticket in late:
-                    del self._deadlines[handler]
-            for handler, ticket in late:  # the ticket: that request, not a later one on the connection
-                handler.answer_late(ticket)
-
-
 class InFlight:
     """Counts requests between their first line and their answer."""
 
@@ -234,7 +180,8 @@ class InFlight:
             return self._changed.wait_for(lambda: self._count <= 0, timeout=timeout)
 
 
-class PolicyServer(socketserver.ThreadingTCPServer):
+class PolicyServer(BoundedPort, socketserver.ThreadingTCPServer):
+    port_name = "policy port"
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 1024
@@ -244,50 +191,52 @@ class PolicyServer(socketserver.ThreadingTCPServer):
         self.service = service
         self.stopping = threading.Event()
         self.in_flight = InFlight()
-        self.watchdog = Watchdog()
-        self._connections = threading.BoundedSemaphore(settings.max_connections)
+        cap = connection_caps(settings.max_connections)["postfix"]
+        limit = f"max_connections ({settings.max_connections})"
+        self.init_bounds(cap, limit if cap == settings.max_connections else f"{cap} connections (max_connections "
+                         f"{settings.max_connections}, cut to fit the open-file limit)")
+        self._not_allowed = RateLimitedWarning("policy port: connection refused, not in [server] allowed_clients")
         infos = socket.getaddrinfo(settings.host, settings.port, type=socket.SOCK_STREAM)
         self.address_family = infos[0][0]
         super().__init__(infos[0][4][:2], PolicyHandler)
 
     def answer(self, lines: list, handler: Optional[PolicyHandler] = None) -> bytes:
+        """The reply to one request; with a handler, the Watchdog may answer it
+        first (see service.py, late answers)."""
         ticket = None
         try:
-            ticket = RequestTicket(parse_request(lines))
+            request = parse_request(lines)
+            if request.request == HEALTH_REQUEST and handler is not None and not self.is_local(handler):
+                # What the daemon says of itself (an outage, its length) tells an
+                # attacker when protection is partly off: for this host only.
+                request = replaced(request, request="")
+            ticket = RequestTicket(request)
             if handler is not None:
                 handler.ticket = ticket
-                self.watchdog.watch(handler)
+                self.service.watchdog.watch(ticket, handler.deliver_late)
             return format_reply(self.service.answer(ticket.request, ticket=ticket))
         except Exception:  # a bug must cost one answer, never the daemon, and never open the blocked list
             return format_reply(self.service.answer_after_error(ticket.request if ticket else None))
         finally:
-            if handler is not None:
-                self.watchdog.unwatch(handler)
+            if handler is not None and ticket is not None:
+                self.service.watchdog.unwatch(ticket)
+
+    def is_local(self, handler: PolicyHandler) -> bool:
+        """Whether the peer is this host: loopback, or the address pcc listens on."""
+        peer = handler.client_address[0].split("%")[0]
+        try:
+            address = ipaddress.ip_address(peer)
+        except ValueError:
+            return False
+        if address.version == 6 and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return address.is_loopback or peer == self.server_address[0]
 
     def verify_request(self, request, client_address) -> bool:
         if client_allowed(client_address[0], self.settings.allowed_clients):
             return True
-        log.warning("connection from %s refused: not in [server] allowed_clients", client_address[0])
+        self._not_allowed(client_address[0])
         return False
-
-    def process_request(self, request, client_address) -> None:
-        if not self._connections.acquire(blocking=False):
-            log.warning("connection from %s refused: max_connections (%d) reached",
-                        client_address[0], self.settings.max_connections)
-            self.shutdown_request(request)
-            return
-        try:
-            super().process_request(request, client_address)
-        except RuntimeError as error:  # no thread could be started
-            self._connections.release()
-            log.error("connection from %s refused: %s", client_address[0], error)
-            self.shutdown_request(request)
-
-    def process_request_thread(self, request, client_address) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._connections.release()
 
     def handle_error(self, request, client_address) -> None:
         log.exception("connection from %s: internal error", client_address[0])

@@ -133,6 +133,15 @@ class TravelPass(Base):
     granted_by: Mapped[str] = mapped_column(sa.String(64))
 
 
+def sqlite_path(dbcon: str) -> str:
+    """The SQLite file of a database URL, or "" for any other database."""
+    url = sa.engine.make_url(dbcon)
+    path = url.database or ""
+    if url.get_backend_name() != "sqlite" or path in ("", ":memory:") or path.startswith("file:"):
+        return ""
+    return path
+
+
 def safe_url(url) -> str:
     """A database URL fit for a log line: the password is masked."""
     try:
@@ -145,6 +154,16 @@ def is_data_error(error: BaseException) -> bool:
     """The database refused this request's values (too long, not encodable...):
     a fault of one request, not an outage of the database."""
     return isinstance(error, (sa_exc.DataError, sa_exc.IntegrityError))
+
+
+def is_database_error(error: BaseException) -> bool:
+    """An error of the database or its driver, wrapped by SQLAlchemy or not
+    (connect, pool checkout, read, write, commit): an outage unless it is a
+    data error.  Anything else is a fault of pcc's own."""
+    if isinstance(error, sa_exc.SQLAlchemyError):
+        return True
+    module = type(error).__module__.split(".")[0]
+    return module in ("psycopg", "pymysql", "sqlite3", "MySQLdb", "psycopg2") and isinstance(error, Exception)
 
 
 def _is_transient_conflict(error: sa_exc.DBAPIError) -> bool:
@@ -172,6 +191,42 @@ def _retry_on_conflict(method):
     return retrying
 
 
+def sighting_rows(sightings: Iterable[tuple]) -> list:
+    """(login, CountrySeen) pairs as Store.write_sightings takes them: rows in
+    (login, country) order, so that two daemons writing overlapping batches
+    take the row locks in the same order and cannot deadlock."""
+    rows = [{"login": login, "country": seen.country, "first_seen": seen.first_seen,
+             "last_seen": seen.last_seen, "last_ip": seen.last_ip} for login, seen in sightings]
+    rows.sort(key=lambda row: (row["login"], row["country"]))
+    return rows
+
+
+@dataclass(frozen=True)
+class DatabaseChanges:
+    """Rows changed in a stretch of time (Store.changes_since)."""
+
+    sightings: list  # (login, country, last_seen)
+    accounts: list  # (login, blocked_since, counting_since, action of the block in force)
+    passes: list  # (login, country, expires_at)
+
+
+def _sqlite_pragmas(dbapi_connection, _record, synchronous: str = "FULL") -> None:
+    # WAL lets readers go on while one thread writes; several pcc processes on
+    # one SQLite file (daemon + admin command) wait for each other, up to 30 s.
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute(f"PRAGMA synchronous={synchronous}")
+    cursor.close()
+
+
+def _sqlite_pragmas_for_sightings(dbapi_connection, record) -> None:
+    # Sightings need not reach the disk before the answer: in WAL mode NORMAL
+    # survives a crash of pcc (kill -9), only a power cut may lose the last
+    # few, and the next block's FULL commit syncs them too.  Blocks stay FULL.
+    _sqlite_pragmas(dbapi_connection, record, synchronous="NORMAL")
+
+
 class Store:
     """All database access.  One engine per process, shared by the threads."""
 
@@ -197,7 +252,6 @@ class Store:
         self.operations: collections.Counter = collections.Counter()
         self._operations_lock = threading.Lock()
         self._history_query = self._build_history_query()
-        self._sighting_upsert = self._build_sighting_upsert()
         self._sighting_merge = self._build_sighting_merge()
         self._prepare_raw_history_query()
 
@@ -272,8 +326,8 @@ class Store:
         could read but not write fails here, at start, not at the first block."""
         probe, now = "pcc-start-up-probe@invalid", utcnow()
         with self.engine.connect() as connection:
-            self._upsert_sighting(connection, probe, "ZZ", "::", now)
-            self._insert_ignore(connection, BlockedAccount, {"login": probe})
+            self._merge_sighting(connection, probe, "ZZ", "::", now)
+            connection.execute(self._upsert(BlockedAccount, {"login": probe}, ("login",)))
             block_id = connection.execute(sa.insert(Block).values(
                 login=probe, blocked_at=now, source="policy", action="HOLD", reason="start-up probe",
                 countries=[])).inserted_primary_key[0]
@@ -298,39 +352,35 @@ class Store:
                                                                    TravelPass.expires_at >= since)
         return sa.union_all(sightings, account, passes)
 
-    def _build_sighting_upsert(self):
-        names = ("login", "country", "first_seen", "last_seen", "last_ip")
-        insert = self._dialect_insert(Sighting).values({name: sa.bindparam(name) for name in names})
-        if self.dialect in ("mysql", "mariadb"):
-            new = insert.inserted
-            return insert.on_duplicate_key_update(last_seen=new.last_seen, last_ip=new.last_ip)
-        new = insert.excluded
-        return insert.on_conflict_do_update(index_elements=["login", "country"],
-                                            set_={"last_seen": new.last_seen, "last_ip": new.last_ip})
-
     def _build_sighting_merge(self):
         """An upsert that merges: the earliest first_seen and the latest
         last_seen (with its IP) of what is there and what comes, so batches
         written late, or by several daemons, never move a sighting back."""
-        names = ("login", "country", "first_seen", "last_seen", "last_ip")
-        insert = self._dialect_insert(Sighting).values({name: sa.bindparam(name) for name in names})
-        if self.dialect in ("mysql", "mariadb"):
-            new = insert.inserted
-            # MySQL applies these in order, each seeing the ones before: last_ip
-            # first (a list keeps the order; a dict would follow the table's).
-            return insert.on_duplicate_key_update([
-                ("last_ip", sa.case((new.last_seen > Sighting.last_seen, new.last_ip), else_=Sighting.last_ip)),
-                ("first_seen", sa.func.least(Sighting.first_seen, new.first_seen)),
-                ("last_seen", sa.func.greatest(Sighting.last_seen, new.last_seen)),
-            ])
-        new = insert.excluded
         earliest, latest = (sa.func.min, sa.func.max) if self.dialect == "sqlite" else (sa.func.least,
                                                                                          sa.func.greatest)
-        return insert.on_conflict_do_update(index_elements=["login", "country"], set_={
-            "last_ip": sa.case((new.last_seen > Sighting.last_seen, new.last_ip), else_=Sighting.last_ip),
-            "first_seen": earliest(Sighting.first_seen, new.first_seen),
-            "last_seen": latest(Sighting.last_seen, new.last_seen),
-        })
+
+        def merged(new) -> list:
+            # MySQL applies these in order, each seeing the ones before: last_ip
+            # first (a list keeps the order; a dict would follow the table's).
+            return [("last_ip", sa.case((new.last_seen > Sighting.last_seen, new.last_ip), else_=Sighting.last_ip)),
+                    ("first_seen", earliest(Sighting.first_seen, new.first_seen)),
+                    ("last_seen", latest(Sighting.last_seen, new.last_seen))]
+
+        names = ("login", "country", "first_seen", "last_seen", "last_ip")
+        return self._upsert(Sighting, {name: sa.bindparam(name) for name in names}, ("login", "country"), merged)
+
+    def _upsert(self, model, values, keys: tuple, updates=None):
+        """INSERT that, where a row with the same `keys` exists, sets what
+        updates(new) lists instead ([(column, expression)], `new` being the row
+        that came), or does nothing when `updates` is None: in each dialect's
+        own words (ON CONFLICT, ON DUPLICATE KEY UPDATE)."""
+        insert = self._dialect_insert(model).values(values)
+        if self.dialect in ("mysql", "mariadb"):
+            new = insert.inserted
+            return insert.on_duplicate_key_update(updates(new) if updates else [(keys[0], new[keys[0]])])
+        if updates is None:
+            return insert.on_conflict_do_nothing()
+        return insert.on_conflict_do_update(index_elements=list(keys), set_=dict(updates(insert.excluded)))
 
     # --- the daemon's reads and writes -------------------------------------
 
@@ -361,7 +411,11 @@ class Store:
         parameters = {"login": login, "since": self._time_to_db(since)}
         if self._history_positions is not None:
             parameters = [parameters[name] for name in self._history_positions]
-        connection = self.fast_engine.raw_connection()  # pooled; close() gives it back
+        dbapi_error = self.fast_engine.dialect.loaded_dbapi.Error
+        try:
+            connection = self.fast_engine.raw_connection()  # pooled; close() gives it back
+        except dbapi_error as error:  # raw_connection() does not wrap the driver's own errors
+            raise sa_exc.DBAPIError.instance(None, None, error, dbapi_error, connection_invalidated=True) from error
         try:
             cursor = connection.cursor()
             cursor.execute(self._history_sql, parameters)
@@ -386,12 +440,6 @@ class Store:
                 return AccountHistory(to_time(blocked_since), to_time(counting_since), sightings,
                                       action if blocked_since is not None else None, passes)
         return AccountHistory(sightings=sightings, travel_passes=passes)
-
-    @_retry_on_conflict
-    def record_sighting(self, login: str, country: str, ip: str, now: dt.datetime) -> None:
-        self._count("sighting_write")
-        with self.fast_engine.connect() as connection:
-            self._upsert_sighting(connection, login, country, ip, now)
 
     @_retry_on_conflict
     def write_sightings(self, rows: list) -> None:
@@ -436,8 +484,8 @@ class Store:
         self._count("block_transaction")
         with self.engine.connect() as connection:
             if sighting is not None:
-                self._upsert_sighting(connection, login, *sighting, now)
-            self._insert_ignore(connection, BlockedAccount, {"login": login})
+                self._merge_sighting(connection, login, *sighting, now)
+            connection.execute(self._upsert(BlockedAccount, {"login": login}, ("login",)))
             block_id = connection.execute(
                 sa.insert(Block).values(
                     login=login, blocked_at=now, source=source, action=action, reason=reason,
@@ -474,18 +522,9 @@ class Store:
         connection.execute(sa.update(Block).where(Block.id == flag_id).values(unblocked_at=now))
         return True
 
-    def _upsert_sighting(self, connection, login: str, country: str, ip: str, now: dt.datetime) -> None:
-        connection.execute(self._sighting_upsert, {"login": login, "country": country, "first_seen": now,
-                                                   "last_seen": now, "last_ip": ip})
-
-    def _insert_ignore(self, connection, model, values: dict) -> None:
-        insert = self._dialect_insert(model).values(**values)
-        if self.dialect in ("mysql", "mariadb"):
-            key = next(iter(values))
-            statement = insert.on_duplicate_key_update({key: insert.inserted[key]})
-        else:
-            statement = insert.on_conflict_do_nothing()
-        connection.execute(statement)
+    def _merge_sighting(self, connection, login: str, country: str, ip: str, now: dt.datetime) -> None:
+        connection.execute(self._sighting_merge, {"login": login, "country": country, "first_seen": now,
+                                                  "last_seen": now, "last_ip": ip})
 
     def _dialect_insert(self, model):
         if self.dialect == "postgresql":
@@ -524,6 +563,16 @@ class Store:
             ).scalars().all()
         return account, [CountrySeen(*row) for row in sightings], list(blocks)
 
+    def enforced_blocks(self) -> set:
+        """The logins of every account blocked for real (not only flagged by
+        monitor mode): what each daemon keeps whole in memory."""
+        with self.fast_engine.connect() as connection:
+            rows = connection.execute(
+                sa.select(BlockedAccount.login).join(Block, Block.id == BlockedAccount.block_id)
+                .where(BlockedAccount.blocked_since.is_not(None), Block.action != MONITOR_ACTION)
+            ).scalars().all()
+        return set(rows)
+
     def count_blocked(self) -> dict:
         """{"enforce": blocked accounts, "monitor": accounts only flagged}."""
         monitor = sa.case((Block.action == MONITOR_ACTION, "monitor"), else_="enforce")
@@ -549,13 +598,8 @@ class Store:
         `now` ends the passes at once."""
         rows = [{"login": login, "country": country, "granted_at": now, "expires_at": expires_at,
                  "granted_by": granted_by[:64]} for country in countries]
-        insert = self._dialect_insert(TravelPass).values(rows)
-        changed = ("granted_at", "expires_at", "granted_by")
-        if self.dialect in ("mysql", "mariadb"):
-            statement = insert.on_duplicate_key_update({name: insert.inserted[name] for name in changed})
-        else:
-            statement = insert.on_conflict_do_update(index_elements=["login", "country"],
-                                                     set_={name: insert.excluded[name] for name in changed})
+        statement = self._upsert(TravelPass, rows, ("login", "country"),
+                                 lambda new: [(name, new[name]) for name in ("granted_at", "expires_at", "granted_by")])
         with self.engine.begin() as connection:
             connection.execute(statement)
 
@@ -592,42 +636,6 @@ class Store:
     def delete_sightings_before(self, cutoff: dt.datetime) -> int:
         with self.engine.begin() as connection:
             return connection.execute(sa.delete(Sighting).where(Sighting.last_seen < cutoff)).rowcount
-
-
-@dataclass(frozen=True)
-class DatabaseChanges:
-    """Rows changed in a stretch of time (Store.changes_since)."""
-
-    sightings: list  # (login, country, last_seen)
-    accounts: list  # (login, blocked_since, counting_since, action of the block in force)
-    passes: list  # (login, country, expires_at)
-
-
-def sighting_rows(sightings: Iterable[tuple]) -> list:
-    """(login, CountrySeen) pairs as Store.write_sightings takes them: rows in
-    (login, country) order, so that two daemons writing overlapping batches
-    take the row locks in the same order and cannot deadlock."""
-    rows = [{"login": login, "country": seen.country, "first_seen": seen.first_seen,
-             "last_seen": seen.last_seen, "last_ip": seen.last_ip} for login, seen in sightings]
-    rows.sort(key=lambda row: (row["login"], row["country"]))
-    return rows
-
-
-def _sqlite_pragmas(dbapi_connection, _record, synchronous: str = "FULL") -> None:
-    # WAL lets readers go on while one thread writes; several pcc processes on
-    # one SQLite file (daemon + admin command) wait for each other, up to 30 s.
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA busy_timeout=30000")
-    cursor.execute(f"PRAGMA synchronous={synchronous}")
-    cursor.close()
-
-
-def _sqlite_pragmas_for_sightings(dbapi_connection, record) -> None:
-    # Sightings need not reach the disk before the answer: in WAL mode NORMAL
-    # survives a crash of pcc (kill -9), only a power cut may lose the last
-    # few, and the next block's FULL commit syncs them too.  Blocks stay FULL.
-    _sqlite_pragmas(dbapi_connection, record, synchronous="NORMAL")
 
 
 # Database errors that no retry fixes: (MariaDB error number, or PostgreSQL

@@ -8,13 +8,19 @@ from __future__ import annotations
 
 import configparser
 import datetime
+import json
 import os
 import pathlib
+import re
+import shutil
+import smtplib
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from typing import Optional
 
 import pytest
 import sqlalchemy as sa
@@ -22,14 +28,54 @@ import sqlalchemy as sa
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import pcc  # noqa: E402
+from pcclib.common import first_line  # noqa: E402
+from pcclib.config import Settings, load_settings  # noqa: E402
+from pcclib.decision import CountrySeen  # noqa: E402
+from pcclib.geoip import GeoIP  # noqa: E402
+from pcclib.protocol import PolicyRequest  # noqa: E402
+from pcclib.storage import Base, BlockedAccount, Sighting, safe_url  # noqa: E402
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
+# Tests run in parallel (pytest-xdist, pytest.ini): each worker tests on a
+# database of its own, test_gw0, test_gw1... (made on first use), so that no
+# test drops another's tables.
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+
+
+def _for_this_worker(url: str) -> str:
+    if not WORKER:
+        return url
+    parsed = sa.engine.make_url(url)
+    return parsed.set(database=f"{parsed.database}_{WORKER}").render_as_string(hide_password=False)
+
+
 SERVER_DATABASES = {
-    "mariadb": os.environ.get("PCC_TEST_MARIADB", "mysql+pymysql://root@127.0.0.1:3306/test"),
-    "postgresql": os.environ.get("PCC_TEST_POSTGRESQL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"),
+    "mariadb": _for_this_worker(os.environ.get("PCC_TEST_MARIADB", "mysql+pymysql://root@127.0.0.1:3306/test")),
+    "postgresql": _for_this_worker(os.environ.get("PCC_TEST_POSTGRESQL",
+                                                  "postgresql+psycopg://postgres@127.0.0.1:5432/test")),
 }
+_MADE: set = set()
+
+
+def _make_worker_database(url: str) -> None:
+    """CREATE DATABASE test_gwN, connected to the database it is named after."""
+    if not WORKER or url in _MADE:
+        return
+    parsed = sa.engine.make_url(url)
+    base = parsed.set(database=parsed.database[:-len(WORKER) - 1])
+    engine = sa.create_engine(base, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3})
+    try:
+        with engine.connect() as connection:
+            if parsed.get_backend_name() == "postgresql":
+                if not connection.execute(sa.text("SELECT 1 FROM pg_database WHERE datname = :name"),
+                                          {"name": parsed.database}).scalar():
+                    connection.execute(sa.text(f'CREATE DATABASE "{parsed.database}"'))
+            else:
+                connection.execute(sa.text(f"CREATE DATABASE IF NOT EXISTS `{parsed.database}`"))
+    finally:
+        engine.dispose()
+    _MADE.add(url)
 
 # The test GeoIP database: one IPv4 /16 and one IPv6 /32 per country, all in
 # publicly routable space (pcc never looks up private addresses).
@@ -60,16 +106,16 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def counted_request(country: str, login: str = "alice@example.com") -> pcc.PolicyRequest:
+def counted_request(country: str, login: str = "alice@example.com") -> PolicyRequest:
     """A request as the decision sees it, GeoIP done: `login` sending from `country`."""
-    return pcc.PolicyRequest(request="smtpd_access_policy", sasl_username=login, client_address=ip_in(country),
+    return PolicyRequest(request="smtpd_access_policy", sasl_username=login, client_address=ip_in(country),
                              client_country=country)
 
 
 def seen_an_hour_before(now, *countries) -> tuple:
     """Sightings of `countries`, the last an hour before `now`."""
     hour = datetime.timedelta(hours=1)
-    return tuple(pcc.CountrySeen(code, now - 2 * hour, now - hour, ip_in(code)) for code in countries)
+    return tuple(CountrySeen(code, now - 2 * hour, now - hour, ip_in(code)) for code in countries)
 
 
 def all_at_once(count: int, work) -> list:
@@ -108,8 +154,8 @@ def geoip_path(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def geoip(geoip_path) -> pcc.GeoIP:
-    return pcc.GeoIP(geoip_path)
+def geoip(geoip_path) -> GeoIP:
+    return GeoIP(geoip_path)
 
 
 # A City-level test database: places with coordinates and accuracy radii, in
@@ -168,12 +214,24 @@ def fresh_database(url: str) -> str:
     """Check that `url` answers, drop pcc's tables, return the URL."""
     engine = sa.create_engine(url, connect_args={"connect_timeout": 3} if not url.startswith("sqlite") else {})
     try:
-        pcc.Base.metadata.drop_all(engine)
+        _make_worker_database(url)
+        Base.metadata.drop_all(engine)
     except sa.exc.OperationalError as error:
-        unavailable(f"{pcc.safe_url(url)} ({pcc.first_line(error)})")
+        unavailable(f"{safe_url(url)} ({first_line(error)})")
     finally:
         engine.dispose()
     return url
+
+
+@pytest.fixture(scope="session", autouse=True)
+def worker_databases():
+    """This worker's databases exist before any test names them (a server that
+    is down is reported by the tests that need it)."""
+    for url in SERVER_DATABASES.values():
+        try:
+            _make_worker_database(url)
+        except sa.exc.SQLAlchemyError:
+            pass
 
 
 @pytest.fixture(params=["sqlite", "mariadb", "postgresql"])
@@ -182,6 +240,13 @@ def db_url(request, tmp_path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/pcc.sqlite3"
     return fresh_database(SERVER_DATABASES[request.param])
+
+
+@pytest.fixture
+def sqlite_url(tmp_path) -> str:
+    """For tests of a door, a rule or a command whose outcome does not depend
+    on the database: one run, on SQLite (storage has tests of its own on all three)."""
+    return f"sqlite:///{tmp_path}/pcc.sqlite3"
 
 
 @pytest.fixture(params=["mariadb", "postgresql"])
@@ -213,11 +278,11 @@ def write_config(directory: pathlib.Path, overrides: dict, name: str = "pcc.conf
 
 @pytest.fixture
 def make_settings(tmp_path, geoip_path):
-    def make(**overrides) -> pcc.Settings:
+    def make(**overrides) -> Settings:
         values = {"db.dbcon": f"sqlite:///{tmp_path}/pcc.sqlite3", "geoip.database": geoip_path,
                   "db.spool_file": str(tmp_path / "spool.jsonl")}
         values.update({key.replace("__", "."): value for key, value in overrides.items()})
-        return pcc.load_settings(write_config(tmp_path, values, name="settings.conf"))
+        return load_settings(write_config(tmp_path, values, name="settings.conf"))
 
     return make
 
@@ -297,12 +362,56 @@ def wait_until_visible() -> None:
     time.sleep(VISIBLE_WITHIN)
 
 
+def run_pcc(*arguments, expect=None, timeout=120, **options) -> subprocess.CompletedProcess:
+    """pcc.py run as an administrator runs it; with `expect`, it must exit so."""
+    result = subprocess.run([sys.executable, str(ROOT / "pcc.py"), *arguments], capture_output=True, text=True,
+                            timeout=timeout, **options)
+    if expect is not None:
+        assert result.returncode == expect, (result.stdout, result.stderr)
+    return result
+
+
 def pcc_command(config, *arguments, expect=0) -> subprocess.CompletedProcess:
     """An admin command (pcc.py --config CONFIG ARGUMENTS...) that must exit `expect`."""
-    result = subprocess.run([sys.executable, str(ROOT / "pcc.py"), "--config", config, *arguments],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == expect, (result.stdout, result.stderr)
-    return result
+    return run_pcc("--config", config, *arguments, expect=expect)
+
+
+def walk(client, login, countries, version=4) -> list:
+    """`login` sends one message from each of `countries`, in order: the answers."""
+    return [client.ask(login, ip_in(country, version=version)) for country in countries]
+
+
+def wait_for_log(daemon, text, timeout=15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in daemon.log():
+        assert time.monotonic() < deadline, f"{text!r} never logged:\n{daemon.log()[-3000:]}"
+        time.sleep(0.1)
+
+
+def query(url, statement) -> list:
+    """The rows of one SELECT, on a connection of its own."""
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as connection:
+            return [tuple(row) for row in connection.execute(statement)]
+    finally:
+        engine.dispose()
+
+
+def blocked_logins(url) -> set:
+    return {login for (login,) in query(url, sa.select(BlockedAccount.login).where(
+        BlockedAccount.blocked_since.is_not(None)))}
+
+
+def count_rows(url, model) -> int:
+    return query(url, sa.select(sa.func.count()).select_from(model))[0][0]
+
+
+def sightings_in_database(url, login=None) -> set:
+    statement = sa.select(Sighting.login, Sighting.country)
+    if login is not None:
+        statement = statement.where(Sighting.login == login)
+    return set(query(url, statement))
 
 
 def scrape(port) -> dict:
@@ -352,6 +461,91 @@ class WritersLockedOut:
             self.engine.dispose()
 
 
+# --- faults -----------------------------------------------------------------
+
+
+class TcpProxy:
+    """127.0.0.1:<port> -> target.  cut("refuse") closes every connection and
+    refuses new ones; cut("blackhole") keeps them open but lets nothing through,
+    like a network that went away; restore() forwards again."""
+
+    def __init__(self, target_host: str, target_port: int):
+        self.target = (target_host, target_port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.mode = "forward"
+        self.sockets = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.mode == "refuse":
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            with self.lock:
+                self.sockets += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    def _pump(self, source, sink):
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                if self.mode == "forward":
+                    sink.sendall(data)
+        except OSError:
+            pass
+        for end in (source, sink):
+            try:
+                end.close()
+            except OSError:
+                pass
+
+    def cut(self, how: str = "refuse"):
+        self.mode = how
+        if how == "refuse":
+            self._drop_connections()
+
+    def restore(self):
+        self._drop_connections()  # connections left from a blackhole are dead to the client
+        self.mode = "forward"
+
+    def _drop_connections(self):
+        with self.lock:
+            for sock in self.sockets:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                    sock.close()
+                except OSError:
+                    pass
+            self.sockets = []
+
+    def close(self):
+        self.listener.close()
+        self.cut("refuse")
+
+
+@pytest.fixture
+def proxied(shared_db_url):
+    """(url through the proxy, proxy, direct url)."""
+    url = sa.engine.make_url(shared_db_url)
+    proxy = TcpProxy(url.host, url.port)
+    yield url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False), proxy, shared_db_url
+    proxy.close()
+
+
 # --- daemons ----------------------------------------------------------------
 
 
@@ -365,11 +559,17 @@ class Daemon:
         self.port = port
         self.process = None
 
-    def start(self) -> "Daemon":
+    def start(self, open_files: Optional[int] = None) -> "Daemon":
+        """open_files: the daemon's open-file limit (soft and hard), else the runner's."""
+        def limit_open_files():
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
+
         log_file = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             [sys.executable, str(ROOT / "pcc.py"), "-d", "--stderr", "--config", self.config_path],
-            stdout=log_file, stderr=log_file, cwd=str(ROOT),
+            stdout=log_file, stderr=log_file, cwd=str(ROOT), preexec_fn=limit_open_files if open_files else None,
         )
         log_file.close()
         deadline = time.monotonic() + 30
@@ -416,7 +616,7 @@ def start_daemon(tmp_path, geoip_path):
     """start_daemon(**config overrides) -> a running Daemon; all stopped after the test."""
     daemons = []
 
-    def start(**overrides) -> Daemon:
+    def start(open_files: Optional[int] = None, **overrides) -> Daemon:
         port = free_port()
         values = {
             "server.port": port,
@@ -430,11 +630,81 @@ def start_daemon(tmp_path, geoip_path):
         daemon = Daemon(config_path, tmp_path / f"pcc-{index}.log", int(values["server.port"]),
                         host=str(values.get("server.host", "127.0.0.1")))
         daemons.append(daemon)
-        return daemon.start()
+        return daemon.start(open_files)
 
     yield start
     for daemon in daemons:
         daemon.stop()
+
+
+# --- a real Postfix ------------------------------------------------------------
+
+
+class PostfixInstance:
+    """A private Postfix instance: its own config dir, queue and port."""
+
+    def __init__(self, pcc_port: int):
+        self.pcc_port = pcc_port
+        self.smtp_port = free_port()
+        self.directory = tempfile.mkdtemp(prefix="pcc-postfix-")
+        self.extra_settings: list = []  # more main.cf settings ("name=value")
+
+    def start(self) -> None:
+        d = self.directory
+        for sub in ("queue", "data"):
+            subprocess.run(["mkdir", "-p", f"{d}/{sub}"], check=True)
+        shutil.copy("/etc/postfix/master.cf", d)
+        shutil.copy("/etc/postfix/main.cf", d)
+        master = open(f"{d}/master.cf").read()
+        master = re.sub(r"^smtp      inet", f"{self.smtp_port}      inet", master, count=1, flags=re.MULTILINE)
+        open(f"{d}/master.cf", "w").write(master)
+        self.postconf(
+            f"queue_directory={d}/queue", f"data_directory={d}/data",
+            "maillog_file_prefixes=/var, /dev/stdout, /tmp", f"maillog_file={d}/maillog",
+            "multi_instance_name=postfix-pcc-test", "syslog_name=postfix-pcc-test",
+            "myhostname=mx.example.test", "mydestination=", "inet_interfaces=127.0.0.1",
+            "inet_protocols=ipv4", "mynetworks=127.0.0.0/8", "relay_domains=remote.test",
+            "relayhost=[127.0.0.1]:2525", "defer_transports=smtp",
+            "smtpd_authorized_xclient_hosts=127.0.0.0/8",
+            # each test starts its own pcc: do not keep policy connections long
+            "smtpd_policy_service_max_idle=1s", "smtpd_policy_service_max_ttl=2s",
+            "smtpd_relay_restrictions=permit_mynetworks, "
+            f"check_policy_service inet:127.0.0.1:{self.pcc_port}, reject_unauth_destination",
+            *self.extra_settings,
+        )
+        for command in (["set-permissions"], ["check"], ["start"]):
+            subprocess.run(["postfix", "-c", d, *command], check=True, capture_output=True, timeout=120)
+
+    def postconf(self, *settings: str) -> None:
+        subprocess.run(["postconf", "-c", self.directory, "-e", *settings], check=True, timeout=60)
+
+    def stop(self) -> None:
+        subprocess.run(["postfix", "-c", self.directory, "stop"], capture_output=True, timeout=60)
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def empty_queue(self) -> None:
+        subprocess.run(["postsuper", "-c", self.directory, "-d", "ALL"], capture_output=True, timeout=60)
+
+    def queue(self) -> dict:
+        """queue_id -> queue name (hold, deferred, active, incoming, maildrop)."""
+        output = subprocess.run(["postqueue", "-c", self.directory, "-j"], capture_output=True,
+                                text=True, check=True, timeout=60).stdout
+        return {entry["queue_id"]: entry["queue_name"] for entry in map(json.loads, output.splitlines())}
+
+    def send(self, login: str, ip: str, sender: str = None):
+        """Submit one message as `login` from `ip`.  Returns (code, text, queue_id)."""
+        with smtplib.SMTP("127.0.0.1", self.smtp_port, timeout=60) as smtp:
+            smtp.ehlo("client.example")
+            code, text = smtp.docmd("XCLIENT", f"ADDR={ip} LOGIN={login}")
+            assert code == 220, text
+            smtp.ehlo("client.example")
+            smtp.mail(sender or login)
+            code, text = smtp.rcpt("bob@remote.test")
+            if code != 250:
+                return code, text.decode(), None
+            code, text = smtp.data(b"Subject: pcc end-to-end test\r\n\r\nhello\r\n")
+            queue_id = re.search(r"queued as (\w+)", text.decode()).group(1)
+            return code, text.decode(), queue_id
 
 
 # --- a real SMTP listener for the notifications ----------------------------

@@ -1,0 +1,124 @@
+"""The admin command line (without Postfix; the held-mail commands are proven
+against a real Postfix in test_postfix_e2e.py)."""
+import json
+
+import pytest
+from conftest import free_port, ip_in, pcc_command, wait_until_visible, walk, write_config
+
+
+@pytest.fixture
+def setup(start_daemon, db_url, smtp_sink):
+    daemon = start_daemon(**{"db.dbcon": db_url, "policy.action": "REJECT", "mail.notice": "admin@example.com",
+                             "mail.mailsrv": "127.0.0.1", "mail.mailport": smtp_sink.port})
+    client = daemon.client()
+    for country in ("GB", "US", "FR", "DE"):
+        client.ask("alice@example.com", ip_in(country))
+    client.ask("bob@example.com", ip_in("GB"))
+    client.ask("bob@example.com", ip_in("US"))
+    smtp_sink.wait_for(1)
+    return daemon, client, smtp_sink
+
+
+pcc = pcc_command
+
+
+def test_list_shows_blocked_accounts_with_countries(setup):
+    daemon, _client, _sink = setup
+    output = pcc(daemon.config_path, "-l").stdout
+    assert "alice@example.com" in output and "bob@example.com" not in output
+    for country in ("GB", "US", "FR", "DE"):
+        assert f"{country}      {ip_in(country)}" in output
+    assert "REJECT" in output and "1 blocked account" in output
+    (entry,) = json.loads(pcc(daemon.config_path, "-l", "--json").stdout)
+    assert entry["login"] == "alice@example.com" and entry["action"] == "REJECT"
+    assert [c["country"] for c in entry["countries"]] == ["GB", "US", "FR", "DE"]
+    assert entry["trigger"]["client_address"] == ip_in("DE")
+
+
+def test_show_tells_how_close_an_account_is(setup):
+    daemon, _client, _sink = setup
+    output = pcc(daemon.config_path, "-s", "Bob@Example.com").stdout
+    assert "bob@example.com: not blocked" in output
+    assert "countries in the last 3 days: 2 (blocked at more than 3; 2 more would block)" in output
+    assert f"GB  last IP {ip_in('GB')}" in output
+    shown = json.loads(pcc(daemon.config_path, "-s", "alice@example.com", "--json").stdout)
+    assert shown["blocked"] is True and len(shown["countries_in_window"]) == 4
+    assert shown["threshold"] == 3 and len(shown["blocks"]) == 1
+
+
+def test_unblock_while_the_daemon_serves_and_repeat(setup):
+    daemon, client, sink = setup
+    assert client.ask("alice@example.com", ip_in("GB")).startswith("REJECT")
+    output = pcc(daemon.config_path, "-u", "alice@example.com").stdout
+    assert "alice@example.com unblocked" in output
+    wait_until_visible()  # the daemon had alice in memory, blocked
+    assert client.ask("alice@example.com", ip_in("GB")) == "DUNNO"
+    assert "not blocked" in pcc(daemon.config_path, "-u", "alice@example.com").stdout
+    subjects = [m["Subject"] for _r, m in sink.wait_for(2)]
+    assert "pcc: account alice@example.com unblocked" in subjects
+    # the history of the block stays
+    shown = json.loads(pcc(daemon.config_path, "-s", "alice@example.com", "--json").stdout)
+    assert shown["blocked"] is False and shown["blocks"][0]["unblocked_at"] is not None
+    assert [c["country"] for c in shown["countries_in_window"]] == ["GB"]
+
+
+def test_manual_block_notifies(setup):
+    daemon, client, sink = setup
+    assert "carol@example.com blocked" in pcc(daemon.config_path, "-b", "carol@example.com").stdout
+    assert client.ask("carol@example.com", ip_in("GB")).startswith("REJECT")
+    mails = sink.wait_for(2)
+    (manual,) = [m for _r, m in mails if "carol@example.com" in m["Subject"]]
+    assert "blocked by an administrator" in manual.get_content()
+
+
+def test_unknown_login_and_bad_arguments(setup):
+    daemon, _client, _sink = setup
+    result = pcc(daemon.config_path, "-u", "nobody@example.com", expect=1)
+    assert result.stderr.strip() == "pcc: unknown login nobody@example.com: pcc has never counted nor blocked it"
+    assert pcc(daemon.config_path, "-s", "nobody@example.com", expect=1).stderr.startswith("pcc: unknown login")
+    assert "invalid float value" in pcc(daemon.config_path, "-c", "many", expect=2).stderr
+    assert "not allowed with argument" in pcc(daemon.config_path, "-l", "-u", "x", expect=2).stderr
+    assert "--record go with --replay" in pcc(daemon.config_path, "-l", "--record", expect=2).stderr
+
+
+def test_cleanup_deletes_old_sightings_only(setup):
+    daemon, _client, _sink = setup
+    result = pcc(daemon.config_path, "-c", "1", expect=1)
+    assert "refusing to delete sightings younger than the window" in result.stderr
+    assert "deleted 0 sightings older than 30 days" in pcc(daemon.config_path, "-c", "30").stdout
+
+
+def test_unreachable_database_is_one_clear_line(tmp_path):
+    url = f"postgresql+psycopg://pcc:Secret-Pw-9@127.0.0.1:{free_port()}/pcc"
+    config = write_config(tmp_path, {"db.dbcon": url})
+    result = pcc(config, "-l", expect=1)
+    assert result.stderr.startswith("pcc: database postgresql+psycopg://pcc:***@127.0.0.1")
+    assert "Secret-Pw-9" not in result.stderr + result.stdout
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("setting, login, why", [
+    ({"policy.whitelisted": "boss@example.com"}, "boss@example.com", "whitelisted login"),
+    ({"mail.domains": "example.com"}, "carol@other.example", "login not in [mail] domains"),
+])
+def test_block_refuses_a_login_pcc_never_blocks(start_daemon, setting, login, why):
+    daemon = start_daemon(**{"policy.action": "REJECT", **setting})
+    result = pcc_command(daemon.config_path, "-b", login, expect=1)
+    assert result.stderr.strip() == f"pcc: {login} is not blocked: pcc never blocks it ({why}); change that first"
+    assert daemon.client().ask(login, ip_in("GB")) == "DUNNO"
+    assert "No account is blocked." in pcc_command(daemon.config_path, "-l").stdout
+
+
+def test_a_login_cannot_add_mail_headers_nor_run_from_a_pasted_command(start_daemon, smtp_sink):
+    daemon = start_daemon(**{"policy.action": "REJECT", "mail.notice": "admin@example.com",
+                             "mail.mailsrv": "127.0.0.1", "mail.mailport": smtp_sink.port})
+    import base64
+
+    header = base64.b64encode(b"x\r\nBcc: victim@example.net\r\nX-Evil: 1").decode()
+    evil = f"=?utf-8?b?{header}?=$(touch${{IFS}}/tmp/pcc-pwned)@example.com"
+    walk(daemon.client(), evil, ["GB", "US", "FR", "DE"])
+    ((recipients, message),) = smtp_sink.wait_for(1)
+    assert recipients == ["admin@example.com"]
+    assert message["Bcc"] is None and message["X-Evil"] is None
+    unblock_line = next(line for line in message.get_content().splitlines() if " -u " in line)
+    assert unblock_line.strip().endswith(f"-u '{evil.lower()}'")

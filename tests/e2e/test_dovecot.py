@@ -1,0 +1,372 @@
+"""The account's other door: Dovecot logins through Dovecot's authentication
+policy, on a real Dovecot (see ../shared/dovecot-e2e.md), driven by
+`doveadm auth test -x rip=` and by real IMAP logins that name their client
+address with the IMAP ID command; and Postfix authenticating through that
+Dovecot."""
+import imaplib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from conftest import (
+    free_port,
+    ip_in,
+    pcc_command,
+    scrape,
+    unavailable,
+    wait_until_visible,
+)
+
+PASSWORD = "secret"
+
+
+USERS = ("alice@example.com", "bob@example.com", "carol@example.com")
+
+
+API_HEADER = "Authorization: Basic cGNjOnRlc3Q="
+
+
+class DovecotInstance:
+    """A private Dovecot whose auth policy server is pcc's Dovecot port."""
+
+    def __init__(self, policy_port: int, api_header: str = "", auth_socket: str = ""):
+        self.policy_port = policy_port
+        self.api_header = api_header
+        self.auth_socket = auth_socket  # a unix listener of the auth service, for Postfix
+        self.imap_port = free_port()
+        self.directory = tempfile.mkdtemp(prefix="pcc-dovecot-")
+        self.config = os.path.join(self.directory, "dovecot.conf")
+
+    def start(self) -> "DovecotInstance":
+        d = self.directory
+        for sub in ("run", "state", "home"):
+            os.makedirs(f"{d}/{sub}")
+        os.chmod(d, 0o755)
+        os.chmod(f"{d}/home", 0o777)
+        with open(f"{d}/users", "w") as users:
+            for login in USERS:
+                users.write(f"{login}:{{PLAIN}}{PASSWORD}:5000:5000::{d}/home/{login}\n")
+        header = f"auth_policy_server_api_header = {self.api_header}\n" if self.api_header else ""
+        listener = (f"service auth {{\n  unix_listener {self.auth_socket} {{\n    mode = 0666\n  }}\n}}\n"
+                    if self.auth_socket else "")
+        with open(self.config, "w") as config:
+            config.write(f"""base_dir = {d}/run
+state_dir = {d}/state
+instance_name = pcc-test-{os.path.basename(d)}
+log_path = {d}/dovecot.log
+protocols = imap
+listen = 127.0.0.1
+service imap-login {{
+  inet_listener imap {{
+    port = {self.imap_port}
+  }}
+  inet_listener imaps {{
+    port = 0
+  }}
+}}
+{listener}ssl = no
+disable_plaintext_auth = no
+auth_mechanisms = plain login
+passdb {{
+  driver = passwd-file
+  args = {d}/users
+}}
+userdb {{
+  driver = passwd-file
+  args = {d}/users
+}}
+default_internal_user = dovecot
+default_login_user = dovenull
+auth_policy_server_url = http://127.0.0.1:{self.policy_port}/
+{header}auth_policy_hash_nonce = pcc-test-nonce
+auth_policy_request_attributes = login=%{{requested_username}} pwhash=%{{hashed_password}} remote=%{{rip}} device_id=%{{client_id}} protocol=%s
+auth_policy_report_after_auth = yes
+login_trusted_networks = 127.0.0.0/8
+mail_location = maildir:{d}/home/%u
+""")
+        # Its master stays in the background holding what it was given: no pipes.
+        subprocess.run(["dovecot", "-c", self.config], check=True, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, timeout=60)
+        deadline = time.monotonic() + 20
+        while not os.path.exists(f"{d}/run/master.pid") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        try:
+            with open(f"{self.directory}/run/master.pid") as pid_file:
+                os.kill(int(pid_file.readline()), signal.SIGTERM)
+            time.sleep(0.3)
+        except (OSError, ValueError):
+            pass
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def auth(self, login: str, ip: str, password: str = PASSWORD) -> tuple:
+        """doveadm auth test from `ip`: (logged in, what doveadm printed)."""
+        result = subprocess.run(["doveadm", "-c", self.config, "auth", "test", "-x", f"rip={ip}", login, password],
+                                capture_output=True, text=True, timeout=60)
+        return result.returncode == 0, result.stdout + result.stderr
+
+    def imap_login(self, login: str, ip: str, password: str = PASSWORD) -> str:
+        """A real IMAP login that names its client address: "OK", or the error."""
+        imaplib.Commands["ID"] = ("NONAUTH", "AUTH", "SELECTED")
+        connection = imaplib.IMAP4("127.0.0.1", self.imap_port, timeout=30)
+        try:
+            connection._simple_command("ID", f'("x-originating-ip" "{ip}")')
+            connection.login(login, password)
+            return "OK"
+        except imaplib.IMAP4.error as error:
+            return str(error)
+        finally:
+            try:
+                connection.logout()
+            except (imaplib.IMAP4.error, OSError):
+                pass
+
+
+@pytest.fixture
+def dovecot_pcc(start_daemon, sqlite_url, smtp_sink):
+    """start(**pcc overrides, api_header=...) -> (pcc daemon, Dovecot)."""
+    if shutil.which("dovecot") is None or shutil.which("doveadm") is None:
+        unavailable("Dovecot (Debian packages dovecot-core, dovecot-imapd)")
+    instances = []
+
+    def start(api_header: str = API_HEADER, dovecot_header: str = None, auth_socket: str = "", **overrides):
+        policy_port = free_port()
+        daemon = start_daemon(**{
+            "db.dbcon": sqlite_url, "policy.action": "REJECT", "policy.reason": "Blocked: contact support",
+            "mail.notice": "admin@example.com", "mail.mailsrv": "127.0.0.1", "mail.mailport": smtp_sink.port,
+            "dovecot.policy_port": policy_port, "dovecot.count_logins": "yes", "dovecot.api_header": api_header,
+            **overrides})
+        header = api_header if dovecot_header is None else dovecot_header
+        instance = DovecotInstance(policy_port, header, auth_socket).start()
+        instances.append(instance)
+        return daemon, instance
+
+    yield start
+    for instance in instances:
+        instance.stop()
+
+
+def test_the_fourth_country_blocks_and_later_logins_are_refused(dovecot_pcc, smtp_sink):
+    daemon, dovecot = dovecot_pcc()
+    for country in ("GB", "US", "FR"):
+        assert dovecot.auth("alice@example.com", ip_in(country))[0], country
+    # The crossing login is reported after Dovecot granted it: it gets in...
+    assert dovecot.auth("alice@example.com", ip_in("DE"))[0]
+    # ...and every later one is refused with the reason, from any country.
+    logged_in, output = dovecot.auth("alice@example.com", ip_in("GB"))
+    assert not logged_in and "Blocked: contact support" in output
+    listed = pcc_command(daemon.config_path, "-l").stdout
+    assert "alice@example.com" in listed and "dovecot/doveadm" in listed
+    (mail,) = [m for _r, m in smtp_sink.wait_for(1)]
+    assert "alice@example.com" in mail["Subject"] and "doveadm login" in mail.get_content()
+    lines = [line for line in daemon.log().splitlines() if "login=alice@example.com " in line]
+    assert any("via=dovecot door=doveadm" in line and "NEW BLOCK" in line for line in lines)
+    # One blocked list: the Postfix policy port answers the action too.
+    assert daemon.client().ask("alice@example.com", ip_in("GB")).startswith("REJECT")
+    # -u opens both doors.
+    pcc_command(daemon.config_path, "-u", "alice@example.com")
+    wait_until_visible()
+    assert dovecot.auth("alice@example.com", ip_in("GB"))[0]
+    assert daemon.client().ask("alice@example.com", ip_in("GB")) == "DUNNO"
+
+
+def test_failed_logins_never_count(dovecot_pcc):
+    daemon, dovecot = dovecot_pcc()
+    for country in ("GB", "US", "FR", "DE", "SE"):
+        assert not dovecot.auth("bob@example.com", ip_in(country), password="guessed")[0]
+    assert dovecot.auth("bob@example.com", ip_in("JP"))[0]
+    assert "bob@example.com" not in pcc_command(daemon.config_path, "-l").stdout
+    assert "1 of at most 3 countries" in [line for line in daemon.log().splitlines()
+                                          if "login=bob@example.com " in line][-1]
+
+
+def test_a_block_by_hand_or_by_postfix_refuses_logins(dovecot_pcc):
+    daemon, dovecot = dovecot_pcc(**{"dovecot.count_logins": "no"})
+    pcc_command(daemon.config_path, "-b", "carol@example.com")
+    logged_in, output = dovecot.auth("carol@example.com", ip_in("GB"))
+    assert not logged_in and "Blocked: contact support" in output
+    client = daemon.client()
+    for country in ("GB", "US", "FR", "DE"):  # blocked through the Postfix door
+        client.ask("bob@example.com", ip_in(country))
+    assert not dovecot.auth("bob@example.com", ip_in("GB"))[0]
+    # count_logins = no: logins from many countries block nothing
+    for country in ("GB", "US", "FR", "DE", "SE"):
+        assert dovecot.auth("alice@example.com", ip_in(country))[0]
+
+
+def test_real_imap_logins(dovecot_pcc):
+    daemon, dovecot = dovecot_pcc()
+    for country in ("GB", "US", "FR", "DE"):
+        assert dovecot.imap_login("alice@example.com", ip_in(country)) == "OK", country
+    answer = dovecot.imap_login("alice@example.com", ip_in("GB"))
+    assert "Blocked: contact support" in answer, answer
+    assert "imap login" in pcc_command(daemon.config_path, "-s", "alice@example.com").stdout
+    assert daemon.client().ask("alice@example.com", ip_in("GB")).startswith("REJECT")
+
+
+def test_the_api_header_is_required(dovecot_pcc):
+    metrics_port = free_port()
+    daemon, dovecot = dovecot_pcc(api_header=API_HEADER, dovecot_header="Authorization: Basic d3Jvbmc6d3Jvbmc=",
+                                  **{"server.metrics_port": metrics_port})
+    dovecot.auth("alice@example.com", ip_in("GB"))
+    assert "dovecot policy request from 127.0.0.1 refused (HTTP 401)" in daemon.log()
+    port = int(dict(line.split(" = ", 1) for line in open(daemon.config_path).read().splitlines()
+                    if " = " in line)["policy_port"])
+    body = json.dumps({"login": "alice@example.com", "remote": ip_in("GB"), "protocol": "imap"}).encode()
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/?command=allow", body), timeout=5)
+    assert refused.value.code == 401
+    name, value = API_HEADER.split(": ", 1)
+    allowed = urllib.request.Request(f"http://127.0.0.1:{port}/?command=allow", body, headers={name: value})
+    assert json.load(urllib.request.urlopen(allowed, timeout=5)) == {"status": 0}
+    bad = urllib.request.Request(f"http://127.0.0.1:{port}/?command=allow", b"{not json", headers={name: value})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(bad, timeout=5)
+    assert refused.value.code == 400 and "not a JSON object" in daemon.log()
+    assert API_HEADER.split()[-1] not in daemon.log()  # the credentials never reach a log line
+    metrics = scrape(metrics_port)
+    assert metrics[("pcc_dovecot_requests_total", (("command", "-"), ("status", "unauthorised")))] >= 2
+    assert metrics[("pcc_dovecot_requests_total", (("command", "allow"), ("status", "allowed")))] == 1
+
+
+def test_postfix_auth_through_dovecot_is_refused_for_a_blocked_account(dovecot_pcc):
+    from conftest import PostfixInstance
+
+    if shutil.which("postfix") is None:
+        unavailable("Postfix (Debian package postfix)")
+    postfix = PostfixInstance(free_port())
+    postfix.extra_settings = ["smtpd_sasl_auth_enable=yes", "smtpd_sasl_type=dovecot",
+                              "smtpd_sasl_path=private/dovecot-auth"]
+    postfix.start()
+    try:
+        daemon, _dovecot = dovecot_pcc(auth_socket=f"{postfix.directory}/queue/private/dovecot-auth",
+                                       **{"server.port": postfix.pcc_port})
+        pcc_command(daemon.config_path, "-b", "alice@example.com")
+        assert swaks_auth(postfix.smtp_port, "bob@example.com", ip_in("GB")) == 0
+        assert swaks_auth(postfix.smtp_port, "alice@example.com", ip_in("GB")) != 0
+    finally:
+        postfix.stop()
+
+
+def swaks_auth(port: int, login: str, ip: str) -> int:
+    """swaks: XCLIENT ADDR=ip, then AUTH PLAIN as `login`; its exit code (0: authenticated and sent)."""
+    result = subprocess.run(["swaks", "--server", f"127.0.0.1:{port}", "--xclient-addr", ip, "--auth", "PLAIN",
+                             "--auth-user", login, "--auth-password", PASSWORD, "--from", login,
+                             "--to", "bob@remote.test", "--timeout", "30"],
+                            capture_output=True, text=True, timeout=90)
+    return result.returncode
+
+
+def test_replay_counts_dovecot_logins(tmp_path, geoip_path):
+    from conftest import write_config
+
+    log_file = tmp_path / "mail.log"
+    lines = [f"Nov 25 18:4{n}:02 mx dovecot: imap-login: Login: user=<alice@example.com>, method=PLAIN, "
+             f"rip={ip_in(country)}, lip=192.0.2.1, mpid=123{n}, TLS, session=<abc{n}>"
+             for n, country in enumerate(("GB", "US", "FR"))]
+    lines.append(f"Nov 25 18:49:02 imap-login: Info: Logged in: user=<alice@example.com>, method=PLAIN, "
+                 f"rip={ip_in('DE')}, lip=192.0.2.1, mpid=1239, TLS")
+    log_file.write_text("\n".join(lines) + "\n")
+    config = write_config(tmp_path, {"db.dbcon": f"sqlite:///{tmp_path}/pcc.sqlite3", "geoip.database": geoip_path,
+                                     "dovecot.count_logins": "yes"})
+    output = pcc_command(config, "--replay", str(log_file)).stdout
+    assert "alice@example.com" in output and "4 authenticated submissions and Dovecot logins" in output
+    config_off = write_config(tmp_path, {"db.dbcon": f"sqlite:///{tmp_path}/pcc.sqlite3",
+                                         "geoip.database": geoip_path}, name="off.conf")
+    assert "alice@example.com" not in pcc_command(config_off, "--replay", str(log_file)).stdout
+
+
+def post(port: int, command: str, body: bytes, timeout: float = 5.0, api_header: str = API_HEADER) -> tuple:
+    """One request as Dovecot sends it: (HTTP status, JSON answer or None, seconds)."""
+    started = time.monotonic()
+    name, _colon, value = api_header.partition(":")
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/?command={command}", body,
+                                     headers={"Content-Type": "application/json", name: value.strip()})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.load(response), time.monotonic() - started
+    except urllib.error.HTTPError as error:
+        return error.code, None, time.monotonic() - started
+
+
+def login_body(login: str, country: str, **extra) -> bytes:
+    return json.dumps({"login": login, "remote": ip_in(country), "protocol": "imap", "pwhash": "0ee9",
+                       "device_id": "", "tls": False, **extra}).encode()
+
+
+def test_answers_within_a_second_while_the_database_hangs(start_daemon, shared_db_url):
+    """The database stops answering (a black hole): a blocked account is still
+    refused and an unknown one let in, each within a second."""
+    import sqlalchemy as sa
+    from conftest import TcpProxy
+
+    url = sa.engine.make_url(shared_db_url)
+    proxy = TcpProxy(url.host, url.port)
+    try:
+        port = free_port()
+        daemon = start_daemon(**{
+            "db.dbcon": url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False),
+            "policy.action": "REJECT", "dovecot.policy_port": port, "dovecot.count_logins": "yes",
+            "dovecot.api_header": API_HEADER})
+        pcc_command(daemon.config_path, "-b", "alice@example.com")
+        assert post(port, "allow", login_body("alice@example.com", "GB"))[1]["status"] == -1
+        proxy.cut("blackhole")
+        time.sleep(1.0)  # the poll of changes goes stale: every account needs the database now
+        for login, status in (("alice@example.com", -1), ("dave@example.com", 0)):
+            code, answer, seconds = post(port, "allow", login_body(login, "GB"))
+            assert code == 200 and answer["status"] == status and seconds < 1.0, (login, answer, seconds)
+        proxy.restore()
+    finally:
+        proxy.close()
+
+
+def test_oversized_bodies_and_other_methods_are_refused(start_daemon, sqlite_url):
+    port = free_port()
+    daemon = start_daemon(**{"db.dbcon": sqlite_url, "dovecot.policy_port": port, "dovecot.api_header": API_HEADER})
+    code, _answer, _seconds = post(port, "allow", b"{" + b" " * 20000 + b"}")
+    assert code == 413
+    assert post(port, "shutdown", login_body("alice@example.com", "GB"))[0] == 400
+    assert post(port, "allow", b"[1, 2]")[0] == 400
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/?command=allow", timeout=5)
+    assert refused.value.code == 405
+    # still serving, and a login without an account name is nobody's business
+    assert post(port, "allow", login_body("", "GB"))[1] == {"status": 0}
+    assert "refused (HTTP 413)" in daemon.log() and "refused (HTTP 405)" in daemon.log()
+
+
+def test_rules_apply_to_logins_as_to_submissions(start_daemon, sqlite_url):
+    """Whitelisted logins and ignored countries do not count; in monitor mode
+    a flagged account is not refused; after SIGHUP the new rules apply."""
+    port = free_port()
+    daemon = start_daemon(**{"db.dbcon": sqlite_url, "policy.action": "REJECT", "dovecot.policy_port": port,
+                             "dovecot.count_logins": "yes", "dovecot.api_header": API_HEADER,
+                             "policy.whitelisted": "boss@example.com",
+                             "policy.ignorecountries": "SE", "policy.mode": "monitor"})
+    for country in ("GB", "US", "FR", "DE", "JP"):
+        post(port, "report", login_body("boss@example.com", country, success=True))
+        post(port, "report", login_body("alice@example.com", country, success=True))
+    assert post(port, "allow", login_body("alice@example.com", "GB"))[1] == {"status": 0}  # flagged only
+    assert "would be blocked" in pcc_command(daemon.config_path, "-l").stdout
+    assert "boss@example.com" not in pcc_command(daemon.config_path, "-l").stdout
+    for country in ("SE", "SE"):
+        post(port, "report", login_body("carol@example.com", country, success=True))
+    assert "not counted: SE is in ignorecountries" in daemon.log()
+    config = open(daemon.config_path).read().replace("mode = monitor", "mode = enforce")
+    open(daemon.config_path, "w").write(config)
+    daemon.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "reloaded" not in daemon.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for country in ("GB", "US", "FR", "DE"):  # judged afresh in enforce mode: the 4th blocks
+        post(port, "report", login_body("alice@example.com", country, success=True))
+    assert post(port, "allow", login_body("alice@example.com", "GB"))[1]["status"] == -1

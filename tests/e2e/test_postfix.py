@@ -1,0 +1,158 @@
+"""The whole loop on a real Postfix: XCLIENT makes one machine send "from" any
+country as any SASL login (see ../shared/postfix-e2e.md); pcc answers; Postfix
+queues, holds or rejects; the admin commands release or delete held mail."""
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, PostfixInstance, free_port, ip_in, unavailable, wait_until_visible
+
+ALICE, BOB, CAROL = "alice@example.com", "bob@example.com", "carol@example.org"
+
+
+@pytest.fixture(scope="module")
+def postfix():
+    if shutil.which("postfix") is None or shutil.which("postqueue") is None:
+        unavailable("Postfix (Debian package postfix)")
+    instance = PostfixInstance(free_port())
+    instance.start()
+    yield instance
+    instance.stop()
+
+
+@pytest.fixture
+def pcc_for(postfix, start_daemon, sqlite_url, smtp_sink):
+    """pcc.py -d for the Postfix instance, in the given action mode."""
+    postfix.empty_queue()
+
+    def start(action: str, **extra):
+        return start_daemon(**{
+            "server.port": postfix.pcc_port, "db.dbcon": sqlite_url, "postfix.config_directory": postfix.directory,
+            "policy.action": action, "policy.reason": "Too many countries, contact support",
+            "mail.notice": "admin@example.com", "mail.mailsrv": "127.0.0.1", "mail.mailport": smtp_sink.port,
+            **extra,
+        })
+
+    return start
+
+
+def admin(daemon, *arguments):
+    result = subprocess.run([sys.executable, str(ROOT / "pcc.py"), "--config", daemon.config_path, *arguments],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def walk(postfix, login, countries, sender=None):
+    return [postfix.send(login, ip_in(country), sender) for country in countries]
+
+
+def test_hold_then_release_exactly_that_accounts_mail(postfix, pcc_for, smtp_sink):
+    daemon = pcc_for("HOLD")
+    first_three = walk(postfix, ALICE, ["GB", "US", "FR"])
+    assert [code for code, _text, _id in first_three] == [250, 250, 250]
+    _code, _text, fourth = postfix.send(ALICE, ip_in("DE"))
+    # later mail of alice, under another envelope sender, is held too
+    _code, _text, later = postfix.send(ALICE, ip_in("GB"), sender="newsletter@example.net")
+    # bob keeps sending; carol is blocked by hand and her mail is held as well
+    _code, _text, bobs = postfix.send(BOB, ip_in("GB"))
+    admin(daemon, "-b", CAROL)
+    _code, _text, carols = postfix.send(CAROL, ip_in("GB"), sender=ALICE)
+    queue = postfix.queue()
+    assert all(queue[queue_id] != "hold" for _c, _t, queue_id in first_three)
+    assert queue[fourth] == queue[later] == queue[carols] == "hold"
+    assert queue[bobs] != "hold"
+    mails = smtp_sink.wait_for(2)
+    about_alice = [m for _rcpt, m in mails if ALICE in m["Subject"]]
+    assert len(about_alice) == 1 and "blocked" in about_alice[0]["Subject"]
+
+    output = admin(daemon, "-r", ALICE)
+    assert "released 2 held messages" in output
+    queue = postfix.queue()
+    assert queue.get(fourth) != "hold" and queue.get(later) != "hold"
+    assert queue[carols] == "hold"  # another account's held mail stays held
+    # alice sends normally again, in a fresh window (the daemon had her in
+    # memory, blocked: the unblock reaches it within a second)
+    wait_until_visible()
+    _code, _text, again = postfix.send(ALICE, ip_in("GB"))
+    assert postfix.queue()[again] != "hold"
+    assert "released 0 held messages" in admin(daemon, "-r", ALICE)  # safe to repeat
+    assert any("unblocked" in m["Subject"] for _r, m in smtp_sink.wait_for(3))
+
+
+def test_erase_deletes_exactly_that_accounts_held_mail(postfix, pcc_for):
+    daemon = pcc_for("HOLD")
+    walk(postfix, ALICE, ["GB", "US", "FR"])
+    held = [postfix.send(ALICE, ip_in(country))[2] for country in ("DE", "SE")]
+    walk(postfix, CAROL, ["GB", "US", "FR"])
+    carols = postfix.send(CAROL, ip_in("JP"))[2]
+    assert postfix.queue()[carols] == "hold"
+    output = admin(daemon, "-e", ALICE)
+    assert "deleted 2 held messages" in output
+    queue = postfix.queue()
+    assert held[0] not in queue and held[1] not in queue
+    assert queue[carols] == "hold"
+    assert "not blocked" in admin(daemon, "-e", ALICE)
+
+
+def test_reject_mode_answers_554_with_the_reason(postfix, pcc_for):
+    pcc_for("REJECT")
+    codes = [code for code, _text, _id in walk(postfix, ALICE, ["GB", "US", "FR"])]
+    assert codes == [250, 250, 250]
+    code, text, queue_id = postfix.send(ALICE, ip_in("DE"))
+    assert code == 554 and queue_id is None
+    assert "Too many countries, contact support" in text
+    assert postfix.send(ALICE, ip_in("GB"))[0] == 554
+    assert postfix.send(BOB, ip_in("DE"))[0] == 250
+
+
+def test_manual_block_is_enforced_on_the_next_message(postfix, pcc_for):
+    daemon = pcc_for("REJECT")
+    assert postfix.send(BOB, ip_in("GB"))[0] == 250
+    assert "blocked" in admin(daemon, "-b", BOB)
+    wait_until_visible()  # bob is in the daemon's memory; the block reaches it within a second
+    assert postfix.send(BOB, ip_in("GB"))[0] == 554
+    assert "already blocked" in admin(daemon, "-b", BOB)
+    admin(daemon, "-u", BOB)
+    wait_until_visible()
+    assert postfix.send(BOB, ip_in("GB"))[0] == 250
+
+
+def test_impossible_travel_is_rejected(postfix, pcc_for, smtp_sink, geolite2_city_2015):
+    """Real 2015 GeoLite2-City data: Princeton, then Stanford (4,100 km) a few
+    seconds later, in the same country."""
+    pcc_for("REJECT", **{"geoip.database": geolite2_city_2015, "policy.max_travel_speed_kmh": "1000",
+                         "policy.impossible_travel_action": "block"})
+    assert postfix.send(ALICE, "128.112.0.1")[0] == 250
+    assert postfix.send(ALICE, "128.112.0.9")[0] == 250  # same place, another address: not a journey
+    code, text, _queue_id = postfix.send(ALICE, "171.64.0.1")
+    assert code == 554 and "Too many countries, contact support" in text
+    assert postfix.send(ALICE, "128.112.0.1")[0] == 554  # blocked now, from anywhere
+    assert postfix.send(BOB, "171.64.0.1")[0] == 250
+    (mail,) = [m for _rcpt, m in smtp_sink.wait_for(1)]
+    body = mail.get_content()
+    assert mail["Subject"] == f"pcc: account {ALICE} blocked (REJECT)"
+    # the move within Princeton was not written (same place), so the journey starts at the first address
+    assert "Why: blocking: impossible travel: Princeton, US (128.112.0.1)" in body
+    assert "Stanford, US" in body and "the limit is 1,000 km/h" in body
+
+
+def test_travel_pass_lets_a_trip_through(postfix, pcc_for):
+    daemon = pcc_for("REJECT")
+    admin(daemon, "--allow", ALICE, "--country", "FR,DE", "--days", "14")
+    codes = [code for code, _text, _id in walk(postfix, ALICE, ["GB", "US", "FR", "DE", "JP"])]
+    assert codes == [250] * 5  # FR and DE do not count: GB, US, JP are three
+    assert postfix.send(ALICE, ip_in("BR"))[0] == 554
+    assert "travel pass FR: active until" in admin(daemon, "-s", ALICE)
+
+
+def test_monitor_mode_holds_nothing(postfix, pcc_for, smtp_sink):
+    daemon = pcc_for("HOLD", **{"policy.mode": "monitor"})
+    sent = walk(postfix, ALICE, ["GB", "US", "FR", "DE", "SE"])
+    assert [code for code, _text, _id in sent] == [250] * 5
+    queue = postfix.queue()
+    assert all(queue.get(queue_id) != "hold" for _c, _t, queue_id in sent)
+    (mail,) = [m for _rcpt, m in smtp_sink.wait_for(1)]
+    assert mail["Subject"] == f"pcc: account {ALICE} would be blocked (monitor mode)"
+    assert "would be blocked" in admin(daemon, "-l")

@@ -1,0 +1,223 @@
+"""pcc.py --replay: Postfix logs through the daemon's own decision."""
+import datetime as dt
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import sqlalchemy as sa
+from conftest import (
+    NOT_IN_GEOIP,
+    ROOT,
+    SERVER_DATABASES,
+    fresh_database,
+    ip_in,
+    write_config,
+)
+
+from pcclib.storage import Block, Sighting
+
+START = dt.datetime(2025, 12, 30, 22, 0, 0, tzinfo=dt.timezone.utc)  # the classic log crosses new year
+
+
+def classic(moment, ip, login, service="postfix/submission/smtpd"):
+    return (f"{moment:%b} {moment.day:2d} {moment:%H:%M:%S} mx {service}[4242]: 4F3A21C0: "
+            f"client=unknown[{ip}], sasl_method=LOGIN, sasl_username={login}\n")
+
+
+def rfc3339(moment, ip, login, service="postfix/smtpd"):
+    local = moment.astimezone(dt.timezone(dt.timedelta(hours=2)))
+    return (f"{local.isoformat(timespec='microseconds')} mx {service}[77]: 5B2C: client=mail.example[{ip}]:5432,"
+            f" sasl_method=PLAIN, sasl_username={login}, sasl_sender=\n")
+
+
+def scenario():
+    """(moment, ip, login) submissions: a home user, a traveller who stays
+    within the rule, a compromised account, and one whose countries are spread
+    wider than the window."""
+    events = []
+    hour = dt.timedelta(hours=1)
+    for n in range(30):
+        events.append((START + n * hour, ip_in("GB", n % 3 + 1), "home@example.com"))
+    for n, country in enumerate(["GB", "FR", "DE", "FR", "GB"]):
+        events.append((START + n * 5 * hour, ip_in(country), "traveller@example.com"))
+    for n, country in enumerate(["US", "BR", "CN", "RU", "NL", "JP"]):  # blocked at the 4th: RU
+        events.append((START + dt.timedelta(hours=3, minutes=7 * n), ip_in(country, version=6 if n % 2 else 4),
+                       "victim@example.com"))
+    for n, country in enumerate(["GB", "US", "FR", "DE"]):  # one country every 2 days: never 4 in 3 days
+        events.append((START + dt.timedelta(days=2 * n), ip_in(country), "slow@example.com"))
+    events.append((START + 2 * hour, NOT_IN_GEOIP, "home@example.com"))
+    events.sort()
+    return events
+
+
+def write_logs(directory, events):
+    """The same events as a classic syslog file (plain) and an RFC 3339 file (gz)."""
+    noise = "Dec 30 22:00:00 mx postfix/qmgr[9]: 4F3A21C0: from=<a@b>, size=1, nrcpt=1 (queue active)\n"
+    garbage = [
+        "Dec 30 22:00:01 mx postfix/smtpd[1]: 4F3A21C0: client=unknown[], sasl_username=bad@example.com\n",
+        "Dez 30 22:00:01 mx postfix/smtpd[1]: 4F3A21C0: client=unknown[1.2.3.4], sasl_username=x@example.com\n",
+    ]
+    classic_path = directory / "maillog"
+    with open(classic_path, "w") as out:
+        out.write(noise)
+        out.writelines(garbage)
+        out.writelines(classic(*event) for event in events)
+    iso_path = directory / "maillog.json.gz"
+    with gzip.open(iso_path, "wt") as out:
+        out.write(noise)
+        out.writelines(rfc3339(*event) for event in events)
+    return str(classic_path), str(iso_path)
+
+
+@pytest.fixture
+def config(tmp_path, geoip_path):
+    return write_config(tmp_path, {"db.dbcon": f"sqlite:///{tmp_path}/live.sqlite3", "geoip.database": geoip_path,
+                                   "db.spool_file": "", "policy.action": "REJECT"})
+
+
+def replay(config, *arguments, stdin=None):
+    result = subprocess.run([sys.executable, str(ROOT / "pcc.py"), "--config", config, "--replay", *arguments],
+                            capture_output=True, text=True, timeout=120, input=stdin,
+                            env={**os.environ, "TZ": "UTC"})
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_report_in_both_time_stamp_formats(tmp_path, config):
+    classic_path, iso_path = write_logs(tmp_path, scenario())
+    for path in (classic_path, iso_path):
+        report = json.loads(replay(config, path, "--json"))
+        assert [block["login"] for block in report["would_block"]] == ["victim@example.com"]
+        (block,) = report["would_block"]
+        assert block["blocked_at"] == (START + dt.timedelta(hours=3, minutes=21)).isoformat()
+        assert [seen["country"] for seen in block["countries"]] == ["US", "BR", "CN", "RU"]
+        assert block["countries"][1]["last_ip"] == ip_in("BR", version=6)
+        assert "sasl_username=victim@example.com" in block["log_line"] and ip_in("RU", version=6) in block["log_line"]
+        assert report["submissions"] == len(scenario())
+        assert report["accounts_by_most_countries"] == {"1": 1, "2": 1, "3": 1, "4": 1, "5+": 0}
+        assert report["first"] == START.isoformat()
+    assert json.loads(replay(config, classic_path, "--json"))["unparseable_lines"] == 2
+    assert not os.path.exists(tmp_path / "live.sqlite3")  # the live database is never touched
+
+
+def test_text_report(tmp_path, config):
+    classic_path, _ = write_logs(tmp_path, scenario())
+    text = replay(config, classic_path)
+    assert f"{len(scenario()) + 3} lines, {len(scenario())} authenticated submissions" in text
+    assert "2 unparseable lines skipped" in text
+    assert "Would have blocked 1 account:" in text
+    assert "victim@example.com  at 2025-12-31 01:21:00 UTC  from US" in text
+    assert "    why: blocking: 4 of at most 3 countries in 3 days (US, " in text
+    assert "   4 countries 1" in text
+
+
+def test_threshold_and_days_overrides(tmp_path, config):
+    classic_path, _ = write_logs(tmp_path, scenario())
+
+    def blocked(*extra):
+        report = json.loads(replay(config, classic_path, "--json", *extra))
+        return sorted(block["login"] for block in report["would_block"])
+
+    assert blocked("--threshold", "2") == ["traveller@example.com", "victim@example.com"]
+    assert blocked("--days", "7") == ["slow@example.com", "victim@example.com"]
+    assert blocked("--threshold", "6") == []
+
+
+def test_whitelists_ignored_countries_and_domains_apply(tmp_path, geoip_path):
+    classic_path, _ = write_logs(tmp_path, scenario())
+    for overrides in ({"policy.whitelisted": "victim@example.com"}, {"policy.ignorecountries": "RU"},
+                      {"mail.domains": "example.org"}, {"policy.whitelistedips": "2a0c::/16, 30.1.0.0/16"}):
+        config = write_config(tmp_path, {"db.dbcon": "sqlite://", "geoip.database": geoip_path, **overrides})
+        report = json.loads(replay(config, classic_path, "--json"))
+        blocked = [b["login"] for b in report["would_block"]]
+        if "policy.ignorecountries" in overrides:
+            assert blocked == ["victim@example.com"]  # still blocked, one country later (NL)
+            assert [c["country"] for c in report["would_block"][0]["countries"]] == ["US", "BR", "CN", "NL"]
+        else:
+            assert blocked == [], overrides
+
+
+def test_standard_input_and_several_files(tmp_path, config):
+    classic_path, _ = write_logs(tmp_path, scenario())
+    text = open(classic_path).read()
+    assert json.loads(replay(config, "-", "--json", stdin=text))["would_block"][0]["login"] == "victim@example.com"
+    half = len(text.splitlines()) // 2
+    first, second = tmp_path / "maillog.1", tmp_path / "maillog.0"
+    first.write_text("".join(text.splitlines(True)[:half]))
+    second.write_text("".join(text.splitlines(True)[half:]))
+    report = json.loads(replay(config, str(first), str(second), "--json"))
+    assert [b["login"] for b in report["would_block"]] == ["victim@example.com"]
+
+
+def test_predictions_match_the_live_daemon(tmp_path, config, start_daemon, geoip_path):
+    # a short log (within one window), so the daemon's real clock and the log's agree
+    events = [(START + dt.timedelta(minutes=n), ip, login) for n, (_t, ip, login) in enumerate(scenario())
+              if login != "slow@example.com"]
+    events += [(START + dt.timedelta(hours=5, minutes=n), ip_in(c), "slow@example.com")
+               for n, c in enumerate(["GB", "US", "FR"])]
+    classic_path, _ = write_logs(tmp_path, events)
+    predicted = json.loads(replay(config, classic_path, "--json"))["would_block"]
+    daemon = start_daemon(**{"policy.action": "REJECT"})
+    client = daemon.client()
+    live_blocks = {}
+    for _moment, ip, login in events:
+        if client.ask(login, ip).startswith("REJECT") and login not in live_blocks:
+            live_blocks[login] = ip
+    assert {b["login"]: b["countries"][-1]["last_ip"] for b in predicted} == live_blocks
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_record_writes_sightings_a_new_daemon_knows(tmp_path, geoip_path, start_daemon, backend):
+    url = f"sqlite:///{tmp_path}/record.sqlite3" if backend == "sqlite" else fresh_database(
+        SERVER_DATABASES["postgresql"])
+    now = dt.datetime.now(dt.timezone.utc)
+    events = [(now - dt.timedelta(hours=5 - n), ip_in(c), "alice@example.com")
+              for n, c in enumerate(["GB", "US", "FR"])]
+    events.append((now - dt.timedelta(hours=1), ip_in("GB", 9), "alice@example.com"))
+    log_path, _ = write_logs(tmp_path, events)
+    config = write_config(tmp_path, {"db.dbcon": url, "geoip.database": geoip_path, "db.spool_file": ""},
+                          name="record.conf")
+    output = replay(config, log_path, "--record")
+    assert "recorded 3 sightings of 1 accounts from 4 submissions" in output
+    engine = sa.create_engine(url)
+    with engine.connect() as connection:
+        rows = connection.execute(sa.select(Sighting.country, Sighting.last_ip, Sighting.first_seen)
+                                  .order_by(Sighting.country)).all()
+        blocks = connection.execute(sa.select(sa.func.count()).select_from(Block)).scalar()
+    engine.dispose()
+    assert [(r.country, r.last_ip) for r in rows] == [("FR", ip_in("FR")), ("GB", ip_in("GB", 9)),
+                                                        ("US", ip_in("US"))]
+    assert blocks == 0  # sightings, never blocks
+    # recording again merges: nothing doubles, the earliest first_seen stays
+    replay(config, log_path, "--record")
+    daemon = start_daemon(**{"db.dbcon": url, "policy.action": "REJECT"})
+    assert daemon.client().ask("alice@example.com", ip_in("DE")).startswith("REJECT")
+
+
+def test_replay_skips_a_time_stamp_out_of_range(tmp_path, geoip_path):
+    config = write_config(tmp_path, {"geoip.database": geoip_path, "db.dbcon": f"sqlite:///{tmp_path}/r.db"})
+    log = tmp_path / "mail.log"
+    log.write_text("0001-01-01T00:00:00+05:00 mx postfix/submission/smtpd[1]: 4F3A21C0: "
+                   f"client=unknown[{ip_in('GB')}], sasl_method=LOGIN, sasl_username=alice@example.com\n")
+    result = subprocess.run([sys.executable, str(ROOT / "pcc.py"), "--config", config, "--replay", str(log),
+                             "--json"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["lines"] == 1 and report["submissions"] == 0 and report["unparseable_lines"] == 1
+
+
+def test_replay_into_head_ends_quietly(tmp_path, geoip_path):
+    config = write_config(tmp_path, {"geoip.database": geoip_path, "db.dbcon": f"sqlite:///{tmp_path}/r.db"})
+    log = tmp_path / "mail.log"
+    with open(log, "w") as out:
+        for n in range(3000):
+            out.write(f"Nov 25 18:{n // 60 % 60:02d}:{n % 60:02d} mx postfix/submission/smtpd[1]: X: "
+                      f"client=unknown[{ip_in(['GB', 'US', 'FR', 'DE'][n % 4])}], sasl_method=LOGIN, "
+                      f"sasl_username=user{n}@example.com\n")
+    pipeline = subprocess.run(f"{sys.executable} {ROOT / 'pcc.py'} --config {config} --replay {log} --json | head -1",
+                              shell=True, capture_output=True, text=True, timeout=60)
+    assert pipeline.stdout.strip() == "{"
+    assert pipeline.stderr == ""

@@ -1,0 +1,185 @@
+"""Write-heavy traffic (#14): sightings are written behind the answer in
+batches and counted from memory at once; blocks are still written before the
+answer; several daemons on one database see each other's sightings, blocks,
+unblocks and travel passes within a second; a kill -9 loses at most the last
+moments of sightings, never a block."""
+import signal
+import socket
+import threading
+import time
+
+from conftest import (
+    WritersLockedOut,
+    all_at_once,
+    encode_request,
+    free_port,
+    ip_in,
+    pcc_command,
+    policy_request,
+    scrape,
+    sightings_in_database,
+    wait_until_visible,
+)
+
+
+def decision_lines(daemon, login) -> list:
+    return [line for line in daemon.log().splitlines() if f"login={login} " in line]
+
+
+def test_requests_do_not_wait_for_sighting_writes(start_daemon, db_url):
+    """With writers of pcc_sightings locked out by another transaction, new
+    countries are answered at once and counted (the third one says 3 of 3);
+    the sightings reach the database when the lock goes."""
+    daemon = start_daemon(**{"db.dbcon": db_url})
+    client = daemon.client()
+    assert client.ask("alice@example.com", ip_in("GB")) == "DUNNO"
+    time.sleep(0.3)  # written
+    with WritersLockedOut(db_url, "pcc_sightings"):
+        for country in ("US", "FR"):
+            started = time.monotonic()
+            assert client.ask("alice@example.com", ip_in(country)) == "DUNNO"
+            assert time.monotonic() - started < 0.3, f"{country} waited for the locked table"
+        assert sightings_in_database(db_url, "alice@example.com") == {("alice@example.com", "GB")}
+        assert "3 of at most 3 countries" in decision_lines(daemon, "alice@example.com")[-1]
+    deadline = time.monotonic() + 5
+    while len(sightings_in_database(db_url, "alice@example.com")) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sightings_in_database(db_url, "alice@example.com") == {("alice@example.com", c) for c in ("GB", "US", "FR")}
+    assert "database failing" not in daemon.log()
+
+
+def test_sightings_are_written_in_batches(start_daemon, db_url):
+    """Sixty accounts' first messages at once cost a few write transactions,
+    not sixty; every sighting is in the database a moment later."""
+    metrics_port = free_port()
+    daemon = start_daemon(**{"db.dbcon": db_url, "server.metrics_port": metrics_port})
+    logins = [f"user{n}@example.com" for n in range(60)]
+
+    def send(n):
+        client = daemon.client()
+        answer = client.ask(logins[n], ip_in("GB"))
+        client.close()
+        return answer
+
+    assert all_at_once(60, send) == ["DUNNO"] * 60
+    deadline = time.monotonic() + 5
+    while len(sightings_in_database(db_url)) < 60 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sightings_in_database(db_url) == {(login, "GB") for login in logins}
+    writes = scrape(metrics_port)[("pcc_database_operations_total", (("operation", "sighting_write"),))]
+    assert 1 <= writes <= 30, writes
+    assert scrape(metrics_port)[("pcc_unwritten_sightings", ())] == 0
+
+
+def test_a_sigterm_writes_what_is_pending(start_daemon, db_url):
+    daemon = start_daemon(**{"db.dbcon": db_url})
+    client = daemon.client()
+    for n in range(20):
+        assert client.ask(f"user{n}@example.com", ip_in("US")) == "DUNNO"
+    daemon.stop()
+    assert daemon.process.returncode == 0
+    assert sightings_in_database(db_url) == {(f"user{n}@example.com", "US") for n in range(20)}
+
+
+def _send_until_killed(port, logins, country, answered, stop):
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        for login in logins:
+            if stop.is_set():
+                return
+            sock.sendall(encode_request(policy_request(login, ip_in(country))))
+            reply = b""
+            while not reply.endswith(b"\n\n"):
+                chunk = sock.recv(4096)
+                if not chunk:
+                    return
+                reply += chunk
+            answered.append((login, time.monotonic(), reply.decode()))
+    except OSError:
+        return
+    finally:
+        sock.close()
+
+
+def test_kill_9_under_load_loses_at_most_the_last_moment(start_daemon, db_url, tmp_path):
+    """Sixteen connections send first sightings as fast as the daemon answers
+    (the writer thread gets its share of the GIL only), and one stolen account
+    crosses the line among them; kill -9.  Every sighting answered more than
+    0.25 s before pcc's last answer is in the database (pcc writes every 50
+    ms, and requests write themselves once the writer is 100 ms behind), and
+    the block is in the database or the spool."""
+    daemon = start_daemon(**{"db.dbcon": db_url, "policy.action": "HOLD"})
+    answered: list = []
+    stop = threading.Event()
+    threads = [threading.Thread(target=_send_until_killed, args=(
+        daemon.port, [f"c{n}-{k}@example.com" for k in range(100000)], "GB", answered, stop)) for n in range(16)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.7)
+    stolen = daemon.client()
+    answers = [stolen.ask("stolen@example.com", ip_in(country)) for country in ("GB", "US", "FR", "DE")]
+    assert answers[:3] == ["DUNNO"] * 3 and answers[3].startswith("HOLD")
+    time.sleep(0.7)
+    daemon.process.send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    daemon.process.wait()
+    stop.set()
+    for thread in threads:
+        thread.join()
+    in_database = {login for login, _country in sightings_in_database(db_url)}
+    # pcc's promise: it gives no answer while a sighting more than 100 ms old is
+    # unwritten (the database working).  So a sighting can be lost only if it
+    # was answered within the last moments before pcc's last answer; those
+    # moments may end well before the kill when the database is slow to commit
+    # (answers then wait, the loss does not grow).
+    first_sights = [(login, at) for login, at, reply in answered if "DUNNO" in reply]
+    last_answer = max(at for _login, at in first_sights)
+    settled = {login for login, at in first_sights if at < last_answer - 0.25}
+    assert len(settled) > 200, len(settled)  # the load was real
+    lost = [(login, round(last_answer - at, 3)) for login, at in first_sights
+            if login in settled and login not in in_database]
+    slow = [line for line in daemon.log().splitlines() if "sightings took" in line]
+    assert lost == [], f"{len(lost)} of {len(settled)} sightings answered more than 0.25 s before the last " \
+                       f"answer were lost (login, seconds before it): {lost[:5]}; last answer " \
+                       f"{killed_at - last_answer:.3f} s before the kill; slow writes: {slow[-5:]}"
+    restarted = start_daemon(**{"db.dbcon": db_url, "policy.action": "HOLD",
+                                "db.spool_file": daemon_spool(daemon)})
+    assert restarted.client().ask("stolen@example.com", ip_in("GB")).startswith("HOLD")
+
+
+def daemon_spool(daemon) -> str:
+    for line in open(daemon.config_path):
+        if line.startswith("spool_file"):
+            return line.split("=", 1)[1].strip()
+    raise AssertionError("no spool_file")
+
+
+def test_two_daemons_see_each_other_within_a_second(start_daemon, shared_db_url, smtp_sink):
+    """Both daemons have the accounts in memory; what one records, or an
+    administrator changes, counts in the other one a second later."""
+    settings = {"db.dbcon": shared_db_url, "policy.action": "REJECT", "mail.notice": "admin@example.com",
+                "mail.mailsrv": "127.0.0.1", "mail.mailport": smtp_sink.port}
+    first, second = start_daemon(**settings), start_daemon(**settings)
+    one, two = first.client(), second.client()
+    assert two.ask("alice@example.com", ip_in("GB")) == "DUNNO"  # alice is in the second's memory
+    assert one.ask("alice@example.com", ip_in("US")) == "DUNNO"
+    wait_until_visible()
+    assert two.ask("alice@example.com", ip_in("FR")) == "DUNNO"
+    assert "3 of at most 3 countries" in decision_lines(second, "alice@example.com")[-1]
+    wait_until_visible()
+    assert one.ask("alice@example.com", ip_in("DE")).startswith("REJECT")  # the first daemon blocks
+    wait_until_visible()
+    assert two.ask("alice@example.com", ip_in("GB")).startswith("REJECT")
+    assert "account blocked since" in decision_lines(second, "alice@example.com")[-1]
+
+    pcc_command(first.config_path, "-u", "alice@example.com")
+    wait_until_visible()
+    assert one.ask("alice@example.com", ip_in("GB")) == "DUNNO"
+    assert two.ask("alice@example.com", ip_in("GB")) == "DUNNO"
+
+    for client in (one, two):
+        assert client.ask("bob@example.com", ip_in("GB")) == "DUNNO"
+    pcc_command(first.config_path, "--allow", "bob@example.com", "--country", "JP", "--days", "3")
+    wait_until_visible()
+    assert two.ask("bob@example.com", ip_in("JP")) == "DUNNO"
+    assert "not counted: travel pass for JP" in decision_lines(second, "bob@example.com")[-1]

@@ -1,0 +1,168 @@
+"""Configuration: every key present, every value checked, one clear line on error."""
+import configparser
+
+import pytest
+from conftest import ROOT, write_config
+
+from pcclib.cli import main
+from pcclib.config import ConfigError, load_settings
+
+
+def shipped_keys():
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(ROOT / "pcc.conf", encoding="utf-8")
+    return [(section, key) for section in parser.sections() for key in parser[section]]
+
+
+def config_without(tmp_path, section, key):
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(ROOT / "pcc.conf", encoding="utf-8")
+    parser.remove_option(section, key)
+    path = tmp_path / "broken.conf"
+    with open(path, "w") as config_file:
+        parser.write(config_file)
+    return str(path)
+
+
+def test_shipped_config_is_valid_and_runs_on_embedded_defaults():
+    settings = load_settings(str(ROOT / "pcc.conf"))
+    assert (settings.host, settings.port) == ("127.0.0.1", 9999)
+    assert settings.dbcon.startswith("sqlite:")
+    assert settings.geoip_database == ""
+    assert settings.action in ("REJECT", "HOLD")
+    assert settings.how_many_different_countries == 3
+
+
+@pytest.mark.parametrize("section, key", shipped_keys())
+def test_every_key_is_required(tmp_path, section, key):
+    with pytest.raises(ConfigError) as error:
+        load_settings(config_without(tmp_path, section, key))
+    assert f"[{section}] {key}: key is missing" in str(error.value)
+    assert "broken.conf" in str(error.value)
+
+
+def test_missing_section(tmp_path):
+    path = tmp_path / "nosection.conf"
+    path.write_text("[server]\nhost = 127.0.0.1\nport = 9999\n")
+    with pytest.raises(ConfigError, match=r"nosection.conf: \[server\] max_request_bytes: key is missing"):
+        load_settings(str(path))
+    path.write_text("")
+    with pytest.raises(ConfigError, match=r"section \[server\] is missing"):
+        load_settings(str(path))
+
+
+@pytest.mark.parametrize("dotted, value, message", [
+    ("server.port", "abc", "[server] port: must be a whole number, got 'abc'"),
+    ("server.port", "70000", "[server] port: must be between 1 and 65535"),
+    ("server.port", "", "[server] port: must not be blank"),
+    ("server.host", "", "[server] host: must not be blank"),
+    ("server.allowed_clients", "10.0.0.0/33", "[server] allowed_clients: '10.0.0.0/33' is not an IP"),
+    ("db.dbcon", "", "[db] dbcon: must not be blank"),
+    ("db.dbcon", "not a url", "[db] dbcon: is not an SQLAlchemy database URL"),
+    ("db.db_error_action", "OK", "[db] db_error_action: must be one of DUNNO, DEFER_IF_PERMIT"),
+    ("geoip.database", "/nonexistent/x.mmdb", "[geoip] database: no such file"),
+    ("mail.mailport", "-1", "[mail] mailport: must be between 1 and 65535"),
+    ("mail.notice", "not-an-address", "[mail] notice: 'not-an-address' is not an email address"),
+    ("policy.action", "DROP", "[policy] action: must be one of REJECT, HOLD, got 'DROP'"),
+    ("policy.action", "", "[policy] action: must not be blank"),
+    ("policy.how_many_different_countries", "0", "[policy] how_many_different_countries: must be between 1"),
+    ("policy.how_many_different_countries", "2.5", "[policy] how_many_different_countries: must be a whole number"),
+    ("policy.in_how_much_time_in_days", "0", "[policy] in_how_much_time_in_days: must be more than 0"),
+    ("policy.in_how_much_time_in_days", "three", "[policy] in_how_much_time_in_days: must be a number"),
+    ("policy.ignorecountries", "DE, XX", "[policy] ignorecountries: 'XX' is not an ISO 3166"),
+    ("policy.ignorecountries", "GER", "[policy] ignorecountries: 'GER' is not an ISO 3166"),
+    ("policy.whitelistedips", "192.0.2.0/24, 2001:db8::/129", "[policy] whitelistedips: '2001:db8::/129'"),
+    ("policy.whitelistedips", "example.com", "[policy] whitelistedips: 'example.com' is not an IP"),
+    ("policy.reason", "two\n  lines", "[policy] reason: must be one line"),
+])
+def test_bad_values_are_named(tmp_path, dotted, value, message):
+    with pytest.raises(ConfigError) as error:
+        load_settings(write_config(tmp_path, {dotted: value}))
+    assert message in str(error.value)
+    assert str(tmp_path / "pcc.conf") in str(error.value)
+
+
+def test_notice_needs_a_mail_server(tmp_path):
+    path = write_config(tmp_path, {"mail.notice": "admin@example.com", "mail.mailsrv": ""})
+    with pytest.raises(ConfigError, match=r"\[mail\] mailsrv: must name an SMTP server"):
+        load_settings(path)
+
+
+def test_blank_values_mean_none(tmp_path):
+    settings = load_settings(write_config(tmp_path, {
+        "mail.domains": "", "mail.notice": "", "policy.ignorecountries": "", "policy.whitelisted": "",
+        "policy.whitelistedips": "", "server.allowed_clients": "", "mail.mailport": "",
+    }))
+    assert settings.domains == frozenset() and settings.notice == ()
+    assert settings.whitelistedips == () and settings.allowed_clients == ()
+    assert settings.mailport == 25
+
+
+def test_lists_are_parsed_and_normalised(tmp_path):
+    settings = load_settings(write_config(tmp_path, {
+        "mail.domains": "Example.COM example.org", "policy.ignorecountries": "de,at",
+        "policy.whitelisted": "Boss@Example.com", "policy.whitelistedips": "192.0.2.1, 2001:db8::/32",
+        "mail.notice": "a@example.com, b@example.com", "policy.action": "hold",
+    }))
+    assert settings.domains == {"example.com", "example.org"}
+    assert settings.ignorecountries == {"DE", "AT"}
+    assert settings.whitelisted == {"boss@example.com"}
+    assert [str(n) for n in settings.whitelistedips] == ["192.0.2.1/32", "2001:db8::/32"]
+    assert settings.notice == ("a@example.com", "b@example.com")
+    assert settings.action == "HOLD"
+
+
+def test_the_keys_new_in_1_1_may_all_be_blank(tmp_path):
+    settings = load_settings(write_config(tmp_path, {
+        "server.metrics_port": "", "policy.mode": "", "policy.max_travel_speed_kmh": "",
+        "policy.travel_accuracy_radius_km": "", "policy.impossible_travel_action": "",
+    }))
+    assert settings.metrics_port is None and settings.mode == "ENFORCE" and not settings.monitoring
+    assert settings.max_travel_speed_kmh is None and settings.travel_accuracy_radius_km == 0
+    assert settings.impossible_travel_action == "NOTIFY"
+
+
+def test_a_1_0_config_names_the_first_missing_new_key(tmp_path):
+    path = write_config(tmp_path, {})
+    text = "".join(line for line in open(path) if not line.startswith("metrics_port"))
+    open(path, "w").write(text)
+    with pytest.raises(ConfigError, match=r"\[server\] metrics_port: key is missing \(every key must be present"):
+        load_settings(path)
+
+
+@pytest.mark.parametrize("dotted, value, message", [
+    ("server.port", "9999  # the port", "[server] port: has a comment after the value"),
+    ("policy.reason", "Go away ; ask the admin", "[policy] reason: has a comment after the value"),
+])
+def test_a_comment_after_a_value_is_refused(tmp_path, dotted, value, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_settings(write_config(tmp_path, {dotted: value}))
+
+
+def test_an_unknown_key_or_section_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"\[policy\] how_many_diferent_countries: unknown key \(a typo\?"):
+        load_settings(write_config(tmp_path, {"policy.how_many_diferent_countries": "3"}))
+    path = write_config(tmp_path, {})
+    with open(path, "a") as config_file:
+        config_file.write("\n[polcy]\naction = REJECT\n")
+    with pytest.raises(ConfigError, match=r"unknown section \[polcy\]"):
+        load_settings(path)
+
+
+def test_timeout_goes_with_update_geoip_only():
+    for arguments in (["-l", "--timeout", "3"], ["--update-geoip", "--timeout", "0"]):
+        with pytest.raises(SystemExit) as refused:
+            main(["--config", str(ROOT / "pcc.conf"), *arguments])
+        assert refused.value.code == 2
+
+
+def test_counting_logins_needs_an_api_header(make_settings):
+    """Else anyone who can reach the Dovecot port could report logins "from"
+    any country and block any account."""
+    with pytest.raises(ConfigError) as refused:
+        make_settings(**{"dovecot.policy_port": "9997", "dovecot.count_logins": "yes", "dovecot.api_header": ""})
+    assert "[dovecot] api_header: must be set when count_logins = yes" in str(refused.value)
+    assert "openssl rand" in str(refused.value) and "auth_policy_server_api_header" in str(refused.value)
+    make_settings(**{"dovecot.policy_port": "9997", "dovecot.count_logins": "no", "dovecot.api_header": ""})
+    make_settings(**{"dovecot.policy_port": "9997", "dovecot.count_logins": "yes",
+                     "dovecot.api_header": "Authorization: Basic cGNjOnNlY3JldA=="})

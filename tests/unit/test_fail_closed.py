@@ -1,0 +1,61 @@
+"""Faults that must never open the blocked list (#15 items 1-3, 12): a GeoIP file
+that cannot answer, a value the database refuses, a damaged or unwritable
+spool, a corrupt GeoIP file, and any exception nobody foresaw."""
+import os
+
+from conftest import (
+    encode_request,
+    ip_in,
+    policy_request,
+)
+
+import pcclib.service
+from pcclib.common import utcnow
+from pcclib.geoip import GeoIP
+from pcclib.notify import Notifier
+from pcclib.outage import OutageJournal
+from pcclib.protocol import parse_request
+from pcclib.server import PolicyServer
+from pcclib.service import PolicyService
+from pcclib.storage import Store
+
+
+def spool_entry(login: str) -> dict:
+    now = utcnow()
+    return {"login": login, "at": now.isoformat(), "action": "REJECT", "rule": "countries", "replaces_flag": False,
+            "reason": "blocking: 4 of at most 3 countries",
+            "countries": [{"country": "GB", "last_ip": ip_in("GB"), "first_seen": now.isoformat(),
+                           "last_seen": now.isoformat()}],
+            "trigger": {}, "sighting": ["GB", ip_in("GB")]}
+
+
+def test_rewriting_the_spool_never_follows_a_link(tmp_path):
+    spool = tmp_path / "spool.jsonl"
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    os.symlink(victim, str(spool) + ".tmp")  # where pcc 1.1 wrote its temporary file
+    journal = OutageJournal(str(spool))
+    entry = spool_entry("alice@example.com")
+    journal.add_block(entry)
+    journal.discard_block(entry)
+    assert victim.read_text() == "precious\n"
+    assert spool.read_text() == ""
+
+
+def test_an_unforeseen_error_keeps_a_known_blocked_account_blocked(make_settings, monkeypatch):
+    settings = make_settings(**{"policy.action": "REJECT", "db.db_error_action": "DEFER_IF_PERMIT"})
+    service = PolicyService(settings, Store(settings.dbcon), GeoIP(settings.geoip_database),
+                                Notifier(settings))
+    server = PolicyServer.__new__(PolicyServer)  # answer() only: no socket
+    server.service, server.settings = service, settings
+
+    def ask(login):
+        lines = encode_request(policy_request(login, ip_in("GB"))).decode().splitlines()
+        return server.answer([line for line in lines if line]).decode()
+
+    for country in ("GB", "US", "FR", "DE"):
+        service.answer(parse_request(f"{k}={v}" for k, v in policy_request("alice@example.com",
+                                                                                ip_in(country)).items()))
+    monkeypatch.setattr(pcclib.service, "decide_counted", lambda *_arguments: 1 / 0)
+    assert ask("alice@example.com").startswith("action=REJECT")
+    assert ask("bob@example.com") == "action=DEFER_IF_PERMIT\n\n"

@@ -1,0 +1,52 @@
+"""GeoIP: the configured .mmdb and the embedded default data."""
+import ipaddress
+
+import pytest
+from conftest import NOT_IN_GEOIP, ip_in
+
+from pcclib.geoip import GeoIP
+from pcclib.protocol import PolicyRequest
+
+
+def country(geoip, text):
+    return geoip.country(PolicyRequest(client_address=text).client_ip)
+
+
+@pytest.mark.parametrize("code", ["GB", "US", "JP", "ZA"])
+def test_mmdb_lookup_ipv4_and_ipv6(geoip, code):
+    assert country(geoip, ip_in(code)).code == code
+    assert country(geoip, ip_in(code, host=4000, version=6)).code == code
+
+
+def test_ipv4_mapped_ipv6_is_looked_up_as_ipv4(geoip):
+    assert country(geoip, "::ffff:" + ip_in("FR")).code == "FR"
+
+
+@pytest.mark.parametrize("text, note", [
+    ("10.1.2.3", "private address has no country"),
+    ("192.168.0.1", "private address has no country"),
+    ("127.0.0.1", "loopback address has no country"),
+    ("::1", "loopback address has no country"),
+    ("fd00::1", "private address has no country"),
+    ("100.64.0.1", "non-public address has no country"),
+    ("unknown", "client address is not an IP address"),
+    ("", "client address is not an IP address"),
+    (NOT_IN_GEOIP, "address not in the GeoIP database"),
+])
+def test_addresses_without_a_country(geoip, text, note):
+    found = country(geoip, text)
+    assert found.code is None and found.note == note
+
+
+def test_mmdb_description_names_file_and_build_date(geoip, geoip_path):
+    assert geoip.description.startswith(f"{geoip_path} (GeoLite2-Country, built ")
+    assert geoip.built is not None
+
+
+def test_embedded_default_data_works_offline():
+    embedded = GeoIP("")
+    assert embedded.description == "embedded GeoLite2-Country data of 2024-06-18 (geoip2fast package)"
+    assert embedded.country(ipaddress.ip_address("81.2.69.160")).code == "GB"
+    assert embedded.country(ipaddress.ip_address("8.8.8.8")).code == "US"
+    assert embedded.country(ipaddress.ip_address("2001:4860:4860::8888")).code == "US"
+    assert embedded.country(ipaddress.ip_address("10.0.0.1")).code is None

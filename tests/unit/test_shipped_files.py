@@ -1,0 +1,93 @@
+"""The files pcc ships say what the code does: the package's modules import
+one way and keep to their own names, pcc.py is the thin script, the systemd
+unit is hardened, README and pcc.conf give one rule for the configuration
+file's mode, and README names every option."""
+import ast
+import re
+import shutil
+import subprocess
+
+from conftest import ROOT, unavailable
+
+from pcclib.cli import build_argument_parser
+
+
+def test_one_rule_for_the_config_files_mode():
+    readme, shipped = (ROOT / "README.md").read_text(), (ROOT / "pcc.conf").read_text()
+    for text in (readme, shipped):
+        assert "mode 600" not in text and "chmod 600" not in text
+    assert "chown root:pcc /etc/pcc.conf; chmod 640 /etc/pcc.conf" in shipped
+    assert "`chown root:pcc`" in readme and "`chmod 640`" in readme
+
+
+def test_readme_names_every_long_option():
+    readme = (ROOT / "README.md").read_text()
+    options = [option for action in build_argument_parser()._actions for option in action.option_strings
+               if option.startswith("--") and option != "--help"]
+    assert len(options) > 15
+    missing = [option for option in options if f"`{option}" not in readme and f"/`{option}`" not in readme]
+    assert missing == []
+
+
+# The modules of pcclib, each importing only those before it (README, "How pcc is built").
+MODULE_ORDER = ("common config protocol ports geoip decision notify storage memory outage metrics service server "
+                "dovecot logs daemon admin replay update health cli").split()
+
+
+def imports_of(module: str) -> set:
+    """The pcclib modules `module` imports at run time (not those named only for annotations)."""
+    tree = ast.parse((ROOT / "pcclib" / f"{module}.py").read_text())
+    found = set()
+    for node in tree.body:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            continue
+        for inner in ast.walk(node):
+            if isinstance(inner, ast.ImportFrom) and inner.level == 1:
+                found.add(inner.module)
+    return found
+
+
+def test_every_module_is_in_the_map_and_imports_only_those_above_it():
+    modules = sorted(path.stem for path in (ROOT / "pcclib").glob("*.py") if path.stem != "__init__")
+    assert modules == sorted(MODULE_ORDER)
+    for position, module in enumerate(MODULE_ORDER):
+        above = set(MODULE_ORDER[:position])
+        assert imports_of(module) <= above, (module, imports_of(module) - above)
+    package_map = (ROOT / "pcclib" / "__init__.py").read_text()
+    assert [name for name in re.findall(r"^  (\w+) ", package_map, re.M)] == MODULE_ORDER
+
+
+def test_no_module_reaches_into_another_modules_private_names():
+    for module in MODULE_ORDER:
+        tree = ast.parse((ROOT / "pcclib" / f"{module}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                private = [alias.name for alias in node.names if alias.name.startswith("_")
+                           and alias.name != "__version__"]
+                assert not private, (module, node.module, private)
+
+
+def test_every_module_says_what_it_is_for():
+    for module in MODULE_ORDER:
+        docstring = ast.get_docstring(ast.parse((ROOT / "pcclib" / f"{module}.py").read_text()))
+        assert docstring and len(docstring) > 60, module
+
+
+def test_pcc_py_is_the_thin_script():
+    script = (ROOT / "pcc.py").read_text()
+    assert len(script.splitlines()) <= 40
+    tree = ast.parse(script)
+    assert [node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))] == []
+    assert "from pcclib.cli import main" in script
+
+
+def test_the_systemd_unit_is_hardened():
+    if shutil.which("systemd-analyze") is None:
+        unavailable("systemd-analyze (Debian's systemd package)")
+    result = subprocess.run(["systemd-analyze", "security", "--offline=true", str(ROOT / "pcc.service")],
+                            capture_output=True, text=True, timeout=60)
+    exposure = float(result.stdout.rsplit("Overall exposure level for pcc.service:", 1)[1].split()[0])
+    assert exposure < 2.0, result.stdout[-2000:]
+    unit = (ROOT / "pcc.service").read_text()
+    for line in ("MemoryMax=", "TasksMax=", "IPAddressDeny=any", "IPAddressAllow=localhost"):
+        assert f"\n{line}" in unit, line
