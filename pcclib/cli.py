@@ -11,15 +11,13 @@ import signal
 import sys
 from typing import Optional
 
-from .admin import run_admin_command
 from .common import log, utcnow
-from .config import DEFAULT_CONFIG_PATH, ConfigError, Settings, load_settings
-from .daemon import describe_rules, run_daemon
+from .config import DEFAULT_CONFIG_PATH, GEOIP_DOWNLOAD_TIMEOUT, ConfigError, Settings, load_settings
 from .health import HEALTH_UNKNOWN, check_health
 from .logs import queue_logging, secrets_of, setup_logging
-from .replay import run_replay
-from .storage import safe_url
-from .update import GEOIP_DOWNLOAD_TIMEOUT, UpdateError, update_geoip
+
+# What a mode needs is imported when that mode runs: an admin command does not
+# pay for the daemon's modules (each run of pcc.py is a new process).
 
 
 def build_argument_parser() -> argparse.ArgumentParser:
@@ -133,6 +131,8 @@ def run_mode(settings: Settings, arguments: argparse.Namespace) -> int:
         print(line)
         return status
     if arguments.update_geoip:
+        from .update import UpdateError, update_geoip
+
         try:
             print(update_geoip(settings, arguments.timeout or GEOIP_DOWNLOAD_TIMEOUT, utcnow(), arguments.force))
         except UpdateError as error:
@@ -140,9 +140,14 @@ def run_mode(settings: Settings, arguments: argparse.Namespace) -> int:
             return 1
         return 0
     if arguments.check_config:
+        from .daemon import describe_rules
+        from .storage import safe_url
+
         print(f"{settings.config_path}: OK; database {safe_url(settings.dbcon)}; {describe_rules(settings)}")
         return 0
     if arguments.daemon:
+        from .daemon import run_daemon
+
         setup_logging(arguments.verbose, arguments.stderr, secrets_of(settings))
         listener = queue_logging()
         try:
@@ -153,5 +158,9 @@ def run_mode(settings: Settings, arguments: argparse.Namespace) -> int:
     setup_logging(arguments.verbose, True, secrets_of(settings))
     log.setLevel(logging.DEBUG if arguments.verbose else logging.WARNING)
     if arguments.replay:
+        from .replay import run_replay
+
         return run_replay(settings, arguments)
+    from .admin import run_admin_command
+
     return run_admin_command(settings, arguments)

@@ -21,6 +21,8 @@ from sqlalchemy import exc as sa_exc
 from .common import CONTROL_CHARACTERS, normalise_login, split_list
 
 DEFAULT_CONFIG_PATH = "/etc/pcc.conf"
+# How long `pcc.py --update-geoip` may take, unless --timeout says (seconds).
+GEOIP_DOWNLOAD_TIMEOUT = 60.0
 BLOCK_ACTIONS = ("REJECT", "HOLD")
 
 # What Postfix is told when the database cannot be asked.  DUNNO lets mail flow

@@ -7,9 +7,9 @@ behind the answer in batches).
 from __future__ import annotations
 
 import collections
+import datetime as dt
 import os
 import tempfile
-import datetime as dt
 import threading
 import time
 from typing import Optional

@@ -62,6 +62,7 @@ class Metrics:
         class MetricsServer(BoundedHttpPort, socketserver.ThreadingMixIn, WSGIServer):
             port_name = "metrics port"
             daemon_threads = True
+            request_queue_size = 64  # a flood waits in the backlog briefly, then is cut or refused
             address_family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
             refused = RateLimitedWarning("metrics port: connection refused, not in [server] allowed_clients")
 

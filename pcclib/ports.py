@@ -148,13 +148,13 @@ class BoundedPort:
 
     def answering(self, request, busy: bool) -> None:
         """The handler of `request` says a whole request is in (True) or that it
-        waits for the client again (False)."""
-        with self._slots_lock:
-            slot = self._slots.get(request)
-            if slot is not None:
-                slot.answering = busy
-                if not busy:
-                    slot.since = time.monotonic()
+        waits for the client again (False).  No lock: each is one attribute
+        of the connection's own slot, set by its own thread (the hot path)."""
+        slot = self._slots.get(request)
+        if slot is not None:
+            if not busy:
+                slot.since = time.monotonic()
+            slot.answering = busy
 
     def open_connections(self) -> int:
         with self._slots_lock:

@@ -27,7 +27,6 @@ from .geoip import GeoIP
 
 # DB-IP's free "Lite" databases (CC BY 4.0), one file a month, MaxMind format.
 DBIP_LITE_URL = "https://download.db-ip.com/free/dbip-{kind}-lite-{month}.mmdb.gz"
-GEOIP_DOWNLOAD_TIMEOUT = 60.0
 GEOIP_DOWNLOAD_LIMIT = 1 << 30  # bytes once uncompressed; the City Lite file is about 130 MB
 
 # Every real GeoIP file places these in a country; a file that does not is no

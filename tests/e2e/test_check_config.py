@@ -1,17 +1,6 @@
 """Configuration: every key present, every value checked, one clear line on error."""
-import configparser
 
-from conftest import ROOT, run_pcc, write_config
-
-
-def config_without(tmp_path, section, key):
-    parser = configparser.ConfigParser(interpolation=None)
-    parser.read(ROOT / "pcc.conf", encoding="utf-8")
-    parser.remove_option(section, key)
-    path = tmp_path / "broken.conf"
-    with open(path, "w") as config_file:
-        parser.write(config_file)
-    return str(path)
+from conftest import ROOT, config_without, run_pcc, write_config
 
 
 def test_missing_key_stops_the_daemon_with_one_line_and_non_zero_exit(tmp_path):

@@ -14,12 +14,11 @@ from conftest import (
     blocked_logins,
     ip_in,
     run_pcc,
+    spool_entry,
     wait_for_log,
     walk,
     write_config,
 )
-
-from pcclib.common import utcnow
 
 
 def write_ipv4_only_database(path) -> str:
@@ -55,15 +54,6 @@ def test_a_zone_id_longer_than_any_address_is_not_an_outage(start_daemon, db_url
     assert client.ask("bob@example.com", ip_in("DE")).startswith("REJECT")
     assert blocked_logins(db_url) == {"alice@example.com", "bob@example.com"}
     assert "failed, answering from memory" not in daemon.log()
-
-
-def spool_entry(login: str) -> dict:
-    now = utcnow()
-    return {"login": login, "at": now.isoformat(), "action": "REJECT", "rule": "countries", "replaces_flag": False,
-            "reason": "blocking: 4 of at most 3 countries",
-            "countries": [{"country": "GB", "last_ip": ip_in("GB"), "first_seen": now.isoformat(),
-                           "last_seen": now.isoformat()}],
-            "trigger": {}, "sighting": ["GB", ip_in("GB")]}
 
 
 def test_damaged_spool_entries_are_set_aside_and_the_good_ones_written(start_daemon, db_url, tmp_path):

@@ -46,7 +46,7 @@ def attack(port: int, count: int, opening: bytes) -> list:
     sockets = []
     for _ in range(count):
         try:
-            sock = socket.create_connection(("127.0.0.1", port), timeout=2)
+            sock = socket.create_connection(("127.0.0.1", port), timeout=0.5)
             sock.setblocking(False)
             sock.send(opening)
             sockets.append(sock)

@@ -227,3 +227,13 @@ def test_update_url_must_be_https(tmp_path, url):
 def test_update_geoip_with_no_database_path_says_which_to_set(tmp_path):
     result = run_pcc("--config", write_config(tmp_path, {"geoip.database": ""}), "--update-geoip")
     assert result.returncode == 1 and "set it to the path pcc keeps its GeoIP file at" in result.stderr
+
+
+def test_health_warns_of_geoip_data_dated_in_the_future(start_daemon, tmp_path):
+    """A build date ahead is no age to be proud of: a broken or forged file."""
+    path = tmp_path / "future.mmdb"
+    write_mmdb(path, world(), built=datetime.datetime(2100, 1, 1, 12))
+    daemon = start_daemon(**{"geoip.database": str(path)})
+    result = run_pcc("--config", daemon.config_path, "--health")
+    assert result.returncode == 1, result.stdout
+    assert result.stdout.startswith("PCC WARNING - GeoIP data claims to be built ") and "forged" in result.stdout

@@ -2,7 +2,7 @@
 import configparser
 
 import pytest
-from conftest import ROOT, write_config
+from conftest import ROOT, config_without, write_config
 
 from pcclib.cli import main
 from pcclib.config import ConfigError, load_settings
@@ -12,16 +12,6 @@ def shipped_keys():
     parser = configparser.ConfigParser(interpolation=None)
     parser.read(ROOT / "pcc.conf", encoding="utf-8")
     return [(section, key) for section in parser.sections() for key in parser[section]]
-
-
-def config_without(tmp_path, section, key):
-    parser = configparser.ConfigParser(interpolation=None)
-    parser.read(ROOT / "pcc.conf", encoding="utf-8")
-    parser.remove_option(section, key)
-    path = tmp_path / "broken.conf"
-    with open(path, "w") as config_file:
-        parser.write(config_file)
-    return str(path)
 
 
 def test_shipped_config_is_valid_and_runs_on_embedded_defaults():

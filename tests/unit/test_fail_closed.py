@@ -3,14 +3,9 @@ that cannot answer, a value the database refuses, a damaged or unwritable
 spool, a corrupt GeoIP file, and any exception nobody foresaw."""
 import os
 
-from conftest import (
-    encode_request,
-    ip_in,
-    policy_request,
-)
+from conftest import encode_request, ip_in, policy_request, spool_entry
 
 import pcclib.service
-from pcclib.common import utcnow
 from pcclib.geoip import GeoIP
 from pcclib.notify import Notifier
 from pcclib.outage import OutageJournal
@@ -18,15 +13,6 @@ from pcclib.protocol import parse_request
 from pcclib.server import PolicyServer
 from pcclib.service import PolicyService
 from pcclib.storage import Store
-
-
-def spool_entry(login: str) -> dict:
-    now = utcnow()
-    return {"login": login, "at": now.isoformat(), "action": "REJECT", "rule": "countries", "replaces_flag": False,
-            "reason": "blocking: 4 of at most 3 countries",
-            "countries": [{"country": "GB", "last_ip": ip_in("GB"), "first_seen": now.isoformat(),
-                           "last_seen": now.isoformat()}],
-            "trigger": {}, "sighting": ["GB", ip_in("GB")]}
 
 
 def test_rewriting_the_spool_never_follows_a_link(tmp_path):
