@@ -31,6 +31,7 @@ GEOIP_CHECK_INTERVAL = 5.0
 # supervisord or systemd, waits this long at most before the in-flight
 # requests are finished.
 STOP_POLL_INTERVAL = 0.05
+HANDLED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 
 def run_daemon(settings: Settings) -> int:
@@ -57,6 +58,9 @@ def run_daemon(settings: Settings) -> int:
             return 1
         service.database_unreachable_at_start(first_line(error))
     service.load_blocked_list()  # whole before a port opens
+    # A signal that comes as soon as a port is open (a reload, a stop) waits
+    # until its handler is in place: by default SIGHUP would end the daemon.
+    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
     listeners = open_listeners(settings, service)
     if listeners is None:
         return 1
@@ -78,6 +82,7 @@ def run_daemon(settings: Settings) -> int:
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
     signal.signal(signal.SIGHUP, on_reload)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)  # the helper threads keep them blocked
     extra_ports = [f"metrics on port {settings.metrics_port}"] if settings.metrics_port else []
     if settings.dovecot_policy_port:
         extra_ports.append(f"Dovecot auth policy on port {settings.dovecot_policy_port}, logins "

@@ -24,9 +24,24 @@ from .service import HEALTH_REQUEST, PolicyService, RequestTicket
 # that trickles bytes must not hold a connection for ever.
 REQUEST_DEADLINE = 30.0
 
-# How long a connection's thread keeps the socket open for the Watchdog's
-# answer (from memory: it takes milliseconds, a spool fsync included).
+# How long a connection's thread waits for the Watchdog to send its answer
+# and hand the connection on (from memory: milliseconds, a spool fsync included).
 LATE_ANSWER_WAIT = 10.0
+
+
+class _Successor(threading.Thread):
+    """Reads a connection on after a late answer (PolicyHandler.handle)."""
+
+    def __init__(self, handler: "PolicyHandler"):
+        super().__init__(name="pcc-connection", daemon=True)
+        self.handler = handler
+        self.handed_on = False
+
+    def run(self) -> None:
+        try:
+            self.handed_on = self.handler._serve()
+        except Exception:  # one connection's fault, never the daemon's
+            log.exception("connection from %s: internal error", self.handler.client_address[0])
 
 
 class PolicyHandler(socketserver.BaseRequestHandler):
@@ -39,48 +54,71 @@ class PolicyHandler(socketserver.BaseRequestHandler):
     def setup(self) -> None:
         self._buffer = b""
         self._started: Optional[float] = None  # when the request being read began
-        self._late_answer_sent = threading.Event()  # the Watchdog is done with this socket
-        self.ticket: Optional[RequestTicket] = None  # the request being answered
+        self._handover = threading.Event()  # set once a late answer was sent and the reading handed on
+        self._successors: list = []  # threads that took the connection over, in order (None: it ended)
+        self._peer = f"{self.client_address[0]}:{self.client_address[1]}"
 
     def handle(self) -> None:
+        """Serve the connection; when the Watchdog answered a request whose
+        thread the database keeps, another thread reads the next requests on
+        the same connection (in order, each answered within the deadline) and
+        this one waits for the connection to end before socketserver closes it."""
+        handed_on = self._serve()
+        for successor in self._successors:
+            if not handed_on or successor is None:
+                break
+            successor.join()
+            handed_on = successor.handed_on
+
+    def _serve(self) -> bool:
+        """The loop of requests; True when it stopped because a late answer
+        handed the connection to a successor."""
         server = self.server
-        peer = f"{self.client_address[0]}:{self.client_address[1]}"
         while not server.stopping.is_set():
-            lines = self._read_request(peer)
+            lines = self._read_request(self._peer)
             if lines is None:
-                return
+                return False
             server.answering(self.request, True)  # a whole request: this connection is not cut now
+            handed_on = False
             try:
                 began = self._started or time.monotonic()
-                self.ticket = None
-                reply = server.answer(lines, self)
-                if self.ticket is not None and not self.ticket.claim():
-                    # The Watchdog answers this one and closes the connection;
-                    # returning now would close the socket under it.
-                    self._late_answer_sent.wait(LATE_ANSWER_WAIT)
-                    return
+                # This request's own: a successor thread replaces the attributes.
+                handover = self._handover = threading.Event()
+                reply, ticket = server.answer_request(lines, self)
+                if ticket is not None and not ticket.claim():
+                    handover.wait(LATE_ANSWER_WAIT)  # the Watchdog's answer is sent, a successor reads on
+                    handed_on = True
+                    return True
                 server.service.metrics.answered(reply, time.monotonic() - began)
                 self.request.sendall(reply)
             except OSError as error:
-                log.info("connection from %s: cannot send the answer: %s", peer, error)
-                return
+                log.info("connection from %s: cannot send the answer: %s", self._peer, error)
+                return False
             finally:
-                self._finish_request()
-                server.answering(self.request, False)
+                if not handed_on:  # else the late answer has finished this request already
+                    self._finish_request()
+                    server.answering(self.request, False)
+        return False
 
     def deliver_late(self, action: str) -> None:
         """The Watchdog's answer, while this connection's thread waits for the
-        database; then close, so that Postfix sends its next request on a new
-        connection instead of waiting behind this one."""
+        database; then a new thread reads the connection's next requests, so
+        that Postfix's next request on it is answered in time too."""
         try:
             reply = format_reply(action)
             self.server.service.metrics.answered(reply, time.monotonic() - (self._started or time.monotonic()))
             self.request.sendall(reply)
-            self.request.shutdown(socket.SHUT_RDWR)
         except OSError as error:
             log.info("connection from %s: cannot send the answer: %s", self.client_address[0], error)
-        finally:
-            self._late_answer_sent.set()
+            self._successors.append(None)
+            self._handover.set()
+            return
+        self._finish_request()
+        self.server.answering(self.request, False)
+        successor = _Successor(self)
+        self._successors.append(successor)
+        self._handover.set()
+        successor.start()
 
     def _read_request(self, peer: str) -> Optional[list]:
         """The lines of the next request, or None when the connection should end.
@@ -200,9 +238,14 @@ class PolicyServer(BoundedPort, socketserver.ThreadingTCPServer):
         self.address_family = infos[0][0]
         super().__init__(infos[0][4][:2], PolicyHandler)
 
-    def answer(self, lines: list, handler: Optional[PolicyHandler] = None) -> bytes:
-        """The reply to one request; with a handler, the Watchdog may answer it
-        first (see service.py, late answers)."""
+    def answer(self, lines: list) -> bytes:
+        """The reply to one request, in this thread whatever it takes."""
+        return self.answer_request(lines)[0]
+
+    def answer_request(self, lines: list, handler: Optional[PolicyHandler] = None) -> tuple:
+        """(the reply to one request, its ticket); with a handler, the Watchdog
+        may answer it first (see service.py, late answers): then the handler
+        must not send this reply (the ticket's claim says)."""
         ticket = None
         try:
             request = parse_request(lines)
@@ -212,11 +255,10 @@ class PolicyServer(BoundedPort, socketserver.ThreadingTCPServer):
                 request = replaced(request, request="")
             ticket = RequestTicket(request)
             if handler is not None:
-                handler.ticket = ticket
                 self.service.watchdog.watch(ticket, handler.deliver_late)
-            return format_reply(self.service.answer(ticket.request, ticket=ticket))
+            return format_reply(self.service.answer(ticket.request, ticket=ticket)), ticket
         except Exception:  # a bug must cost one answer, never the daemon, and never open the blocked list
-            return format_reply(self.service.answer_after_error(ticket.request if ticket else None))
+            return format_reply(self.service.answer_after_error(ticket.request if ticket else None)), ticket
         finally:
             if handler is not None and ticket is not None:
                 self.service.watchdog.unwatch(ticket)

@@ -139,3 +139,41 @@ def test_names_nobody_has_seen_cost_no_database_read(start_daemon, sqlite_url):
     assert allow(port, "mallory@example.com") == -1
     after = scrape(metrics_port)[("pcc_database_operations_total", (("operation", "history_read"),))]
     assert after == reads
+
+
+def test_a_write_lock_held_10_s_delays_no_answer_and_drops_none(start_daemon, db_url):
+    """64 requests of 16 accounts (4 of them crossing the line) over 8
+    connections while another transaction holds pcc's writers out for 10 s:
+    every request gets its own answer, in order, on its own connection, within
+    a second, and the right one."""
+    from conftest import WritersLockedOut, all_at_once
+
+    daemon = start_daemon(**{"db.dbcon": db_url, "policy.action": "REJECT"})
+    crossing = [f"thief{n}@example.com" for n in range(4)]
+    seeder = daemon.client()
+    for login in crossing:
+        assert walk(seeder, login, ["GB", "US", "FR"]) == ["DUNNO"] * 3
+    time.sleep(1.2)  # their sightings are written (and in memory)
+    plans = []  # per connection: 8 x (login, country, expected answer)
+    for connection in range(4):  # a user's first messages, then a thief's 4th, 5th... country
+        plans.append([(f"user{connection}@example.com", "GB", "DUNNO")] * 4
+                     + [(crossing[connection], country, "REJECT") for country in ("DE", "SE", "JP", "BR")])
+    for connection in range(4, 8):  # first sightings of 12 more accounts, and their next messages
+        plans.append([(f"user{4 + (connection * 8 + n) % 12}@example.com", "GB", "DUNNO") for n in range(8)])
+    clients = [daemon.client() for _ in range(8)]
+
+    def run(index):
+        results = []
+        for login, country, expected in plans[index]:
+            started = time.monotonic()
+            answer = clients[index].ask(login, ip_in(country))  # no reconnection: the same connection
+            results.append((login, answer.split()[0], expected, round(time.monotonic() - started, 2)))
+        return results
+
+    with WritersLockedOut(db_url, "pcc_sightings"):
+        locked = time.monotonic()
+        outcomes = all_at_once(8, run)
+        time.sleep(max(0.0, locked + 10 - time.monotonic()))  # the lock is held 10 s in all
+    wrong = [outcome for results in outcomes for outcome in results if outcome[1] != outcome[2] or outcome[3] >= 1.0]
+    assert wrong == [], wrong
+    assert sum(len(results) for results in outcomes) == 64
