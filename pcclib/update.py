@@ -98,7 +98,10 @@ class _one_update_at_a_time:
         self.path = os.path.join(directory, ".pcc-geoip.lock")
 
     def __enter__(self):
-        self.descriptor = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            self.descriptor = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as error:  # a link planted there, a directory not ours
+            raise UpdateError(f"{self.path}: {error.strerror}") from None
         fcntl.flock(self.descriptor, fcntl.LOCK_EX)
         return self
 
