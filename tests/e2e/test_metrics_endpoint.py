@@ -88,3 +88,25 @@ def test_the_metrics_port_is_bounded(start_daemon):
     finally:
         for sock in silent:
             sock.close()
+
+def test_every_metric_the_alert_rules_and_the_dashboard_use_is_exported(start_daemon, sqlite_url):
+    """A renamed metric breaks the build, not the pager (contrib/)."""
+    import re
+    import urllib.request
+
+    from conftest import ROOT
+
+    metrics_port, dovecot_port = free_port(), free_port()
+    start_daemon(**{"db.dbcon": sqlite_url, "server.metrics_port": metrics_port, "dovecot.policy_port": dovecot_port,
+                    "dovecot.api_header": "Authorization: Basic cGNjOm1ldHJpY3M="})
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
+        exposition = response.read().decode()
+    exported = set()
+    for name, kind in re.findall(r"^# TYPE (\S+) (\S+)$", exposition, re.M):
+        exported |= {f"{name}_bucket", f"{name}_sum", f"{name}_count"} if kind == "histogram" else {name}
+    used = set()
+    for path in ("contrib/prometheus/pcc-alerts.yml", "contrib/grafana/pcc-dashboard.json"):
+        used |= set(re.findall(r"\bpcc_[a-z_]+[a-z]", (ROOT / path).read_text()))
+    used -= {"pcc_alerts"}  # the rules file's own name, in its comments
+    assert len(used) >= 15
+    assert sorted(used - exported) == []
