@@ -98,14 +98,21 @@ def test_max_connections(start_daemon):
     first, second = daemon.client(), daemon.client()
     assert first.ask("a@example.com", ip_in("GB")) == "DUNNO"
     assert second.ask("b@example.com", ip_in("GB")) == "DUNNO"
+    # A connection counts as waiting for its client once its thread is past
+    # sending the answer (a moment after the client has it): until then it is
+    # being answered, never cut, and a newcomer finding only such would be refused.
+    settle = 0.2
+    time.sleep(settle)
     third = daemon.client()
     assert third.ask("c@example.com", ip_in("GB")) == "DUNNO"
     assert first.sock.recv(10) == b""  # idle the longest: cut
     assert second.ask("b@example.com", ip_in("GB")) == "DUNNO"
+    time.sleep(settle)
     trickling = daemon.client()
     trickling.send(b"request=smtpd_access_policy\n")  # and nothing more
     assert third.sock.recv(10) == b""  # idle since before `second`'s last answer: cut
     assert second.ask("b@example.com", ip_in("GB")) == "DUNNO"
+    time.sleep(settle)
     fourth = daemon.client()
     assert fourth.ask("d@example.com", ip_in("GB")) == "DUNNO"
     assert trickling.sock.recv(10) == b""  # waited for its client longer than `second`: cut
