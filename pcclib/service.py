@@ -385,9 +385,13 @@ class PolicyService:
         history = self.memory.last_known(login)
         if history is None:
             self.outage.count_answer("db_error_action")
-            # Not decided, but counted: its sighting is written when the
-            # database takes it, and its next read counts this country.
+            # Not decided, but counted: what this outage shows of the account is
+            # remembered (never taken for its whole history: the next read of
+            # the database replaces it) and its sighting written when the
+            # database takes it; so a thief who sends from new countries while
+            # the database fails is blocked from memory all the same.
             counted = decide_counted(request, AccountHistory(), self.settings, now)
+            self._remember(login, AccountHistory(), counted, now)
             if counted.record_sighting and not counted.new_block:
                 self.sightings.add(login, CountrySeen(request.client_country, now, now, str(request.client_ip)),
                                    may_wait=False)

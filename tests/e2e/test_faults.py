@@ -121,7 +121,10 @@ def test_kill_9_under_load_loses_no_block(start_daemon, tmp_path, backend):
     for thread in threads:
         thread.join()
     assert len(rejected) > 10
-    restarted = start_daemon(**{"db.dbcon": url, "policy.action": "HOLD"})
+    # The same spool: a block answered while its commit waited is there (start_daemon gives each daemon a
+    # spool of its own; a restart's must be the killed daemon's).
+    spool = next(line.split("=", 1)[1].strip() for line in open(daemon.config_path) if line.startswith("spool_file"))
+    restarted = start_daemon(**{"db.dbcon": url, "policy.action": "HOLD", "db.spool_file": spool})
     client = restarted.client()
     still = {login for login in rejected if client.ask(login, ip_in("GB")).startswith("HOLD")}
     assert still == rejected
