@@ -156,10 +156,6 @@ class BoundedPort:
                 slot.since = time.monotonic()
             slot.answering = busy
 
-    def open_connections(self) -> int:
-        with self._slots_lock:
-            return len(self._slots)
-
 
 def _cut(sock) -> None:
     try:
