@@ -9,7 +9,10 @@ import logging
 import logging.handlers
 import os
 import re
-from typing import Optional
+import signal
+import threading
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional
 
 __version__ = "1.3.0"
 log = logging.getLogger("pcc")
@@ -18,6 +21,31 @@ UTC = dt.timezone.utc
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(UTC)
+
+
+# The signals the daemon acts on (stop, reload).  Only the main thread may
+# take them: the kernel hands a process-wide signal to any thread that does
+# not block it, and before pcc's handlers are set the default action of
+# SIGHUP is to end the process.
+DAEMON_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+
+
+@contextmanager
+def daemon_signals_blocked() -> Iterator[None]:
+    """Threads started inside inherit a mask that blocks DAEMON_SIGNALS."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, DAEMON_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def start_thread(target: Callable, name: str, *args) -> threading.Thread:
+    """A daemon thread of pcc's own, which never takes a stop or a reload."""
+    thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+    with daemon_signals_blocked():
+        thread.start()
+    return thread
 
 
 # Control characters (CR, LF, NUL, DEL...) never belong in a value pcc reads.

@@ -12,7 +12,7 @@ from typing import Optional
 
 from sqlalchemy import exc as sa_exc
 
-from .common import __version__, first_line, log, symlink_refusal
+from .common import DAEMON_SIGNALS, __version__, first_line, log, start_thread, symlink_refusal
 from .config import ConfigError, Settings, load_settings
 from .dovecot import DovecotPolicyServer
 from .geoip import GeoIP, warn_about_geoip
@@ -31,7 +31,6 @@ GEOIP_CHECK_INTERVAL = 5.0
 # supervisord or systemd, waits this long at most before the in-flight
 # requests are finished.
 STOP_POLL_INTERVAL = 0.05
-HANDLED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 
 def run_daemon(settings: Settings) -> int:
@@ -60,29 +59,28 @@ def run_daemon(settings: Settings) -> int:
     service.load_blocked_list()  # whole before a port opens
     # A signal that comes as soon as a port is open (a reload, a stop) waits
     # until its handler is in place: by default SIGHUP would end the daemon.
-    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_BLOCK, DAEMON_SIGNALS)
     listeners = open_listeners(settings, service)
     if listeners is None:
         return 1
     server, dovecot = listeners
-    threading.Thread(target=housekeeping, args=(service, server.stopping), name="pcc-housekeeping",
-                     daemon=True).start()
+    start_thread(housekeeping, "pcc-housekeeping", service, server.stopping)
     service.start_background(server.stopping)
 
     def on_stop(_signum, _frame):
         if not server.stopping.is_set():
             server.stopping.set()
-            threading.Thread(target=server.shutdown, daemon=True).start()
+            start_thread(server.shutdown, "pcc-stop")
             if dovecot is not None:
-                threading.Thread(target=dovecot.shutdown, daemon=True).start()
+                start_thread(dovecot.shutdown, "pcc-stop-dovecot")
 
     def on_reload(_signum, _frame):
-        threading.Thread(target=reload_settings, args=(server,), daemon=True).start()
+        start_thread(reload_settings, "pcc-reload", server)
 
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
     signal.signal(signal.SIGHUP, on_reload)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)  # the helper threads keep them blocked
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, DAEMON_SIGNALS)  # the helper threads keep them blocked
     extra_ports = [f"metrics on port {settings.metrics_port}"] if settings.metrics_port else []
     if settings.dovecot_policy_port:
         extra_ports.append(f"Dovecot auth policy on port {settings.dovecot_policy_port}, logins "
@@ -144,7 +142,7 @@ def open_listeners(settings: Settings, service: PolicyService) -> Optional[tuple
             dovecot.server_close()
         return None
     if dovecot is not None:
-        threading.Thread(target=dovecot.serve_forever, name="pcc-dovecot", daemon=True).start()
+        start_thread(dovecot.serve_forever, "pcc-dovecot")
     return server, dovecot
 
 

@@ -14,7 +14,7 @@ from typing import Iterable
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 
-from .common import log
+from .common import daemon_signals_blocked, log
 from .config import Settings
 
 
@@ -57,7 +57,8 @@ def queue_logging() -> logging.handlers.QueueListener:
     # The file and line of every log call (a stack walk per record) are not in
     # pcc's log format: the logging documentation's way to skip finding them.
     logging._srcfile = None
-    listener.start()
+    with daemon_signals_blocked():  # the log writer never takes a stop or reload
+        listener.start()
     return listener
 
 

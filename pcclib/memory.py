@@ -16,7 +16,7 @@ from typing import Optional
 
 from sqlalchemy import exc as sa_exc
 
-from .common import first_line, log
+from .common import first_line, log, start_thread
 from .config import MONITOR_ACTION
 from .decision import AccountHistory, CountrySeen, merge_seen
 from .storage import DatabaseChanges, Store, is_data_error, sighting_rows
@@ -285,8 +285,7 @@ class SightingWriter:
         self._dropped = 0
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="pcc-sightings", daemon=True)
-        self._thread.start()
+        self._thread = start_thread(self._run, "pcc-sightings")
 
     def stop(self) -> None:
         """Write what is pending (at the daemon's orderly stop)."""

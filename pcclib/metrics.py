@@ -6,10 +6,9 @@ from __future__ import annotations
 import datetime as dt
 import socket
 import socketserver
-import threading
 from typing import Callable, Optional
 
-from .common import UTC
+from .common import UTC, start_thread
 from .config import MONITOR_ACTION
 from .ports import BoundedHttpHandler, BoundedHttpPort, RateLimitedWarning, RequestTooLarge
 from .protocol import client_allowed
@@ -87,7 +86,7 @@ class Metrics:
         server = MetricsServer((host, port), MetricsHandler)
         server.init_bounds(cap, "its share of the open-file limit")
         server.set_app(make_wsgi_app(self.registry))
-        threading.Thread(target=server.serve_forever, name="pcc-metrics", daemon=True).start()
+        start_thread(server.serve_forever, "pcc-metrics")
 
     def answered(self, reply: bytes, seconds: float) -> None:
         """A reply went to Postfix `seconds` after its request began."""

@@ -18,7 +18,7 @@ import threading
 import time
 from typing import Iterable, Optional
 
-from .common import log
+from .common import log, start_thread
 from .config import MONITOR_ACTION, Settings
 from .decision import CountrySeen, Journey
 
@@ -56,8 +56,7 @@ class Notifier:
         self._outbox.put(self._compose(subject, body))
         with self._start_lock:
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="pcc-notifier", daemon=True)
-                self._thread.start()
+                self._thread = start_thread(self._run, "pcc-notifier")
 
     def send_journey(self, login: str, journey: Journey, now: dt.datetime) -> None:
         """The impossible-travel mail, at most one per account every TRAVEL_NOTICE_INTERVAL."""

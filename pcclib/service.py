@@ -19,7 +19,7 @@ from typing import Callable, Optional
 
 from sqlalchemy import exc as sa_exc
 
-from .common import first_line, log, quoted, replaced, utcnow
+from .common import first_line, log, quoted, replaced, start_thread, utcnow
 from .config import MONITOR_ACTION, Settings
 from .decision import (
     AccountHistory,
@@ -126,10 +126,8 @@ class PolicyService:
         """The daemon's helpers: the sighting writer, the poll of changes and
         the blocked list's upkeep."""
         self.sightings.start()
-        threading.Thread(target=self._poll_changes_until, args=(stopping,), name="pcc-changes",
-                         daemon=True).start()
-        threading.Thread(target=self._keep_blocked_list, args=(stopping,), name="pcc-blocked-list",
-                         daemon=True).start()
+        start_thread(self._poll_changes_until, "pcc-changes", stopping)
+        start_thread(self._keep_blocked_list, "pcc-blocked-list", stopping)
 
     def load_blocked_list(self) -> None:
         """Before the ports open: the whole blocked list, from the database or,
@@ -442,7 +440,7 @@ class PolicyService:
     def _database_ok(self, wrote: bool = False) -> None:
         """The database answered; a failure to write ends only with a write."""
         if self.outage.ok(wrote):
-            threading.Thread(target=self._write_journal, name="pcc-journal", daemon=True).start()
+            start_thread(self._write_journal, "pcc-journal")
 
     def database_unreachable_at_start(self, problem: str) -> None:
         """A server that is down or unreachable at boot is an outage, not a
@@ -586,8 +584,7 @@ class Watchdog:
         with self._lock:
             self._deadlines[ticket] = (time.monotonic() + DB_ANSWER_DEADLINE, deliver)
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="pcc-watchdog", daemon=True)
-                self._thread.start()
+                self._thread = start_thread(self._run, "pcc-watchdog")
 
     def unwatch(self, ticket: RequestTicket) -> None:
         with self._lock:

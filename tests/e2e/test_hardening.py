@@ -117,6 +117,40 @@ def test_a_reload_narrows_every_port(start_daemon, sqlite_url):
         assert f"{port_name}: connection refused, not in [server] allowed_clients: 127.0.0.1" in log
 
 
+def threads_taking(pid: int, signals) -> list:
+    """The threads of process `pid`, other than its main thread, that do not
+    block all of `signals` (the kernel may hand them a signal for the process)."""
+    wanted = sum(1 << (number - 1) for number in signals)
+    takers = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            status = open(f"/proc/{pid}/task/{task}/status").read()
+        except FileNotFoundError:  # a connection's thread that has just ended
+            continue
+        blocked = int(status.split("SigBlk:")[1].split()[0], 16)
+        if int(task) != pid and blocked & wanted != wanted:
+            takers.append(task)
+    return takers
+
+
+def test_only_the_main_thread_takes_a_stop_or_a_reload(start_daemon, sqlite_url):
+    """Before pcc's handlers are set, SIGHUP's default action ends the process:
+    a reload sent as soon as the port opened killed the daemon when the
+    log writer's thread took it."""
+    dovecot_port, metrics_port = free_port(), free_port()
+    daemon = start_daemon(**{"db.dbcon": sqlite_url, "dovecot.policy_port": dovecot_port,
+                             "dovecot.api_header": API_HEADER, "server.metrics_port": metrics_port})
+    assert post(dovecot_port, login("alice@example.com"))[0] == 200
+    signals = (signal.SIGHUP, signal.SIGINT, signal.SIGTERM)
+    deadline = time.monotonic() + 5
+    while threads_taking(daemon.process.pid, signals):  # only connection threads may, until they end
+        assert time.monotonic() < deadline, threads_taking(daemon.process.pid, signals)
+        time.sleep(0.05)
+    assert len(os.listdir(f"/proc/{daemon.process.pid}/task")) >= 6  # the helpers were looked at
+    daemon.process.send_signal(signal.SIGHUP)
+    wait_for_log(daemon, "reloaded")
+
+
 @pytest.mark.parametrize("headers, why", [
     ("Content-Length: 20\r\nContent-Length: 20\r\n", "2 Content-Length headers"),
     ("Transfer-Encoding: chunked\r\n", "a Transfer-Encoding"),
