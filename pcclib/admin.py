@@ -17,13 +17,13 @@ from typing import Callable, Optional
 
 from sqlalchemy import exc as sa_exc
 
-from .common import first_line, normalise_login, split_list, symlink_refusal, utcnow, when
+from .common import first_line, normalise_login, split_list, symlink_refusal, when
 from .config import COUNTRY_CODES, MONITOR_ACTION, Settings
 from .decision import AccountHistory, countries_in_window, exempt_login_reason
 from .logs import mask_secrets, secrets_of
 from .notify import Notifier, block_notice
 from .protocol import MAX_LOGIN_LENGTH
-from .storage import Block, Store, TravelPass, safe_url, sqlite_path
+from .storage import Block, DatabaseClock, Store, TravelPass, safe_url, sqlite_path
 
 # A held message whose arrival is this much older than the block was held by
 # something else (the clocks of the database and Postfix hosts may differ a little).
@@ -381,7 +381,7 @@ def run_admin_command(settings: Settings, arguments: argparse.Namespace) -> int:
         if not reading:
             store.create_tables()
         admin = Admin(settings, store, Notifier(settings), PostfixQueue(settings.postfix_config_directory))
-        _run_one(admin, arguments, utcnow())
+        _run_one(admin, arguments, DatabaseClock().follow(store))  # the database's time, not this host's
         return 0
 
     return on_admin_store(settings, run)

@@ -19,8 +19,19 @@ log = logging.getLogger("pcc")
 UTC = dt.timezone.utc
 
 
+# pcc keeps the database server's time, not this host's: storage.DatabaseClock
+# measures the difference and sets it here.
+_clock_offset = dt.timedelta(0)
+
+
 def utcnow() -> dt.datetime:
-    return dt.datetime.now(UTC)
+    """The time pcc stamps and decides by: the database's, as last measured."""
+    return dt.datetime.now(UTC) + _clock_offset
+
+
+def set_clock_offset(seconds: float) -> None:
+    global _clock_offset
+    _clock_offset = dt.timedelta(seconds=seconds)
 
 
 # The signals the daemon acts on (stop, reload).  Only the main thread may

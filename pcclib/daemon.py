@@ -8,6 +8,7 @@ import dataclasses
 import os
 import signal
 import threading
+import time
 from typing import Optional
 
 from sqlalchemy import exc as sa_exc
@@ -17,6 +18,7 @@ from .config import ConfigError, Settings, load_settings
 from .dovecot import DovecotPolicyServer
 from .geoip import GeoIP, warn_about_geoip
 from .logs import MaskingFormatter, refuse_to_start, secrets_of
+from .memory import CHANGES_TRIM_INTERVAL
 from .metrics import Metrics
 from .notify import Notifier
 from .outage import OutageJournal
@@ -190,11 +192,15 @@ def describe_rules(settings: Settings) -> str:
 def housekeeping(service: PolicyService, stopping: threading.Event) -> None:
     """Every few seconds: use a replaced GeoIP file without a restart
     (geoipupdate renames a new file over the old one; a file that cannot be
-    used is logged once and the data in use stays), and say again that the
-    database is failing, if it still is."""
+    used is logged once and the data in use stays), say again that the
+    database is failing, if it still is; every minute, trim the change log."""
+    trimmed = time.monotonic()
     while not stopping.wait(GEOIP_CHECK_INTERVAL):
         reload_geoip_if_replaced(service)
         service.report_outage()
+        if time.monotonic() - trimmed >= CHANGES_TRIM_INTERVAL:
+            trimmed = time.monotonic()
+            service.trim_changes()
 
 
 def reload_geoip_if_replaced(service: PolicyService) -> bool:

@@ -7,7 +7,6 @@ behind the answer in batches).
 from __future__ import annotations
 
 import collections
-import datetime as dt
 import os
 import tempfile
 import threading
@@ -25,24 +24,32 @@ from .storage import DatabaseChanges, Store, is_data_error, sighting_rows
 # while the poll of changes keeps them current, and during an outage.
 HISTORY_CACHE_SIZE = 20000
 
-# Every daemon asks the database what changed (sightings written by other
-# daemons, blocks, unblocks, travel passes) this often, and decides from memory
-# only while its latest successful poll began less than CHANGES_STALE_AFTER
-# seconds ago: what one daemon or an administrator changes counts everywhere
-# within a second.  Each poll reaches CHANGES_OVERLAP back behind the previous
-# one, for sightings written late (SightingWriter) and clocks a little apart.
+# Every daemon reads the change log (storage.Change: what other daemons and the
+# administrators changed, in the order of ids the database gave) this often,
+# and decides from memory only while its latest successful poll began less
+# than CHANGES_STALE_AFTER seconds ago: a change counts everywhere within a
+# second of its commit, whenever it is committed and whatever the clocks say.
 CHANGES_POLL_INTERVAL = 0.25
 CHANGES_STALE_AFTER = 0.7
-CHANGES_OVERLAP = dt.timedelta(seconds=3)
+# An id is taken by a transaction's last statement, but its commit (or, with
+# several primaries, another node's apply) can still show it after a higher
+# one: every CHANGES_SETTLE_EVERY-th poll reads again from the newest id this
+# daemon had seen CHANGES_SETTLE seconds before (by its own monotonic clock).
+CHANGES_SETTLE = 5.0
+CHANGES_SETTLE_EVERY = 4
+# Each daemon deletes the change log's rows it read more than CHANGES_KEPT
+# seconds ago, every CHANGES_TRIM_INTERVAL seconds; one that could not poll for
+# CHANGES_RESYNC_AFTER seconds may have missed rows trimmed by another, and
+# starts over (histories forgotten, the blocked list read whole).
+CHANGES_KEPT = 600.0
+CHANGES_TRIM_INTERVAL = 60.0
+CHANGES_RESYNC_AFTER = 300.0
 
 # The whole blocked list is read again this often (seconds), whatever the poll
-# says: a block written with an old time (a late spool, another host's clock)
-# reaches every daemon's memory within this bound at worst.
+# says: a safety net, not the way blocks travel.
 BLOCKED_LIST_RELOAD = 30.0
 
-# ...and reads an account again after this many seconds whatever the poll says
-# (rows written with old times, by --replay --record or a late spool, are
-# missed by the poll; this bounds how long).
+# ...and an account is read again after this many seconds whatever the poll says.
 HISTORY_MAX_AGE = 60.0
 
 # Sightings gather in memory this long (seconds) and are then written together
@@ -77,6 +84,7 @@ class HistoryCache:
     def __init__(self, size: int):
         self.size = size
         self._entries: collections.OrderedDict = collections.OrderedDict()  # login -> (history, read at)
+        self._forgotten: dict = {}  # login -> monotonic time the poll forgot it
         self._lock = threading.Lock()
 
     def get(self, login: str) -> Optional[AccountHistory]:
@@ -102,14 +110,23 @@ class HistoryCache:
             if read_at is None:
                 previous = self._entries.get(login)
                 read_at = previous[1] if previous is not None else float("-inf")
+            elif read_at < self._forgotten.get(login, float("-inf")):
+                return  # read before a change the poll has since seen: already stale
             self._entries[login] = (history, read_at)
             self._entries.move_to_end(login)
             while len(self._entries) > self.size:
                 self._entries.popitem(last=False)
 
     def forget(self, login: str) -> None:
+        """The database has something newer: read it again.  A read that began
+        before now, still under way, is not kept either."""
         with self._lock:
             self._entries.pop(login, None)
+            self._forgotten[login] = time.monotonic()
+
+    def prune_forgotten(self, before: float) -> None:
+        with self._lock:
+            self._forgotten = {login: when for login, when in self._forgotten.items() if when >= before}
 
     def clear(self) -> None:
         with self._lock:
@@ -133,8 +150,12 @@ class AccountMemory:
         self._blocked: set = set()
         self._blocked_lock = threading.Lock()
         self._blocked_changed = False  # since the copy on disk was written
-        self._blocked_since_reload: set = set()  # added while a full reload ran
-        self._changes_from: Optional[dt.datetime] = None  # where the next poll of changes starts
+        self._list_changed_at: dict = {}  # login -> (monotonic time, blocked?) of its latest change here
+        self._cursor: Optional[int] = None  # the newest change id read
+        self._cursor_moved_at = float("-inf")  # monotonic time of the read that moved it last
+        self._cursor_marks: collections.deque = collections.deque()  # (monotonic, cursor) as it moved
+        self._applied: dict = {}  # change id -> monotonic time, for ids a settling poll may read again
+        self._polls = 0
         self._polled_at = float("-inf")  # monotonic start of the latest successful poll
 
     def is_blocked(self, login: str) -> bool:
@@ -145,25 +166,41 @@ class AccountMemory:
 
     def set_blocked(self, login: str, blocked: bool) -> None:
         with self._blocked_lock:
+            self._list_changed_at[login] = (time.monotonic(), blocked)
             if blocked and login not in self._blocked:
                 self._blocked.add(login)
-                self._blocked_since_reload.add(login)
                 self._blocked_changed = True
             elif not blocked and login in self._blocked:
                 self._blocked.discard(login)
-                self._blocked_since_reload.discard(login)
                 self._blocked_changed = True
 
-    def reload_blocked(self, store: Store) -> None:
-        """The whole blocked list from the database (raises its errors).  Blocks
-        this daemon made while the query ran are kept."""
+    def _unblock_unless_newer(self, login: str, read_at: float, keep: frozenset) -> None:
+        """The database said `login` is not blocked, in a read that began at
+        read_at: believed unless a block came here since (or waits in the spool)."""
         with self._blocked_lock:
-            self._blocked_since_reload = set()
+            changed_at, blocked = self._list_changed_at.get(login, (float("-inf"), False))
+        if login not in keep and not (blocked and changed_at >= read_at):
+            self.set_blocked(login, False)
+
+    def reload_blocked(self, store: Store, keep: frozenset = frozenset()) -> None:
+        """The whole blocked list from the database (raises its errors), plus
+        `keep` (the blocks waiting in the spool).  What changed here while the
+        query ran stands.  The first reload also starts the change log's poll
+        where the list was read."""
+        started = time.monotonic()
+        newest = store.newest_change() if self._cursor is None else None
         logins = store.enforced_blocks()
         with self._blocked_lock:
-            fresh = logins | self._blocked_since_reload
+            fresh = logins | keep
+            for login, (changed_at, blocked) in list(self._list_changed_at.items()):
+                if changed_at >= started:
+                    (fresh.add if blocked else fresh.discard)(login)
+                elif changed_at < started - 2 * BLOCKED_LIST_RELOAD:
+                    del self._list_changed_at[login]
             if fresh != self._blocked:
                 self._blocked, self._blocked_changed = fresh, True
+        if newest is not None:
+            self._move_cursor(newest, started)
 
     def load_blocked_copy(self) -> int:
         """At start, when the database cannot be asked: the copy on disk."""
@@ -214,48 +251,81 @@ class AccountMemory:
         """Keep `history` (as a decision left it), and the account on the
         blocked list if the decision refuses it.  read_at: when the database read it came from began
         (None: it came from memory)."""
-        if blocked:  # only the poll and the full reload take an account off the list
+        if blocked and not self.is_blocked(login):  # only the poll and the full reload take one off
             self.set_blocked(login, True)
         self.histories.put(login, history, read_at)
 
-    def poll(self, store: Store, now: dt.datetime) -> bool:
-        """Forget the accounts the database knows more about; False when it
-        could not be asked."""
+    def poll(self, store: Store, keep: frozenset = frozenset()) -> Optional[DatabaseChanges]:
+        """Read what other writers changed since the last poll and forget or
+        refuse accordingly; None when the database could not be asked.  keep:
+        accounts whose block waits in the spool (never taken off the list)."""
         started = time.monotonic()
-        since = self._changes_from or now - CHANGES_OVERLAP
         try:
-            changes = store.changes_since(since)
+            if self._cursor is None or started - self._cursor_moved_at > CHANGES_RESYNC_AFTER:
+                self._start_over(store, keep, started)
+            settling = self._polls % CHANGES_SETTLE_EVERY == 0
+            changes = store.changes_after(self._settled_cursor(started) if settling else self._cursor)
         except sa_exc.SQLAlchemyError as error:
             log.debug("poll of database changes failed: %s", first_line(error))
-            return False
-        self.apply(changes)
-        self._changes_from = now - CHANGES_OVERLAP
+            return None
+        self._polls += 1
+        self.apply(changes, started, keep)
         self._polled_at = started
-        return True
+        return changes
 
-    def apply(self, changes: DatabaseChanges) -> None:
-        stale = set()
-        histories = self.histories
-        for login, country, last_seen in changes.sightings:
-            history = histories.get(login)
-            if history is not None and not any(seen.country == country and seen.last_seen >= last_seen
-                                               for seen in history.sightings):
-                stale.add(login)
-        for login, blocked_since, counting_since, action in changes.accounts:
-            if blocked_since is None:
-                self.set_blocked(login, False)  # unblocked
-            elif action != MONITOR_ACTION:
+    def _start_over(self, store: Store, keep: frozenset, started: float) -> None:
+        if self._cursor is not None:
+            log.warning("no poll of the database's changes for %.0f s: reading the blocked list again and "
+                        "forgetting the accounts' histories", started - self._cursor_moved_at)
+        self._cursor = None
+        self.histories.clear()
+        self.reload_blocked(store, keep)
+
+    def apply(self, changes: DatabaseChanges, read_at: float, keep: frozenset = frozenset()) -> None:
+        """Forget every account another writer changed; put it on the blocked
+        list or take it off as the database has it now."""
+        fresh = [(change_id, login) for change_id, login in changes.changes if change_id not in self._applied]
+        for change_id, _login in fresh:
+            self._applied[change_id] = read_at
+        changed = {login for _change_id, login in fresh}
+        states = {login: (blocked_since, action) for login, blocked_since, action in changes.accounts}
+        for login in changed:
+            self.histories.forget(login)
+            blocked_since, action = states.get(login, (None, None))
+            if blocked_since is not None and action != MONITOR_ACTION:
                 self.set_blocked(login, True)  # blocked by another daemon or an administrator
-            history = histories.get(login)
-            if history is not None and (history.blocked_since, history.counting_since) != (blocked_since,
-                                                                                           counting_since):
-                stale.add(login)
-        for login, country, expires_at in changes.passes:
-            history = histories.get(login)
-            if history is not None and history.travel_passes.get(country) != expires_at:
-                stale.add(login)
-        for login in stale:
-            histories.forget(login)
+            else:
+                self._unblock_unless_newer(login, read_at, keep)
+        newest = max([changes.newest] + [change_id for change_id, _login in changes.changes])
+        self._move_cursor(max(newest, self._cursor or 0), read_at)
+
+    def _move_cursor(self, cursor: int, now: float) -> None:
+        self._cursor, self._cursor_moved_at = cursor, now
+        marks = self._cursor_marks
+        if not marks or marks[-1][1] != cursor:
+            marks.append((now, cursor))
+        while len(marks) > 1 and marks[1][0] < now - CHANGES_KEPT:
+            marks.popleft()
+
+    def _settled_cursor(self, now: float) -> int:
+        """The newest id read CHANGES_SETTLE seconds ago (or the oldest known)."""
+        cursor = self._cursor_marks[0][1] if self._cursor_marks else self._cursor
+        for marked_at, marked in self._cursor_marks:
+            if marked_at > now - CHANGES_SETTLE:
+                break
+            cursor = marked
+        self._applied = {change_id: at for change_id, at in self._applied.items() if change_id > cursor}
+        self.histories.prune_forgotten(now - 2 * HISTORY_MAX_AGE)
+        return cursor
+
+    def trimmable_changes(self, now: float) -> Optional[int]:
+        """The newest change id this daemon had read CHANGES_KEPT seconds ago, if any."""
+        trimmable = None
+        for marked_at, marked in self._cursor_marks:
+            if marked_at > now - CHANGES_KEPT:
+                break
+            trimmable = marked
+        return trimmable
 
 
 class SightingWriter:

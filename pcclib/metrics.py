@@ -143,6 +143,8 @@ class _StateCollector:
         yield GaugeMetricFamily("pcc_unwritten_sightings", "Sightings counted but not yet in the database "
                                 "(written every 50 ms; they pile up while it fails)",
                                 value=state["unwritten_sightings"])
+        yield GaugeMetricFamily("pcc_clock_offset_seconds", "How far the database's clock, which pcc keeps, is "
+                                "ahead of this host's (0 within 0.2 s)", value=state["clock_offset"])
         yield GaugeMetricFamily("pcc_unsent_notifications", "Mails to the administrators not sent yet (retried "
                                 "while the daemon runs)", value=state["unsent_notifications"])
         yield GaugeMetricFamily("pcc_oldest_unsent_notification_seconds", "How long the oldest unsent mail to the "

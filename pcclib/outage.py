@@ -16,7 +16,7 @@ import time
 from sqlalchemy import exc as sa_exc
 
 from .common import first_line, log
-from .config import Settings
+from .config import MONITOR_ACTION, Settings
 from .storage import Store, is_data_error, safe_url
 
 # While the database fails, one request a second tries it again; the others
@@ -176,6 +176,11 @@ class OutageJournal:
 
     def pending(self) -> bool:
         return bool(self._blocks)
+
+    def blocked_logins(self) -> frozenset:
+        """The accounts a block in the spool refuses (a monitor-mode flag refuses none)."""
+        with self._lock:
+            return frozenset(entry["login"] for entry in self._blocks if entry["action"] != MONITOR_ACTION)
 
     def blocks_waiting(self) -> int:
         with self._lock:

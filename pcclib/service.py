@@ -36,7 +36,7 @@ from .metrics import Metrics
 from .notify import Notifier, block_notice
 from .outage import OutageJournal, OutageState
 from .protocol import DOVECOT_LOGIN, PolicyRequest
-from .storage import Store, is_data_error, is_database_error, safe_url
+from .storage import DatabaseClock, Store, is_data_error, is_database_error, safe_url
 
 # How long a request may wait for the database before pcc answers without it
 # (see Watchdog).  The database work goes on (a block still gets written).
@@ -116,6 +116,8 @@ class PolicyService:
         self.memory = AccountMemory(blocked_file=f"{self.journal.spool_path}.blocked" if self.journal.spool_path
                                     else "")
         self.outage = OutageState(settings)
+        self.clock = DatabaseClock()
+        self._trim_failing = False
         self._lanes = AccountLanes()
         self.metrics = Metrics()  # off; the daemon turns it on for [server] metrics_port
         self.watchdog = Watchdog(self)  # both doors' late answers
@@ -137,7 +139,8 @@ class PolicyService:
         if not problem:
             try:
                 self.ensure_database()
-                self.memory.reload_blocked(self.store)
+                self.clock.follow(self.store)
+                self.memory.reload_blocked(self.store, self.journal.blocked_logins())
             except sa_exc.SQLAlchemyError as error:
                 problem = first_line(error)
         source = "the database"
@@ -157,7 +160,7 @@ class PolicyService:
             if time.monotonic() - reloaded >= BLOCKED_LIST_RELOAD and not self.outage.failing and self.tables_ready:
                 reloaded = time.monotonic()
                 try:
-                    self.memory.reload_blocked(self.store)
+                    self.memory.reload_blocked(self.store, self.journal.blocked_logins())
                 except sa_exc.SQLAlchemyError as error:
                     log.debug("blocked list reload failed: %s", first_line(error))
             self.memory.save_blocked_copy()
@@ -482,8 +485,31 @@ class PolicyService:
             self.poll_changes()
 
     def poll_changes(self) -> bool:
-        """Forget the accounts in memory that the database knows more about."""
-        return self.tables_ready and self.memory.poll(self.store, utcnow())
+        """Forget the accounts in memory that the database knows more about;
+        keep the database's time."""
+        if not self.tables_ready:
+            return False
+        asked = time.time()
+        changes = self.memory.poll(self.store, self.journal.blocked_logins())
+        if changes is None:
+            return False
+        self.clock.measured(changes.database_now, asked, time.time())
+        return True
+
+    def trim_changes(self) -> None:
+        """Delete the change log's rows every daemon has long read."""
+        up_to = self.memory.trimmable_changes(time.monotonic())
+        if up_to is None or self.outage.failing:
+            return
+        try:
+            self.store.trim_changes(up_to)
+        except sa_exc.SQLAlchemyError as error:
+            (log.debug if self._trim_failing else log.warning)(
+                "cannot trim the change log pcc_changes, which grows until it is (GRANT DELETE ON pcc_changes "
+                "TO the daemon's user: see README, Databases): %s", first_line(error))
+            self._trim_failing = True
+            return
+        self._trim_failing = False
 
     # --- what the daemon says of itself ---------------------------------------
 
@@ -491,7 +517,7 @@ class PolicyService:
         """A snapshot for the metrics and --health: the outage, what waits for
         the database, what was asked of it, the GeoIP data in use."""
         unsent, waited = self.notifier.backlog()
-        return dict(self.outage.snapshot(), spooled_blocks=self.journal.blocks_waiting(),
+        return dict(self.outage.snapshot(), spooled_blocks=self.journal.blocks_waiting(), clock_offset=self.clock.offset,
                     unwritten_sightings=self.sightings.waiting(), operations=self.store.operation_counts(),
                     geoip_built=self.geoip.built, unsent_notifications=unsent, oldest_unsent_seconds=waited)
 

@@ -1,7 +1,8 @@
 """The database: SQLAlchemy models (sightings, the blocked list, the history
-of blocks, travel passes), the Store that reads and writes them on SQLite,
-MariaDB and PostgreSQL, and how a database error is classified (a refused
-value, a transient conflict, a fault no retry fixes).
+of blocks, travel passes, the change log the daemons poll), the Store that
+reads and writes them on SQLite, MariaDB and PostgreSQL, the database's
+clock, and how a database error is classified (a refused value, a transient
+conflict, a fault no retry fixes).
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import collections
 import datetime as dt
 import functools
 import os
+import secrets
 import shlex
 import threading
 import time
@@ -19,7 +21,7 @@ import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from .common import UTC, first_line, log, utcnow
+from .common import UTC, first_line, log, set_clock_offset, utcnow
 from .config import MONITOR_ACTION, ConfigError, Settings
 from .decision import AccountHistory, CountrySeen
 from .protocol import MAX_LOGIN_LENGTH
@@ -71,8 +73,8 @@ class Sighting(Base):
 
     __tablename__ = "pcc_sightings"
     # (last_seen, id) is unique anyway: the constraint is the one way to get an
-    # index on last_seen inside CREATE TABLE on all three databases, for the
-    # daemons' poll of what changed (Store.changes_since) and for cleanup.
+    # index on last_seen inside CREATE TABLE on all three databases, for
+    # cleanup (-c) and the history read's window.
     __table_args__ = (sa.UniqueConstraint("login", "country", name="uq_pcc_sightings_login_country"),
                       sa.UniqueConstraint("last_seen", "id", name="uq_pcc_sightings_recent"))
 
@@ -115,6 +117,24 @@ class Block(Base):
     countries: Mapped[list] = mapped_column(sa.JSON)  # [{country, last_ip, first_seen, last_seen}]
     trigger: Mapped[Optional[dict]] = mapped_column(sa.JSON, nullable=True)  # the request that crossed the line
     unblocked_at: Mapped[Optional[dt.datetime]] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class Change(Base):
+    """The change log: one row per account a write transaction changed, the
+    last statement of that transaction.  Its id is given by the database, so
+    the order in which daemons see each other's changes is the database's and
+    no host's clock is in it; a lock wait comes before the id is taken.  With
+    several primaries (Galera) ids interleave across nodes and leave gaps:
+    the poll reads a few seconds back behind the newest id it saw
+    (memory.CHANGES_SETTLE) instead of assuming them dense.  writer: the Store
+    that wrote it (a daemon skips its own).  Old rows are trimmed by id."""
+
+    __tablename__ = "pcc_changes"
+
+    id: Mapped[int] = mapped_column(sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True,
+                                    autoincrement=True)
+    login: Mapped[str] = mapped_column(_login_type())
+    writer: Mapped[str] = mapped_column(sa.String(16))
 
 
 class TravelPass(Base):
@@ -203,11 +223,54 @@ def sighting_rows(sightings: Iterable[tuple]) -> list:
 
 @dataclass(frozen=True)
 class DatabaseChanges:
-    """Rows changed in a stretch of time (Store.changes_since)."""
+    """What other writers changed after a change id (Store.changes_after)."""
 
-    sightings: list  # (login, country, last_seen)
-    accounts: list  # (login, blocked_since, counting_since, action of the block in force)
-    passes: list  # (login, country, expires_at)
+    newest: int  # the highest change id the database had when asked (0: none)
+    changes: list  # (id, login) written by others
+    accounts: list  # (login, blocked_since, action of the block in force) of those logins that have a row
+    database_now: dt.datetime  # the database's clock when asked
+
+
+# Logins per IN (...) list: well under every database's limit on parameters.
+IN_LIST_SIZE = 500
+
+# The database's clock and this host's may differ by this much (seconds)
+# before pcc moves to the database's; from CLOCK_WARN_OFFSET on it says so.
+CLOCK_TOLERANCE = 0.2
+CLOCK_WARN_OFFSET = 2.0
+
+
+class DatabaseClock:
+    """pcc's time is the database server's: every daemon and admin command
+    measures it (each poll, each command) and stamps and decides by it, so a
+    host clock minutes off changes no decision.  (With several database
+    servers each daemon follows the one it uses: keep those in NTP.)"""
+
+    def __init__(self):
+        self.offset = 0.0  # seconds the database's clock is ahead of this host's
+        self._lock = threading.Lock()
+
+    def measured(self, database_now: dt.datetime, asked: float, answered: float) -> None:
+        """database_now: the database's clock, read between the host's times
+        asked and answered (time.time())."""
+        offset = database_now.timestamp() - (asked + answered) / 2
+        with self._lock:
+            if abs(offset - self.offset) < CLOCK_TOLERANCE:
+                return
+            was, self.offset = self.offset, offset
+        set_clock_offset(offset)
+        if abs(offset) >= CLOCK_WARN_OFFSET:
+            log.warning("this host's clock is %.1f s %s the database's: pcc keeps the database's time", abs(offset),
+                        "behind" if offset > 0 else "ahead of")
+        elif abs(was) >= CLOCK_WARN_OFFSET:
+            log.info("this host's clock agrees with the database's again")
+
+    def follow(self, store: "Store") -> dt.datetime:
+        """Measure now; the database's time."""
+        asked = time.time()
+        database_now = store.database_now()
+        self.measured(database_now, asked, time.time())
+        return database_now
 
 
 def _sqlite_pragmas(dbapi_connection, _record, synchronous: str = "FULL") -> None:
@@ -251,6 +314,8 @@ class Store:
         # account's history, sighting writes, block transactions (retries too).
         self.operations: collections.Counter = collections.Counter()
         self._operations_lock = threading.Lock()
+        # Names this Store's rows in the change log (each process has its own).
+        self.writer = secrets.token_hex(8)
         self._history_query = self._build_history_query()
         self._sighting_merge = self._build_sighting_merge()
         self._prepare_raw_history_query()
@@ -299,7 +364,7 @@ class Store:
 
     def _ensure_recent_index(self) -> None:
         """Tables made by pcc 1.2 and older have no index on pcc_sightings.last_seen,
-        which the daemons' poll for changes needs: add one, or say how."""
+        which -c needs: add one, or say how."""
         inspector = sa.inspect(self.engine)
         table = Sighting.__tablename__
         found = inspector.get_indexes(table) + inspector.get_unique_constraints(table)
@@ -313,8 +378,8 @@ class Store:
             log.warning("added the index ix_pcc_sightings_last_seen to %s (tables of pcc 1.2 and older lack it)",
                         table)
         except sa_exc.SQLAlchemyError as error:
-            log.warning("%s has no index on last_seen and pcc may not add one (%s): every daemon's poll for "
-                        "changes reads the whole table; run as the database owner: CREATE INDEX "
+            log.warning("%s has no index on last_seen and pcc may not add one (%s): -c reads the whole "
+                        "table; run as the database owner: CREATE INDEX "
                         "ix_pcc_sightings_last_seen ON %s (last_seen)", table, first_line(error), table)
 
     def dispose(self) -> None:
@@ -332,6 +397,7 @@ class Store:
                 login=probe, blocked_at=now, source="policy", action="HOLD", reason="start-up probe",
                 countries=[])).inserted_primary_key[0]
             self._swap_block(connection, probe, BlockedAccount.blocked_since.is_(None), now, block_id)
+            self._log_changes(connection, [probe])
             connection.rollback()  # nothing of it is ever seen
 
     @staticmethod
@@ -450,24 +516,58 @@ class Store:
         self._count("sighting_write")
         with self.engine.begin() as connection:
             connection.execute(self._sighting_merge, rows)
+            self._log_changes(connection, [row["login"] for row in rows])
 
-    def changes_since(self, since: dt.datetime) -> "DatabaseChanges":
-        """What changed from `since` on, as the daemons' poll needs it: sightings
-        written, blocks made or ended, travel passes granted or ended."""
+    def _log_changes(self, connection, logins: Iterable[str]) -> None:
+        """The change log's rows for `logins`: the last statement of a write
+        transaction, so that the id is taken after every lock it waited for."""
+        rows = [{"login": login, "writer": self.writer} for login in sorted(set(logins))]
+        if rows:
+            connection.execute(sa.insert(Change), rows)
+
+    def database_now(self) -> dt.datetime:
+        """The database server's clock (UTC): the one time every daemon and
+        every admin command agree on, whatever their hosts' clocks say."""
         with self.fast_engine.connect() as connection:
-            sightings = connection.execute(
-                sa.select(Sighting.login, Sighting.country, Sighting.last_seen).where(Sighting.last_seen >= since)
+            return self._database_now(connection)
+
+    def _database_now(self, connection) -> dt.datetime:
+        if self.dialect == "postgresql":
+            value = connection.execute(sa.text("SELECT clock_timestamp() AT TIME ZONE 'UTC'")).scalar()
+        elif self.dialect in ("mysql", "mariadb"):
+            value = connection.execute(sa.text("SELECT UTC_TIMESTAMP(6)")).scalar()
+        else:  # SQLite's clock is this host's
+            value = dt.datetime.fromisoformat(
+                connection.execute(sa.text("SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')")).scalar())
+        return value.replace(tzinfo=UTC)
+
+    def newest_change(self) -> int:
+        with self.fast_engine.connect() as connection:
+            return connection.execute(sa.select(sa.func.max(Change.id))).scalar() or 0
+
+    def trim_changes(self, up_to: int) -> int:
+        """Delete the change log's rows up to id `up_to` (needs DELETE on pcc_changes)."""
+        with self.engine.begin() as connection:
+            return connection.execute(sa.delete(Change).where(Change.id <= up_to)).rowcount
+
+    def changes_after(self, after: int) -> "DatabaseChanges":
+        """What other writers changed after change id `after`: the accounts,
+        and the blocked-list row of those that have one, as it is now."""
+        with self.fast_engine.connect() as connection:
+            newest = connection.execute(sa.select(sa.func.max(Change.id))).scalar() or 0
+            changes = connection.execute(
+                sa.select(Change.id, Change.login).where(Change.id > after, Change.writer != self.writer)
             ).all()
-            accounts = connection.execute(
-                sa.select(BlockedAccount.login, BlockedAccount.blocked_since, BlockedAccount.counting_since,
-                          Block.action).outerjoin(Block, Block.id == BlockedAccount.block_id)
-                .where(sa.or_(BlockedAccount.blocked_since >= since, BlockedAccount.counting_since >= since))
-            ).all()
-            passes = connection.execute(
-                sa.select(TravelPass.login, TravelPass.country, TravelPass.expires_at)
-                .where(TravelPass.granted_at >= since)
-            ).all()
-        return DatabaseChanges(sightings, accounts, passes)
+            logins = sorted({login for _id, login in changes})
+            accounts: list = []
+            for start in range(0, len(logins), IN_LIST_SIZE):
+                accounts += connection.execute(
+                    sa.select(BlockedAccount.login, BlockedAccount.blocked_since, Block.action)
+                    .outerjoin(Block, Block.id == BlockedAccount.block_id)
+                    .where(BlockedAccount.login.in_(logins[start:start + IN_LIST_SIZE]))
+                ).all()
+            database_now = self._database_now(connection)
+        return DatabaseChanges(newest, changes, accounts, database_now)
 
     @_retry_on_conflict
     def record_block(self, login: str, now: dt.datetime, *, source: str, action: str, reason: str,
@@ -499,6 +599,7 @@ class Store:
             if not won:
                 connection.rollback()
                 return None
+            self._log_changes(connection, [login])
             connection.commit()
         return block_id
 
@@ -602,6 +703,7 @@ class Store:
                                  lambda new: [(name, new[name]) for name in ("granted_at", "expires_at", "granted_by")])
         with self.engine.begin() as connection:
             connection.execute(statement)
+            self._log_changes(connection, [login])
 
     @_retry_on_conflict
     def unblock(self, login: str, now: dt.datetime) -> Optional[int]:
@@ -623,6 +725,7 @@ class Store:
             if ended != 1:
                 return None
             connection.execute(sa.update(Block).where(Block.id == block_id).values(unblocked_at=now))
+            self._log_changes(connection, [login])
         return block_id
 
     def merge_sightings(self, sightings: Iterable[tuple]) -> int:

@@ -391,9 +391,30 @@ def run_pcc(*arguments, expect=None, timeout=120, **options) -> subprocess.Compl
     return result
 
 
-def pcc_command(config, *arguments, expect=0) -> subprocess.CompletedProcess:
-    """An admin command (pcc.py --config CONFIG ARGUMENTS...) that must exit `expect`."""
-    return run_pcc("--config", config, *arguments, expect=expect)
+def pcc_command(config, *arguments, expect=0, clock_shift: str = "") -> subprocess.CompletedProcess:
+    """An admin command (pcc.py --config CONFIG ARGUMENTS...) that must exit
+    `expect`; clock_shift: run with its wall clock moved ("+3600s")."""
+    if not clock_shift:
+        return run_pcc("--config", config, *arguments, expect=expect)
+    result = subprocess.run(shifted_clock(clock_shift) + [sys.executable, str(ROOT / "pcc.py"), "--config", config,
+                                                          *arguments],
+                            capture_output=True, text=True, timeout=120, env=shifted_clock_environment(clock_shift))
+    assert result.returncode == expect, result
+    return result
+
+
+def shifted_clock(shift: str) -> list:
+    """The command prefix that runs a program with its wall clock moved by
+    `shift` (libfaketime; monotonic time, which pcc's timeouts use, stays)."""
+    if not shift:
+        return []
+    if shutil.which("faketime") is None:
+        unavailable("libfaketime (Debian package faketime)")
+    return ["faketime", "-f", shift]
+
+
+def shifted_clock_environment(shift: str) -> Optional[dict]:
+    return dict(os.environ, FAKETIME_DONT_FAKE_MONOTONIC="1") if shift else None
 
 
 def walk(client, login, countries, version=4) -> list:
@@ -588,8 +609,9 @@ class Daemon:
         self.port = port
         self.process = None
 
-    def start(self, open_files: Optional[int] = None) -> "Daemon":
-        """open_files: the daemon's open-file limit (soft and hard), else the runner's."""
+    def start(self, open_files: Optional[int] = None, clock_shift: str = "") -> "Daemon":
+        """open_files: the daemon's open-file limit (soft and hard), else the
+        runner's; clock_shift: its wall clock moved (libfaketime: "-600s")."""
         def limit_open_files():
             import resource
 
@@ -597,8 +619,10 @@ class Daemon:
 
         log_file = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            [sys.executable, str(ROOT / "pcc.py"), "-d", "--stderr", "--config", self.config_path],
+            shifted_clock(clock_shift) + [sys.executable, str(ROOT / "pcc.py"), "-d", "--stderr", "--config",
+                                          self.config_path],
             stdout=log_file, stderr=log_file, cwd=str(ROOT), preexec_fn=limit_open_files if open_files else None,
+            env=shifted_clock_environment(clock_shift),
         )
         log_file.close()
         deadline = time.monotonic() + 30
@@ -645,7 +669,7 @@ def start_daemon(tmp_path, geoip_path):
     """start_daemon(**config overrides) -> a running Daemon; all stopped after the test."""
     daemons = []
 
-    def start(open_files: Optional[int] = None, **overrides) -> Daemon:
+    def start(open_files: Optional[int] = None, clock_shift: str = "", **overrides) -> Daemon:
         port = free_port()
         values = {
             "server.port": port,
@@ -659,7 +683,7 @@ def start_daemon(tmp_path, geoip_path):
         daemon = Daemon(config_path, tmp_path / f"pcc-{index}.log", int(values["server.port"]),
                         host=str(values.get("server.host", "127.0.0.1")))
         daemons.append(daemon)
-        return daemon.start(open_files)
+        return daemon.start(open_files, clock_shift)
 
     yield start
     for daemon in daemons:

@@ -192,6 +192,7 @@ def test_failed_logins_never_count(dovecot_pcc):
 def test_a_block_by_hand_or_by_postfix_refuses_logins(dovecot_pcc):
     daemon, dovecot = dovecot_pcc(**{"dovecot.count_logins": "no"})
     pcc_command(daemon.config_path, "-b", "carol@example.com")
+    wait_until_visible()
     logged_in, output = dovecot.auth("carol@example.com", ip_in("GB"))
     assert not logged_in and "Blocked: contact support" in output
     client = daemon.client()
@@ -251,6 +252,7 @@ def test_postfix_auth_through_dovecot_is_refused_for_a_blocked_account(dovecot_p
         daemon, _dovecot = dovecot_pcc(auth_socket=f"{postfix.directory}/queue/private/dovecot-auth",
                                        **{"server.port": postfix.pcc_port})
         pcc_command(daemon.config_path, "-b", "alice@example.com")
+        wait_until_visible()
         assert swaks_auth(postfix.smtp_port, "bob@example.com", ip_in("GB")) == 0
         assert swaks_auth(postfix.smtp_port, "alice@example.com", ip_in("GB")) != 0
     finally:
@@ -318,6 +320,7 @@ def test_answers_within_a_second_while_the_database_hangs(start_daemon, shared_d
             "policy.action": "REJECT", "dovecot.policy_port": port, "dovecot.count_logins": "yes",
             "dovecot.api_header": API_HEADER})
         pcc_command(daemon.config_path, "-b", "alice@example.com")
+        wait_until_visible()
         assert post(port, "allow", login_body("alice@example.com", "GB"))[1]["status"] == -1
         proxy.cut("blackhole")
         time.sleep(1.0)  # the poll of changes goes stale: every account needs the database now

@@ -3,22 +3,24 @@ batches and counted from memory at once; blocks are still written before the
 answer; several daemons on one database see each other's sightings, blocks,
 unblocks and travel passes within a second; a kill -9 loses at most the last
 moments of sightings, never a block."""
+import datetime as dt
 import logging
 import threading
 import time
 
 import sqlalchemy as sa
 from conftest import (
+    count_rows,
     sightings_in_database,
 )
 
 from pcclib.common import log, utcnow
 from pcclib.decision import AccountHistory, CountrySeen
 from pcclib.logs import queue_logging
-from pcclib.memory import SightingWriter
+from pcclib.memory import CHANGES_SETTLE_EVERY, SightingWriter
 from pcclib.notify import Notifier
 from pcclib.service import PolicyService
-from pcclib.storage import DatabaseChanges, Store, UTCDateTime
+from pcclib.storage import BlockedAccount, Change, Store, UTCDateTime
 
 
 def test_the_log_line_takes_no_lock_the_other_threads_wait_on(caplog):
@@ -126,23 +128,119 @@ def test_unwritten_sightings_count_for_the_next_read(db_url):
     store.dispose()
 
 
-def test_poll_of_changes_forgets_only_what_memory_does_not_know(db_url, make_settings, geoip):
+def test_the_poll_forgets_what_another_writer_changed_and_only_that(db_url, make_settings, geoip):
     settings = make_settings(**{"db.dbcon": db_url})
-    store = Store(db_url)
-    service = PolicyService(settings, store, geoip, Notifier(settings))
-    now = utcnow()
+    mine, other = Store(db_url), Store(db_url)
+    service = PolicyService(settings, mine, geoip, Notifier(settings))
+    service.load_blocked_list()  # the poll starts where the blocked list was read
+    memory, now = service.memory, utcnow()
     history = AccountHistory(sightings=(CountrySeen("GB", now, now, "20.1.0.1"),))
-    service.memory.histories.put("alice@example.com", history, time.monotonic())
-    service.memory.apply(DatabaseChanges([("alice@example.com", "GB", now)], [], []))
-    assert service.memory.histories.get("alice@example.com") is history  # its own write: nothing new
-    service.memory.apply(DatabaseChanges([("alice@example.com", "US", now)], [], []))
-    assert service.memory.histories.get("alice@example.com") is None  # another daemon's: read again
-    service.memory.histories.put("alice@example.com", history, time.monotonic())
-    service.memory.apply(DatabaseChanges([], [("alice@example.com", now, None, "REJECT")], []))
-    assert service.memory.histories.get("alice@example.com") is None and service.memory.is_blocked("alice@example.com")
-    service.memory.apply(DatabaseChanges([], [("alice@example.com", None, now, None)], []))
-    assert not service.memory.is_blocked("alice@example.com")
-    service.memory.histories.put("bob@example.com", history, time.monotonic())
-    service.memory.apply(DatabaseChanges([], [], [("bob@example.com", "JP", now)]))
-    assert service.memory.histories.get("bob@example.com") is None  # a new travel pass
-    store.dispose()
+
+    def remembered(login):
+        memory.histories.put(login, history, time.monotonic())
+        return login
+
+    alice, bob = remembered("alice@example.com"), remembered("bob@example.com")
+    mine.merge_sightings([(alice, CountrySeen("GB", now, now, "20.1.0.1"))])
+    assert service.poll_changes() and memory.histories.get(alice) is history  # its own write: nothing new
+    other.merge_sightings([(alice, CountrySeen("US", now, now, "20.2.0.1"))])
+    assert service.poll_changes() and memory.histories.get(alice) is None  # another daemon's: read again
+    assert memory.histories.get(bob) is history
+    remembered(alice)
+    other.record_block(alice, now, source="policy", action="REJECT", reason="test", countries=[])
+    service.poll_changes()
+    assert memory.histories.get(alice) is None and memory.is_blocked(alice)
+    other.unblock(alice, now)
+    service.poll_changes()
+    assert not memory.is_blocked(alice)
+    other.grant_travel_pass(bob, ["JP"], now, now + dt.timedelta(days=1), "test")
+    service.poll_changes()
+    assert memory.histories.get(bob) is None  # a new travel pass
+    for store in (mine, other):
+        store.dispose()
+
+
+def test_a_change_committed_after_a_newer_one_still_reaches_the_poll(shared_db_url, make_settings, geoip):
+    """A change id is taken before its commit: a transaction that commits
+    after a later one's (a slow commit, another Galera node) is read by the
+    settling polls, not skipped.  (SQLite has one writer at a time: its ids
+    are committed in order.)"""
+    db_url = shared_db_url
+    settings = make_settings(**{"db.dbcon": db_url})
+    mine, other = Store(db_url), Store(db_url)
+    service = PolicyService(settings, mine, geoip, Notifier(settings))
+    service.load_blocked_list()
+    now = utcnow()
+    with other.engine.connect() as late:
+        late.execute(sa.insert(BlockedAccount).values(login="carol@example.com", blocked_since=now))
+        other._log_changes(late, ["carol@example.com"])  # its id, not yet committed
+        other.merge_sightings([("dave@example.com", CountrySeen("US", now, now, "20.2.0.1"))])  # a higher id
+        assert service.poll_changes() and not service.memory.is_blocked("carol@example.com")
+        late.commit()
+    for _ in range(CHANGES_SETTLE_EVERY):
+        service.poll_changes()
+    assert service.memory.is_blocked("carol@example.com")
+    for store in (mine, other):
+        store.dispose()
+
+
+def test_a_read_that_began_before_a_change_is_not_remembered(db_url, make_settings, geoip):
+    """A request that read an account's history before another daemon's change,
+    and remembers it after the poll saw that change, would keep the old
+    history as current: it is dropped."""
+    settings = make_settings(**{"db.dbcon": db_url})
+    mine, other = Store(db_url), Store(db_url)
+    service = PolicyService(settings, mine, geoip, Notifier(settings))
+    service.load_blocked_list()
+    now, read_at = utcnow(), time.monotonic()
+    stale = mine.load_history("alice@example.com", now - dt.timedelta(days=1))
+    other.merge_sightings([("alice@example.com", CountrySeen("US", now, now, "20.2.0.1"))])
+    assert service.poll_changes()
+    service.memory.remember("alice@example.com", stale, False, read_at)
+    assert service.memory.histories.get("alice@example.com") is None
+    for store in (mine, other):
+        store.dispose()
+
+
+def test_each_daemon_trims_the_change_log_it_read_long_ago(db_url, make_settings, geoip, monkeypatch):
+    import pcclib.memory
+
+    settings = make_settings(**{"db.dbcon": db_url})
+    mine, other = Store(db_url), Store(db_url)
+    service = PolicyService(settings, mine, geoip, Notifier(settings))
+    service.load_blocked_list()
+    now = utcnow()
+    other.merge_sightings([("alice@example.com", CountrySeen("US", now, now, "20.2.0.1"))])
+    assert service.poll_changes()
+    service.trim_changes()  # read just now: kept
+    assert count_rows(db_url, Change) == 1
+    monkeypatch.setattr(pcclib.memory, "CHANGES_KEPT", 0.0)
+    other.merge_sightings([("bob@example.com", CountrySeen("US", now, now, "20.2.0.1"))])  # not read yet
+    service.trim_changes()
+    with mine.engine.connect() as connection:
+        assert connection.execute(sa.select(Change.login)).scalars().all() == ["bob@example.com"]
+    for store in (mine, other):
+        store.dispose()
+
+
+def test_a_daemon_that_could_not_poll_for_long_starts_over(db_url, make_settings, geoip, monkeypatch, caplog):
+    """Rows it never read may have been trimmed by another daemon: it reads
+    the blocked list whole and forgets every history."""
+    import pcclib.memory
+
+    settings = make_settings(**{"db.dbcon": db_url})
+    mine, other = Store(db_url), Store(db_url)
+    service = PolicyService(settings, mine, geoip, Notifier(settings))
+    service.load_blocked_list()
+    now = utcnow()
+    service.memory.histories.put("alice@example.com", AccountHistory(), time.monotonic())
+    other.record_block("bob@example.com", now, source="admin", action="REJECT", reason="test", countries=[])
+    other.trim_changes(other.newest_change())  # as if another daemon had trimmed what this one missed
+    monkeypatch.setattr(pcclib.memory, "CHANGES_RESYNC_AFTER", 0.0)
+    with caplog.at_level(logging.WARNING, logger="pcc"):
+        assert service.poll_changes()
+    assert "reading the blocked list again" in caplog.text
+    assert service.memory.is_blocked("bob@example.com")
+    assert service.memory.histories.get("alice@example.com") is None
+    for store in (mine, other):
+        store.dispose()
