@@ -66,6 +66,7 @@ def run_daemon(settings: Settings) -> int:
     if listeners is None:
         return 1
     server, dovecot = listeners
+    service.ports = [server] + ([dovecot] if dovecot is not None else [])
     start_thread(housekeeping, "pcc-housekeeping", service, server.stopping)
     service.start_background(server.stopping)
 
@@ -229,8 +230,8 @@ def _warn_if_readable(settings: Settings) -> None:
     except OSError:
         return
     if secrets_of(settings) and mode & 0o004:
-        log.warning("%s holds a database password and is readable by every user: "
-                    "chown root:pcc %s; chmod 640 %s", settings.config_path, settings.config_path,
+        log.warning("%s holds a secret (the database password or [dovecot] api_header) and is readable by "
+                    "every user: chown root:pcc %s; chmod 640 %s", settings.config_path, settings.config_path,
                     settings.config_path)
 
 

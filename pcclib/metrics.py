@@ -149,6 +149,12 @@ class _StateCollector:
                                 "while the daemon runs)", value=state["unsent_notifications"])
         yield GaugeMetricFamily("pcc_oldest_unsent_notification_seconds", "How long the oldest unsent mail to the "
                                 "administrators has waited (0 when none waits)", value=state["oldest_unsent_seconds"])
+        family = GaugeMetricFamily("pcc_connections", "Open connections of each port, being answered (never "
+                                   "cut) or waiting for their client", labels=["port", "state"])
+        for port, states in state.get("connections", {}).items():
+            for name, count in states.items():
+                family.add_metric([port, name], count)
+        yield family
         operations = state["operations"]
         family = CounterMetricFamily("pcc_database_operations", "What the daemon asked of the database: "
                                      "history reads, sighting writes (one transaction per batch), block "

@@ -146,14 +146,23 @@ class BoundedPort:
         with self._slots_lock:
             self._slots.pop(request, None)
 
-    def answering(self, request, busy: bool) -> None:
+    def connection_states(self) -> dict:
+        """{"answering": connections being answered, "waiting": the others}."""
+        with self._slots_lock:
+            answering = sum(1 for slot in self._slots.values() if slot.answering)
+            return {"answering": answering, "waiting": len(self._slots) - answering}
+
+    def answering(self, request, busy: bool, since: Optional[float] = None) -> None:
         """The handler of `request` says a whole request is in (True) or that it
-        waits for the client again (False).  No lock: each is one attribute
-        of the connection's own slot, set by its own thread (the hot path)."""
+        waits for the client again (False), since `since` (monotonic; the
+        moment before its answer was sent: taken later, a thread the machine
+        kept waiting would look newer than one answered after it).  No lock:
+        each is one attribute of the connection's own slot, set by its own
+        thread (the hot path)."""
         slot = self._slots.get(request)
         if slot is not None:
             if not busy:
-                slot.since = time.monotonic()
+                slot.since = time.monotonic() if since is None else since
             slot.answering = busy
 
 

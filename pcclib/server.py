@@ -79,7 +79,7 @@ class PolicyHandler(socketserver.BaseRequestHandler):
             if lines is None:
                 return False
             server.answering(self.request, True)  # a whole request: this connection is not cut now
-            handed_on = False
+            handed_on, answered_at = False, None
             try:
                 began = self._started or time.monotonic()
                 # This request's own: a successor thread replaces the attributes.
@@ -89,7 +89,8 @@ class PolicyHandler(socketserver.BaseRequestHandler):
                     handover.wait(LATE_ANSWER_WAIT)  # the Watchdog's answer is sent, a successor reads on
                     handed_on = True
                     return True
-                server.service.metrics.answered(reply, time.monotonic() - began)
+                answered_at = time.monotonic()
+                server.service.metrics.answered(reply, answered_at - began)
                 self.request.sendall(reply)
             except OSError as error:
                 log.info("connection from %s: cannot send the answer: %s", self._peer, error)
@@ -97,7 +98,7 @@ class PolicyHandler(socketserver.BaseRequestHandler):
             finally:
                 if not handed_on:  # else the late answer has finished this request already
                     self._finish_request()
-                    server.answering(self.request, False)
+                    server.answering(self.request, False, answered_at)
         return False
 
     def deliver_late(self, action: str) -> None:
@@ -106,7 +107,8 @@ class PolicyHandler(socketserver.BaseRequestHandler):
         that Postfix's next request on it is answered in time too."""
         try:
             reply = format_reply(action)
-            self.server.service.metrics.answered(reply, time.monotonic() - (self._started or time.monotonic()))
+            answered_at = time.monotonic()
+            self.server.service.metrics.answered(reply, answered_at - (self._started or answered_at))
             self.request.sendall(reply)
         except OSError as error:
             log.info("connection from %s: cannot send the answer: %s", self.client_address[0], error)
@@ -114,7 +116,7 @@ class PolicyHandler(socketserver.BaseRequestHandler):
             self._handover.set()
             return
         self._finish_request()
-        self.server.answering(self.request, False)
+        self.server.answering(self.request, False, answered_at)
         successor = _Successor(self)
         self._successors.append(successor)
         self._handover.set()

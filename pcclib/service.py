@@ -117,6 +117,7 @@ class PolicyService:
                                     else "")
         self.outage = OutageState(settings)
         self.clock = DatabaseClock()
+        self.ports: list = []  # the open ports (server.PolicyServer...), for their connections' states
         self._trim_failing = False
         self._lanes = AccountLanes()
         self.metrics = Metrics()  # off; the daemon turns it on for [server] metrics_port
@@ -519,7 +520,8 @@ class PolicyService:
         unsent, waited = self.notifier.backlog()
         return dict(self.outage.snapshot(), spooled_blocks=self.journal.blocks_waiting(), clock_offset=self.clock.offset,
                     unwritten_sightings=self.sightings.waiting(), operations=self.store.operation_counts(),
-                    geoip_built=self.geoip.built, unsent_notifications=unsent, oldest_unsent_seconds=waited)
+                    geoip_built=self.geoip.built, unsent_notifications=unsent, oldest_unsent_seconds=waited,
+                    connections={port.port_name: port.connection_states() for port in self.ports})
 
     def count_blocked(self) -> Optional[dict]:
         """The blocked list's size by mode, or None when the database cannot say."""

@@ -3,7 +3,7 @@ import socket
 import time
 
 import pytest
-from conftest import PolicyClient, encode_request, ip_in, policy_request
+from conftest import PolicyClient, encode_request, free_port, ip_in, policy_request, scrape
 
 
 @pytest.fixture
@@ -93,26 +93,38 @@ def test_max_connections(start_daemon):
     """At the limit, a new connection is admitted and the one that has waited
     longest for its client is cut (Postfix opens another when it needs one);
     a trickling or idle client cannot keep Postfix out."""
-    daemon = start_daemon(**{"server.max_connections": "2"})
-    time.sleep(0.5)  # let the start-up probe's connection go
+    metrics_port = free_port()
+    daemon = start_daemon(**{"server.max_connections": "2", "server.metrics_port": metrics_port})
+
+    def settled(waiting: int) -> None:
+        """Until every connection is past sending its answer: a connection
+        being answered is never cut (how long its thread takes to get there
+        depends on the machine's load: a fixed sleep failed under load)."""
+        deadline = time.monotonic() + 10
+        while True:
+            samples = scrape(metrics_port)
+            states = {state: samples.get(("pcc_connections", (("port", "policy port"), ("state", state))))
+                      for state in ("answering", "waiting")}
+            if states == {"answering": 0, "waiting": waiting}:
+                return
+            assert time.monotonic() < deadline, states
+            time.sleep(0.02)
+
+    settled(0)  # the start-up probe's connection is gone
     first, second = daemon.client(), daemon.client()
     assert first.ask("a@example.com", ip_in("GB")) == "DUNNO"
     assert second.ask("b@example.com", ip_in("GB")) == "DUNNO"
-    # A connection counts as waiting for its client once its thread is past
-    # sending the answer (a moment after the client has it): until then it is
-    # being answered, never cut, and a newcomer finding only such would be refused.
-    settle = 0.2
-    time.sleep(settle)
+    settled(2)
     third = daemon.client()
     assert third.ask("c@example.com", ip_in("GB")) == "DUNNO"
     assert first.sock.recv(10) == b""  # idle the longest: cut
     assert second.ask("b@example.com", ip_in("GB")) == "DUNNO"
-    time.sleep(settle)
+    settled(2)
     trickling = daemon.client()
     trickling.send(b"request=smtpd_access_policy\n")  # and nothing more
     assert third.sock.recv(10) == b""  # idle since before `second`'s last answer: cut
     assert second.ask("b@example.com", ip_in("GB")) == "DUNNO"
-    time.sleep(settle)
+    settled(2)
     fourth = daemon.client()
     assert fourth.ask("d@example.com", ip_in("GB")) == "DUNNO"
     assert trickling.sock.recv(10) == b""  # waited for its client longer than `second`: cut
