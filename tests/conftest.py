@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import configparser
 import datetime
+import glob
 import json
 import os
 import pathlib
@@ -15,6 +16,7 @@ import re
 import shutil
 import smtplib
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -394,27 +396,20 @@ def run_pcc(*arguments, expect=None, timeout=120, **options) -> subprocess.Compl
 def pcc_command(config, *arguments, expect=0, clock_shift: str = "") -> subprocess.CompletedProcess:
     """An admin command (pcc.py --config CONFIG ARGUMENTS...) that must exit
     `expect`; clock_shift: run with its wall clock moved ("+3600s")."""
-    if not clock_shift:
-        return run_pcc("--config", config, *arguments, expect=expect)
-    result = subprocess.run(shifted_clock(clock_shift) + [sys.executable, str(ROOT / "pcc.py"), "--config", config,
-                                                          *arguments],
-                            capture_output=True, text=True, timeout=120, env=shifted_clock_environment(clock_shift))
-    assert result.returncode == expect, result
-    return result
-
-
-def shifted_clock(shift: str) -> list:
-    """The command prefix that runs a program with its wall clock moved by
-    `shift` (libfaketime; monotonic time, which pcc's timeouts use, stays)."""
-    if not shift:
-        return []
-    if shutil.which("faketime") is None:
-        unavailable("libfaketime (Debian package faketime)")
-    return ["faketime", "-f", shift]
+    return run_pcc("--config", config, *arguments, expect=expect, env=shifted_clock_environment(clock_shift))
 
 
 def shifted_clock_environment(shift: str) -> Optional[dict]:
-    return dict(os.environ, FAKETIME_DONT_FAKE_MONOTONIC="1") if shift else None
+    """An environment whose programs see their wall clock moved by `shift`
+    ("-600s"; libfaketime preloaded: the faketime wrapper would stand between
+    the test and the daemon, and outlive its terminate()), their monotonic
+    clock, which pcc's timeouts use, untouched."""
+    if not shift:
+        return None
+    library = glob.glob("/usr/lib/*/faketime/libfaketime.so.1")
+    if not library:
+        unavailable("libfaketime (Debian package faketime)")
+    return dict(os.environ, LD_PRELOAD=library[0], FAKETIME=shift, FAKETIME_DONT_FAKE_MONOTONIC="1")
 
 
 def walk(client, login, countries, version=4) -> list:
@@ -517,7 +512,10 @@ def spool_entry(login: str) -> dict:
 class TcpProxy:
     """127.0.0.1:<port> -> target.  cut("refuse") closes every connection and
     refuses new ones; cut("blackhole") keeps them open but lets nothing through,
-    like a network that went away; restore() forwards again."""
+    like a network that went away; cut("reset") forwards each query and resets
+    the connection when the answer comes; restore() forwards again;
+    restart() resets every connection and goes on forwarding (a server that
+    restarted)."""
 
     def __init__(self, target_host: str, target_port: int):
         self.target = (target_host, target_port)
@@ -542,26 +540,34 @@ class TcpProxy:
             except OSError:
                 client.close()
                 continue
+            upstream.settimeout(None)  # a query may wait on a lock for longer than any timeout here
             with self.lock:
                 self.sockets += [client, upstream]
-            for source, sink in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+            for source, sink, answers in ((client, upstream, False), (upstream, client, True)):
+                threading.Thread(target=self._pump, args=(source, sink, answers), daemon=True).start()
 
-    def _pump(self, source, sink):
+    def _pump(self, source, sink, answers: bool):
         try:
             while True:
                 data = source.recv(65536)
                 if not data:
                     break
-                if self.mode == "forward":
+                if self.mode == "reset" and answers:
+                    for end in (source, sink):  # RST, not FIN: SO_LINGER 0
+                        end.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    break
+                if self.mode in ("forward", "reset"):
                     sink.sendall(data)
         except OSError:
             pass
         for end in (source, sink):
             try:
-                end.close()
+                # shutdown() first: close() alone does not end a connection
+                # that the other direction's thread is still blocked reading.
+                end.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+            end.close()
 
     def cut(self, how: str = "refuse"):
         self.mode = how
@@ -571,6 +577,10 @@ class TcpProxy:
     def restore(self):
         self._drop_connections()  # connections left from a blackhole are dead to the client
         self.mode = "forward"
+
+    def restart(self):
+        self.mode = "forward"
+        self._drop_connections()
 
     def _drop_connections(self):
         with self.lock:
@@ -619,8 +629,7 @@ class Daemon:
 
         log_file = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            shifted_clock(clock_shift) + [sys.executable, str(ROOT / "pcc.py"), "-d", "--stderr", "--config",
-                                          self.config_path],
+            [sys.executable, str(ROOT / "pcc.py"), "-d", "--stderr", "--config", self.config_path],
             stdout=log_file, stderr=log_file, cwd=str(ROOT), preexec_fn=limit_open_files if open_files else None,
             env=shifted_clock_environment(clock_shift),
         )
