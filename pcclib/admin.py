@@ -21,7 +21,8 @@ from .common import first_line, normalise_login, split_list, symlink_refusal, wh
 from .config import COUNTRY_CODES, MONITOR_ACTION, Settings
 from .decision import AccountHistory, countries_in_window, exempt_login_reason
 from .logs import mask_secrets, secrets_of
-from .notify import Notifier, block_notice
+from .notify import Notifier
+from .respond import Responder
 from .protocol import MAX_LOGIN_LENGTH
 from .storage import Block, DatabaseClock, Store, TravelPass, safe_url, sqlite_path
 
@@ -103,6 +104,7 @@ class Admin:
         self.settings = settings
         self.store = store
         self.notifier = notifier
+        self.responder = Responder(settings, notifier)
         self.postfix = postfix
         self.out = out or sys.stdout
 
@@ -209,9 +211,8 @@ class Admin:
             self.say(f"{login} is already blocked; nothing changed")
             return
         self.say(f"{login} blocked: its messages now get {self.settings.action}")
-        subject, body = block_notice(self.settings, login, recent.values(), reason, f"admin ({_who()})",
-                                     self.settings.action)
-        self._notify(subject, body)
+        if not self.responder.blocked_now(login, recent.values(), reason, f"admin ({_who()})", self.settings.action):
+            self.say(f"warning: the notification to {', '.join(self.settings.notice)} was not sent")
 
     def unblock(self, login: str, held: Optional[str], now: dt.datetime) -> None:
         """held: None (leave held mail alone), "release" or "delete"."""
@@ -228,6 +229,7 @@ class Admin:
             body = (f"pcc account {login} was unblocked by {_who()} on {socket.gethostname()} "
                     f"at {when(now)} UTC.\n\n" + "\n".join(report) + "\n")
             self._notify(f"pcc: account {login} unblocked", body)
+            self.responder.unblocked(login, _who(), now)
 
     def _say_line(self, line: str) -> str:
         self.say(line)

@@ -102,6 +102,13 @@ class Settings:
     dovecot_policy_port: Optional[int] = None  # Dovecot's authentication policy (HTTP); None = off
     count_logins: bool = False  # a successful Dovecot login counts its country like a submission
     dovecot_api_header: str = ""  # "Name: value" Dovecot must send; "" = none
+    doveadm_url: str = ""  # Dovecot's doveadm HTTP API, to end a blocked account's sessions; "" = not used
+    doveadm_api_key: str = ""  # its doveadm_api_key
+    doveadm_command: str = ""  # else this doveadm on this host ("doveadm -c /etc/dovecot/dovecot.conf"); "" = none
+    # [notify]
+    webhook_urls: tuple = ()  # each gets a JSON POST for every event; empty = none
+    webhook_secret: str = ""  # signs each body (HMAC-SHA256); "" = unsigned
+    notify_account: bool = False  # tell a blocked account's owner (accounts of [mail] domains only)
 
     @property
     def country_window(self) -> dt.timedelta:
@@ -276,6 +283,12 @@ def load_settings(path: str, geoip_file_needed: bool = True) -> Settings:
         dovecot_policy_port=config.integer("dovecot", "policy_port", 1, 65535, blank=0) or None,
         count_logins=config.choice("dovecot", "count_logins", ("YES", "NO"), blank="NO") == "YES",
         dovecot_api_header=config.text("dovecot", "api_header"),
+        doveadm_url=config.text("dovecot", "doveadm_url"),
+        doveadm_api_key=config.text("dovecot", "doveadm_api_key"),
+        doveadm_command=config.text("dovecot", "doveadm_command"),
+        webhook_urls=tuple(split_list(config.text("notify", "webhook_urls"))),
+        webhook_secret=config.text("notify", "webhook_secret"),
+        notify_account=config.choice("notify", "notify_account", ("YES", "NO"), blank="NO") == "YES",
     )
     config.refuse_unknown_keys()
     _check_ports(config, settings)
@@ -288,6 +301,17 @@ def load_settings(path: str, geoip_file_needed: bool = True) -> Settings:
         raise config.fail("dovecot", "api_header", "must be set when count_logins = yes: make a secret with "
                           "`printf 'pcc:%s' \"$(openssl rand -hex 16)\" | base64`, put 'Authorization: Basic "
                           "<that>' here and the same in dovecot.conf's auth_policy_server_api_header")
+    for url in settings.webhook_urls:
+        if urllib.parse.urlsplit(url).scheme != "https" and not is_loopback_url(url):
+            raise config.fail("notify", "webhook_urls", f"{url!r}: must be an https:// URL (plain http only to "
+                              "this host)")
+    if settings.doveadm_url and urllib.parse.urlsplit(settings.doveadm_url).scheme not in ("http", "https"):
+        raise config.fail("dovecot", "doveadm_url", "must be an http:// or https:// URL, e.g. "
+                          "http://127.0.0.1:8080/doveadm/v1")
+    if settings.doveadm_url and not settings.doveadm_api_key:
+        raise config.fail("dovecot", "doveadm_api_key", "must be set with doveadm_url (dovecot.conf's doveadm_api_key)")
+    if settings.notify_account and not settings.mailsrv:
+        raise config.fail("mail", "mailsrv", "must name an SMTP server when [notify] notify_account = yes")
     if settings.notice and not settings.mailsrv:
         raise config.fail("mail", "mailsrv", "must name an SMTP server when [mail] notice is set")
     try:

@@ -78,12 +78,14 @@ def setup_logging(verbose: bool, to_stderr: bool, secrets: Iterable[str] = ()) -
 
 
 def secrets_of(settings: Settings) -> list:
-    """What must never reach a log line: the database password and the
-    credentials in the Dovecot api_header."""
+    """What must never reach a log line: the database password, the
+    credentials in the Dovecot api_header, the doveadm API key and the
+    webhooks' secret."""
     secrets = []
     credentials = settings.dovecot_api_header.partition(":")[2].strip()
-    if len(credentials) >= 8:  # a short value would mask innocent words too
-        secrets.append(credentials)
+    for secret in (credentials, settings.doveadm_api_key, settings.webhook_secret):
+        if len(secret) >= 8:  # a short value would mask innocent words too
+            secrets.append(secret)
     try:
         password = sa.engine.make_url(settings.dbcon).password
     except sa_exc.ArgumentError:

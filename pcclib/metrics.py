@@ -48,6 +48,9 @@ class Metrics:
         self._dovecot = Counter("pcc_dovecot_requests", "Dovecot auth policy requests, by command (allow, report; "
                                 "- when refused before it was read) and status (allowed, refused, not_counted, "
                                 "unauthorised, bad_request)", ["command", "status"], registry=self.registry)
+        self._responses = Counter("pcc_block_responses", "What followed blocks beyond the answer, by channel "
+                                  "(sessions: Dovecot sessions ended or failed; webhook: delivered, failed "
+                                  "tries, dropped events)", ["channel", "outcome"], registry=self.registry)
         self.registry.register(_StateCollector(state, count_blocked or (lambda: None)))
 
     def serve(self, host: str, port: int, allowed_clients: Callable[[], tuple], cap: int) -> None:
@@ -107,6 +110,12 @@ class Metrics:
         if self.enabled:
             self._journeys.inc()
 
+    def responded(self, channel: str, outcome: str) -> None:
+        """What followed a block: channel "sessions" (ended, failed) or "webhook"
+        (delivered, failed, dropped)."""
+        if self.enabled:
+            self._responses.labels(channel, outcome).inc()
+
     def database_failed(self) -> None:
         if self.enabled:
             self._database_errors.inc()
@@ -145,6 +154,8 @@ class _StateCollector:
                                 value=state["unwritten_sightings"])
         yield GaugeMetricFamily("pcc_clock_offset_seconds", "How far the database's clock, which pcc keeps, is "
                                 "ahead of this host's (0 within 0.2 s)", value=state["clock_offset"])
+        yield GaugeMetricFamily("pcc_webhook_events_waiting", "Events not yet taken by a webhook receiver "
+                                "(retried for 2 hours)", value=state.get("webhooks_waiting", 0))
         yield GaugeMetricFamily("pcc_unsent_notifications", "Mails to the administrators not sent yet (retried "
                                 "while the daemon runs)", value=state["unsent_notifications"])
         yield GaugeMetricFamily("pcc_oldest_unsent_notification_seconds", "How long the oldest unsent mail to the "

@@ -48,26 +48,44 @@ class Notifier:
         self._travel_noticed: dict = {}  # login -> when its last impossible-travel mail went
 
     def send(self, subject: str, body: str) -> None:
-        """Queue a notification; returns at once."""
-        if not self.settings.notice:
-            return
+        """Queue a notification to the administrators; returns at once."""
+        if self.settings.notice:
+            self._queue(self._compose(subject, body))
+
+    def send_to(self, recipients: Iterable[str], subject: str, body: str, now: bool = False) -> bool:
+        """A mail to others than the administrators (an account's owner):
+        queued, or with `now` sent in this thread (False when it failed)."""
+        message = self._compose(subject, body, recipients)
+        if not now:
+            self._queue(message)
+            return True
+        try:
+            self._deliver(message)
+            return True
+        except (OSError, smtplib.SMTPException) as error:
+            log.error("mail to %s not sent: %s", message["To"], error)
+            return False
+
+    def _queue(self, message: email.message.EmailMessage) -> None:
         with self._start_lock:
             self._queued_at.append(time.monotonic())
-        self._outbox.put(self._compose(subject, body))
+        self._outbox.put(message)
         with self._start_lock:
             if self._thread is None:
                 self._thread = start_thread(self._run, "pcc-notifier")
 
-    def send_journey(self, login: str, journey: Journey, now: dt.datetime) -> None:
-        """The impossible-travel mail, at most one per account every TRAVEL_NOTICE_INTERVAL."""
+    def send_journey(self, login: str, journey: Journey, now: dt.datetime) -> bool:
+        """The impossible-travel mail, at most one per account every
+        TRAVEL_NOTICE_INTERVAL; False when one went too recently."""
         with self._start_lock:
             last = self._travel_noticed.get(login)
             if last is not None and now - last < TRAVEL_NOTICE_INTERVAL:
-                return
+                return False
             if len(self._travel_noticed) > TRAVEL_NOTICES_REMEMBERED:
                 self._travel_noticed.clear()
             self._travel_noticed[login] = now
         self.send(*travel_notice(self.settings, login, journey))
+        return True
 
     def send_now(self, subject: str, body: str) -> bool:
         """For the admin commands: send in this thread, report success."""
@@ -88,10 +106,10 @@ class Notifier:
                 return 0, 0.0
             return len(self._queued_at), time.monotonic() - self._queued_at[0]
 
-    def _compose(self, subject: str, body: str) -> email.message.EmailMessage:
+    def _compose(self, subject: str, body: str, recipients: Iterable[str] = ()) -> email.message.EmailMessage:
         message = email.message.EmailMessage()
         message["From"] = self.sender
-        message["To"] = ", ".join(self.settings.notice)
+        message["To"] = ", ".join(recipients or self.settings.notice)
         message["Subject"] = header_safe(subject)
         message["Date"] = email.utils.formatdate(localtime=True)
         message["Message-ID"] = email.utils.make_msgid(domain=socket.gethostname())
@@ -118,7 +136,7 @@ class Notifier:
 
     def _deliver(self, message: email.message.EmailMessage) -> None:
         with smtplib.SMTP(self.settings.mailsrv, self.settings.mailport, timeout=30) as smtp:
-            smtp.send_message(message, to_addrs=list(self.settings.notice))
+            smtp.send_message(message)  # to its To: the administrators, or an account's owner
 
 
 def header_safe(text: str) -> str:
@@ -151,8 +169,7 @@ def block_notice(settings: Settings, login: str, countries: Iterable[CountrySeen
         if settings.dovecot_policy_port:
             lines.append("Its Dovecot logins (IMAP, POP3, SMTP AUTH) are refused too.")
         if source.startswith("dovecot/"):
-            lines.append(f"The login that crossed the line was granted before pcc heard of it; end its session: "
-                         f"doveadm kick {shlex.quote(login)}")
+            lines.append("The login that crossed the line was granted before pcc heard of it (see Sessions).")
     if journey is not None:
         lines += ["", *journey_lines(settings, journey)]
     lines += ["", "Countries it sent from (last client IP, first and last time seen, UTC):"]

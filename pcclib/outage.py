@@ -62,6 +62,7 @@ class OutageState:
         self._answers: collections.Counter = collections.Counter()  # "db_error_action" / "memory"
         self._reported = 0.0  # monotonic time of its latest ERROR line
         self._error_answers_total = 0  # requests answered db_error_action since the start
+        self.on_change = lambda started, problem: None  # told when an outage starts (True) or ends
 
     def probe_due(self) -> bool:
         with self._lock:
@@ -83,6 +84,7 @@ class OutageState:
         if starting:
             log.error("database %s failed, answering from memory (else %s) until it is back: %s",
                       safe_url(self.settings.dbcon), self.settings.db_error_action, problem)
+            self.on_change(True, problem)
 
     def failed_on_write(self) -> bool:
         """A write failed and none has succeeded since: only a write proves the database works."""
@@ -99,6 +101,7 @@ class OutageState:
             log.warning("database %s is back; pcc answers from it again (the outage lasted %.0f s: %d requests "
                         "got %s, %d were decided from memory)", safe_url(self.settings.dbcon), lasted,
                         answers.get("db_error_action", 0), self.settings.db_error_action, answers.get("memory", 0))
+            self.on_change(False, "")
         return ending
 
     def count_answer(self, kind: str) -> None:

@@ -33,7 +33,8 @@ from .decision import (
 from .geoip import GeoIP
 from .memory import BLOCKED_LIST_RELOAD, CHANGES_POLL_INTERVAL, AccountMemory, SightingWriter
 from .metrics import Metrics
-from .notify import Notifier, block_notice
+from .notify import Notifier
+from .respond import Responder
 from .outage import OutageJournal, OutageState
 from .protocol import DOVECOT_LOGIN, PolicyRequest
 from .storage import DatabaseClock, Store, is_data_error, is_database_error, safe_url
@@ -111,11 +112,14 @@ class PolicyService:
         self.store = store
         self.geoip = geoip
         self.notifier = notifier
+        self.responder = Responder(settings, notifier, lambda channel, outcome: self.metrics.responded(channel,
+                                                                                                        outcome))
         self.journal = journal or OutageJournal()
         self.tables_ready = False
         self.memory = AccountMemory(blocked_file=f"{self.journal.spool_path}.blocked" if self.journal.spool_path
                                     else "")
         self.outage = OutageState(settings)
+        self.outage.on_change = self.responder.outage
         self.clock = DatabaseClock()
         self.ports: list = []  # the open ports (server.PolicyServer...), for their connections' states
         self._trim_failing = False
@@ -183,6 +187,7 @@ class PolicyService:
             self.memory.histories.clear()
         self.geoip = geoip
         self.notifier.settings = settings
+        self.responder.reconfigure(settings)
         self.outage.settings = settings
         self.settings = settings
 
@@ -330,13 +335,13 @@ class PolicyService:
                 return replaced(decision, new_block=False,
                                 reason=decision.reason + " (already blocked by a concurrent request)")
             self.metrics.new_block(decision.rule, action)
-            self.notifier.send(*block_notice(self.settings, login, decision.countries, decision.reason,
-                                             block_source(request), action, decision.journey))
+            self.responder.blocked(login, decision.countries, decision.reason, block_source(request), action,
+                                   decision.journey)
             return decision
         if decision.record_sighting:
             self.sightings.add(login, CountrySeen(country, now, now, ip))
         if decision.journey is not None:
-            self.notifier.send_journey(login, decision.journey, now)
+            self.responder.journey(login, decision.journey, now)
         return decision
 
     def _log_decision(self, request: PolicyRequest, decision: Decision) -> None:
@@ -475,9 +480,7 @@ class PolicyService:
                                  dt.datetime.fromisoformat(seen["last_seen"]), seen["last_ip"])
                      for seen in entry["countries"]]
         self.metrics.new_block(entry.get("rule", "countries"), entry["action"])
-        subject, body = block_notice(self.settings, entry["login"], countries, entry["reason"], "policy",
-                                     entry["action"])
-        self.notifier.send(subject, body)
+        self.responder.blocked(entry["login"], countries, entry["reason"], "policy", entry["action"])
 
     # --- keeping memory current ---------------------------------------------------
 
@@ -521,7 +524,8 @@ class PolicyService:
         return dict(self.outage.snapshot(), spooled_blocks=self.journal.blocks_waiting(), clock_offset=self.clock.offset,
                     unwritten_sightings=self.sightings.waiting(), operations=self.store.operation_counts(),
                     geoip_built=self.geoip.built, unsent_notifications=unsent, oldest_unsent_seconds=waited,
-                    connections={port.port_name: port.connection_states() for port in self.ports})
+                    connections={port.port_name: port.connection_states() for port in self.ports},
+                    webhooks_waiting=self.responder.webhooks.waiting())
 
     def count_blocked(self) -> Optional[dict]:
         """The blocked list's size by mode, or None when the database cannot say."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import configparser
 import datetime
 import glob
+import http.server
 import json
 import os
 import pathlib
@@ -504,6 +505,68 @@ def spool_entry(login: str) -> dict:
             "countries": [{"country": "GB", "last_ip": ip_in("GB"), "first_seen": now.isoformat(),
                            "last_seen": now.isoformat()}],
             "trigger": {}, "sighting": ["GB", ip_in("GB")]}
+
+
+# --- webhook receivers --------------------------------------------------------
+
+
+class WebhookReceiver:
+    """A local webhook receiver: records each POST (headers, JSON body) and
+    answers the statuses it is given, in turn (then 200); `hang` makes it
+    never answer."""
+
+    def __init__(self, port: int = 0, statuses=(), hang: bool = False):
+        self.posts, self.statuses, self.hang = [], list(statuses), hang
+        self.received = threading.Event()
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if receiver.hang:
+                    time.sleep(60)
+                    return
+                status = receiver.statuses.pop(0) if receiver.statuses else 200
+                if status == 200:
+                    receiver.posts.append((dict(self.headers), body))
+                    receiver.received.set()
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *_arguments):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait(self, count: int = 1, timeout: float = 10.0) -> list:
+        deadline = time.monotonic() + timeout
+        while len(self.posts) < count:
+            assert time.monotonic() < deadline, f"{len(self.posts)} of {count} posts arrived"
+            time.sleep(0.02)
+        return self.posts
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receivers():
+    """receivers(**options) -> a WebhookReceiver; all closed after the test."""
+    made = []
+
+    def make(**options):
+        made.append(WebhookReceiver(**options))
+        return made[-1]
+
+    yield make
+    for receiver in made:
+        receiver.close()
+
 
 
 # --- faults -----------------------------------------------------------------

@@ -22,6 +22,7 @@ from conftest import (
     scrape,
     unavailable,
     wait_until_visible,
+    walk,
 )
 
 PASSWORD = "secret"
@@ -31,14 +32,16 @@ USERS = ("alice@example.com", "bob@example.com", "carol@example.com")
 
 
 API_HEADER = "Authorization: Basic cGNjOnRlc3Q="
+DOVEADM_API_KEY = "pcc-test-doveadm-key-4f2a"
 
 
 class DovecotInstance:
     """A private Dovecot whose auth policy server is pcc's Dovecot port."""
 
-    def __init__(self, policy_port: int, api_header: str = "", auth_socket: str = ""):
+    def __init__(self, policy_port: int, api_header: str = "", auth_socket: str = "", doveadm_port: int = 0):
         self.policy_port = policy_port
         self.api_header = api_header
+        self.doveadm_port = doveadm_port  # its doveadm HTTP API, with DOVEADM_API_KEY; 0 = none
         self.auth_socket = auth_socket  # a unix listener of the auth service, for Postfix
         self.imap_port = free_port()
         self.directory = tempfile.mkdtemp(prefix="pcc-dovecot-")
@@ -56,6 +59,9 @@ class DovecotInstance:
         header = f"auth_policy_server_api_header = {self.api_header}\n" if self.api_header else ""
         listener = (f"service auth {{\n  unix_listener {self.auth_socket} {{\n    mode = 0666\n  }}\n}}\n"
                     if self.auth_socket else "")
+        if self.doveadm_port:
+            listener += (f"doveadm_api_key = {DOVEADM_API_KEY}\nservice doveadm {{\n  inet_listener http {{\n"
+                         f"    port = {self.doveadm_port}\n  }}\n}}\n")
         with open(self.config, "w") as config:
             config.write(f"""base_dir = {d}/run
 state_dir = {d}/state
@@ -114,6 +120,15 @@ mail_location = maildir:{d}/home/%u
                                 capture_output=True, text=True, timeout=60)
         return result.returncode == 0, result.stdout + result.stderr
 
+    def open_session(self, login: str, ip: str) -> imaplib.IMAP4:
+        """An IMAP session logged in from `ip` and left open (a mail client's)."""
+        imaplib.Commands["ID"] = ("NONAUTH", "AUTH", "SELECTED")
+        connection = imaplib.IMAP4("127.0.0.1", self.imap_port, timeout=10)
+        connection._simple_command("ID", f'("x-originating-ip" "{ip}")')
+        connection.login(login, PASSWORD)
+        connection.select("INBOX")
+        return connection
+
     def imap_login(self, login: str, ip: str, password: str = PASSWORD) -> str:
         """A real IMAP login that names its client address: "OK", or the error."""
         imaplib.Commands["ID"] = ("NONAUTH", "AUTH", "SELECTED")
@@ -138,7 +153,8 @@ def dovecot_pcc(start_daemon, sqlite_url, smtp_sink):
         unavailable("Dovecot (Debian packages dovecot-core, dovecot-imapd)")
     instances = []
 
-    def start(api_header: str = API_HEADER, dovecot_header: str = None, auth_socket: str = "", **overrides):
+    def start(api_header: str = API_HEADER, dovecot_header: str = None, auth_socket: str = "", doveadm_port: int = 0,
+              **overrides):
         policy_port = free_port()
         daemon = start_daemon(**{
             "db.dbcon": sqlite_url, "policy.action": "REJECT", "policy.reason": "Blocked: contact support",
@@ -146,7 +162,7 @@ def dovecot_pcc(start_daemon, sqlite_url, smtp_sink):
             "dovecot.policy_port": policy_port, "dovecot.count_logins": "yes", "dovecot.api_header": api_header,
             **overrides})
         header = api_header if dovecot_header is None else dovecot_header
-        instance = DovecotInstance(policy_port, header, auth_socket).start()
+        instance = DovecotInstance(policy_port, header, auth_socket, doveadm_port).start()
         instances.append(instance)
         return daemon, instance
 
@@ -373,3 +389,43 @@ def test_rules_apply_to_logins_as_to_submissions(start_daemon, sqlite_url):
     for country in ("GB", "US", "FR", "DE"):  # judged afresh in enforce mode: the 4th blocks
         post(port, "report", login_body("alice@example.com", country, success=True))
     assert post(port, "allow", login_body("alice@example.com", "GB"))[1]["status"] == -1
+
+
+def session_open(session: imaplib.IMAP4) -> bool:
+    try:
+        session.noop()
+        return True
+    except (imaplib.IMAP4.abort, imaplib.IMAP4.error, OSError):
+        return False
+
+
+@pytest.mark.parametrize("through", ["doveadm HTTP API", "doveadm command"])
+def test_a_block_through_postfix_ends_the_accounts_open_sessions_and_no_other(dovecot_pcc, smtp_sink, through):
+    """The thief's IMAP session, logged in before the block, is closed within
+    2 s of the message that crosses the line; another account's stays."""
+    doveadm_port = free_port()
+    api = {"dovecot.doveadm_url": f"http://127.0.0.1:{doveadm_port}/doveadm/v1",
+           "dovecot.doveadm_api_key": DOVEADM_API_KEY} if through == "doveadm HTTP API" else {}
+    daemon, dovecot = dovecot_pcc(doveadm_port=doveadm_port, **{"dovecot.count_logins": "no", **api})
+    if through == "doveadm command":  # it names Dovecot's config, made after the daemon: restart with it
+        daemon.stop()
+        config = open(daemon.config_path).read().replace("doveadm_command =",
+                                                         f"doveadm_command = doveadm -c {dovecot.config}")
+        open(daemon.config_path, "w").write(config)
+        daemon.start()
+    thief, other = dovecot.open_session("alice@example.com", ip_in("RU")), dovecot.open_session(
+        "bob@example.com", ip_in("GB"))
+    assert session_open(thief) and session_open(other)
+    client = daemon.client()
+    assert walk(client, "alice@example.com", ["GB", "US", "FR"]) == ["DUNNO"] * 3
+    crossed = time.monotonic()
+    assert client.ask("alice@example.com", ip_in("DE")).startswith("REJECT")
+    while session_open(thief):
+        assert time.monotonic() - crossed < 2.0, "the blocked account's session is still open"
+        time.sleep(0.05)
+    ended_after = time.monotonic() - crossed
+    assert session_open(other)
+    ((_recipients, mail),) = smtp_sink.wait_for(1)
+    assert "Sessions: its sessions were ended" in mail.get_content(), mail.get_content()
+    assert "Dovecot sessions of alice@example.com: its sessions were ended" in daemon.log()
+    print(f"session ended {ended_after:.2f} s after the crossing message")

@@ -144,7 +144,8 @@ def test_concurrent_requests_crossing_the_threshold_make_one_block(service, smtp
                                 "mail.mailsrv": "127.0.0.1", "mail.mailport": smtp_sink.port,
                                 "policy.action": "HOLD", "policy.reason": "held by pcc"})
     service.settings = settings
-    service.notifier = Notifier(settings)
+    service.notifier = service.responder.notifier = Notifier(settings)  # block mails go through the responder
+    service.responder.reconfigure(settings)
     answers = all_at_once(32, lambda n: ask(service, "alice@example.com", ["DE", "SE", "JP", "BR"][n % 4],
                                             T0 + dt.timedelta(minutes=10), host=n + 1))
     assert answers == ["HOLD held by pcc"] * 32

@@ -1,0 +1,378 @@
+"""What follows a new block beyond the answer, on every channel a thief or an
+on-call team uses: the account's open Dovecot sessions are ended, chat and
+incident tools get a webhook, the administrators a mail that says what was
+done, and (if asked) the account's owner a plain notice.  Nothing here runs on
+a request's path: each channel has a thread of its own and retries with
+back-off for a bounded time; each outcome is one log line and a metric.
+"""
+from __future__ import annotations
+
+import base64
+import collections
+import datetime as dt
+import hashlib
+import hmac
+import json
+import queue
+import shlex
+import socket
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from typing import Callable, Iterable, Optional
+
+from .common import log, start_thread, utcnow
+from .config import MONITOR_ACTION, Settings
+from .decision import CountrySeen, Journey
+from .notify import Notifier, block_notice, pcc_command
+
+# A webhook receiver gets this long (seconds) to answer one POST.
+WEBHOOK_TIMEOUT = 10.0
+# An event it could not take is tried again after this pause, doubled each
+# time up to WEBHOOK_MAX_RETRY, for WEBHOOK_KEEP seconds; then dropped (ERROR).
+WEBHOOK_FIRST_RETRY = 5.0
+WEBHOOK_MAX_RETRY = 300.0
+WEBHOOK_KEEP = 2 * 3600.0
+# Events waiting for one receiver; beyond, the oldest are dropped (ERROR).
+WEBHOOK_QUEUE_SIZE = 10000
+
+# Ending a blocked account's Dovecot sessions: each try gets KICK_TIMEOUT
+# seconds; failed tries are repeated (1, 2, 4... s apart) for KICK_TRY_FOR
+# seconds, after which the administrators' mail says it failed and how to do it.
+KICK_TIMEOUT = 10.0
+KICK_TRY_FOR = 30.0
+
+# The account's owner is told at most this often (and this daemon remembers
+# that many owners; beyond, it starts afresh).
+OWNER_NOTICE_INTERVAL = dt.timedelta(days=1)
+OWNERS_REMEMBERED = 20000
+
+
+class Webhooks:
+    """Posts events to every [notify] webhook_urls receiver, each from a
+    thread of its own, in order, so that a receiver that hangs or fails
+    delays no other and no request."""
+
+    def __init__(self, settings: Settings, on_outcome: Callable[[str], None] = lambda outcome: None,
+                 first_retry: float = WEBHOOK_FIRST_RETRY, keep: float = WEBHOOK_KEEP):
+        self.settings = settings
+        self.on_outcome = on_outcome
+        self.first_retry, self.keep = first_retry, keep
+        self._queues: dict = {}  # url -> deque of (monotonic time queued, body)
+        self._wake: dict = {}  # url -> threading.Condition
+        self._lock = threading.Lock()
+
+    def send(self, event: dict) -> None:
+        """Queue `event` for every receiver; returns at once."""
+        body = encode_event(event)
+        for url in self.settings.webhook_urls:
+            with self._lock:
+                if url not in self._queues:
+                    self._queues[url] = collections.deque()
+                    self._wake[url] = threading.Condition()
+                    start_thread(self._run, "pcc-webhook", url)
+                waiting, wake = self._queues[url], self._wake[url]
+            with wake:
+                if len(waiting) >= WEBHOOK_QUEUE_SIZE:
+                    waiting.popleft()
+                    log.error("webhook %s: %d events wait; dropped the oldest", url, WEBHOOK_QUEUE_SIZE)
+                    self.on_outcome("dropped")
+                waiting.append((time.monotonic(), body))
+                wake.notify()
+
+    def send_now(self, event: dict) -> bool:
+        """For the admin commands: one try per receiver, in this thread."""
+        body, delivered = encode_event(event), True
+        for url in self.settings.webhook_urls:
+            try:
+                self._post(url, body)
+                log.info("webhook %s: %s delivered", url, event["event"])
+            except (OSError, ValueError) as error:
+                log.error("webhook %s: %s not delivered: %s", url, event["event"], _why(error))
+                delivered = False
+        return delivered
+
+    def waiting(self) -> int:
+        with self._lock:
+            return sum(len(waiting) for waiting in self._queues.values())
+
+    def _run(self, url: str) -> None:
+        waiting, wake = self._queues[url], self._wake[url]
+        while True:
+            with wake:
+                while not waiting:
+                    wake.wait()
+                queued_at, body = waiting[0]
+            self._deliver(url, queued_at, body)
+            with wake:
+                if waiting and waiting[0][1] is body:
+                    waiting.popleft()
+
+    def _deliver(self, url: str, queued_at: float, body: bytes) -> None:
+        retry = self.first_retry
+        while True:
+            try:
+                self._post(url, body)
+                self.on_outcome("delivered")
+                return
+            except (OSError, ValueError) as error:
+                if time.monotonic() - queued_at + retry > self.keep:
+                    log.error("webhook %s: an event undelivered for %.0f s is dropped: %s", url,
+                              time.monotonic() - queued_at, _why(error))
+                    self.on_outcome("dropped")
+                    return
+                log.warning("webhook %s: not delivered (trying again in %.0f s): %s", url, retry, _why(error))
+                self.on_outcome("failed")
+                time.sleep(retry)
+                retry = min(retry * 2, WEBHOOK_MAX_RETRY)
+
+    def _post(self, url: str, body: bytes) -> None:
+        headers = {"Content-Type": "application/json", "User-Agent": "pcc"}
+        if self.settings.webhook_secret:
+            headers["X-Pcc-Signature"] = "sha256=" + signature(body, self.settings.webhook_secret)
+        request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+        with _no_redirects.open(request, timeout=WEBHOOK_TIMEOUT) as response:
+            response.read(65536)
+
+
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *_arguments):
+        return None  # a 3xx is an answer that did not take the event: tried again
+
+
+_no_redirects = urllib.request.build_opener(_RefuseRedirects)
+
+
+def signature(body: bytes, secret: str) -> str:
+    """HMAC-SHA256 of the body with [notify] webhook_secret, in hex."""
+    return hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def encode_event(event: dict) -> bytes:
+    return json.dumps(event, ensure_ascii=False, sort_keys=True).encode()
+
+
+def _why(error: BaseException) -> str:
+    if isinstance(error, urllib.error.HTTPError):
+        return f"HTTP {error.code}"
+    return str(getattr(error, "reason", None) or error)
+
+
+class SessionEnder:
+    """Ends an account's Dovecot sessions: through the doveadm HTTP API
+    ([dovecot] doveadm_url), else the doveadm command on this host."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.settings.doveadm_url or self.settings.doveadm_command)
+
+    def end(self, login: str, try_for: float = KICK_TRY_FOR) -> tuple:
+        """(True, what was ended) or (False, why not), after trying with
+        back-off for up to `try_for` seconds."""
+        deadline, pause = time.monotonic() + try_for, 1.0
+        while True:
+            try:
+                return True, self._kick(login)
+            except (OSError, ValueError, subprocess.SubprocessError) as error:
+                problem = _why(error)
+                if time.monotonic() + pause > deadline:
+                    return False, problem
+                log.warning("ending the Dovecot sessions of %s failed (trying again in %.0f s): %s", login, pause,
+                            problem)
+                time.sleep(pause)
+                pause *= 2
+
+    def _kick(self, login: str) -> str:
+        if self.settings.doveadm_url:
+            return self._kick_over_http(login)
+        command = shlex.split(self.settings.doveadm_command) + ["kick", login]  # no shell: the login is one argument
+        result = subprocess.run(command, capture_output=True, text=True, timeout=KICK_TIMEOUT)
+        if result.returncode not in (0, 68):  # 68 (EX_NOUSER): no session to end
+            raise ValueError(f"{command[0]} exited with {result.returncode}: "
+                             f"{(result.stderr or result.stdout).strip()[:200]}")
+        return _sessions_text(result.stdout)
+
+    def _kick_over_http(self, login: str) -> str:
+        key = base64.b64encode(self.settings.doveadm_api_key.encode()).decode()
+        body = json.dumps([["kick", {"mask": [login]}, "pcc"]]).encode()
+        request = urllib.request.Request(self.settings.doveadm_url, data=body, method="POST", headers={
+            "Content-Type": "application/json", "Authorization": f"X-Dovecot-API {key}"})
+        with _no_redirects.open(request, timeout=KICK_TIMEOUT) as response:
+            answer = json.loads(response.read(65536) or b"null")
+        if not isinstance(answer, list) or not answer or not isinstance(answer[0], list):
+            raise ValueError(f"doveadm answered {str(answer)[:200]!r}")
+        kind, payload = answer[0][0], answer[0][1] if len(answer[0]) > 1 else None
+        if kind == "error":
+            exit_code = payload.get("exitCode") if isinstance(payload, dict) else None
+            if exit_code == 68:  # no such user logged in
+                return "no session was open"
+            raise ValueError(f"doveadm kick failed: {json.dumps(payload)[:200]}")
+        return _sessions_text(json.dumps(payload))
+
+
+def _sessions_text(output: str) -> str:
+    """What doveadm kick said, as a short phrase for the log and the mail."""
+    output = output.strip()
+    if not output or output in ("[]", "null", "{}"):
+        return "no session was open"
+    return f"its sessions were ended (doveadm: {' '.join(output.split())[:200]})"
+
+
+class Responder:
+    """The one place a new block (and the other events on-call teams watch)
+    turns into actions beyond the answer.  The service and the admin
+    commands call it; it never blocks them."""
+
+    def __init__(self, settings: Settings, notifier: Notifier,
+                 on_outcome: Callable[[str, str], None] = lambda channel, outcome: None):
+        self.settings = settings
+        self.notifier = notifier
+        self.on_outcome = on_outcome
+        self.webhooks = Webhooks(settings, lambda outcome: on_outcome("webhook", outcome))
+        self.sessions = SessionEnder(settings)
+        self._blocks: queue.Queue = queue.Queue()
+        self._thread: Optional[threading.Thread] = None
+        self._lock = threading.Lock()
+        self._owners_told: dict = {}  # login -> when its owner was last told
+
+    def reconfigure(self, settings: Settings) -> None:
+        self.settings = self.webhooks.settings = self.sessions.settings = settings
+
+    # --- events -------------------------------------------------------------
+
+    def blocked(self, login: str, countries: Iterable[CountrySeen], reason: str, source: str, action: str,
+                journey: Optional[Journey] = None) -> None:
+        """A new block (or a monitor-mode flag): done from this object's thread."""
+        self._blocks.put((login, tuple(countries), reason, source, action, journey, utcnow()))
+        with self._lock:
+            if self._thread is None:
+                self._thread = start_thread(self._run, "pcc-responder")
+
+    def blocked_now(self, login: str, countries: Iterable[CountrySeen], reason: str, source: str,
+                    action: str) -> bool:
+        """For the admin commands (-b): everything in this thread; False when
+        the administrators' mail could not be sent."""
+        sessions = self._end_sessions(login, action, try_for=KICK_TIMEOUT)
+        subject, body = self._block_mail(login, countries, reason, source, action, None, sessions)
+        self.webhooks.send_now(block_event(self.settings, login, countries, reason, source, action, sessions,
+                                           utcnow()))
+        self._tell_owner(login, countries, action, utcnow(), now_please=True)
+        return self.notifier.send_now(subject, body)
+
+    def unblocked(self, login: str, by: str, now: dt.datetime) -> None:
+        """For -u: the webhook, in this thread (the mail is the admin command's)."""
+        self.webhooks.send_now(event(self.settings, "unblock", now, account=login, source=by,
+                                     text=f"pcc: {login} was unblocked by {by}; its earlier countries no longer "
+                                          "count."))
+
+    def journey(self, login: str, journey: Journey, now: dt.datetime) -> None:
+        """An impossible journey that blocks nothing (impossible_travel_action = notify)."""
+        if self.notifier.send_journey(login, journey, now):
+            self.webhooks.send(event(self.settings, "impossible_travel", now, account=login, journey=_journey(journey),
+                                     text=f"pcc: impossible journey of {login}: {journey.origin.name} -> "
+                                          f"{journey.destination.name} at {journey.speed_kmh:,.0f} km/h"))
+
+    def outage(self, started: bool, problem: str) -> None:
+        """The database failed (started) or is back."""
+        what = "outage_start" if started else "outage_end"
+        text = (f"pcc on {socket.gethostname()}: the database failed; answering from memory: {problem}" if started
+                else f"pcc on {socket.gethostname()}: the database is back")
+        self.webhooks.send(event(self.settings, what, utcnow(), problem=problem, text=text))
+
+    def backlog(self) -> int:
+        return self._blocks.qsize() + self.webhooks.waiting()
+
+    # --- the thread ---------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            login, countries, reason, source, action, journey, at = self._blocks.get()
+            try:
+                sessions = self._end_sessions(login, action)
+                self.notifier.send(*self._block_mail(login, countries, reason, source, action, journey, sessions))
+                self.webhooks.send(block_event(self.settings, login, countries, reason, source, action, sessions, at,
+                                               journey))
+                self._tell_owner(login, countries, action, at)
+            except Exception:  # a bug here must not stop the next block's actions
+                log.exception("acting on the block of %s failed", login)
+
+    def _end_sessions(self, login: str, action: str, try_for: float = KICK_TRY_FOR) -> str:
+        """One line for the mail and the webhook: what happened to the account's sessions."""
+        manual = f"run: doveadm kick {shlex.quote(login)}"
+        if action == MONITOR_ACTION:
+            return ("monitor mode: its Dovecot sessions would have been ended" if self.sessions.configured
+                    else "monitor mode: nothing was done")
+        if not self.sessions.configured:
+            return f"its Dovecot sessions were not ended (pcc is not set up to: see README); {manual}"
+        ended, what = self.sessions.end(login, try_for)
+        if ended:
+            log.info("Dovecot sessions of %s: %s", login, what)
+            self.on_outcome("sessions", "ended")
+            return what
+        log.error("ending the Dovecot sessions of %s failed: %s; %s", login, what, manual)
+        self.on_outcome("sessions", "failed")
+        return f"ending its Dovecot sessions FAILED ({what}); {manual}"
+
+    def _block_mail(self, login, countries, reason, source, action, journey, sessions) -> tuple:
+        subject, body = block_notice(self.settings, login, countries, reason, source, action, journey)
+        return subject, body.replace("\n\n", f"\n\nSessions: {sessions}\n\n", 1)
+
+    def _tell_owner(self, login: str, countries: Iterable[CountrySeen], action: str, now: dt.datetime,
+                    now_please: bool = False) -> None:
+        """[notify] notify_account: one plain mail to the account itself, at
+        most one a day, only for accounts of [mail] domains."""
+        settings = self.settings
+        domain = login.rpartition("@")[2]
+        if not settings.notify_account or action == MONITOR_ACTION or "@" not in login or not settings.domains \
+                or domain not in settings.domains:
+            return
+        with self._lock:
+            last = self._owners_told.get(login)
+            if last is not None and now - last < OWNER_NOTICE_INTERVAL:
+                return
+            if len(self._owners_told) > OWNERS_REMEMBERED:
+                self._owners_told.clear()
+            self._owners_told[login] = now
+        names = ", ".join(sorted({seen.country for seen in countries}))
+        contact = ", ".join(settings.notice) or "your mail administrator"
+        subject = "Sending from your mail account was stopped"
+        body = (f"Sending mail from your account {login} was stopped at {now:%Y-%m-%d %H:%M} UTC, because it was "
+                f"used from too many countries in a short time ({names}).\n\nIf that was not you, someone may "
+                f"know your password.  Contact {contact} to change it and to have sending turned back on.\n")
+        sent = self.notifier.send_to([login], subject, body, now=now_please)
+        log.info("the owner of %s %s told that its sending was stopped", login, "was" if sent else "could not be")
+
+
+def event(settings: Settings, kind: str, at: dt.datetime, **fields) -> dict:
+    """A webhook's body: what every event has, then its own fields."""
+    return {"event": kind, "time": at.isoformat(timespec="seconds"), "host": socket.gethostname(),
+            "mode": "monitor" if settings.monitoring else "enforce", **fields}
+
+
+def block_event(settings: Settings, login: str, countries: Iterable[CountrySeen], reason: str, source: str,
+                action: str, sessions: str, at: dt.datetime, journey: Optional[Journey] = None) -> dict:
+    monitor = action == MONITOR_ACTION
+    countries = list(countries)
+    names = ", ".join(seen.country for seen in countries)
+    text = (f"pcc {'would have blocked' if monitor else 'blocked'} {login}"
+            f"{'' if monitor else f' ({action})'}: {reason}. Countries: {names}. Sessions: {sessions}. "
+            f"Undo: {pcc_command(settings, '-u', login)}")
+    return event(settings, "block", at, account=login, action=None if monitor else action,
+                 would_have=monitor, reason=reason, door=source,
+                 countries=[{"country": seen.country, "last_ip": seen.last_ip,
+                             "first_seen": seen.first_seen.isoformat(timespec="seconds"),
+                             "last_seen": seen.last_seen.isoformat(timespec="seconds")} for seen in countries],
+                 sessions=sessions, messages_held=None, journey=_journey(journey) if journey else None,
+                 undo=[pcc_command(settings, "-u", login)], text=text)
+
+
+def _journey(journey: Journey) -> dict:
+    return {"from": journey.origin.name, "from_ip": journey.origin_ip, "to": journey.destination.name,
+            "to_ip": journey.destination_ip, "km": round(journey.distance_km), "kmh": round(journey.speed_kmh),
+            "departed": journey.departed.isoformat(timespec="seconds"),
+            "arrived": journey.arrived.isoformat(timespec="seconds")}

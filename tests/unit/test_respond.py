@@ -1,0 +1,92 @@
+"""What follows a block beyond the answer (#22): webhooks to chat and incident
+tools, against a real local HTTP receiver: every receiver gets every event,
+signed; one that fails or is down gets it again later; one that hangs
+delays no other and no caller; an event kept past its time is dropped, said."""
+import datetime as dt
+import hashlib
+import hmac
+import json
+import logging
+import time
+
+from conftest import free_port
+
+from pcclib.respond import Webhooks, encode_event, event
+
+
+def hooks(make_settings, urls, secret="", **options):
+    settings = make_settings(**{"notify.webhook_urls": ", ".join(urls), "notify.webhook_secret": secret})
+    outcomes = []
+    return Webhooks(settings, outcomes.append, **options), outcomes, settings
+
+
+def test_every_receiver_gets_every_event_signed(make_settings, receivers):
+    one, two = receivers(), receivers()
+    secret = "0123456789abcdef0123456789abcdef"
+    webhooks, outcomes, settings = hooks(make_settings, [one.url, two.url], secret)
+    sent = event(settings, "block", dt.datetime(2026, 11, 30, 3, 0), account="alice@example.com",
+                 text="pcc blocked alice@example.com")
+    webhooks.send(sent)
+    for receiver in (one, two):
+        ((headers, body),) = receiver.wait()
+        assert json.loads(body) == json.loads(encode_event(sent))
+        assert json.loads(body)["text"] == "pcc blocked alice@example.com"  # what chat bridges show
+        expected = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+        assert headers["X-Pcc-Signature"] == f"sha256={expected}"
+        assert headers["Content-Type"] == "application/json"
+    assert outcomes == ["delivered", "delivered"]
+
+
+def test_a_receiver_that_answers_500_gets_the_event_again(make_settings, receivers):
+    failing = receivers(statuses=[500, 503])
+    webhooks, outcomes, settings = hooks(make_settings, [failing.url], first_retry=0.1)
+    webhooks.send(event(settings, "outage_start", dt.datetime(2026, 11, 30), text="down"))
+    ((_headers, body),) = failing.wait()
+    assert json.loads(body)["event"] == "outage_start"
+    assert outcomes == ["failed", "failed", "delivered"]
+
+
+def test_a_receiver_down_for_a_while_gets_the_events_in_order_when_back(make_settings, receivers):
+    port = free_port()
+    webhooks, outcomes, settings = hooks(make_settings, [f"http://127.0.0.1:{port}/hook"], first_retry=0.2)
+    for number in range(3):
+        webhooks.send(event(settings, "block", dt.datetime(2026, 11, 30), number=number))
+    time.sleep(1.0)  # refused, tried again, refused...
+    assert webhooks.waiting() == 3 and "failed" in outcomes
+    back = receivers(port=port)
+    posts = back.wait(3)
+    assert [json.loads(body)["number"] for _headers, body in posts] == [0, 1, 2]
+    deadline = time.monotonic() + 5
+    while webhooks.waiting():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+def test_a_hanging_receiver_delays_no_other_and_no_caller(make_settings, receivers, monkeypatch):
+    import pcclib.respond
+
+    monkeypatch.setattr(pcclib.respond, "WEBHOOK_TIMEOUT", 1.0)
+    hanging, working = receivers(hang=True), receivers()
+    webhooks, outcomes, settings = hooks(make_settings, [hanging.url, working.url], first_retry=30)
+    started = time.monotonic()
+    webhooks.send(event(settings, "block", dt.datetime(2026, 11, 30)))
+    assert time.monotonic() - started < 0.1
+    working.wait(timeout=2)
+    assert time.monotonic() - started < 1.0  # not behind the hanging one
+    deadline = time.monotonic() + 5
+    while "failed" not in outcomes:  # the hanging one timed out and waits to try again
+        assert time.monotonic() < deadline, outcomes
+        time.sleep(0.05)
+
+
+def test_an_event_undelivered_for_too_long_is_dropped_with_an_error(make_settings, caplog):
+    webhooks, outcomes, settings = hooks(make_settings, [f"http://127.0.0.1:{free_port()}/hook"], first_retry=0.2,
+                                         keep=0.5)
+    with caplog.at_level(logging.ERROR, logger="pcc"):
+        webhooks.send(event(settings, "block", dt.datetime(2026, 11, 30)))
+        deadline = time.monotonic() + 5
+        while "dropped" not in outcomes:
+            assert time.monotonic() < deadline, outcomes
+            time.sleep(0.05)
+    assert "undelivered for" in caplog.text and "is dropped" in caplog.text
+    assert webhooks.waiting() == 0
