@@ -130,7 +130,10 @@ class MemoryStore:
 def replay_service(settings: Settings, geoip: GeoIP) -> PolicyService:
     """The daemon's own PolicyService, on a MemoryStore and mailing nobody;
     it answers in the caller's thread (no helper threads are started)."""
-    quiet = dataclasses.replace(settings, notice=())
+    # A replay tells nobody and touches nothing outside itself: no mail, no
+    # webhook, no Dovecot session ended.
+    quiet = dataclasses.replace(settings, notice=(), webhook_urls=(), notify_account=False, doveadm_url="",
+                                doveadm_command="")
     return PolicyService(quiet, MemoryStore(), geoip, Notifier(quiet))
 
 

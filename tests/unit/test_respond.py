@@ -90,3 +90,26 @@ def test_an_event_undelivered_for_too_long_is_dropped_with_an_error(make_setting
             time.sleep(0.05)
     assert "undelivered for" in caplog.text and "is dropped" in caplog.text
     assert webhooks.waiting() == 0
+
+
+def test_a_replay_tells_nobody_and_ends_no_session(make_settings, geoip, receivers):
+    """--replay runs the daemon's own service: its would-be blocks reach no
+    webhook, no owner and no Dovecot."""
+    from conftest import counted_request
+
+    from pcclib.replay import replay_service
+
+    hook = receivers()
+    settings = make_settings(**{"notify.webhook_urls": hook.url, "dovecot.doveadm_command": "doveadm",
+                                "notify.notify_account": "yes", "mail.domains": "example.com"})
+    service = replay_service(settings, geoip)
+    now = dt.datetime(2026, 11, 30, 3, 0, tzinfo=dt.timezone.utc)
+    for minute, country in enumerate(["GB", "US", "FR", "DE"]):
+        answer = service.answer(counted_request(country), now + dt.timedelta(minutes=minute))
+    assert answer.startswith("HOLD")
+    deadline = time.monotonic() + 2
+    while service.responder.backlog() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    assert hook.posts == []
+    assert not service.responder.sessions.configured and not service.responder.settings.notify_account
