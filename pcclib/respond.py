@@ -248,10 +248,18 @@ class Responder:
     def blocked(self, login: str, countries: Iterable[CountrySeen], reason: str, source: str, action: str,
                 journey: Optional[Journey] = None) -> None:
         """A new block (or a monitor-mode flag): done from this object's thread."""
-        self._blocks.put((login, tuple(countries), reason, source, action, journey, utcnow()))
+        self._enqueue(("block", login, tuple(countries), reason, source, action, journey, utcnow()))
+
+    def _enqueue(self, job: tuple) -> None:
+        self._blocks.put(job)
         with self._lock:
             if self._thread is None:
                 self._thread = start_thread(self._run, "pcc-responder")
+
+    def end_sessions_soon(self, login: str, action: str) -> None:
+        """A block decided while the database fails: its mail and webhook wait
+        for the database (another daemon may have made it), its sessions not."""
+        self._enqueue(("sessions", login, action))
 
     def blocked_now(self, login: str, countries: Iterable[CountrySeen], reason: str, source: str,
                     action: str) -> bool:
@@ -291,7 +299,11 @@ class Responder:
 
     def _run(self) -> None:
         while True:
-            login, countries, reason, source, action, journey, at = self._blocks.get()
+            job = self._blocks.get()
+            if job[0] == "sessions":
+                self._end_sessions(job[1], job[2])
+                continue
+            login, countries, reason, source, action, journey, at = job[1:]
             try:
                 sessions = self._end_sessions(login, action)
                 self.notifier.send(*self._block_mail(login, countries, reason, source, action, journey, sessions))

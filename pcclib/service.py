@@ -416,6 +416,7 @@ class PolicyService:
         in the spool (on disk before the answer), a sighting in memory."""
         if decision.new_block:
             self.journal.add_block(self._block_entry(request, decision, now))
+            self.responder.end_sessions_soon(request.login, self.settings.recorded_action)
             return replaced(decision, reason=decision.reason + " (database failing: block spooled)")
         if decision.record_sighting:
             self.sightings.add(request.login, CountrySeen(request.client_country, now, now, str(request.client_ip)),
