@@ -12,7 +12,7 @@ until an administrator unblocks it, and the administrators are told.
 
 The code lives in pcclib/ beside this file, one module per job, imports running
 one way: common -> config -> protocol -> ports -> geoip -> decision -> notify ->
-respond -> storage -> memory, outage -> metrics -> service -> server, dovecot -> logs ->
+mailqueue -> respond -> storage -> memory, outage -> metrics -> service -> server, dovecot -> logs ->
 daemon, admin, replay, update, health -> cli.  pcclib/__init__.py maps them; README's "How pcc
 is built" follows one request through them.
 """

@@ -9,6 +9,7 @@ it in this list:
   geoip      client address -> country (and place)
   decision   decide(request, history, settings, now): the rules, pure
   notify     the administrators' mail
+  mailqueue  Postfix's queues: an account's messages, held, released, deleted
   respond    what follows a block: sessions ended, webhooks, the owner told
   storage    the database: models, Store, what an error means
   memory     histories kept in memory; sightings written behind the answer

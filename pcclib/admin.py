@@ -8,10 +8,8 @@ import contextlib
 import datetime as dt
 import json
 import os
-import re
 import socket
 import stat
-import subprocess
 import sys
 from typing import Callable, Optional
 
@@ -21,14 +19,11 @@ from .common import first_line, normalise_login, split_list, symlink_refusal, wh
 from .config import COUNTRY_CODES, MONITOR_ACTION, Settings
 from .decision import AccountHistory, countries_in_window, exempt_login_reason
 from .logs import mask_secrets, secrets_of
+from .mailqueue import PostfixQueue, QueueError
 from .notify import Notifier
-from .respond import Responder
 from .protocol import MAX_LOGIN_LENGTH
+from .respond import Responder
 from .storage import Block, DatabaseClock, Store, TravelPass, safe_url, sqlite_path
-
-# A held message whose arrival is this much older than the block was held by
-# something else (the clocks of the database and Postfix hosts may differ a little).
-HOLD_CLOCK_SKEW = dt.timedelta(seconds=60)
 
 # A travel pass is for a trip, not a standing exception (that is ignorecountries).
 MAX_TRAVEL_PASS_DAYS = 366
@@ -36,62 +31,6 @@ MAX_TRAVEL_PASS_DAYS = 366
 
 class AdminError(Exception):
     """An admin command cannot do what was asked; the message says why."""
-
-
-class PostfixQueue:
-    """The Postfix hold queue, through postqueue, postcat and postsuper."""
-
-    def __init__(self, config_directory: str = ""):
-        self.config_directory = config_directory
-
-    def held_by(self, login: str, since: dt.datetime) -> list:
-        """Queue IDs of held messages submitted by `login` (its SASL login, as the
-        queue file records it, whatever the envelope sender) since `since`."""
-        earliest = (since - HOLD_CLOCK_SKEW).timestamp()
-        held = []
-        for line in self._run("postqueue", "-j").splitlines():
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            if entry.get("queue_name") != "hold" or entry.get("arrival_time", 0) < earliest:
-                continue
-            if self._sasl_username(entry["queue_id"]) == login:
-                held.append(entry["queue_id"])
-        return held
-
-    def release(self, queue_ids: list) -> int:
-        return self._postsuper("-H", queue_ids, r"Released from hold: (\d+)")
-
-    def delete(self, queue_ids: list) -> int:
-        return self._postsuper("-d", queue_ids, r"Deleted: (\d+)")
-
-    def _sasl_username(self, queue_id: str) -> Optional[str]:
-        try:
-            envelope = self._run("postcat", "-e", "-q", queue_id)
-        except AdminError:
-            return None  # the message left the queue meanwhile
-        found = re.search(r"^named_attribute: sasl_username=(.*)$", envelope, re.MULTILINE)
-        return normalise_login(found.group(1)) if found else None
-
-    def _postsuper(self, option: str, queue_ids: list, pattern: str) -> int:
-        if not queue_ids:
-            return 0
-        report = self._run("postsuper", option, "-", stdin="\n".join(queue_ids) + "\n", report_stderr=True)
-        return sum(int(number) for number in re.findall(pattern, report))
-
-    def _run(self, program: str, *arguments: str, stdin: Optional[str] = None, report_stderr: bool = False) -> str:
-        command = [program] + (["-c", self.config_directory] if self.config_directory else []) + list(arguments)
-        try:
-            result = subprocess.run(command, input=stdin, capture_output=True, text=True, timeout=120)
-        except FileNotFoundError:
-            raise AdminError(f"{program} not found: is Postfix installed and on PATH?") from None
-        except subprocess.TimeoutExpired:
-            raise AdminError(f"{' '.join(command)} did not finish within 120 s") from None
-        if result.returncode != 0:
-            detail = (result.stderr.strip().splitlines() or ["no message"])[-1]
-            raise AdminError(f"{' '.join(command)} failed: {detail}")
-        return result.stderr if report_stderr else result.stdout
 
 
 class Admin:
@@ -236,7 +175,8 @@ class Admin:
         return line
 
     def _handle_held_mail(self, login: str, blocked_at: dt.datetime, held: str) -> str:
-        queue_ids = self.postfix.held_by(login, blocked_at)
+        # Messages queued in the window before the block were held by it too.
+        queue_ids = self.postfix.held_by(login, blocked_at - self.settings.country_window)
         plural = "s" if len(queue_ids) != 1 else ""
         if held == "release":
             count = self.postfix.release(queue_ids)
@@ -364,7 +304,7 @@ def on_admin_store(settings: Settings, work: Callable[[Store], Optional[int]]) -
     try:
         with admin_store(settings) as store:
             return work(store) or 0
-    except AdminError as error:
+    except (AdminError, QueueError) as error:
         print(f"pcc: {error}", file=sys.stderr)
     except sa_exc.SQLAlchemyError as error:
         print(database_failure(settings, error), file=sys.stderr)

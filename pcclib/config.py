@@ -98,6 +98,7 @@ class Settings:
     impossible_travel_action: str  # BLOCK or NOTIFY
     # [postfix]
     postfix_config_directory: str
+    hold_queued: str = ""  # YES / NO: a block also holds the account's mail already queued; "" = with HOLD
     # [dovecot]
     dovecot_policy_port: Optional[int] = None  # Dovecot's authentication policy (HTTP); None = off
     count_logins: bool = False  # a successful Dovecot login counts its country like a submission
@@ -118,6 +119,11 @@ class Settings:
     def block_reply(self) -> str:
         """What Postfix is told for a blocked account: "<action> <reason>"."""
         return f"{self.action} {self.reason}".strip()
+
+    @property
+    def holds_queued_mail(self) -> bool:
+        """A new block holds the account's mail already in Postfix's queues."""
+        return self.hold_queued == "YES" or (self.hold_queued == "" and self.action == "HOLD")
 
     @property
     def monitoring(self) -> bool:
@@ -280,6 +286,7 @@ def load_settings(path: str, geoip_file_needed: bool = True) -> Settings:
                                                 blank=0.0, low_inclusive=True),
         impossible_travel_action=config.choice("policy", "impossible_travel_action", TRAVEL_ACTIONS, blank="NOTIFY"),
         postfix_config_directory=config.text("postfix", "config_directory"),
+        hold_queued=config.choice("postfix", "hold_queued", ("YES", "NO", ""), blank=""),
         dovecot_policy_port=config.integer("dovecot", "policy_port", 1, 65535, blank=0) or None,
         count_logins=config.choice("dovecot", "count_logins", ("YES", "NO"), blank="NO") == "YES",
         dovecot_api_header=config.text("dovecot", "api_header"),

@@ -18,6 +18,7 @@ from .config import ConfigError, Settings, load_settings
 from .dovecot import DovecotPolicyServer
 from .geoip import GeoIP, warn_about_geoip
 from .logs import MaskingFormatter, refuse_to_start, secrets_of
+from .mailqueue import PostfixQueue
 from .memory import CHANGES_TRIM_INTERVAL
 from .metrics import Metrics
 from .notify import Notifier
@@ -36,7 +37,8 @@ STOP_POLL_INTERVAL = 0.05
 
 
 def run_daemon(settings: Settings) -> int:
-    refusal = files_refused(settings)
+    settings, queue_refusal = queue_holding(settings)
+    refusal = files_refused(settings) or queue_refusal
     if refusal:
         refuse_to_start(f"pcc: {refusal}")
         return 1
@@ -103,6 +105,23 @@ def run_daemon(settings: Settings) -> int:
     log.info("pcc stopped")
     service.store.dispose()
     return 0
+
+
+def queue_holding(settings: Settings) -> tuple:
+    """(the settings to run with, a refusal or ""): holding a blocked account's
+    queued mail needs root or README's sudoers lines.  Asked for (hold_queued
+    = yes) without them, pcc refuses to start; on by default (action = HOLD),
+    it starts without it, saying so."""
+    if not settings.holds_queued_mail or settings.monitoring:
+        return settings, ""
+    problem = PostfixQueue(settings.postfix_config_directory).check_sudo()
+    if not problem:
+        return settings, ""
+    if settings.hold_queued == "YES":
+        return settings, f"pcc: {problem}"
+    log.warning("%s; until then a block does not hold the mail the account had queued (or set [postfix] "
+                "hold_queued = no)", problem)
+    return dataclasses.replace(settings, hold_queued="NO"), ""
 
 
 def files_refused(settings: Settings) -> str:
@@ -172,6 +191,10 @@ def reload_settings(server: PolicyServer) -> None:
         log.warning("reload: a new [dovecot] policy_port needs a restart; the Dovecot port stays %s",
                     f"{old.dovecot_policy_port}" if old.dovecot_policy_port else "off")
     MaskingFormatter.secrets |= set(secrets_of(new))
+    new, queue_refusal = queue_holding(new)
+    if queue_refusal:
+        log.error("reload refused, the running configuration stays in force: %s", queue_refusal)
+        return
     service.reconfigure(new, geoip)  # the Dovecot and metrics ports read allowed_clients from it
     server.settings = new
     log.info("configuration %s reloaded; GeoIP %s; %s", new.config_path, geoip.description, describe_rules(new))

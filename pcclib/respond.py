@@ -12,6 +12,7 @@ import collections
 import datetime as dt
 import hashlib
 import hmac
+import http.client
 import json
 import queue
 import shlex
@@ -26,6 +27,7 @@ from typing import Callable, Iterable, Optional
 from .common import log, start_thread, utcnow
 from .config import MONITOR_ACTION, Settings
 from .decision import CountrySeen, Journey
+from .mailqueue import PostfixQueue, QueueError
 from .notify import Notifier, block_notice, pcc_command
 
 # A webhook receiver gets this long (seconds) to answer one POST.
@@ -48,6 +50,10 @@ KICK_TRY_FOR = 30.0
 # that many owners; beyond, it starts afresh).
 OWNER_NOTICE_INTERVAL = dt.timedelta(days=1)
 OWNERS_REMEMBERED = 20000
+
+
+# What a receiver, or doveadm's HTTP server, can fail with: all mean "not done".
+NETWORK_ERRORS = (OSError, ValueError, http.client.HTTPException)
 
 
 class Webhooks:
@@ -89,7 +95,7 @@ class Webhooks:
             try:
                 self._post(url, body)
                 log.info("webhook %s: %s delivered", url, event["event"])
-            except (OSError, ValueError) as error:
+            except NETWORK_ERRORS as error:
                 log.error("webhook %s: %s not delivered: %s", url, event["event"], _why(error))
                 delivered = False
         return delivered
@@ -117,7 +123,7 @@ class Webhooks:
                 self._post(url, body)
                 self.on_outcome("delivered")
                 return
-            except (OSError, ValueError) as error:
+            except NETWORK_ERRORS as error:
                 if time.monotonic() - queued_at + retry > self.keep:
                     log.error("webhook %s: an event undelivered for %.0f s is dropped: %s", url,
                               time.monotonic() - queued_at, _why(error))
@@ -178,7 +184,7 @@ class SessionEnder:
         while True:
             try:
                 return True, self._kick(login)
-            except (OSError, ValueError, subprocess.SubprocessError) as error:
+            except NETWORK_ERRORS + (subprocess.SubprocessError,) as error:
                 problem = _why(error)
                 if time.monotonic() + pause > deadline:
                     return False, problem
@@ -235,6 +241,7 @@ class Responder:
         self.on_outcome = on_outcome
         self.webhooks = Webhooks(settings, lambda outcome: on_outcome("webhook", outcome))
         self.sessions = SessionEnder(settings)
+        self.queue = PostfixQueue(settings.postfix_config_directory)
         self._blocks: queue.Queue = queue.Queue()
         self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
@@ -242,6 +249,7 @@ class Responder:
 
     def reconfigure(self, settings: Settings) -> None:
         self.settings = self.webhooks.settings = self.sessions.settings = settings
+        self.queue.config_directory = settings.postfix_config_directory
 
     # --- events -------------------------------------------------------------
 
@@ -258,17 +266,19 @@ class Responder:
 
     def end_sessions_soon(self, login: str, action: str) -> None:
         """A block decided while the database fails: its mail and webhook wait
-        for the database (another daemon may have made it), its sessions not."""
-        self._enqueue(("sessions", login, action))
+        for the database (another daemon may have made it); its sessions and
+        queued mail do not."""
+        self._enqueue(("contain", login, action))
 
     def blocked_now(self, login: str, countries: Iterable[CountrySeen], reason: str, source: str,
                     action: str) -> bool:
         """For the admin commands (-b): everything in this thread; False when
         the administrators' mail could not be sent."""
         sessions = self._end_sessions(login, action, try_for=KICK_TIMEOUT)
-        subject, body = self._block_mail(login, countries, reason, source, action, None, sessions)
+        held = self._hold_queued(login, action)
+        subject, body = self._block_mail(login, countries, reason, source, action, None, sessions, held)
         self.webhooks.send_now(block_event(self.settings, login, countries, reason, source, action, sessions,
-                                           utcnow()))
+                                           utcnow(), held=held))
         self._tell_owner(login, countries, action, utcnow(), now_please=True)
         return self.notifier.send_now(subject, body)
 
@@ -300,18 +310,23 @@ class Responder:
     def _run(self) -> None:
         while True:
             job = self._blocks.get()
-            if job[0] == "sessions":
-                self._end_sessions(job[1], job[2])
-                continue
-            login, countries, reason, source, action, journey, at = job[1:]
             try:
-                sessions = self._end_sessions(login, action)
-                self.notifier.send(*self._block_mail(login, countries, reason, source, action, journey, sessions))
-                self.webhooks.send(block_event(self.settings, login, countries, reason, source, action, sessions, at,
-                                               journey))
-                self._tell_owner(login, countries, action, at)
+                self._do(job)
             except Exception:  # a bug here must not stop the next block's actions
-                log.exception("acting on the block of %s failed", login)
+                log.exception("acting on the block of %s failed", job[1])
+
+    def _do(self, job: tuple) -> None:
+        if job[0] == "contain":
+            self._end_sessions(job[1], job[2])
+            self._hold_queued(job[1], job[2])
+            return
+        login, countries, reason, source, action, journey, at = job[1:]
+        sessions = self._end_sessions(login, action)
+        held = self._hold_queued(login, action)
+        self.notifier.send(*self._block_mail(login, countries, reason, source, action, journey, sessions, held))
+        self.webhooks.send(block_event(self.settings, login, countries, reason, source, action, sessions, at, journey,
+                                       held))
+        self._tell_owner(login, countries, action, at)
 
     def _end_sessions(self, login: str, action: str, try_for: float = KICK_TRY_FOR) -> str:
         """One line for the mail and the webhook: what happened to the account's sessions."""
@@ -330,9 +345,28 @@ class Responder:
         self.on_outcome("sessions", "failed")
         return f"ending its Dovecot sessions FAILED ({what}); {manual}"
 
-    def _block_mail(self, login, countries, reason, source, action, journey, sessions) -> tuple:
+    def _hold_queued(self, login: str, action: str) -> tuple:
+        """(messages held or None, one line for the mail): the account's mail
+        already in Postfix's queues, put on hold."""
+        if not self.settings.holds_queued_mail:
+            return None, ""
+        if action == MONITOR_ACTION:
+            return None, "monitor mode: its queued mail would have been held"
+        try:
+            queue_ids = self.queue.queued_by(login)
+            held = self.queue.hold(queue_ids)
+        except QueueError as error:
+            log.error("holding the queued mail of %s failed: %s", login, error)
+            self.on_outcome("queue", "failed")
+            return None, f"holding its queued mail FAILED ({error}); see -r and postqueue -p"
+        log.info("queued mail of %s: %d messages put on hold", login, held)
+        self.on_outcome("queue", "held")
+        return held, f"{held} message{'s' if held != 1 else ''} it had queued put on hold (-r releases, -e deletes)"
+
+    def _block_mail(self, login, countries, reason, source, action, journey, sessions, held=(None, "")) -> tuple:
         subject, body = block_notice(self.settings, login, countries, reason, source, action, journey)
-        return subject, body.replace("\n\n", f"\n\nSessions: {sessions}\n\n", 1)
+        queued = f"Queued mail: {held[1]}\n" if held[1] else ""
+        return subject, body.replace("\n\n", f"\n\nSessions: {sessions}\n{queued}\n", 1)
 
     def _tell_owner(self, login: str, countries: Iterable[CountrySeen], action: str, now: dt.datetime,
                     now_please: bool = False) -> None:
@@ -367,7 +401,8 @@ def event(settings: Settings, kind: str, at: dt.datetime, **fields) -> dict:
 
 
 def block_event(settings: Settings, login: str, countries: Iterable[CountrySeen], reason: str, source: str,
-                action: str, sessions: str, at: dt.datetime, journey: Optional[Journey] = None) -> dict:
+                action: str, sessions: str, at: dt.datetime, journey: Optional[Journey] = None,
+                held: tuple = (None, "")) -> dict:
     monitor = action == MONITOR_ACTION
     countries = list(countries)
     names = ", ".join(seen.country for seen in countries)
@@ -379,7 +414,7 @@ def block_event(settings: Settings, login: str, countries: Iterable[CountrySeen]
                  countries=[{"country": seen.country, "last_ip": seen.last_ip,
                              "first_seen": seen.first_seen.isoformat(timespec="seconds"),
                              "last_seen": seen.last_seen.isoformat(timespec="seconds")} for seen in countries],
-                 sessions=sessions, messages_held=None, journey=_journey(journey) if journey else None,
+                 sessions=sessions, messages_held=held[0], queued_mail=held[1] or None, journey=_journey(journey) if journey else None,
                  undo=[pcc_command(settings, "-u", login)], text=text)
 
 

@@ -400,6 +400,17 @@ def pcc_command(config, *arguments, expect=0, clock_shift: str = "") -> subproce
     return run_pcc("--config", config, *arguments, expect=expect, env=shifted_clock_environment(clock_shift))
 
 
+def unprivileged_python() -> tuple:
+    """(the system's Python, an environment that finds the tests' packages):
+    what a user other than root can run, of the same version as the runner."""
+    import sysconfig
+
+    python = f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}"
+    if not os.access(python, os.X_OK):
+        unavailable(f"{python} (the runner's Python version, for a daemon run as another user)")
+    return python, dict(os.environ, PYTHONPATH=sysconfig.get_paths()["purelib"])
+
+
 def shifted_clock_environment(shift: str) -> Optional[dict]:
     """An environment whose programs see their wall clock moved by `shift`
     ("-600s"; libfaketime preloaded: the faketime wrapper would stand between
@@ -682,19 +693,30 @@ class Daemon:
         self.port = port
         self.process = None
 
-    def start(self, open_files: Optional[int] = None, clock_shift: str = "") -> "Daemon":
+    def start(self, open_files: Optional[int] = None, clock_shift: str = "", run_as: str = "") -> "Daemon":
         """open_files: the daemon's open-file limit (soft and hard), else the
-        runner's; clock_shift: its wall clock moved (libfaketime: "-600s")."""
-        def limit_open_files():
+        runner's; clock_shift: its wall clock moved (libfaketime: "-600s");
+        run_as: the unprivileged user it runs as (the test runs as root)."""
+        def before_exec():
+            import pwd
             import resource
 
-            resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
+            if open_files:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
+            if run_as:
+                user = pwd.getpwnam(run_as)
+                os.setgroups([])
+                os.setgid(user.pw_gid)
+                os.setuid(user.pw_uid)
 
         log_file = open(self.log_path, "ab")
+        python, environment = sys.executable, shifted_clock_environment(clock_shift)
+        if run_as:  # the runner's Python may live where only root can read (pyenv under /root)
+            python, environment = unprivileged_python()
         self.process = subprocess.Popen(
-            [sys.executable, str(ROOT / "pcc.py"), "-d", "--stderr", "--config", self.config_path],
-            stdout=log_file, stderr=log_file, cwd=str(ROOT), preexec_fn=limit_open_files if open_files else None,
-            env=shifted_clock_environment(clock_shift),
+            [python, str(ROOT / "pcc.py"), "-d", "--stderr", "--config", self.config_path],
+            stdout=log_file, stderr=log_file, cwd=str(ROOT),
+            preexec_fn=before_exec if open_files or run_as else None, env=environment,
         )
         log_file.close()
         deadline = time.monotonic() + 30

@@ -16,6 +16,7 @@ import urllib.request
 
 import pytest
 from conftest import (
+    PostfixInstance,
     free_port,
     ip_in,
     pcc_command,
@@ -429,3 +430,41 @@ def test_a_block_through_postfix_ends_the_accounts_open_sessions_and_no_other(do
     assert "Sessions: its sessions were ended" in mail.get_content(), mail.get_content()
     assert "Dovecot sessions of alice@example.com: its sessions were ended" in daemon.log()
     print(f"session ended {ended_after:.2f} s after the crossing message")
+
+
+def test_one_block_on_every_channel(dovecot_pcc, receivers, smtp_sink):
+    """One block, end to end, with times: the message that crosses the line
+    (real Postfix), the thief's IMAP session ended (real Dovecot, doveadm HTTP
+    API), what the account had queued put on hold, the webhook received."""
+    if shutil.which("postfix") is None:
+        unavailable("Postfix (Debian package postfix)")
+    postfix = PostfixInstance(free_port())
+    postfix.start()
+    try:
+        hook, doveadm_port = receivers(), free_port()
+        daemon, dovecot = dovecot_pcc(doveadm_port=doveadm_port, **{
+            "server.port": postfix.pcc_port, "policy.action": "HOLD", "postfix.config_directory": postfix.directory,
+            "dovecot.count_logins": "no", "dovecot.doveadm_url": f"http://127.0.0.1:{doveadm_port}/doveadm/v1",
+            "dovecot.doveadm_api_key": DOVEADM_API_KEY, "notify.webhook_urls": hook.url})
+        session = dovecot.open_session("alice@example.com", ip_in("RU"))
+        queued = [postfix.send("alice@example.com", ip_in(country))[2] for country in ("GB", "US", "FR")]
+        started = time.monotonic()
+        times = {}
+        _code, _text, crossing = postfix.send("alice@example.com", ip_in("DE"))
+        times["crossing message answered HOLD"] = time.monotonic() - started
+        while len(times) < 4:
+            assert time.monotonic() - started < 10, times
+            if "session ended" not in times and not session_open(session):
+                times["session ended"] = time.monotonic() - started
+            queue = postfix.queue()
+            if "queued messages held" not in times and all(queue.get(queue_id) == "hold"
+                                                          for queue_id in queued + [crossing]):
+                times["queued messages held"] = time.monotonic() - started
+            if "webhook received" not in times and hook.posts:
+                times["webhook received"] = time.monotonic() - started
+            time.sleep(0.01)
+        block = json.loads(hook.posts[0][1])
+        assert block["messages_held"] == 3 and "its sessions were ended" in block["sessions"]
+        print("timeline of one block: " + ", ".join(f"{what} +{seconds:.2f} s" for what, seconds in times.items()))
+    finally:
+        postfix.stop()

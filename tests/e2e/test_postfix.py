@@ -1,12 +1,28 @@
 """The whole loop on a real Postfix: XCLIENT makes one machine send "from" any
 country as any SASL login (see ../shared/postfix-e2e.md); pcc answers; Postfix
 queues, holds or rejects; the admin commands release or delete held mail."""
+import os
+import pathlib
+import pwd
+import re
 import shutil
 import subprocess
 import sys
+import tempfile
+import time
 
 import pytest
-from conftest import ROOT, PostfixInstance, free_port, ip_in, unavailable, wait_until_visible
+from conftest import (
+    ROOT,
+    Daemon,
+    PostfixInstance,
+    free_port,
+    ip_in,
+    unavailable,
+    wait_for_log,
+    wait_until_visible,
+    write_config,
+)
 
 ALICE, BOB, CAROL = "alice@example.com", "bob@example.com", "carol@example.org"
 
@@ -44,6 +60,13 @@ def admin(daemon, *arguments):
     return result.stdout
 
 
+def wait_until_held(postfix, queue_ids, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while any(postfix.queue().get(queue_id) != "hold" for queue_id in queue_ids):
+        assert time.monotonic() < deadline, postfix.queue()
+        time.sleep(0.1)
+
+
 def walk(postfix, login, countries, sender=None):
     return [postfix.send(login, ip_in(country), sender) for country in countries]
 
@@ -59,18 +82,21 @@ def test_hold_then_release_exactly_that_accounts_mail(postfix, pcc_for, smtp_sin
     _code, _text, bobs = postfix.send(BOB, ip_in("GB"))
     admin(daemon, "-b", CAROL)
     _code, _text, carols = postfix.send(CAROL, ip_in("GB"), sender=ALICE)
+    # what she had queued before the block (deferred: the relay is down) is held by it
+    wait_until_held(postfix, [queue_id for _c, _t, queue_id in first_three])
     queue = postfix.queue()
-    assert all(queue[queue_id] != "hold" for _c, _t, queue_id in first_three)
     assert queue[fourth] == queue[later] == queue[carols] == "hold"
     assert queue[bobs] != "hold"
     mails = smtp_sink.wait_for(2)
     about_alice = [m for _rcpt, m in mails if ALICE in m["Subject"]]
     assert len(about_alice) == 1 and "blocked" in about_alice[0]["Subject"]
+    assert "Queued mail: 3 messages it had queued put on hold" in about_alice[0].get_content()
 
     output = admin(daemon, "-r", ALICE)
-    assert "released 2 held messages" in output
+    assert "released 5 held messages" in output
     queue = postfix.queue()
     assert queue.get(fourth) != "hold" and queue.get(later) != "hold"
+    assert all(queue.get(queue_id) != "hold" for _c, _t, queue_id in first_three)
     assert queue[carols] == "hold"  # another account's held mail stays held
     # alice sends normally again, in a fresh window (the daemon had her in
     # memory, blocked: the unblock reaches it within a second)
@@ -83,13 +109,14 @@ def test_hold_then_release_exactly_that_accounts_mail(postfix, pcc_for, smtp_sin
 
 def test_erase_deletes_exactly_that_accounts_held_mail(postfix, pcc_for):
     daemon = pcc_for("HOLD")
-    walk(postfix, ALICE, ["GB", "US", "FR"])
+    queued = [queue_id for _c, _t, queue_id in walk(postfix, ALICE, ["GB", "US", "FR"])]
     held = [postfix.send(ALICE, ip_in(country))[2] for country in ("DE", "SE")]
     walk(postfix, CAROL, ["GB", "US", "FR"])
     carols = postfix.send(CAROL, ip_in("JP"))[2]
     assert postfix.queue()[carols] == "hold"
+    wait_until_held(postfix, queued)
     output = admin(daemon, "-e", ALICE)
-    assert "deleted 2 held messages" in output
+    assert "deleted 5 held messages" in output  # the three queued before the block too
     queue = postfix.queue()
     assert held[0] not in queue and held[1] not in queue
     assert queue[carols] == "hold"
@@ -156,3 +183,63 @@ def test_monitor_mode_holds_nothing(postfix, pcc_for, smtp_sink):
     (mail,) = [m for _rcpt, m in smtp_sink.wait_for(1)]
     assert mail["Subject"] == f"pcc: account {ALICE} would be blocked (monitor mode)"
     assert "would be blocked" in admin(daemon, "-l")
+
+
+def readme_sudoers_lines(user: str, config_directory: str) -> str:
+    """README's sudoers lines, for `user` and Postfix's `config_directory`."""
+    readme = (ROOT / "README.md").read_text()
+    lines = re.findall(r"^\s+(pcc ALL=\(root\) NOPASSWD: .*)$", readme, re.MULTILINE)
+    assert len(lines) == 3, lines  # postcat, postsuper; postqueue with a config directory
+    lines = [line.replace(" -c DIR", "") for line in lines]
+    return "".join(re.sub(r"^pcc ", f"{user} ", re.sub(r"(/usr/sbin/post\w+) ", rf"\1 -c {config_directory} ", line))
+                   + "\n" for line in lines)
+
+
+def test_an_unprivileged_daemon_holds_the_queued_mail_through_readmes_sudoers_lines(postfix, geoip_path):
+    """pcc as an unprivileged user, with hold_queued = yes: without README's
+    sudoers lines it refuses to start; with them, a block holds what the
+    account had queued (deferred: the relay is down), and nothing of another
+    account."""
+    if shutil.which("sudo") is None or shutil.which("visudo") is None:
+        unavailable("sudo (Debian package sudo)")
+    postfix.empty_queue()
+    os.chmod(postfix.directory, 0o755)  # as /etc/postfix: postqueue -j runs as the daemon's user
+    home = pathlib.Path(tempfile.mkdtemp(prefix="pcc-unprivileged-"))
+    nobody = pwd.getpwnam("nobody")
+    os.chmod(home, 0o755)
+    os.chown(home, nobody.pw_uid, nobody.pw_gid)
+    shutil.copy(geoip_path, home / "country.mmdb")
+    values = {"server.port": postfix.pcc_port, "db.dbcon": f"sqlite:///{home}/pcc.sqlite3",
+              "db.spool_file": str(home / "spool.jsonl"), "geoip.database": home / "country.mmdb",
+              "postfix.config_directory": postfix.directory, "policy.action": "REJECT", "postfix.hold_queued": "yes"}
+    config = write_config(home, values)
+    os.chmod(config, 0o644)
+    daemon = Daemon(config, home / "pcc.log", postfix.pcc_port)
+    sudoers = pathlib.Path("/etc/sudoers.d/pcc-test")
+    by_default = Daemon(write_config(home, {**values, "policy.action": "HOLD", "postfix.hold_queued": ""},
+                                     name="default.conf"), home / "default.log", postfix.pcc_port)
+    try:
+        os.chmod(by_default.config_path, 0o644)
+        by_default.start(run_as="nobody")  # on by default with HOLD: starts, and says what it cannot do
+        wait_for_log(by_default, "until then a block does not hold the mail the account had queued")
+        by_default.stop()
+        with pytest.raises(RuntimeError, match="may not run `sudo -n .*postcat"):
+            daemon.start(run_as="nobody")
+        candidate = home / "sudoers"
+        candidate.write_text(readme_sudoers_lines("nobody", postfix.directory))
+        subprocess.run(["visudo", "-cf", str(candidate)], check=True, capture_output=True)
+        shutil.copy(candidate, sudoers)
+        os.chmod(sudoers, 0o440)
+        daemon.start(run_as="nobody")
+        queued = [queue_id for _c, _t, queue_id in walk(postfix, ALICE, ["GB", "US", "FR"])]
+        _code, _text, bobs = postfix.send(BOB, ip_in("GB"))
+        assert postfix.send(ALICE, ip_in("DE"))[0] == 554  # REJECT: the crossing message is refused
+        wait_until_held(postfix, queued)
+        assert postfix.queue()[bobs] != "hold"
+        assert "queued mail of alice@example.com: 3 messages put on hold" in daemon.log()
+    finally:
+        sudoers.unlink(missing_ok=True)
+        daemon.stop()
+        by_default.stop()
+        shutil.rmtree(home, ignore_errors=True)
+        postfix.empty_queue()
