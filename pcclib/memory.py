@@ -166,13 +166,12 @@ class AccountMemory:
 
     def set_blocked(self, login: str, blocked: bool) -> None:
         with self._blocked_lock:
+            if blocked == (login in self._blocked):
+                return
+            (self._blocked.add if blocked else self._blocked.discard)(login)
+            self._blocked_changed = True
+            # When: a reload or a poll whose read began before does not undo it.
             self._list_changed_at[login] = (time.monotonic(), blocked)
-            if blocked and login not in self._blocked:
-                self._blocked.add(login)
-                self._blocked_changed = True
-            elif not blocked and login in self._blocked:
-                self._blocked.discard(login)
-                self._blocked_changed = True
 
     def _unblock_unless_newer(self, login: str, read_at: float, keep: frozenset) -> None:
         """The database said `login` is not blocked, in a read that began at

@@ -50,7 +50,8 @@ class Metrics:
                                 "unauthorised, bad_request)", ["command", "status"], registry=self.registry)
         self._responses = Counter("pcc_block_responses", "What followed blocks beyond the answer, by channel "
                                   "(sessions: Dovecot sessions ended or failed; queue: queued mail held or "
-                                  "failed; webhook: delivered, failed tries, dropped events)", ["channel", "outcome"], registry=self.registry)
+                                  "failed; webhook: delivered, failed tries, dropped events)", ["channel", "outcome"],
+                                  registry=self.registry)
         self.registry.register(_StateCollector(state, count_blocked or (lambda: None)))
 
     def serve(self, host: str, port: int, allowed_clients: Callable[[], tuple], cap: int) -> None:

@@ -414,7 +414,8 @@ def block_event(settings: Settings, login: str, countries: Iterable[CountrySeen]
                  countries=[{"country": seen.country, "last_ip": seen.last_ip,
                              "first_seen": seen.first_seen.isoformat(timespec="seconds"),
                              "last_seen": seen.last_seen.isoformat(timespec="seconds")} for seen in countries],
-                 sessions=sessions, messages_held=held[0], queued_mail=held[1] or None, journey=_journey(journey) if journey else None,
+                 sessions=sessions, messages_held=held[0], queued_mail=held[1] or None,
+                 journey=_journey(journey) if journey else None,
                  undo=[pcc_command(settings, "-u", login)], text=text)
 
 

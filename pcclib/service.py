@@ -522,7 +522,8 @@ class PolicyService:
         """A snapshot for the metrics and --health: the outage, what waits for
         the database, what was asked of it, the GeoIP data in use."""
         unsent, waited = self.notifier.backlog()
-        return dict(self.outage.snapshot(), spooled_blocks=self.journal.blocks_waiting(), clock_offset=self.clock.offset,
+        return dict(self.outage.snapshot(), spooled_blocks=self.journal.blocks_waiting(),
+                    clock_offset=self.clock.offset,
                     unwritten_sightings=self.sightings.waiting(), operations=self.store.operation_counts(),
                     geoip_built=self.geoip.built, unsent_notifications=unsent, oldest_unsent_seconds=waited,
                     connections={port.port_name: port.connection_states() for port in self.ports},

@@ -20,6 +20,7 @@ import socket
 import struct
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -400,17 +401,6 @@ def pcc_command(config, *arguments, expect=0, clock_shift: str = "") -> subproce
     return run_pcc("--config", config, *arguments, expect=expect, env=shifted_clock_environment(clock_shift))
 
 
-def unprivileged_python() -> tuple:
-    """(the system's Python, an environment that finds the tests' packages):
-    what a user other than root can run, of the same version as the runner."""
-    import sysconfig
-
-    python = f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}"
-    if not os.access(python, os.X_OK):
-        unavailable(f"{python} (the runner's Python version, for a daemon run as another user)")
-    return python, dict(os.environ, PYTHONPATH=sysconfig.get_paths()["purelib"])
-
-
 def shifted_clock_environment(shift: str) -> Optional[dict]:
     """An environment whose programs see their wall clock moved by `shift`
     ("-600s"; libfaketime preloaded: the faketime wrapper would stand between
@@ -516,6 +506,59 @@ def spool_entry(login: str) -> dict:
             "countries": [{"country": "GB", "last_ip": ip_in("GB"), "first_seen": now.isoformat(),
                            "last_seen": now.isoformat()}],
             "trigger": {}, "sighting": ["GB", ip_in("GB")]}
+
+
+# --- pcc as an unprivileged user ---------------------------------------------
+
+
+# What pcc needs at run time, copied where the user nobody can read it.
+RUNTIME_PACKAGES = ("sqlalchemy", "maxminddb", "geoip2fast", "pymysql", "psycopg", "psycopg_binary",
+                    "psycopg_binary.libs", "prometheus_client", "typing_extensions.py", "greenlet")
+
+
+@pytest.fixture(scope="session")
+def readable_packages(tmp_path_factory) -> str:
+    """pcc's run-time packages in a directory every user can read: the
+    checkout and its venv may be anywhere (a 0700 directory, /root)."""
+    source = pathlib.Path(sysconfig.get_paths()["purelib"])
+    target = pathlib.Path(tempfile.mkdtemp(prefix="pcc-packages-"))
+    for name in RUNTIME_PACKAGES:
+        if (source / name).is_dir():
+            shutil.copytree(source / name, target / name)
+        elif (source / name).exists():
+            shutil.copy(source / name, target / name)
+    for metadata in source.glob("*.dist-info"):  # importlib.metadata asks versions of them
+        shutil.copytree(metadata, target / metadata.name)
+    for path in [target, *target.rglob("*")]:
+        os.chmod(path, 0o755 if path.is_dir() else 0o644)
+    yield str(target)
+    shutil.rmtree(target, ignore_errors=True)
+
+
+@pytest.fixture
+def as_nobody(readable_packages):
+    """as_nobody(arguments, directory): the command line to run pcc.py as the
+    user nobody, with Debian's python3 and a readable copy of the packages;
+    pcc.py and pcclib/ are copied into `directory`."""
+    system_python = "/usr/bin/python3"
+    version = subprocess.run([system_python, "-c", "import sys; print(tuple(sys.version_info[:2]))"],
+                             capture_output=True, text=True).stdout.strip()
+    if version != str(tuple(sys.version_info[:2])):
+        pytest.fail(f"{system_python} is Python {version}, the test packages are for {sys.version_info[:2]}")
+
+    def command(arguments: list, directory: str) -> list:
+        program = os.path.join(directory, "pcc.py")
+        shutil.copy(ROOT / "pcc.py", program)
+        shutil.copytree(ROOT / "pcclib", os.path.join(directory, "pcclib"), dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        for path in [program, *pathlib.Path(directory, "pcclib").rglob("*")]:
+            os.chmod(path, 0o755 if os.path.isdir(path) else 0o644)
+        os.chmod(os.path.join(directory, "pcclib"), 0o755)
+        return ["runuser", "-u", "nobody", "--", "env", f"PYTHONPATH={readable_packages}",
+                "PYTHONDONTWRITEBYTECODE=1", system_python, program, *arguments]
+
+    return command
+
 
 
 # --- webhook receivers --------------------------------------------------------
@@ -693,30 +736,22 @@ class Daemon:
         self.port = port
         self.process = None
 
-    def start(self, open_files: Optional[int] = None, clock_shift: str = "", run_as: str = "") -> "Daemon":
+    def start(self, open_files: Optional[int] = None, clock_shift: str = "",
+              command: Optional[list] = None) -> "Daemon":
         """open_files: the daemon's open-file limit (soft and hard), else the
         runner's; clock_shift: its wall clock moved (libfaketime: "-600s");
-        run_as: the unprivileged user it runs as (the test runs as root)."""
-        def before_exec():
-            import pwd
+        command: how to run it, else the runner's Python on this checkout
+        (as_nobody's, for a daemon of an unprivileged user)."""
+        def limit_open_files():
             import resource
 
-            if open_files:
-                resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
-            if run_as:
-                user = pwd.getpwnam(run_as)
-                os.setgroups([])
-                os.setgid(user.pw_gid)
-                os.setuid(user.pw_uid)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
 
         log_file = open(self.log_path, "ab")
-        python, environment = sys.executable, shifted_clock_environment(clock_shift)
-        if run_as:  # the runner's Python may live where only root can read (pyenv under /root)
-            python, environment = unprivileged_python()
         self.process = subprocess.Popen(
-            [python, str(ROOT / "pcc.py"), "-d", "--stderr", "--config", self.config_path],
-            stdout=log_file, stderr=log_file, cwd=str(ROOT),
-            preexec_fn=before_exec if open_files or run_as else None, env=environment,
+            command or [sys.executable, str(ROOT / "pcc.py"), "-d", "--stderr", "--config", self.config_path],
+            stdout=log_file, stderr=log_file, cwd=str(ROOT), preexec_fn=limit_open_files if open_files else None,
+            env=shifted_clock_environment(clock_shift),
         )
         log_file.close()
         deadline = time.monotonic() + 30

@@ -7,15 +7,12 @@ import pathlib
 import shutil
 import socket
 import subprocess
-import sys
-import sysconfig
 import tempfile
 import time
 
 import pytest
 import sqlalchemy as sa
 from conftest import (
-    ROOT,
     SERVER_DATABASES,
     TcpProxy,
     free_port,
@@ -39,53 +36,6 @@ def shared_dir():
     os.chmod(directory, 0o755)
     yield directory
     shutil.rmtree(directory, ignore_errors=True)
-
-
-# What pcc needs at run time, copied where the user nobody can read it.
-RUNTIME_PACKAGES = ("sqlalchemy", "maxminddb", "geoip2fast", "pymysql", "psycopg", "psycopg_binary",
-                    "psycopg_binary.libs", "prometheus_client", "typing_extensions.py", "greenlet")
-
-
-@pytest.fixture(scope="session")
-def readable_packages(tmp_path_factory) -> str:
-    """pcc's run-time packages in a directory every user can read: the
-    checkout and its venv may be anywhere (a 0700 directory, /root)."""
-    source = pathlib.Path(sysconfig.get_paths()["purelib"])
-    target = pathlib.Path(tempfile.mkdtemp(prefix="pcc-packages-"))
-    for name in RUNTIME_PACKAGES:
-        if (source / name).is_dir():
-            shutil.copytree(source / name, target / name)
-        elif (source / name).exists():
-            shutil.copy(source / name, target / name)
-    for path in [target, *target.rglob("*")]:
-        os.chmod(path, 0o755 if path.is_dir() else 0o644)
-    yield str(target)
-    shutil.rmtree(target, ignore_errors=True)
-
-
-@pytest.fixture
-def as_nobody(readable_packages):
-    """as_nobody(arguments, directory): the command line to run pcc.py as the
-    user nobody, with Debian's python3 and a readable copy of the packages;
-    pcc.py and pcclib/ are copied into `directory`."""
-    system_python = "/usr/bin/python3"
-    version = subprocess.run([system_python, "-c", "import sys; print(tuple(sys.version_info[:2]))"],
-                             capture_output=True, text=True).stdout.strip()
-    if version != str(tuple(sys.version_info[:2])):
-        pytest.fail(f"{system_python} is Python {version}, the test packages are for {sys.version_info[:2]}")
-
-    def command(arguments: list, directory: str) -> list:
-        program = os.path.join(directory, "pcc.py")
-        shutil.copy(ROOT / "pcc.py", program)
-        shutil.copytree(ROOT / "pcclib", os.path.join(directory, "pcclib"), dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns("__pycache__"))
-        for path in [program, *pathlib.Path(directory, "pcclib").rglob("*")]:
-            os.chmod(path, 0o755 if os.path.isdir(path) else 0o644)
-        os.chmod(os.path.join(directory, "pcclib"), 0o755)
-        return ["runuser", "-u", "nobody", "--", "env", f"PYTHONPATH={readable_packages}",
-                "PYTHONDONTWRITEBYTECODE=1", system_python, program, *arguments]
-
-    return command
 
 
 def nobody_config(directory: str, **overrides) -> str:

@@ -195,7 +195,7 @@ def readme_sudoers_lines(user: str, config_directory: str) -> str:
                    + "\n" for line in lines)
 
 
-def test_an_unprivileged_daemon_holds_the_queued_mail_through_readmes_sudoers_lines(postfix, geoip_path):
+def test_an_unprivileged_daemon_holds_the_queued_mail_through_readmes_sudoers_lines(postfix, geoip_path, as_nobody):
     """pcc as an unprivileged user, with hold_queued = yes: without README's
     sudoers lines it refuses to start; with them, a block holds what the
     account had queued (deferred: the relay is down), and nothing of another
@@ -220,17 +220,19 @@ def test_an_unprivileged_daemon_holds_the_queued_mail_through_readmes_sudoers_li
                                      name="default.conf"), home / "default.log", postfix.pcc_port)
     try:
         os.chmod(by_default.config_path, 0o644)
-        by_default.start(run_as="nobody")  # on by default with HOLD: starts, and says what it cannot do
+        # On by default with HOLD: starts, and says what it cannot do.
+        by_default.start(command=as_nobody(["--config", by_default.config_path, "-d", "--stderr"], str(home)))
         wait_for_log(by_default, "until then a block does not hold the mail the account had queued")
         by_default.stop()
+        as_daemon = as_nobody(["--config", config, "-d", "--stderr"], str(home))
         with pytest.raises(RuntimeError, match="may not run `sudo -n .*postcat"):
-            daemon.start(run_as="nobody")
+            daemon.start(command=as_daemon)
         candidate = home / "sudoers"
         candidate.write_text(readme_sudoers_lines("nobody", postfix.directory))
         subprocess.run(["visudo", "-cf", str(candidate)], check=True, capture_output=True)
         shutil.copy(candidate, sudoers)
         os.chmod(sudoers, 0o440)
-        daemon.start(run_as="nobody")
+        daemon.start(command=as_daemon)
         queued = [queue_id for _c, _t, queue_id in walk(postfix, ALICE, ["GB", "US", "FR"])]
         _code, _text, bobs = postfix.send(BOB, ip_in("GB"))
         assert postfix.send(ALICE, ip_in("DE"))[0] == 554  # REJECT: the crossing message is refused
