@@ -59,11 +59,14 @@ class Notifier:
         if not now:
             self._queue(message)
             return True
+        return self._deliver_now(message, "mail")
+
+    def _deliver_now(self, message: email.message.EmailMessage, what: str) -> bool:
         try:
             self._deliver(message)
             return True
         except (OSError, smtplib.SMTPException) as error:
-            log.error("mail to %s not sent: %s", message["To"], error)
+            log.error("%s to %s not sent: %s", what, message["To"], error)
             return False
 
     def _queue(self, message: email.message.EmailMessage) -> None:
@@ -91,13 +94,7 @@ class Notifier:
         """For the admin commands: send in this thread, report success."""
         if not self.settings.notice:
             return True
-        message = self._compose(subject, body)
-        try:
-            self._deliver(message)
-            return True
-        except (OSError, smtplib.SMTPException) as error:
-            log.error("notification to %s not sent: %s", message["To"], error)
-            return False
+        return self._deliver_now(self._compose(subject, body), "notification")
 
     def backlog(self) -> tuple:
         """(notifications not sent yet, seconds the oldest of them has waited)."""
