@@ -172,6 +172,7 @@ class SessionEnder:
 
     def __init__(self, settings: Settings):
         self.settings = settings
+        self._failed_at = float("-inf")  # monotonic time of the latest try that failed for good
 
     @property
     def configured(self) -> bool:
@@ -179,7 +180,11 @@ class SessionEnder:
 
     def end(self, login: str, try_for: float = KICK_TRY_FOR) -> tuple:
         """(True, what was ended) or (False, why not), after trying with
-        back-off for up to `try_for` seconds."""
+        back-off for up to `try_for` seconds; once only while the previous
+        account's tries failed less than a minute ago (a burst of blocks
+        must not queue behind a Dovecot that is down, 30 s each)."""
+        if time.monotonic() - self._failed_at < 60:
+            try_for = 0.0
         deadline, pause = time.monotonic() + try_for, 1.0
         while True:
             try:
@@ -187,6 +192,7 @@ class SessionEnder:
             except NETWORK_ERRORS + (subprocess.SubprocessError,) as error:
                 problem = _why(error)
                 if time.monotonic() + pause > deadline:
+                    self._failed_at = time.monotonic()
                     return False, problem
                 log.warning("ending the Dovecot sessions of %s failed (trying again in %.0f s): %s", login, pause,
                             problem)

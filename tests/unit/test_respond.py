@@ -142,3 +142,22 @@ def test_a_block_decided_during_an_outage_ends_the_sessions_at_once(make_setting
         assert time.monotonic() < deadline, "no session was ended"
         time.sleep(0.05)
     assert kicked.read_text() == "kick alice@example.com\n"
+
+
+def test_while_dovecot_cannot_end_sessions_a_burst_of_blocks_does_not_queue_behind_it(make_settings, monkeypatch):
+    """The first block tries for KICK_TRY_FOR; the next ones, within a minute,
+    try once: their mails and webhooks are not held up 30 s each."""
+    import pcclib.respond
+    from pcclib.respond import SessionEnder
+
+    monkeypatch.setattr(pcclib.respond, "KICK_TIMEOUT", 1.0)
+    settings = make_settings(**{"dovecot.doveadm_url": f"http://127.0.0.1:{free_port()}/doveadm/v1",
+                                "dovecot.doveadm_api_key": "a-key-for-the-test"})
+    sessions = SessionEnder(settings)
+    started = time.monotonic()
+    assert sessions.end("alice@example.com", try_for=1.5)[0] is False  # refused, tried again, given up
+    first = time.monotonic() - started
+    started = time.monotonic()
+    ended, why = sessions.end("bob@example.com", try_for=30)
+    assert ended is False and "refused" in why.lower()
+    assert first >= 1.0 and time.monotonic() - started < 0.5
