@@ -239,6 +239,11 @@ class PolicyService:
                         return self._refused_data(request, error)
                     self._database_failed(first_line(error))
                     return self._decide_offline(request, now)
+            if not history.enforced_block and request.login in self.journal.blocked_logins():
+                # The database is back but this block is not in it yet (the
+                # spool is being written): the database's history must not
+                # let the account through meanwhile.
+                return Decision(self.settings.block_reply, "account blocked (its block waits in the spool)")
             decision = decide_counted(request, self._with_last_place(history), self.settings, now)
             self._remember(request.login, history, decision, now, read_at)
             if decision.new_block:

@@ -45,3 +45,22 @@ def test_an_unforeseen_error_keeps_a_known_blocked_account_blocked(make_settings
     monkeypatch.setattr(pcclib.service, "decide_counted", lambda *_arguments: 1 / 0)
     assert ask("alice@example.com").startswith("action=REJECT")
     assert ask("bob@example.com") == "action=DEFER_IF_PERMIT\n\n"
+
+
+def test_a_block_waiting_in_the_spool_refuses_the_account_while_the_database_has_no_record_of_it(make_settings,
+                                                                                                tmp_path):
+    """While another thread writes the spool to the database that is back (a
+    request does not wait for it), the database's history of the account
+    knows nothing of the block: its next message is refused all the same."""
+    settings = make_settings(**{"policy.action": "REJECT"})
+    journal = OutageJournal(str(tmp_path / "spool.jsonl"))
+    journal.add_block(spool_entry("alice@example.com"))
+    service = PolicyService(settings, Store(settings.dbcon), GeoIP(settings.geoip_database), Notifier(settings),
+                            journal)
+    service.store.create_tables()
+    service.tables_ready = True
+    request = parse_request(f"{k}={v}" for k, v in policy_request("alice@example.com", ip_in("GB")).items())
+    with journal._replaying:  # another thread is writing the spool: a request does not wait for it
+        assert service.answer(request).startswith("REJECT")
+    other = parse_request(f"{k}={v}" for k, v in policy_request("bob@example.com", ip_in("GB")).items())
+    assert service.answer(other) == "DUNNO"
