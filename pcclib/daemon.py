@@ -118,7 +118,7 @@ def queue_holding(settings: Settings) -> tuple:
     if not problem:
         return settings, ""
     if settings.hold_queued == "YES":
-        return settings, f"pcc: {problem}"
+        return settings, problem
     log.warning("%s; until then a block does not hold the mail the account had queued (or set [postfix] "
                 "hold_queued = no)", problem)
     return dataclasses.replace(settings, hold_queued="NO"), ""

@@ -225,8 +225,9 @@ def test_an_unprivileged_daemon_holds_the_queued_mail_through_readmes_sudoers_li
         wait_for_log(by_default, "until then a block does not hold the mail the account had queued")
         by_default.stop()
         as_daemon = as_nobody(["--config", config, "-d", "--stderr"], str(home))
-        with pytest.raises(RuntimeError, match="may not run `sudo -n .*postcat"):
+        with pytest.raises(RuntimeError, match="may not run `sudo -n .*postcat") as refused:
             daemon.start(command=as_daemon)
+        assert "\npcc: [postfix] hold_queued: this user may not run" in str(refused.value)  # one line
         candidate = home / "sudoers"
         candidate.write_text(readme_sudoers_lines("nobody", postfix.directory))
         subprocess.run(["visudo", "-cf", str(candidate)], check=True, capture_output=True)
