@@ -10,6 +10,7 @@ import configparser
 import datetime
 import glob
 import http.server
+import itertools
 import json
 import os
 import pathlib
@@ -104,10 +105,24 @@ def unavailable(what: str) -> None:
     pytest.skip(f"{what} is not available on this machine")
 
 
+# Ports for the tests' servers: below the kernel's ephemeral range (a socket
+# bound to port 0 elsewhere, a webhook receiver of another worker, could else
+# take the port free_port() just found before the daemon binds it: seen once,
+# a daemon's test talked to another worker's HTTP server), a range per worker.
+_WORKER_INDEX = int(WORKER[2:]) if WORKER.startswith("gw") and WORKER[2:].isdigit() else 0
+_PORT_CANDIDATES = itertools.cycle(range(20000 + 1500 * _WORKER_INDEX, 21500 + 1500 * _WORKER_INDEX))
+
+
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """A port nothing listens on, that no other test worker and no port-0
+    bind will take meanwhile."""
+    for port in _PORT_CANDIDATES:
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 def counted_request(country: str, login: str = "alice@example.com") -> PolicyRequest:
