@@ -10,7 +10,7 @@ import os
 import re
 import shutil
 import subprocess
-from typing import Optional
+from typing import Callable, Optional
 
 from .common import normalise_login
 
@@ -37,8 +37,7 @@ class PostfixQueue:
     def queued_by(self, login: str) -> list:
         """Queue IDs of `login`'s messages not yet delivered nor held (incoming,
         active, deferred): what a thief queued before the block."""
-        return [entry["queue_id"] for entry in self._entries()
-                if entry.get("queue_name") in WAITING_QUEUES and self._sasl_username(entry["queue_id"]) == login]
+        return self._messages_of(login, lambda entry: entry.get("queue_name") in WAITING_QUEUES)
 
     def hold(self, queue_ids: list) -> int:
         return self._postsuper("-h", queue_ids, r"Placed on hold: (\d+)")
@@ -75,9 +74,14 @@ class PostfixQueue:
         """Queue IDs of held messages submitted by `login` (its SASL login, as the
         queue file records it, whatever the envelope sender) since `since`."""
         earliest = (since - HOLD_CLOCK_SKEW).timestamp()
+        return self._messages_of(login, lambda entry: entry.get("queue_name") == "hold"
+                                 and entry.get("arrival_time", 0) >= earliest)
+
+    def _messages_of(self, login: str, wanted: Callable[[dict], bool]) -> list:
+        """Queue IDs of the queue entries `wanted` keeps whose queue file names
+        `login` as its SASL login (postcat runs for those only)."""
         return [entry["queue_id"] for entry in self._entries()
-                if entry.get("queue_name") == "hold" and entry.get("arrival_time", 0) >= earliest
-                and self._sasl_username(entry["queue_id"]) == login]
+                if wanted(entry) and self._sasl_username(entry["queue_id"]) == login]
 
     def release(self, queue_ids: list) -> int:
         return self._postsuper("-H", queue_ids, r"Released from hold: (\d+)")

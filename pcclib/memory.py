@@ -250,7 +250,7 @@ class AccountMemory:
         """Keep `history` (as a decision left it), and the account on the
         blocked list if the decision refuses it.  read_at: when the database read it came from began
         (None: it came from memory)."""
-        if blocked and not self.is_blocked(login):  # only the poll and the full reload take one off
+        if blocked:  # only the poll and the full reload take an account off the list
             self.set_blocked(login, True)
         self.histories.put(login, history, read_at)
 

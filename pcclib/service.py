@@ -239,7 +239,7 @@ class PolicyService:
                         return self._refused_data(request, error)
                     self._database_failed(first_line(error))
                     return self._decide_offline(request, now)
-            if not history.enforced_block and request.login in self.journal.blocked_logins():
+            if not history.enforced_block and self.journal.pending() and request.login in self.journal.blocked_logins():
                 # The database is back but this block is not in it yet (the
                 # spool is being written): the database's history must not
                 # let the account through meanwhile.
