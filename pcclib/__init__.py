@@ -7,6 +7,7 @@ it in this list:
   protocol   Postfix's attribute lines -> PolicyRequest; an action -> the reply
   ports      what every listening port shares: caps, deadlines, back-off
   geoip      client address -> country (and place)
+  networks   client address -> the network lists it is on, its AS
   decision   decide(request, history, settings, now): the rules, pure
   notify     the administrators' mail
   mailqueue  Postfix's queues: an account's messages, held, released, deleted
@@ -20,9 +21,9 @@ it in this list:
   dovecot    the Dovecot auth policy port, an adapter onto the service
   logs       syslog/stderr, secrets masked, through a queue
   daemon     pcc.py -d: start, reload, housekeeping, stop
-  admin      -l -s -b -u -r -e -c --allow
+  admin      -l -s -b -u -r -e -c --allow --only-from
   replay     --replay of Postfix and Dovecot logs
-  update     --update-geoip: download, check, install
+  update     --update-geoip, --update-lists: download, check, install
   health     --health, in the monitoring-plugin conventions
   cli        the options, and which of the above each runs
 

@@ -1,4 +1,5 @@
-"""The administrator's commands (-l, -s, -b, -u, -r, -e, -c, --allow): what
+"""The administrator's commands (-l, -s, -b, -u, -r, -e, -c, --allow,
+--only-from): what
 each does to the database and the Postfix hold queue, and what it prints.
 """
 from __future__ import annotations
@@ -6,6 +7,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import ipaddress
 import json
 import os
 import socket
@@ -21,8 +23,9 @@ from .decision import AccountHistory, countries_in_window, exempt_login_reason
 from .logs import mask_secrets, secrets_of
 from .mailqueue import PostfixQueue, QueueError
 from .notify import Notifier
-from .protocol import MAX_LOGIN_LENGTH
+from .protocol import MAX_LOGIN_LENGTH, unwrap_ipv4
 from .respond import Responder
+from .networks import Networks
 from .storage import Block, DatabaseClock, Store, TravelPass, safe_url, sqlite_path
 
 # A travel pass is for a trip, not a standing exception (that is ignorecountries).
@@ -43,9 +46,21 @@ class Admin:
         self.settings = settings
         self.store = store
         self.notifier = notifier
-        self.responder = Responder(settings, notifier)
+        self.networks = Networks(settings)
+        self.responder = Responder(settings, notifier, network_of=self.network_of)
         self.postfix = postfix
         self.out = out or sys.stdout
+
+    def network_of(self, ip: str) -> str:
+        """"AS3320 Deutsche Telekom AG, list vpn" for an address; "" when nothing is known."""
+        try:
+            facts = self.networks.lookup(unwrap_ipv4(ipaddress.ip_address(ip)))
+        except ValueError:
+            return ""
+        text = facts.describe()
+        if facts.labels:
+            text = f"{text}, list {','.join(facts.labels)}".strip(", ")
+        return text
 
     def say(self, text: str = "") -> None:
         print(text, file=self.out)
@@ -82,6 +97,8 @@ class Admin:
                                  account.counting_since if account else None, tuple(sightings),
                                  in_force.action if in_force else None,
                                  travel_passes={p.country: p.expires_at for p in passes})
+        restriction = self.store.allowed_countries(login)
+        only_from = restriction.countries.split(",") if restriction else []
         counted = countries_in_window(history, self.settings, now)
         limit = self.settings.how_many_different_countries
         blocked_since = history.blocked_since
@@ -95,7 +112,10 @@ class Admin:
                 "login": login, "blocked": blocked_since is not None, "state": state,
                 "blocked_since": blocked_since.isoformat() if blocked_since else None,
                 "counting_since": history.counting_since.isoformat() if history.counting_since else None,
-                "countries_in_window": [seen.as_json() for seen in counted.values()],
+                "countries_in_window": [dict(seen.as_json(), place=self.settings.place_name(seen.country),
+                                             network=self.network_of(seen.last_ip) or None)
+                                        for seen in counted.values()],
+                "only_from": only_from,
                 "threshold": limit, "window_days": self.settings.in_how_much_time_in_days,
                 "travel_passes": [_pass_json(travel_pass, now) for travel_pass in passes],
                 "blocks": [_block_json(block) for block in blocks],
@@ -106,8 +126,12 @@ class Admin:
                  f"(blocked at more than {limit}"
                  + (f"; {limit - len(counted) + 1} more would block)" if not blocked_since else ")"))
         for seen in sorted(counted.values(), key=lambda s: s.first_seen):
-            self.say(f"  {seen.country}  last IP {seen.last_ip:<39}  first seen {when(seen.first_seen)}"
-                     f"  last seen {when(seen.last_seen)}")
+            network = self.network_of(seen.last_ip)
+            self.say(f"  {self.settings.place_name(seen.country)}  last IP {seen.last_ip:<39}  first seen "
+                     f"{when(seen.first_seen)}  last seen {when(seen.last_seen)}{'  ' + network if network else ''}")
+        if restriction:
+            self.say(f"may send only from: {', '.join(only_from)} (set {when(restriction.set_at)} UTC by "
+                     f"{restriction.set_by}; any other country blocks it at once)")
         for travel_pass in passes:
             status = "active" if travel_pass.expires_at > now else "expired"
             self.say(f"travel pass {travel_pass.country}: {status} until {when(travel_pass.expires_at)} UTC "
@@ -135,6 +159,24 @@ class Admin:
         self.say(report)
         body = f"{report}.\nGranted by {_who()} on {socket.gethostname()} at {when(now)} UTC.\n"
         self._notify(f"pcc: travel pass for {login} ({listed})", body)
+
+    def only_from(self, login: str, countries: Optional[str], now: dt.datetime) -> None:
+        """--only-from: show (countries None), set, or clear ("") the countries
+        `login` may send from."""
+        _check_login(login)
+        if countries is None:
+            restriction = self.store.allowed_countries(login)
+            self.say(f"{login} may send only from {restriction.countries.replace(',', ', ')} (set "
+                     f"{when(restriction.set_at)} UTC by {restriction.set_by})" if restriction
+                     else f"{login} may send from any country (no --only-from)")
+            return
+        codes = allowed_countries(countries) if countries.strip() else []
+        self.store.set_allowed_countries(login, codes, now, _who())
+        report = (f"{login} may now send only from {', '.join(codes)}; any other country blocks it at once"
+                  if codes else f"{login} may send from any country again")
+        self.say(report)
+        self._notify(f"pcc: countries of {login}: {', '.join(codes) or 'any'}",
+                     f"{report}.\nSet by {_who()} on {socket.gethostname()} at {when(now)} UTC.\n")
 
     def block(self, login: str, now: dt.datetime) -> None:
         exempt = exempt_login_reason(login, self.settings)
@@ -200,7 +242,7 @@ class Admin:
         pcc knows anything about."""
         account, sightings, blocks = self._account(login)
         passes = self.store.travel_passes(login)
-        if account is None and not sightings and not blocks and not passes:
+        if account is None and not sightings and not blocks and not passes and not self.store.allowed_countries(login):
             raise AdminError(f"unknown login {login}: pcc has never counted nor blocked it")
         return account, sightings, blocks, passes
 
@@ -251,6 +293,15 @@ def trip_countries(text: str) -> list:
     return codes
 
 
+def allowed_countries(text: str) -> list:
+    codes = sorted({code.upper() for code in split_list(text)})
+    unknown = [code for code in codes if code not in COUNTRY_CODES]
+    if unknown:
+        raise AdminError(f"--only-from: {', '.join(unknown)} is not an ISO 3166 two-letter country code "
+                         f"(give them as ES,PT; '' clears)")
+    return codes
+
+
 def missing_sqlite_file(settings: Settings) -> Optional[str]:
     """The path of the configured SQLite file if it does not exist yet."""
     path = sqlite_path(settings.dbcon)
@@ -289,9 +340,12 @@ def admin_store(settings: Settings):
 
 
 def _nothing_recorded_yet(arguments: argparse.Namespace) -> int:
-    """-l or -s before the daemon ever ran: answered without creating anything."""
+    """-l, -s or --only-from LOGIN before the daemon ever ran: answered without creating anything."""
     if arguments.list:
         print("[]" if arguments.json else "No account is blocked.")
+        return 0
+    if arguments.only_from:
+        print(f"{normalise_login(arguments.only_from[0])} may send from any country (no --only-from)")
         return 0
     print(f"pcc: unknown login {normalise_login(arguments.show)}: pcc has never counted nor blocked it",
           file=sys.stderr)
@@ -313,7 +367,7 @@ def on_admin_store(settings: Settings, work: Callable[[Store], Optional[int]]) -
 
 def run_admin_command(settings: Settings, arguments: argparse.Namespace) -> int:
     """The admin commands.  -l and -s only read, and answer without creating anything."""
-    reading = bool(arguments.list or arguments.show)
+    reading = bool(arguments.list or arguments.show or (arguments.only_from and len(arguments.only_from) == 1))
     if reading and missing_sqlite_file(settings):
         return _nothing_recorded_yet(arguments)
 
@@ -345,6 +399,8 @@ def _run_one(admin: Admin, arguments: argparse.Namespace, now: dt.datetime) -> N
         admin.unblock(login(arguments.erase), "delete", now)
     elif arguments.cleanup is not None:
         admin.cleanup(arguments.cleanup, now)
+    elif arguments.only_from:
+        admin.only_from(login(arguments.only_from[0]), (arguments.only_from + [None])[1], now)
     elif arguments.allow:
         admin.allow(login(arguments.allow), trip_countries(arguments.country), arguments.days, now)
 

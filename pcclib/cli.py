@@ -41,6 +41,9 @@ def build_argument_parser() -> argparse.ArgumentParser:
     commands.add_argument("--update-geoip", action="store_true",
                           help="download current GeoIP data ([geoip] update_url; blank = DB-IP Lite, no account "
                           "needed), check it, and install it as [geoip] database; the daemon picks it up")
+    commands.add_argument("--update-lists", action="store_true",
+                          help="download every [list <label>] network list from its url, check it, and install it "
+                          "as its file; a list that fails keeps its old file; the daemon picks them up")
     commands.add_argument("--health", action="store_true",
                           help="ask the running daemon how it is, for Nagios/Icinga/monit/cron: one line, "
                           "exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN")
@@ -61,6 +64,9 @@ def build_argument_parser() -> argparse.ArgumentParser:
     commands.add_argument("--allow", metavar="LOGIN",
                           help="grant a travel pass: with --country and --days, those countries do not count "
                           "for LOGIN until the pass expires (--days 0 ends them now); notifies the admins")
+    commands.add_argument("--only-from", nargs="+", metavar=("LOGIN", "CC,CC"),
+                          help="the countries LOGIN may send from (e.g. ES,PT): any other blocks it at once; "
+                          "LOGIN alone shows them, '' clears them; notifies the admins")
     commands.add_argument("--replay", nargs="+", metavar="FILE",
                           help="replay Postfix logs (plain, .gz, or - for stdin; oldest first) through the "
                           "decision, against a throw-away in-memory database, and report whom pcc would "
@@ -119,8 +125,11 @@ def check_arguments(parser: argparse.ArgumentParser, arguments: argparse.Namespa
     elif not arguments.replay and (arguments.threshold is not None or arguments.days is not None
                                    or arguments.record):
         parser.error("--threshold, --days and --record go with --replay")
-    if arguments.timeout is not None and not (arguments.update_geoip and arguments.timeout > 0):
-        parser.error("--timeout takes a number of seconds above 0 and goes with --update-geoip")
+    if arguments.only_from is not None and len(arguments.only_from) > 2:
+        parser.error("--only-from takes a login and at most one list of countries (ES,PT; '' clears)")
+    if arguments.timeout is not None and not ((arguments.update_geoip or arguments.update_lists)
+                                              and arguments.timeout > 0):
+        parser.error("--timeout takes a number of seconds above 0 and goes with --update-geoip or --update-lists")
     if arguments.force and not arguments.update_geoip:
         parser.error("--force goes with --update-geoip")
 
@@ -131,14 +140,23 @@ def run_mode(settings: Settings, arguments: argparse.Namespace) -> int:
         print(line)
         return status
     if arguments.update_geoip:
-        from .update import UpdateError, update_geoip
+        from .update import UpdateError, update_asn, update_geoip
 
-        try:
-            print(update_geoip(settings, arguments.timeout or GEOIP_DOWNLOAD_TIMEOUT, utcnow(), arguments.force))
-        except UpdateError as error:
-            print(f"pcc: GeoIP update failed, the installed file is unchanged: {error}", file=sys.stderr)
-            return 1
-        return 0
+        timeout, status = arguments.timeout or GEOIP_DOWNLOAD_TIMEOUT, 0
+        jobs = [("GeoIP", update_geoip)] if settings.geoip_database or not settings.asn_database else []
+        if settings.asn_database:  # [networks] asn_database: its ASN Lite too
+            jobs.append(("ASN", lambda *args: update_asn(*args[:3])))
+        for what, update in jobs:
+            try:
+                print(update(settings, timeout, utcnow(), arguments.force))
+            except UpdateError as error:
+                print(f"pcc: {what} update failed, the installed file is unchanged: {error}", file=sys.stderr)
+                status = 1
+        return status
+    if arguments.update_lists:
+        from .update import update_lists
+
+        return update_lists(settings, arguments.timeout or GEOIP_DOWNLOAD_TIMEOUT)
     if arguments.check_config:
         from .daemon import describe_rules
         from .storage import safe_url

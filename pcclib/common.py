@@ -14,7 +14,7 @@ import threading
 from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
 
-__version__ = "1.4.0"
+__version__ = "1.5.0"
 log = logging.getLogger("pcc")
 UTC = dt.timezone.utc
 

@@ -40,6 +40,16 @@ TRAVEL_ACTIONS = ("BLOCK", "NOTIFY")
 # The action stored with a block that monitor mode decided: nothing was enforced.
 MONITOR_ACTION = "MONITOR"
 
+# What a request from an address on a network list ([list <label>]) does:
+# IGNORE nothing; NOTIFY tells the admins (the decision is unchanged); COUNT
+# counts the list as one more country in the window; BLOCK blocks at once.
+LIST_ACTIONS = ("IGNORE", "NOTIFY", "COUNT", "BLOCK")
+LIST_LABEL = re.compile(r"[a-z0-9][a-z0-9_-]{0,15}")
+# A list that COUNTs is kept in the account's sightings as a country of its
+# own, under one of the codes ISO 3166 leaves to users (never a country's).
+LIST_MARKER_CODES = tuple([f"Q{letter}" for letter in "MNOPQRSTUVWXYZ"]
+                          + [f"X{letter}" for letter in "ABCDEFGHIJLMNOPQRSTUVWXYZ"] + ["AA", "ZZ"])
+
 # ISO 3166-1 alpha-2, plus XK (Kosovo) and EU/AP, which MaxMind data uses too.
 COUNTRY_CODES = frozenset(
     """AD AE AF AG AI AL AM AO AQ AR AS AT AU AW AX AZ BA BB BD BE BF BG BH BI BJ BL
@@ -53,6 +63,20 @@ COUNTRY_CODES = frozenset(
     TF TG TH TJ TK TL TM TN TO TR TT TV TW TZ UA UG UM US UY UZ VA VC VE VG VI VN VU
     WF WS YE YT ZA ZM ZW XK EU AP""".split()
 )
+
+
+@dataclass(frozen=True)
+class NetworkList:
+    """One [list <label>] section: a file of addresses and CIDR ranges (a Tor
+    exit list, a VPN or data-centre list) and what a request from it does."""
+
+    label: str
+    action: str  # one of LIST_ACTIONS
+    file: str  # one address or CIDR range a line; missing = the list is off until --update-lists fetches it
+    url: str  # where --update-lists refreshes it from; "" = by hand
+    max_age_days: float  # --health warns when the file is older
+    min_entries: int  # --update-lists refuses a download with fewer
+    marker: str  # its code among an account's countries (COUNT)
 
 
 class ConfigError(Exception):
@@ -110,6 +134,24 @@ class Settings:
     webhook_urls: tuple = ()  # each gets a JSON POST for every event; empty = none
     webhook_secret: str = ""  # signs each body (HMAC-SHA256); "" = unsigned
     notify_account: bool = False  # tell a blocked account's owner (accounts of [mail] domains only)
+    # [networks] and each [list <label>]
+    asn_database: str = ""  # an ASN .mmdb (DB-IP ASN Lite, GeoLite2-ASN); "" = no networks named
+    asn_update_url: str = ""  # where --update-geoip fetches it from; "" = DB-IP's monthly ASN Lite
+    network_lists: tuple = ()  # of NetworkList
+
+    def list_action(self, label: str) -> str:
+        for network_list in self.network_lists:
+            if network_list.label == label:
+                return network_list.action
+        return "IGNORE"
+
+    def place_name(self, code: str) -> str:
+        """A code among an account's countries, for people: a country code, or
+        the network list a COUNT marker stands for."""
+        for network_list in self.network_lists:
+            if network_list.marker == code:
+                return f"{network_list.label} network"
+        return code
 
     @property
     def country_window(self) -> dt.timedelta:
@@ -296,6 +338,9 @@ def load_settings(path: str, geoip_file_needed: bool = True) -> Settings:
         webhook_urls=tuple(split_list(config.text("notify", "webhook_urls"))),
         webhook_secret=config.text("notify", "webhook_secret"),
         notify_account=config.choice("notify", "notify_account", ("YES", "NO"), blank="NO") == "YES",
+        asn_database=config.text("networks", "asn_database"),
+        asn_update_url=config.text("networks", "asn_update_url"),
+        network_lists=_network_lists(config),
     )
     config.refuse_unknown_keys()
     _check_ports(config, settings)
@@ -326,6 +371,12 @@ def load_settings(path: str, geoip_file_needed: bool = True) -> Settings:
     except sa_exc.ArgumentError:
         raise config.fail("db", "dbcon", "is not an SQLAlchemy database URL "
                           "(e.g. sqlite:////var/lib/pcc/pcc.sqlite3)") from None
+    for section, key, url in [("geoip", "update_url", settings.geoip_update_url),
+                              ("networks", "asn_update_url", settings.asn_update_url)] + [
+            (f"list {network_list.label}", "url", network_list.url) for network_list in settings.network_lists]:
+        if url and urllib.parse.urlsplit(url).scheme != "https" and not is_loopback_url(url):
+            raise config.fail(section, key, f"must be an https:// URL (plain http only to this host, for "
+                              f"tests), got {url[:100]!r}")
     update_url = settings.geoip_update_url
     if update_url and urllib.parse.urlsplit(update_url).scheme != "https" and not is_loopback_url(update_url):
         raise config.fail("geoip", "update_url", f"must be an https:// URL (plain http only to this host, for "
@@ -336,6 +387,38 @@ def load_settings(path: str, geoip_file_needed: bool = True) -> Settings:
     if settings.max_travel_speed_kmh is not None:
         _require_places(config, settings.geoip_database, kind)
     return settings
+
+
+def _network_lists(config: _ConfigReader) -> tuple:
+    """Every [list <label>] section, in the file's order, each with its own
+    COUNT marker: the same label always gets the same code (unless two labels
+    want one, when the first in alphabetical order keeps it)."""
+    lists, taken = {}, set()
+    for section in config.parser.sections():
+        if not section.startswith("list"):
+            continue
+        label = section[4:].strip()
+        if not section.startswith("list ") or not LIST_LABEL.fullmatch(label):
+            raise ConfigError(f"{config.path}: [{section}]: a network list's section is [list <label>], the label "
+                              f"1-16 of a-z 0-9 _ - (e.g. [list tor])")
+        lists[label] = section
+    markers = {}
+    for label in sorted(lists):
+        start = int.from_bytes(label.encode(), "big") % len(LIST_MARKER_CODES)
+        for step in range(len(LIST_MARKER_CODES)):
+            code = LIST_MARKER_CODES[(start + step) % len(LIST_MARKER_CODES)]
+            if code not in taken:
+                taken.add(code)
+                markers[label] = code
+                break
+        else:
+            raise ConfigError(f"{config.path}: more than {len(LIST_MARKER_CODES)} network lists")
+    return tuple(NetworkList(
+        label=label, action=config.choice(section, "action", LIST_ACTIONS),
+        file=config.text(section, "file", required=True), url=config.text(section, "url"),
+        max_age_days=config.number(section, "max_age_days", 0, 3650),
+        min_entries=config.integer(section, "min_entries", 1, 10_000_000), marker=markers[label],
+    ) for label, section in lists.items())
 
 
 def is_loopback_url(url: str) -> bool:

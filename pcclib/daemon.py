@@ -17,6 +17,7 @@ from .common import DAEMON_SIGNALS, __version__, first_line, log, start_thread, 
 from .config import ConfigError, Settings, load_settings
 from .dovecot import DovecotPolicyServer
 from .geoip import GeoIP, warn_about_geoip
+from .networks import Networks
 from .logs import MaskingFormatter, refuse_to_start, secrets_of
 from .mailqueue import PostfixQueue
 from .memory import CHANGES_TRIM_INTERVAL
@@ -47,8 +48,9 @@ def run_daemon(settings: Settings) -> int:
     threading.stack_size(512 * 1024)  # thousands of idle Postfix connections stay cheap
     geoip = GeoIP(settings.geoip_database)
     warn_about_geoip(geoip)
+    networks = Networks(settings)
     service = PolicyService(settings, Store(settings.dbcon), geoip, Notifier(settings),
-                            OutageJournal(settings.spool_file))
+                            OutageJournal(settings.spool_file), networks)
     if settings.metrics_port is not None:
         service.metrics = Metrics(service.state, service.count_blocked)
     try:
@@ -93,6 +95,7 @@ def run_daemon(settings: Settings) -> int:
     log.info("pcc %s listening on %s port %d%s; database %s; GeoIP %s; %s", __version__, settings.host,
              settings.port, f" ({'; '.join(extra_ports)})" if extra_ports else "",
              safe_url(settings.dbcon), geoip.description, describe_rules(settings))
+    log.info("%s", networks.describe())
     server.serve_forever(poll_interval=STOP_POLL_INTERVAL)
     # Stopped: accept nothing new, answer the requests in flight, then exit.
     server.socket.close()
@@ -175,6 +178,7 @@ def reload_settings(server: PolicyServer) -> None:
     try:
         new = load_settings(old.config_path)
         geoip = GeoIP(new.geoip_database)
+        networks = Networks(new, server.service.networks)
     except (ConfigError, OSError, ValueError, RuntimeError) as error:  # maxminddb: InvalidDatabaseError
         log.error("reload refused, the running configuration stays in force: %s", error)
         return
@@ -195,9 +199,10 @@ def reload_settings(server: PolicyServer) -> None:
     if queue_refusal:
         log.error("reload refused, the running configuration stays in force: %s", queue_refusal)
         return
-    service.reconfigure(new, geoip)  # the Dovecot and metrics ports read allowed_clients from it
+    service.reconfigure(new, geoip, networks)  # the Dovecot and metrics ports read allowed_clients from it
     server.settings = new
-    log.info("configuration %s reloaded; GeoIP %s; %s", new.config_path, geoip.description, describe_rules(new))
+    log.info("configuration %s reloaded; GeoIP %s; %s; %s", new.config_path, geoip.description, describe_rules(new),
+             networks.describe())
     warn_about_geoip(geoip)
 
 
@@ -208,6 +213,9 @@ def describe_rules(settings: Settings) -> str:
     if settings.max_travel_speed_kmh is not None:
         text += (f"; impossible travel: faster than {settings.max_travel_speed_kmh:g} km/h -> "
                  f"{settings.impossible_travel_action.lower()}")
+    if settings.network_lists:
+        text += "; network lists: " + ", ".join(f"{network_list.label} -> {network_list.action.lower()}"
+                                                for network_list in settings.network_lists)
     if settings.monitoring:
         text += "; MONITOR MODE: new blocks are only recorded and notified, mail flows"
     return text
@@ -221,6 +229,7 @@ def housekeeping(service: PolicyService, stopping: threading.Event) -> None:
     trimmed = time.monotonic()
     while not stopping.wait(GEOIP_CHECK_INTERVAL):
         reload_geoip_if_replaced(service)
+        reload_lists_if_replaced(service)
         service.report_outage()
         if time.monotonic() - trimmed >= CHANGES_TRIM_INTERVAL:
             trimmed = time.monotonic()
@@ -244,6 +253,19 @@ def reload_geoip_if_replaced(service: PolicyService) -> bool:
     service.geoip = fresh
     log.warning("GeoIP file %s was replaced; now using %s", fresh.path, fresh.description)
     warn_about_geoip(fresh)
+    return True
+
+
+def reload_lists_if_replaced(service: PolicyService) -> bool:
+    """A network list or the ASN file that --update-lists (or anything) wrote
+    anew is used from the next request on; a file that fails its checks is
+    logged (networks.load_list) and the ranges in use stay."""
+    current = service.networks
+    if not current.changed_on_disk():
+        return False
+    fresh = Networks(service.settings, current)
+    service.networks = fresh
+    log.info("network files changed; %s", fresh.describe())
     return True
 
 

@@ -49,6 +49,7 @@ class AccountHistory:
     sightings: tuple = ()  # of CountrySeen, the recent ones (possibly more than the window)
     block_action: Optional[str] = None  # the action of the block in force; MONITOR_ACTION = only flagged
     travel_passes: dict = field(default_factory=dict)  # country -> expires_at (possibly expired)
+    only_from: frozenset = frozenset()  # the countries an administrator allows it (--only-from); empty = any
     # Where the account's latest sighting's IP is (filled in by the service from
     # GeoIP when the impossible-travel rule is on).
     last_place: Optional[Place] = None
@@ -103,6 +104,9 @@ class Decision:
     countries: tuple = ()  # CountrySeen in the window, this request's included
     journey: Optional[Journey] = None  # an impossible journey that ends with this request
     replaces_flag: bool = False  # the new block replaces a monitor-mode flag
+    sighted: tuple = ()  # the codes this request is seen under: its country, the COUNT lists' markers
+    notify_lists: tuple = ()  # the NOTIFY network lists the client is on: the admins are told
+    blocking_rule: str = ""  # a new block's rule when not the country count or travel: "network", "only_from"
 
     @property
     def blocks(self) -> bool:
@@ -112,7 +116,7 @@ class Decision:
     def rule(self) -> str:
         """Which rule a new block comes from (the country rule blocks before
         a journey is ever looked at)."""
-        return "travel" if self.journey is not None else "countries"
+        return self.blocking_rule or ("travel" if self.journey is not None else "countries")
 
 
 def not_counted_reason(request: PolicyRequest, settings: Settings) -> Optional[str]:
@@ -168,21 +172,60 @@ def decide_counted(request: PolicyRequest, history: Optional[AccountHistory], se
         # enforce mode and only a monitor-mode flag: the account is judged afresh
     if request.check_only:
         return Decision("DUNNO", "not blocked (asked before the password is checked)")
-    skip = _not_counted_here(request, history, settings, now)
-    if skip is not None:
-        return Decision("DUNNO", skip)
-    decision = _count(request, history, settings, now)
+    address = request.client_ip
+    if address is not None and any(address in network for network in settings.whitelistedips):
+        return Decision("DUNNO", "whitelisted client address")
+    notify = tuple(label for label in request.network_lists if settings.list_action(label) == "NOTIFY")
+    decision = _blocked_at_once(request, history, settings, now) or _count(request, history, settings, now)
+    if notify:
+        decision = replaced(decision, notify_lists=notify)
     if decision.new_block and history.blocked_since is not None:
         decision = replaced(decision, replaces_flag=True)
     return decision
 
 
-def _not_counted_here(request: PolicyRequest, history: AccountHistory, settings: Settings,
-                      now: dt.datetime) -> Optional[str]:
-    """Why this message's place does not count for the account."""
-    address = request.client_ip
-    if address is not None and any(address in network for network in settings.whitelistedips):
-        return "whitelisted client address"
+def _blocked_at_once(request: PolicyRequest, history: AccountHistory, settings: Settings,
+                     now: dt.datetime) -> Optional[Decision]:
+    """The rules that need no count: a country the account is not allowed to
+    send from (--only-from), a network list whose action is BLOCK."""
+    country = request.client_country
+    if history.only_from and country is not None and country not in history.only_from \
+            and not _has_pass(history, country, now):
+        allowed = ", ".join(sorted(history.only_from))
+        return _block_at_once(request, history, settings, now, "only_from",
+                              f"sent from {country}, but it may send only from {allowed} (--only-from)")
+    for label in request.network_lists:
+        if settings.list_action(label) == "BLOCK":
+            return _block_at_once(request, history, settings, now, "network",
+                                  f"client address {request.client_address} is on the network list {label}")
+    return None
+
+
+def _block_at_once(request: PolicyRequest, history: AccountHistory, settings: Settings, now: dt.datetime,
+                   rule: str, reason: str) -> Decision:
+    codes = _codes(request, settings)
+    return replaced(_new_block(settings, reason, _window_with(request, history, settings, now, codes), rule=rule),
+                    sighted=codes)
+
+
+def _has_pass(history: AccountHistory, country: str, now: dt.datetime) -> bool:
+    pass_ends = history.travel_passes.get(country)
+    return pass_ends is not None and pass_ends > now
+
+
+def _codes(request: PolicyRequest, settings: Settings) -> tuple:
+    """What this request counts as: its country, and one marker for each COUNT
+    network list it is on (counted whatever the country: a VPN exit in a
+    home or ignored country is one more place all the same)."""
+    markers = tuple(network_list.marker for network_list in settings.network_lists
+                    if network_list.action == "COUNT" and network_list.label in request.network_lists)
+    country = request.client_country
+    return ((country,) if country is not None else ()) + markers
+
+
+def _not_counted_reason(request: PolicyRequest, history: AccountHistory, settings: Settings,
+                        now: dt.datetime) -> Optional[str]:
+    """Why this message's country does not count for the account."""
     country = request.client_country
     if country is None:
         return f"not counted: {request.country_note or 'no country'}"
@@ -194,30 +237,45 @@ def _not_counted_here(request: PolicyRequest, history: AccountHistory, settings:
     return None
 
 
-def _count(request: PolicyRequest, history: AccountHistory, settings: Settings, now: dt.datetime) -> Decision:
-    country, ip = request.client_country, str(request.client_ip)
+def _window_with(request: PolicyRequest, history: AccountHistory, settings: Settings, now: dt.datetime,
+                 codes: tuple) -> tuple:
+    """The account's places in the window once this request's `codes` are in."""
     recent = countries_in_window(history, settings, now)
-    previous = recent.get(country)
-    recent[country] = CountrySeen(country, previous.first_seen if previous else now, now, ip)
+    ip = str(request.client_ip)
+    for code in codes:
+        previous = recent.get(code)
+        recent[code] = CountrySeen(code, previous.first_seen if previous else now, now, ip)
+    return tuple(sorted(recent.values(), key=lambda seen: seen.first_seen))
+
+
+def _count(request: PolicyRequest, history: AccountHistory, settings: Settings, now: dt.datetime) -> Decision:
+    skip = _not_counted_reason(request, history, settings, now)
+    codes = _codes(request, settings)
+    if skip is not None:
+        codes = codes[1:] if request.client_country is not None else codes  # the markers alone
+        if not codes:
+            return Decision("DUNNO", skip)
+    before = countries_in_window(history, settings, now)
+    countries = _window_with(request, history, settings, now, codes)
     limit = settings.how_many_different_countries
-    summary = f"{len(recent)} of at most {limit} countries in {settings.in_how_much_time_in_days:g} days"
+    summary = f"{len(countries)} of at most {limit} countries in {settings.in_how_much_time_in_days:g} days"
     if request.door:
         summary = f"{request.door} login: {summary}"
-    countries = tuple(sorted(recent.values(), key=lambda seen: seen.first_seen))
-    if len(recent) > limit:
-        listed = ", ".join(seen.country for seen in countries)
-        return _new_block(settings, f"{summary} ({listed})", countries)
+    if len(countries) > limit:
+        listed = ", ".join(settings.place_name(seen.country) for seen in countries)
+        return replaced(_new_block(settings, f"{summary} ({listed})", countries), sighted=codes)
     journey = impossible_journey(request, history, settings, now)
     if journey is not None and settings.impossible_travel_action == "BLOCK":
-        return _new_block(settings, f"impossible travel: {journey.describe()}", countries, journey)
+        return replaced(_new_block(settings, f"impossible travel: {journey.describe()}", countries, journey),
+                        sighted=codes)
     if journey is not None:
         summary += f"; impossible travel noticed: {journey.describe()}"
-    stale = previous is None or now - previous.last_seen >= SIGHTING_REFRESH
+    stale = any(code not in before or now - before[code].last_seen >= SIGHTING_REFRESH for code in codes)
     # With the travel rule on, every move to another place is written, so the
     # next message is judged against where the account really was last.
     moved = settings.max_travel_speed_kmh is not None and not stale and _moved(request, history)
     return Decision("DUNNO", summary, counted=True, record_sighting=stale or moved, countries=countries,
-                    journey=journey)
+                    journey=journey, sighted=codes)
 
 
 def _moved(request: PolicyRequest, history: AccountHistory) -> bool:
@@ -227,13 +285,14 @@ def _moved(request: PolicyRequest, history: AccountHistory) -> bool:
     return latest.last_ip != str(request.client_ip) and history.last_place != request.client_place
 
 
-def _new_block(settings: Settings, reason: str, countries: tuple, journey: Optional[Journey] = None) -> Decision:
+def _new_block(settings: Settings, reason: str, countries: tuple, journey: Optional[Journey] = None,
+               rule: str = "") -> Decision:
     if settings.monitoring:
         action, reason = "DUNNO", f"would block (monitor mode): {reason}"
     else:
         action, reason = settings.block_reply, f"blocking: {reason}"
     return Decision(action, reason, counted=True, record_sighting=True, new_block=True, countries=countries,
-                    journey=journey)
+                    journey=journey, blocking_rule=rule)
 
 
 def impossible_journey(request: PolicyRequest, history: AccountHistory, settings: Settings,

@@ -74,9 +74,28 @@ def check_health(settings: Settings) -> tuple:
     unsent, waited = int(report.get("unsent_notices", 0)), int(report.get("oldest_unsent_seconds", 0))
     if unsent and waited > UNSENT_NOTICE_WARNING:
         warnings.append(f"{unsent} notifications unsent, the oldest for {waited // 60} min (check [mail] mailsrv)")
+    warnings += list_warnings(settings, report.get("lists", ""))
     status = HEALTH_CRITICAL if critical else HEALTH_WARNING if warnings else HEALTH_OK
     summary = "; ".join(critical + warnings) or "answering, database in use"
     perfdata = (f"response_time={seconds:.3f}s;;{HEALTH_TIMEOUT:g} database_failing_seconds={failing}s "
                 f"spooled_blocks={spooled};1 unsent_notices={unsent} geoip_age_days={age if age is not None else 'U'};"
                 f"{GEOIP_STALE_AFTER.days}")
     return status, f"PCC {HEALTH_LABELS[status]} - {summary} | {perfdata}"
+
+
+def list_warnings(settings: Settings, reported: str) -> list:
+    """A network list the daemon uses that is older than its max_age_days (a
+    Tor list of last week misses this week's exits), or one whose file came
+    and was refused."""
+    warnings = []
+    ages = {}
+    for item in filter(None, reported.split(",")):
+        label, _, rest = item.partition(":")
+        ranges, _, age = rest.partition(":")
+        ages[label] = float(age) if ranges != "off" and age else None
+    for network_list in settings.network_lists:
+        age = ages.get(network_list.label)
+        if age is not None and age > network_list.max_age_days:
+            warnings.append(f"network list {network_list.label} is {age:.1f} days old (at most "
+                            f"{network_list.max_age_days:g}): pcc.py --update-lists")
+    return warnings

@@ -52,6 +52,11 @@ class Metrics:
                                   "(sessions: Dovecot sessions ended or failed; queue: queued mail held or "
                                   "failed; webhook: delivered, failed tries, dropped events)", ["channel", "outcome"],
                                   registry=self.registry)
+        self._network_requests = Counter("pcc_network_list_requests", "Requests from a client address on a "
+                                         "network list ([list <label>]), by list", ["list"], registry=self.registry)
+        self._network_blocks = Counter("pcc_network_list_blocks", "New blocks (or monitor-mode flags) whose "
+                                       "request came from an address on a network list, by list", ["list"],
+                                       registry=self.registry)
         self.registry.register(_StateCollector(state, count_blocked or (lambda: None)))
 
     def serve(self, host: str, port: int, allowed_clients: Callable[[], tuple], cap: int) -> None:
@@ -125,6 +130,14 @@ class Metrics:
         if self.enabled:
             self._no_country.labels(why).inc()
 
+    def on_network_list(self, label: str) -> None:
+        if self.enabled:
+            self._network_requests.labels(label).inc()
+
+    def network_block(self, label: str) -> None:
+        if self.enabled:
+            self._network_blocks.labels(label).inc()
+
     def dovecot(self, command: str, status: str) -> None:
         if self.enabled:
             self._dovecot.labels(command, status).inc()
@@ -178,6 +191,7 @@ class _StateCollector:
         if built is not None:
             yield GaugeMetricFamily("pcc_geoip_build_timestamp_seconds", "When the GeoIP data in use was built",
                                     value=dt.datetime(built.year, built.month, built.day, tzinfo=UTC).timestamp())
+        yield from _list_metrics(state.get("network_lists", {}))
         counts = self.count_blocked()
         if counts is None:
             return
@@ -185,3 +199,22 @@ class _StateCollector:
         family.add_metric(["enforce"], counts.get("enforce", 0))
         family.add_metric(["monitor"], counts.get("monitor", 0))
         yield family
+
+
+def _list_metrics(lists: dict):
+    from prometheus_client.core import GaugeMetricFamily
+
+    ranges = GaugeMetricFamily("pcc_network_list_entries", "Entries (addresses, CIDR ranges) of each network list "
+                               "in use (absent while its file has never been there)", labels=["list"])
+    ages = GaugeMetricFamily("pcc_network_list_age_seconds", "How old the file of each network list in use is",
+                             labels=["list"])
+    most = GaugeMetricFamily("pcc_network_list_max_age_seconds", "Each network list's max_age_days, in seconds",
+                             labels=["list"])
+    for label, (count, age_days, max_age_days) in lists.items():
+        most.add_metric([label], max_age_days * 86400)
+        if count is not None:
+            ranges.add_metric([label], count)
+            ages.add_metric([label], age_days * 86400)
+    yield ranges
+    yield ages
+    yield most

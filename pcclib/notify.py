@@ -16,7 +16,7 @@ import socket
 import sys
 import threading
 import time
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 from .common import log, start_thread
 from .config import MONITOR_ACTION, Settings
@@ -151,7 +151,8 @@ def pcc_command(settings: Settings, option: str, login: str) -> str:
 
 
 def block_notice(settings: Settings, login: str, countries: Iterable[CountrySeen], reason: str,
-                 source: str, action: str, journey: Optional[Journey] = None) -> tuple:
+                 source: str, action: str, journey: Optional[Journey] = None,
+                 network_of: Callable[[str], str] = lambda ip: "") -> tuple:
     """Subject and body of the mail about a new block (`action` as recorded:
     MONITOR_ACTION when monitor mode only flagged the account)."""
     if action == MONITOR_ACTION:
@@ -169,10 +170,10 @@ def block_notice(settings: Settings, login: str, countries: Iterable[CountrySeen
             lines.append("The login that crossed the line was granted before pcc heard of it (see Sessions).")
     if journey is not None:
         lines += ["", *journey_lines(settings, journey)]
-    lines += ["", "Countries it sent from (last client IP, first and last time seen, UTC):"]
+    lines += ["", "Countries it sent from (last client IP, first and last time seen UTC, network):"]
     for seen in countries:
-        lines.append(f"  {seen.country}  {seen.last_ip:<39}  {seen.first_seen:%Y-%m-%d %H:%M:%S}"
-                     f"  {seen.last_seen:%Y-%m-%d %H:%M:%S}")
+        lines.append(f"  {settings.place_name(seen.country)}  {seen.last_ip:<39}  {seen.first_seen:%Y-%m-%d %H:%M:%S}"
+                     f"  {seen.last_seen:%Y-%m-%d %H:%M:%S}  {network_of(seen.last_ip)}".rstrip())
     if action == MONITOR_ACTION:
         lines += ["", "To clear the flag (its earlier countries then stop counting):"]
     else:

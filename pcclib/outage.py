@@ -39,6 +39,8 @@ def valid_spool_entry(entry) -> bool:
         dt.datetime.fromisoformat(entry["at"])
     except ValueError:
         return False
+    # [country, ip]; [null, ip] when the block came from a network list and
+    # the address has no country (nothing to merge)
     return len(entry["sighting"]) == 2
 
 
@@ -229,7 +231,8 @@ class OutageJournal:
                 block_id = store.record_block(
                     entry["login"], dt.datetime.fromisoformat(entry["at"]), source=entry.get("source", "policy"),
                     action=entry["action"], reason=entry["reason"], countries=entry["countries"],
-                    trigger=entry["trigger"], sighting=tuple(entry["sighting"]),
+                    trigger=entry["trigger"],
+                    sighting=tuple(entry["sighting"]) if entry["sighting"][0] else None,
                     replace_flag=entry.get("replaces_flag", False))
             except sa_exc.SQLAlchemyError as error:
                 if not is_data_error(error):

@@ -14,6 +14,7 @@ from .common import escape_controls, log, normalise_login, replaced
 
 if TYPE_CHECKING:  # annotations only: geoip comes after protocol
     from .geoip import Country, Place
+    from .networks import NetworkFacts
 
 # Postfix never sends values this long; postgrey caps them the same way.  Longer
 # values are cut so a hostile client cannot make us store megabytes.
@@ -44,6 +45,7 @@ class PolicyRequest:
     client_country: Optional[str] = None
     country_note: str = ""
     client_place: Optional["Place"] = None  # only with City-level GeoIP data
+    network: Optional["NetworkFacts"] = None  # the network lists it is on, its AS (filled in with the country)
     # A Dovecot login (request DOVECOT_LOGIN): the door ("imap", "pop3", "smtp"
     # for SMTP AUTH, "doveadm"), and whether only the blocked list is asked
     # (before the password is checked) or a successful login is to be counted.
@@ -67,9 +69,15 @@ class PolicyRequest:
             self.__dict__["_client_ip"] = _client_ip(self.client_address)
         return self.__dict__["_client_ip"]
 
-    def with_country(self, found: "Country") -> "PolicyRequest":
+    def with_country(self, found: "Country", network: Optional["NetworkFacts"] = None) -> "PolicyRequest":
         """This request with what the GeoIP lookup found (what was computed kept)."""
-        return replaced(self, client_country=found.code, country_note=found.note, client_place=found.place)
+        return replaced(self, client_country=found.code, country_note=found.note, client_place=found.place,
+                        network=network)
+
+    @property
+    def network_lists(self) -> tuple:
+        """The labels of the network lists the client address is on."""
+        return self.network.labels if self.network is not None else ()
 
 
 def _client_ip(client_address: str):
@@ -103,7 +111,7 @@ def unwrap_ipv4(address):
     return address
 
 
-_FILLED_IN_LATER = ("attributes", "client_country", "country_note", "client_place", "door", "check_only")
+_FILLED_IN_LATER = ("attributes", "client_country", "country_note", "client_place", "network", "door", "check_only")
 _REQUEST_FIELDS = frozenset(f.name for f in dataclasses.fields(PolicyRequest) if f.name not in _FILLED_IN_LATER)
 
 

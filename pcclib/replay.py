@@ -148,6 +148,23 @@ class ReplayResult:
     last: Optional[dt.datetime] = None
     service: Optional[PolicyService] = None
     most_countries: dict = field(default_factory=dict)  # login -> the most countries seen within the window
+    accounts_by_list: dict = field(default_factory=dict)  # network list label -> logins seen from it
+    accounts_by_network: dict = field(default_factory=dict)  # "AS3320 Deutsche Telekom AG" -> logins
+
+    def blocks_by_rule(self) -> dict:
+        """"countries", "travel", "only_from", "network list tor"... -> accounts it would have blocked."""
+        counts: dict = {}
+        for block in self.service.store.blocks.values():
+            why = block.get("rule", "countries")
+            if why == "network":
+                why = f"network list {','.join(block.get('lists', ())) or '?'}"
+            counts[why] = counts.get(why, 0) + 1
+        return counts
+
+    def top_networks(self, how_many: int = 10) -> list:
+        """(network, accounts) of the networks the most accounts came from."""
+        ranked = sorted(self.accounts_by_network.items(), key=lambda item: (-len(item[1]), item[0]))
+        return [(network, len(logins)) for network, logins in ranked[:how_many]]
 
     def country_buckets(self) -> dict:
         buckets = {"1": 0, "2": 0, "3": 0, "4": 0, "5+": 0}
@@ -165,10 +182,14 @@ class ReplayResult:
             "window_days": self.settings.in_how_much_time_in_days,
             "would_block": [
                 {"login": block["login"], "blocked_at": block["blocked_at"].isoformat(),
-                 "countries": block["countries"], "log_line": block["log_line"]}
+                 "countries": block["countries"], "log_line": block["log_line"], "rule": block.get("rule"),
+                 "lists": list(block.get("lists", ())), "network": block.get("network") or None}
                 for block in self.service.store.blocks.values()
             ],
+            "would_block_by_rule": self.blocks_by_rule(),
             "accounts_by_most_countries": self.country_buckets(),
+            "accounts_by_network_list": {label: len(logins) for label, logins in self.accounts_by_list.items()},
+            "accounts_by_network": [{"network": network, "accounts": count} for network, count in self.top_networks()],
         }
 
 
@@ -216,7 +237,20 @@ def replay_logs(paths: list, settings: Settings, geoip: GeoIP, today: Optional[d
                 if decision.counted:
                     most_countries[request.login] = max(most_countries.get(request.login, 0),
                                                         len(decision.countries))
+                if request.network is not None:
+                    _note_network(result, request, decision)
     return result
+
+
+def _note_network(result: ReplayResult, request: PolicyRequest, decision) -> None:
+    network = request.network
+    for label in network.labels:
+        result.accounts_by_list.setdefault(label, set()).add(request.login)
+    if network.asn is not None:
+        result.accounts_by_network.setdefault(network.describe(), set()).add(request.login)
+    block = result.service.store.blocks.get(request.login)
+    if decision.new_block and block is not None:
+        block.update(rule=decision.rule, lists=network.labels, network=network.describe())
 
 
 def _replayed_request(found: re.Match, line: str) -> PolicyRequest:
@@ -238,15 +272,31 @@ def print_replay_report(result: ReplayResult, out) -> None:
     print(f"Rule: more than {settings.how_many_different_countries} countries in "
           f"{settings.in_how_much_time_in_days:g} days -> {settings.action}.", file=out)
     blocks = list(result.service.store.blocks.values())
-    print(f"\nWould have blocked {len(blocks)} account{'s' if len(blocks) != 1 else ''}:", file=out)
+    by_rule = "; ".join(f"{count} for {_RULE_NAMES.get(rule, rule)}" for rule, count in result.blocks_by_rule().items())
+    print(f"\nWould have blocked {len(blocks)} account{'s' if len(blocks) != 1 else ''}"
+          f"{' (' + by_rule + ')' if by_rule else ''}:", file=out)
     for block in blocks:
-        places = ", ".join(f"{seen['country']} {seen['last_ip']}" for seen in block["countries"])
-        print(f"  {block['login']}  at {when(block['blocked_at'])} UTC  from {places}", file=out)
+        places = ", ".join(f"{settings.place_name(seen['country'])} {seen['last_ip']}" for seen in block["countries"])
+        network = f"  network {block['network']}" if block.get("network") else ""
+        print(f"  {block['login']}  at {when(block['blocked_at'])} UTC  from {places}{network}", file=out)
         print(f"    why: {block['reason']}", file=out)
         print(f"    {block['log_line']}", file=out)
     print(f"\nAccounts by the most countries seen within {settings.in_how_much_time_in_days:g} days:", file=out)
     for bucket, count in result.country_buckets().items():
         print(f"  {bucket:>2} {'country' if bucket == '1' else 'countries':<9} {count}", file=out)
+    if settings.network_lists:
+        print("\nAccounts seen from each network list (today's lists, not those of the log's days):", file=out)
+        for network_list in settings.network_lists:
+            count = len(result.accounts_by_list.get(network_list.label, ()))
+            print(f"  {network_list.label:<16} {count:>6}  (action {network_list.action.lower()})", file=out)
+    if result.accounts_by_network:
+        print("\nNetworks the most accounts sent from:", file=out)
+        for network, count in result.top_networks():
+            print(f"  {count:>6}  {network}", file=out)
+
+
+_RULE_NAMES = {"countries": "too many countries", "travel": "impossible travel",
+               "only_from": "a country outside --only-from"}
 
 
 def run_replay(settings: Settings, arguments: argparse.Namespace) -> int:

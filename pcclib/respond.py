@@ -50,6 +50,8 @@ KICK_TRY_FOR = 30.0
 # that many owners; beyond, it starts afresh).
 OWNER_NOTICE_INTERVAL = dt.timedelta(days=1)
 OWNERS_REMEMBERED = 20000
+# The admins hear of an account on a NOTIFY network list at most this often per list.
+LIST_NOTICE_INTERVAL = dt.timedelta(days=1)
 
 
 # What a receiver, or doveadm's HTTP server, can fail with: all mean "not done".
@@ -241,8 +243,11 @@ class Responder:
     commands call it; it never blocks them."""
 
     def __init__(self, settings: Settings, notifier: Notifier,
-                 on_outcome: Callable[[str, str], None] = lambda channel, outcome: None):
+                 on_outcome: Callable[[str, str], None] = lambda channel, outcome: None,
+                 network_of: Callable[[str], str] = lambda ip: ""):
         self.settings = settings
+        self.network_of = network_of  # an IP address -> its network for people ("AS3320 Deutsche Telekom AG")
+        self._lists_told: dict = {}  # (login, list label) -> when the admins were last told
         self.notifier = notifier
         self.on_outcome = on_outcome
         self.webhooks = Webhooks(settings, lambda outcome: on_outcome("webhook", outcome))
@@ -260,9 +265,10 @@ class Responder:
     # --- events -------------------------------------------------------------
 
     def blocked(self, login: str, countries: Iterable[CountrySeen], reason: str, source: str, action: str,
-                journey: Optional[Journey] = None) -> None:
-        """A new block (or a monitor-mode flag): done from this object's thread."""
-        self._enqueue(("block", login, tuple(countries), reason, source, action, journey, utcnow()))
+                journey: Optional[Journey] = None, network: str = "") -> None:
+        """A new block (or a monitor-mode flag): done from this object's thread.
+        network: the blocking request's network, for people."""
+        self._enqueue(("block", login, tuple(countries), reason, source, action, journey, utcnow(), network))
 
     def _enqueue(self, job: tuple) -> None:
         self._blocks.put(job)
@@ -284,7 +290,7 @@ class Responder:
         held = self._hold_queued(login, action)
         subject, body = self._block_mail(login, countries, reason, source, action, None, sessions, held)
         self.webhooks.send_now(block_event(self.settings, login, countries, reason, source, action, sessions,
-                                           utcnow(), held=held))
+                                           utcnow(), held=held, network_of=self.network_of))
         self._tell_owner(login, countries, action, utcnow(), now_please=True)
         return self.notifier.send_now(subject, body)
 
@@ -300,6 +306,32 @@ class Responder:
             self.webhooks.send(event(self.settings, "impossible_travel", now, account=login, journey=_journey(journey),
                                      text=f"pcc: impossible journey of {login}: {journey.origin.name} -> "
                                           f"{journey.destination.name} at {journey.speed_kmh:,.0f} km/h"))
+
+    def network_seen(self, login: str, labels: tuple, address: str, country: Optional[str], network: str,
+                     now: dt.datetime) -> None:
+        """A request from an address on a NOTIFY network list: the admins'
+        mail and a webhook, once a day per account and list."""
+        with self._lock:
+            labels = tuple(label for label in labels
+                           if now - self._lists_told.get((login, label), now - LIST_NOTICE_INTERVAL)
+                           >= LIST_NOTICE_INTERVAL)
+            if len(self._lists_told) > OWNERS_REMEMBERED:
+                self._lists_told.clear()
+            for label in labels:
+                self._lists_told[(login, label)] = now
+        if not labels:
+            return
+        listed = ", ".join(labels)
+        where = f"{address} ({country or 'no country'}{'; ' + network if network else ''})"
+        monitor = " (monitor mode)" if self.settings.monitoring else ""
+        text = (f"pcc: {login} used an address on the network list{'s' if len(labels) > 1 else ''} {listed}: "
+                f"{where}. It is not blocked for that (action notify){monitor}.")
+        body = (f"{text}\n\nA VPN, a proxy or a rented server can be the owner's own; a stolen password "
+                f"can explain it too.\n\nTo block the account:\n  {pcc_command(self.settings, '-b', login)}\n"
+                f"To see its countries:\n  {pcc_command(self.settings, '-s', login)}\n")
+        self.notifier.send(f"pcc: {login} on network list {listed}", body)
+        self.webhooks.send(event(self.settings, "network_list", now, account=login, lists=list(labels),
+                                 client=address, country=country, network=network or None, text=text))
 
     def outage(self, started: bool, problem: str) -> None:
         """The database failed (started) or is back."""
@@ -326,12 +358,13 @@ class Responder:
             self._end_sessions(job[1], job[2])
             self._hold_queued(job[1], job[2])
             return
-        login, countries, reason, source, action, journey, at = job[1:]
+        login, countries, reason, source, action, journey, at, network = job[1:]
         sessions = self._end_sessions(login, action)
         held = self._hold_queued(login, action)
-        self.notifier.send(*self._block_mail(login, countries, reason, source, action, journey, sessions, held))
+        self.notifier.send(*self._block_mail(login, countries, reason, source, action, journey, sessions, held,
+                                             network))
         self.webhooks.send(block_event(self.settings, login, countries, reason, source, action, sessions, at, journey,
-                                       held))
+                                       held, self.network_of, network))
         self._tell_owner(login, countries, action, at)
 
     def _end_sessions(self, login: str, action: str, try_for: float = KICK_TRY_FOR) -> str:
@@ -369,10 +402,13 @@ class Responder:
         self.on_outcome("queue", "held")
         return held, f"{held} message{'s' if held != 1 else ''} it had queued put on hold (-r releases, -e deletes)"
 
-    def _block_mail(self, login, countries, reason, source, action, journey, sessions, held=(None, "")) -> tuple:
-        subject, body = block_notice(self.settings, login, countries, reason, source, action, journey)
+    def _block_mail(self, login, countries, reason, source, action, journey, sessions, held=(None, ""),
+                    network: str = "") -> tuple:
+        subject, body = block_notice(self.settings, login, countries, reason, source, action, journey,
+                                     self.network_of)
         queued = f"Queued mail: {held[1]}\n" if held[1] else ""
-        return subject, body.replace("\n\n", f"\n\nSessions: {sessions}\n{queued}\n", 1)
+        network = f"Network of the request that crossed the line: {network}\n" if network else ""
+        return subject, body.replace("\n\n", f"\n\n{network}Sessions: {sessions}\n{queued}\n", 1)
 
     def _tell_owner(self, login: str, countries: Iterable[CountrySeen], action: str, now: dt.datetime,
                     now_please: bool = False) -> None:
@@ -408,18 +444,21 @@ def event(settings: Settings, kind: str, at: dt.datetime, **fields) -> dict:
 
 def block_event(settings: Settings, login: str, countries: Iterable[CountrySeen], reason: str, source: str,
                 action: str, sessions: str, at: dt.datetime, journey: Optional[Journey] = None,
-                held: tuple = (None, "")) -> dict:
+                held: tuple = (None, ""), network_of: Callable[[str], str] = lambda ip: "",
+                network: str = "") -> dict:
     monitor = action == MONITOR_ACTION
     countries = list(countries)
-    names = ", ".join(seen.country for seen in countries)
+    names = ", ".join(settings.place_name(seen.country) for seen in countries)
     text = (f"pcc {'would have blocked' if monitor else 'blocked'} {login}"
             f"{'' if monitor else f' ({action})'}: {reason}. Countries: {names}. Sessions: {sessions}. "
             f"Undo: {pcc_command(settings, '-u', login)}")
     return event(settings, "block", at, account=login, action=None if monitor else action,
                  would_have=monitor, reason=reason, door=source,
-                 countries=[{"country": seen.country, "last_ip": seen.last_ip,
+                 countries=[{"country": seen.country, "place": settings.place_name(seen.country),
+                             "last_ip": seen.last_ip, "network": network_of(seen.last_ip) or None,
                              "first_seen": seen.first_seen.isoformat(timespec="seconds"),
                              "last_seen": seen.last_seen.isoformat(timespec="seconds")} for seen in countries],
+                 network=network or None,
                  sessions=sessions, messages_held=held[0], queued_mail=held[1] or None,
                  journey=_journey(journey) if journey else None,
                  undo=[pcc_command(settings, "-u", login)], text=text)

@@ -31,12 +31,13 @@ from .decision import (
     not_counted_reason,
 )
 from .geoip import GeoIP
+from .networks import Networks
 from .memory import BLOCKED_LIST_RELOAD, CHANGES_POLL_INTERVAL, AccountMemory, SightingWriter
 from .metrics import Metrics
 from .notify import Notifier
 from .respond import Responder
 from .outage import OutageJournal, OutageState
-from .protocol import DOVECOT_LOGIN, PolicyRequest
+from .protocol import DOVECOT_LOGIN, PolicyRequest, unwrap_ipv4
 from .storage import DatabaseClock, Store, is_data_error, is_database_error, safe_url
 
 # How long a request may wait for the database before pcc answers without it
@@ -107,13 +108,15 @@ class PolicyService:
     """
 
     def __init__(self, settings: Settings, store: Store, geoip: GeoIP, notifier: Notifier,
-                 journal: Optional[OutageJournal] = None):
+                 journal: Optional[OutageJournal] = None, networks: Optional[Networks] = None):
         self.settings = settings
         self.store = store
         self.geoip = geoip
+        self.networks = networks or Networks(settings)
         self.notifier = notifier
         self.responder = Responder(settings, notifier, lambda channel, outcome: self.metrics.responded(channel,
-                                                                                                        outcome))
+                                                                                                        outcome),
+                                   self.network_of)
         self.journal = journal or OutageJournal()
         self.tables_ready = False
         self.memory = AccountMemory(blocked_file=f"{self.journal.spool_path}.blocked" if self.journal.spool_path
@@ -128,6 +131,13 @@ class PolicyService:
         self.watchdog = Watchdog(self)  # both doors' late answers
         self.sightings = SightingWriter(store, on_written=lambda: self._database_ok(wrote=True),
                                         on_failed=lambda problem: self._database_failed(problem, on_write=True))
+
+    def network_of(self, ip: str) -> str:
+        """An address's network for people ("AS3320 Deutsche Telekom AG"), "" when unknown."""
+        try:
+            return self.networks.lookup(unwrap_ipv4(ipaddress.ip_address(ip))).describe()
+        except ValueError:
+            return ""
 
     def start_background(self, stopping: threading.Event) -> None:
         """The daemon's helpers: the sighting writer, the poll of changes and
@@ -173,7 +183,7 @@ class PolicyService:
     def stop_background(self) -> None:
         self.sightings.stop()
 
-    def reconfigure(self, settings: Settings, geoip: GeoIP) -> None:
+    def reconfigure(self, settings: Settings, geoip: GeoIP, networks: Optional[Networks] = None) -> None:
         """A reload: new settings and GeoIP data for the next request, and a new
         database when [db] dbcon changed (what the old one was to get, it gets)."""
         if settings.dbcon != self.settings.dbcon:
@@ -186,6 +196,7 @@ class PolicyService:
             # to be blocked stay so).
             self.memory.histories.clear()
         self.geoip = geoip
+        self.networks = networks or Networks(settings, self.networks)
         self.notifier.settings = settings
         self.responder.reconfigure(settings)
         self.outage.settings = settings
@@ -211,7 +222,9 @@ class PolicyService:
         found = self.geoip.country(request.client_ip)
         if found.code is None:
             self.metrics.no_country(found.missing)
-        request = request.with_country(found)
+        request = request.with_country(found, self.networks.lookup(request.client_ip))
+        for label in request.network_lists:
+            self.metrics.on_network_list(label)
         if use_database:
             return request, self._decide_counted(request, now, ticket or RequestTicket(request))
         return request, self._decide_offline(request, now)
@@ -326,34 +339,47 @@ class PolicyService:
         return recorded
 
     def _record(self, request: PolicyRequest, decision: Decision, now: dt.datetime) -> Decision:
-        login, country, ip = request.login, request.client_country, str(request.client_ip)
+        login, ip = request.login, str(request.client_ip)
         if decision.journey is not None:
             self.metrics.journey()
+        if decision.notify_lists:
+            self.responder.network_seen(login, decision.notify_lists, request.client_address,
+                                        request.client_country, _network_text(request), now)
         if decision.new_block:
             action = self.settings.recorded_action
             block_id = self.store.record_block(
                 login, now, source=block_source(request), action=action, reason=decision.reason,
                 countries=[seen.as_json() for seen in decision.countries],
-                trigger=dict(request.attributes), sighting=(country, ip), replace_flag=decision.replaces_flag,
+                trigger=dict(request.attributes), sighting=(decision.sighted[0], ip) if decision.sighted else None,
+                replace_flag=decision.replaces_flag,
             )
             if block_id is None:
                 return replaced(decision, new_block=False,
                                 reason=decision.reason + " (already blocked by a concurrent request)")
-            self.metrics.new_block(decision.rule, action)
+            for code in decision.sighted[1:]:  # the COUNT lists' markers, for -s and the next window
+                self.sightings.add(login, CountrySeen(code, now, now, ip))
+            self._count_block(request, decision, action)
             self.responder.blocked(login, decision.countries, decision.reason, block_source(request), action,
-                                   decision.journey)
+                                   decision.journey, _network_text(request))
             return decision
         if decision.record_sighting:
-            self.sightings.add(login, CountrySeen(country, now, now, ip))
+            for code in decision.sighted:
+                self.sightings.add(login, CountrySeen(code, now, now, ip))
         if decision.journey is not None:
             self.responder.journey(login, decision.journey, now)
         return decision
 
+    def _count_block(self, request: PolicyRequest, decision: Decision, action: str) -> None:
+        self.metrics.new_block(decision.rule, action)
+        for label in request.network_lists:
+            self.metrics.network_block(label)
+
     def _log_decision(self, request: PolicyRequest, decision: Decision) -> None:
+        network = request.network
         log.info(
-            "login=%s client=%s country=%s decision=%s reason=%s%s%s",
+            "login=%s client=%s country=%s%s decision=%s reason=%s%s%s",
             quoted(request.login or "-"), quoted(request.client_address or "-"), request.client_country or "-",
-            decision.action.split()[0], decision.reason,
+            "" if network is None else _network_words(network), decision.action.split()[0], decision.reason,
             f" via=dovecot door={request.door}" if request.request == DOVECOT_LOGIN else "",
             " NEW BLOCK" if decision.new_block else "",
         )
@@ -405,8 +431,7 @@ class PolicyService:
             counted = decide_counted(request, AccountHistory(), self.settings, now)
             self._remember(login, AccountHistory(), counted, now)
             if counted.record_sighting and not counted.new_block:
-                self.sightings.add(login, CountrySeen(request.client_country, now, now, str(request.client_ip)),
-                                   may_wait=False)
+                self._add_sightings(login, counted, now, str(request.client_ip))
             return Decision(self.settings.db_error_action, "database failing, account not in memory")
         self.outage.count_answer("memory")
         decision = decide_counted(request, self._with_last_place(history), self.settings, now)
@@ -424,9 +449,13 @@ class PolicyService:
             self.responder.end_sessions_soon(request.login, self.settings.recorded_action)
             return replaced(decision, reason=decision.reason + " (database failing: block spooled)")
         if decision.record_sighting:
-            self.sightings.add(request.login, CountrySeen(request.client_country, now, now, str(request.client_ip)),
-                               may_wait=False)
+            self._add_sightings(request.login, decision, now, str(request.client_ip))
         return decision
+
+    def _add_sightings(self, login: str, decision: Decision, now: dt.datetime, ip: str) -> None:
+        """Without waiting for a batch: the database is failing."""
+        for code in decision.sighted:
+            self.sightings.add(login, CountrySeen(code, now, now, ip), may_wait=False)
 
     def _block_entry(self, request: PolicyRequest, decision: Decision, now: dt.datetime) -> dict:
         """A new block as the spool keeps it."""
@@ -435,7 +464,8 @@ class PolicyService:
             "source": block_source(request),
             "rule": decision.rule, "replaces_flag": decision.replaces_flag,
             "reason": decision.reason, "countries": [seen.as_json() for seen in decision.countries],
-            "trigger": dict(request.attributes), "sighting": [request.client_country, str(request.client_ip)],
+            "trigger": dict(request.attributes), "sighting": [decision.sighted[0] if decision.sighted else None, str(request.client_ip)],
+            "network": _network_text(request),
         }
 
     def _refused_data(self, request: PolicyRequest, error: sa_exc.SQLAlchemyError) -> Decision:
@@ -532,7 +562,8 @@ class PolicyService:
                     unwritten_sightings=self.sightings.waiting(), operations=self.store.operation_counts(),
                     geoip_built=self.geoip.built, unsent_notifications=unsent, oldest_unsent_seconds=waited,
                     connections={port.port_name: port.connection_states() for port in self.ports},
-                    webhooks_waiting=self.responder.webhooks.waiting())
+                    webhooks_waiting=self.responder.webhooks.waiting(),
+                    network_lists=self.networks.state())
 
     def count_blocked(self) -> Optional[dict]:
         """The blocked list's size by mode, or None when the database cannot say."""
@@ -551,7 +582,15 @@ class PolicyService:
         return (f"{HEALTH_REQUEST} database={'failing' if state['failing'] else 'ok'} "
                 f"failing_seconds={state['failing_seconds']:.0f} error_answers={state['error_answers']} "
                 f"spooled_blocks={self.journal.blocks_waiting()} unsent_notices={unsent} "
-                f"oldest_unsent_seconds={waited:.0f} geoip_built={built}")
+                f"oldest_unsent_seconds={waited:.0f} geoip_built={built}{self._lists_report()}")
+
+    def _lists_report(self) -> str:
+        """ lists=tor:1342:0.4,vpn:off (label:entries:age in days) for --health."""
+        state = self.networks.state()
+        if not state:
+            return ""
+        return " lists=" + ",".join(f"{label}:{ranges}:{age:.2f}" if ranges is not None else f"{label}:off"
+                                    for label, (ranges, age, _most) in state.items())
 
 
 def _rule_of(settings: Settings) -> tuple:
@@ -559,7 +598,26 @@ def _rule_of(settings: Settings) -> tuple:
     return (settings.how_many_different_countries, settings.in_how_much_time_in_days, settings.ignorecountries,
             settings.whitelisted, settings.whitelistedips, settings.domains, settings.mode, settings.action,
             settings.max_travel_speed_kmh, settings.travel_accuracy_radius_km, settings.impossible_travel_action,
-            settings.count_logins)
+            settings.count_logins, settings.network_lists)
+
+
+def _network_words(network) -> str:
+    """The log line's words for the client's network: network=tor,vpn asn=AS13335 org="Cloudflare"."""
+    words = f" network={','.join(network.labels)}" if network.labels else ""
+    if network.asn is not None:
+        words += f" asn=AS{network.asn} org={quoted(network.organisation)}"
+    return words
+
+
+def _network_text(request: PolicyRequest) -> str:
+    """The client's network for people: "AS13335 Cloudflare, Inc. (lists: tor)"; "" when unknown."""
+    network = request.network
+    if network is None:
+        return ""
+    text = network.describe()
+    if network.labels:
+        text = f"{text} (lists: {', '.join(network.labels)})".strip()
+    return text
 
 
 def block_source(request: PolicyRequest) -> str:

@@ -153,6 +153,19 @@ class TravelPass(Base):
     granted_by: Mapped[str] = mapped_column(sa.String(64))
 
 
+class AllowedCountries(Base):
+    """An administrator's restriction (--only-from): the account may send only
+    from these countries; any other blocks it at once.  One row per account;
+    cleared by setting `countries` to "" (the daemon needs no DELETE)."""
+
+    __tablename__ = "pcc_allowed_countries"
+
+    login: Mapped[str] = mapped_column(_login_type(), primary_key=True)
+    countries: Mapped[str] = mapped_column(sa.String(255))  # "ES,PT"; "" = any
+    set_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    set_by: Mapped[str] = mapped_column(sa.String(64))
+
+
 def sqlite_path(dbcon: str) -> str:
     """The SQLite file of a database URL, or "" for any other database."""
     url = sa.engine.make_url(dbcon)
@@ -404,7 +417,8 @@ class Store:
     def _build_history_query():
         """One round trip for an account's history: its recent sightings (kind
         's'), its row on the blocked list with its block's action if it has one
-        ('a'), and its travel passes that ended no earlier than `since` ('p')."""
+        ('a'), its travel passes that ended no earlier than `since` ('p') and
+        the countries it may send from ('o', when an administrator said)."""
         login = sa.bindparam("login", type_=sa.String())
         since = sa.bindparam("since", type_=UTCDateTime())
         sightings = sa.select(sa.literal_column("'s'").label("kind"), Sighting.country,
@@ -416,7 +430,10 @@ class Store:
         passes = sa.select(sa.literal_column("'p'"), TravelPass.country, TravelPass.granted_at,
                            TravelPass.expires_at, sa.null()).where(TravelPass.login == login,
                                                                    TravelPass.expires_at >= since)
-        return sa.union_all(sightings, account, passes)
+        only_from = sa.select(sa.literal_column("'o'"), AllowedCountries.countries, AllowedCountries.set_at,
+                              sa.null(), sa.null()).where(AllowedCountries.login == login,
+                                                          AllowedCountries.countries != sa.literal_column("''"))
+        return sa.union_all(sightings, account, passes, only_from)
 
     def _build_sighting_merge(self):
         """An upsert that merges: the earliest first_seen and the latest
@@ -501,11 +518,12 @@ class Store:
         sightings = tuple(CountrySeen(country, to_time(first), to_time(last), ip)
                           for kind, country, first, last, ip in rows if kind == "s")
         passes = {country: to_time(expires) for kind, country, _granted, expires, _ip in rows if kind == "p"}
+        only_from = frozenset(code for kind, countries, *_rest in rows if kind == "o" for code in countries.split(","))
         for kind, _country, blocked_since, counting_since, action in rows:
             if kind == "a":
                 return AccountHistory(to_time(blocked_since), to_time(counting_since), sightings,
-                                      action if blocked_since is not None else None, passes)
-        return AccountHistory(sightings=sightings, travel_passes=passes)
+                                      action if blocked_since is not None else None, passes, only_from=only_from)
+        return AccountHistory(sightings=sightings, travel_passes=passes, only_from=only_from)
 
     @_retry_on_conflict
     def write_sightings(self, rows: list) -> None:
@@ -701,6 +719,21 @@ class Store:
                  "granted_by": granted_by[:64]} for country in countries]
         statement = self._upsert(TravelPass, rows, ("login", "country"),
                                  lambda new: [(name, new[name]) for name in ("granted_at", "expires_at", "granted_by")])
+        with self.engine.begin() as connection:
+            connection.execute(statement)
+            self._log_changes(connection, [login])
+
+    def allowed_countries(self, login: str) -> Optional[AllowedCountries]:
+        with Session(self.engine) as session:
+            row = session.get(AllowedCountries, login)
+            return row if row is not None and row.countries else None
+
+    @_retry_on_conflict
+    def set_allowed_countries(self, login: str, countries: Iterable[str], now: dt.datetime, set_by: str) -> None:
+        """--only-from: the countries `login` may send from; none = any again."""
+        values = {"login": login, "countries": ",".join(sorted(countries)), "set_at": now, "set_by": set_by[:64]}
+        statement = self._upsert(AllowedCountries, values, ("login",),
+                                 lambda new: [(name, new[name]) for name in ("countries", "set_at", "set_by")])
         with self.engine.begin() as connection:
             connection.execute(statement)
             self._log_changes(connection, [login])

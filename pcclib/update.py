@@ -1,8 +1,10 @@
-"""`pcc.py --update-geoip`: download current GeoIP data over https, check
-that it is a file pcc can count with and not one that would silently turn
-pcc off (everything in one country, a forged build date, a file that moves
-a large share of the world), and install it atomically where the daemon
-picks it up.  Anything wrong leaves the installed file as it was.
+"""`pcc.py --update-geoip` and `--update-lists`: download current GeoIP
+data (and the ASN database) or the network lists over https, check that each
+is a file pcc can use and not one that would silently turn pcc off or on for
+everyone (everything in one country, a forged build date, a file that moves a
+large share of the world; an emptied, truncated or world-wide list), and
+install it atomically where the daemon picks it up.  Anything wrong leaves
+the installed file as it was.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import ipaddress
 import os
 import random
 import re
+import sys
 import tempfile
 import threading
 import urllib.error
@@ -24,11 +27,14 @@ from typing import Optional
 from .common import __version__, symlink_refusal
 from .config import Settings, is_loopback_url
 from .geoip import GeoIP
+from .networks import MAX_LIST_BYTES, ListError, parse_list
 
 # DB-IP's free "Lite" databases (CC BY 4.0), one file a month, MaxMind format.
 DBIP_LITE_URL = "https://download.db-ip.com/free/dbip-{kind}-lite-{month}.mmdb.gz"
 GEOIP_DOWNLOAD_LIMIT = 1 << 30  # bytes once uncompressed; the City Lite file is about 130 MB
 
+# A list of addresses is far smaller than a GeoIP file.
+LIST_DOWNLOAD_LIMIT = MAX_LIST_BYTES
 # Every real GeoIP file places these in a country; a file that does not is no
 # file to count with (an error page, a truncated or foreign file).
 WELL_KNOWN_ADDRESSES = ("8.8.8.8", "1.1.1.1", "9.9.9.9")
@@ -132,7 +138,7 @@ def allowed_update_url(url: str) -> bool:
     return urllib.parse.urlsplit(url).scheme == "https" or is_loopback_url(url)
 
 
-def download_geoip(url: str, directory: str, timeout: float) -> str:
+def download_geoip(url: str, directory: str, timeout: float, limit: int = GEOIP_DOWNLOAD_LIMIT) -> str:
     """The file at `url`, uncompressed if it is gzip, in a new file of
     `directory`; its path.  All of it within `timeout` seconds, however the
     server trickles."""
@@ -141,7 +147,7 @@ def download_geoip(url: str, directory: str, timeout: float) -> str:
     descriptor, temporary = tempfile.mkstemp(prefix=".pcc-geoip-", suffix=".mmdb", dir=directory)
     os.fchmod(descriptor, 0o644)  # on the descriptor: never on a path someone could swap
     outcome: dict = {}
-    worker = threading.Thread(target=_download_into, args=(url, descriptor, timeout, outcome), daemon=True)
+    worker = threading.Thread(target=_download_into, args=(url, descriptor, timeout, outcome, limit), daemon=True)
     worker.start()
     worker.join(timeout)
     if worker.is_alive() or "error" in outcome:
@@ -151,12 +157,12 @@ def download_geoip(url: str, directory: str, timeout: float) -> str:
     return temporary
 
 
-def _download_into(url: str, descriptor: int, timeout: float, outcome: dict) -> None:
+def _download_into(url: str, descriptor: int, timeout: float, outcome: dict, limit: int) -> None:
     opener = urllib.request.build_opener(_SameSchemeRedirects)  # proxies from the environment
     request = urllib.request.Request(url, headers={"User-Agent": f"pcc/{__version__}"})
     try:
         with opener.open(request, timeout=timeout) as response, open(descriptor, "wb") as out:
-            _copy_uncompressed(response, out)
+            _copy_uncompressed(response, out, limit)
     except UpdateError as error:
         outcome["error"] = error
     except urllib.error.HTTPError as error:
@@ -168,7 +174,7 @@ def _download_into(url: str, descriptor: int, timeout: float, outcome: dict) -> 
         outcome["error"] = UpdateError(f"{url}: {reason}")
 
 
-def _copy_uncompressed(response, out) -> None:
+def _copy_uncompressed(response, out, limit: int) -> None:
     inflate, written = None, 0
     while True:
         chunk = response.read(1 << 16)
@@ -178,8 +184,8 @@ def _copy_uncompressed(response, out) -> None:
             inflate = zlib.decompressobj(16 + zlib.MAX_WBITS) if chunk[:2] == b"\x1f\x8b" else False
         data = inflate.decompress(chunk) if inflate else chunk
         written += len(data)
-        if written > GEOIP_DOWNLOAD_LIMIT:
-            raise UpdateError(f"more than {GEOIP_DOWNLOAD_LIMIT >> 20} MB: not a GeoIP file")
+        if written > limit:
+            raise UpdateError(f"more than {limit >> 20} MB: not the file expected")
         out.write(data)
     if inflate and not inflate.eof:
         raise UpdateError("the gzip data ends early (a truncated download)")
@@ -263,3 +269,96 @@ def _installed(path: str) -> Optional[GeoIP]:
         return GeoIP(path)
     except (OSError, ValueError, RuntimeError, OverflowError):
         return None  # none yet, or broken: a file that passes the checks above replaces it
+
+
+# --- the ASN database -----------------------------------------------------------
+
+# Every real ASN file names the network of these.
+WELL_KNOWN_NETWORKS = {"8.8.8.8": 15169, "1.1.1.1": 13335, "9.9.9.9": 19281}
+
+
+def update_asn(settings: Settings, timeout: float, now: dt.datetime) -> str:
+    """Download, check and install [networks] asn_database (DB-IP's ASN Lite
+    unless asn_update_url says otherwise); what was installed."""
+    target = settings.asn_database
+    refusal = symlink_refusal(target, "[networks] asn_database")
+    if refusal:
+        raise UpdateError(refusal)
+    directory = os.path.dirname(os.path.abspath(target))
+    urls = [settings.asn_update_url] if settings.asn_update_url else [
+        DBIP_LITE_URL.format(kind="asn", month=f"{moment:%Y-%m}")
+        for moment in (now, now.replace(day=1) - dt.timedelta(days=1))]
+    with _one_update_at_a_time(directory):
+        _remove_leftovers(directory)
+        temporary, url = _first_download(urls, directory, timeout)
+        try:
+            description = check_asn_file(temporary)
+            os.replace(temporary, target)
+        finally:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+    return f"installed {target}: {description}, from {url}"
+
+
+def check_asn_file(path: str) -> str:
+    import maxminddb
+
+    try:
+        reader = maxminddb.open_database(path)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise UpdateError(f"the download is not a MaxMind-format database (an error page, or truncated?): "
+                          f"{error}") from None
+    with reader:
+        named = 0
+        for address in WELL_KNOWN_NETWORKS:
+            record = reader.get(address)
+            named += isinstance(record, dict) and isinstance(record.get("autonomous_system_number"), int)
+        if named < 2:
+            raise UpdateError(f"it names the network (autonomous_system_number) of {named} of "
+                              f"{', '.join(WELL_KNOWN_NETWORKS)}: not an ASN database")
+        return f"{reader.metadata().database_type}"
+
+
+# --- the network lists ----------------------------------------------------------
+
+
+def update_lists(settings: Settings, timeout: float) -> int:
+    """`pcc.py --update-lists`: every list with a url; one line each.  Exit
+    status 1 when any failed (its old file stays), else 0."""
+    lists = [network_list for network_list in settings.network_lists if network_list.url]
+    if not lists:
+        print(f"pcc: no network list with a url in {settings.config_path} ([list <label>] sections)")
+        return 0
+    failed = 0
+    for network_list in lists:
+        try:
+            print(f"list {network_list.label}: {update_list(network_list, timeout)}")
+        except UpdateError as error:
+            failed += 1
+            print(f"pcc: list {network_list.label}: update failed, the installed file is unchanged: {error}",
+                  file=sys.stderr)
+    return 1 if failed else 0
+
+
+def update_list(network_list, timeout: float) -> str:
+    target = network_list.file
+    refusal = symlink_refusal(target, f"[list {network_list.label}] file")
+    if refusal:
+        raise UpdateError(refusal)
+    directory = os.path.dirname(os.path.abspath(target))
+    if not os.path.isdir(directory):
+        raise UpdateError(f"the directory {directory} does not exist (create it, owned by root, readable by pcc)")
+    with _one_update_at_a_time(directory):
+        _remove_leftovers(directory)
+        temporary = download_geoip(network_list.url, directory, timeout, LIST_DOWNLOAD_LIMIT)
+        try:
+            with open(temporary, "rb") as downloaded:
+                ranges = parse_list(downloaded.read(), network_list.min_entries, "the download")
+            os.replace(temporary, target)  # the daemon reads it at its next look (within seconds)
+        except ListError as error:
+            raise UpdateError(str(error)) from None
+        finally:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+    return (f"installed {target}: {ranges.entries} entries ({ranges.ranges} ranges once merged), "
+            f"from {network_list.url}")

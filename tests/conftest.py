@@ -296,13 +296,23 @@ def write_config(directory: pathlib.Path, overrides: dict, name: str = "pcc.conf
     """The shipped pcc.conf with some keys changed ("section.key": value)."""
     parser = configparser.ConfigParser(interpolation=None)
     parser.read(ROOT / "pcc.conf", encoding="utf-8")
+    for section in parser.sections():  # never this machine's /var/lib/pcc/lists: list_path() names them
+        if section.startswith("list "):
+            parser.set(section, "file", list_path(directory, section[5:]))
     for dotted, value in overrides.items():
         section, key = dotted.split(".", 1)
+        if not parser.has_section(section):
+            parser.add_section(section)
         parser.set(section, key, str(value))
     path = directory / name
     with open(path, "w", encoding="utf-8") as config_file:
         parser.write(config_file)
     return str(path)
+
+
+def list_path(directory, label: str) -> str:
+    """Where a test configuration keeps the network list `label` (absent: the list is off)."""
+    return str(pathlib.Path(directory) / f"list-{label}.txt")
 
 
 def config_without(tmp_path, section, key):

@@ -108,7 +108,7 @@ def test_text_report(tmp_path, config):
     text = replay(config, classic_path)
     assert f"{len(scenario()) + 3} lines, {len(scenario())} authenticated submissions" in text
     assert "2 unparseable lines skipped" in text
-    assert "Would have blocked 1 account:" in text
+    assert "Would have blocked 1 account (1 for too many countries):" in text
     assert "victim@example.com  at 2025-12-31 01:21:00 UTC  from US" in text
     assert "    why: blocking: 4 of at most 3 countries in 3 days (US, " in text
     assert "   4 countries 1" in text

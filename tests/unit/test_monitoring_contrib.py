@@ -66,6 +66,15 @@ SCENARIOS = {
         "fires": ([series("pcc_geoip_build_timestamp_seconds", "172800x10")], "5m", MX1),
         "quiet": [([series("pcc_geoip_build_timestamp_seconds", "0x10")], "5m")],
     },
+    "PccNetworkListStale": {
+        "fires": ([series("pcc_network_list_age_seconds", "172000+60x30", list="tor"),
+                   series("pcc_network_list_max_age_seconds", "172800x30", list="tor")], "30m",
+                  {**MX1, "list": "tor"}),
+        "quiet": [([series("pcc_network_list_age_seconds", "0+60x30", list="tor"),
+                    series("pcc_network_list_max_age_seconds", "172800x30", list="tor")], "30m"),
+                  ([series("pcc_network_list_age_seconds", "172000+60x30", list="tor"),
+                    series("pcc_network_list_max_age_seconds", "172800x30", list="tor")], "20m")],
+    },
     "PccBlockBurst": {
         "fires": ([series("pcc_new_blocks_total", "0 0 4 8 12", rule="countries", mode="enforce"),
                    series("pcc_new_blocks_total", "0 0 4 8 12", rule="countries", mode="enforce", instance="mx2:9998")],

@@ -30,7 +30,7 @@ def test_readme_names_every_long_option():
 
 
 # The modules of pcclib, each importing only those before it (README, "How pcc is built").
-MODULE_ORDER = ("common config protocol ports geoip decision notify mailqueue respond storage memory outage metrics service server "
+MODULE_ORDER = ("common config protocol ports geoip networks decision notify mailqueue respond storage memory outage metrics service server "
                 "dovecot logs daemon admin replay update health cli").split()
 
 
