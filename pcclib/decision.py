@@ -238,9 +238,10 @@ def _not_counted_reason(request: PolicyRequest, history: AccountHistory, setting
 
 
 def _window_with(request: PolicyRequest, history: AccountHistory, settings: Settings, now: dt.datetime,
-                 codes: tuple) -> tuple:
-    """The account's places in the window once this request's `codes` are in."""
-    recent = countries_in_window(history, settings, now)
+                 codes: tuple, recent: Optional[dict] = None) -> tuple:
+    """The account's places in the window once this request's `codes` are in
+    (`recent`: the window without them, when the caller has it)."""
+    recent = dict(recent) if recent is not None else countries_in_window(history, settings, now)
     ip = str(request.client_ip)
     for code in codes:
         previous = recent.get(code)
@@ -256,7 +257,7 @@ def _count(request: PolicyRequest, history: AccountHistory, settings: Settings, 
         if not codes:
             return Decision("DUNNO", skip)
     before = countries_in_window(history, settings, now)
-    countries = _window_with(request, history, settings, now, codes)
+    countries = _window_with(request, history, settings, now, codes, before)
     limit = settings.how_many_different_countries
     summary = f"{len(countries)} of at most {limit} countries in {settings.in_how_much_time_in_days:g} days"
     if request.door:

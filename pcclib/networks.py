@@ -9,6 +9,7 @@ from __future__ import annotations
 import array
 import bisect
 import functools
+import io
 import ipaddress
 import os
 import socket
@@ -67,15 +68,25 @@ class AddressRanges:
     O(log n).  IPv4 bounds live in arrays of 32-bit integers (8 bytes a
     range); IPv6 bounds in lists of Python integers (about 100 bytes a range)."""
 
-    def __init__(self, v4: list, v6: list, entries: int):
-        """v4, v6: (low, high) integer bounds, in any order."""
+    def __init__(self, v4: array.array, v6: list, entries: int):
+        """v4: low << 32 | high of each IPv4 range (8 bytes each, not a tuple
+        of 120: a million-line list is read in far less memory); v6: (low,
+        high) integer bounds; both in any order."""
         self.entries = entries
-        v4, v6 = _merged(sorted(v4)), _merged(sorted(v6))
-        self._v4 = (array.array("I", [low for low, _ in v4]), array.array("I", [high for _, high in v4]))
+        lows, highs = array.array("I"), array.array("I")
+        for packed in sorted(v4):
+            low, high = packed >> 32, packed & 0xFFFFFFFF
+            if highs and low <= highs[-1] + 1:
+                highs[-1] = max(highs[-1], high)
+            else:
+                lows.append(low)
+                highs.append(high)
+        self._v4 = (lows, highs)
+        v6 = _merged(sorted(v6))
         self._v6 = ([low for low, _ in v6], [high for _, high in v6])
-        self.ipv4_share = sum(high - low + 1 for low, high in v4) / (1 << 32)
+        self.ipv4_share = sum(high - low + 1 for low, high in zip(lows, highs)) / (1 << 32)
         self.ipv6_share = sum(high - low + 1 for low, high in v6) / IPV6_UNICAST_SIZE
-        self.ranges = len(v4) + len(v6)
+        self.ranges = len(lows) + len(v6)
 
     def __contains__(self, address) -> bool:
         lows, highs = self._v4 if address.version == 4 else self._v6
@@ -121,8 +132,8 @@ def parse_list(data: bytes, min_entries: int = 1, source: str = "the list") -> A
         text = data.decode("ascii")
     except UnicodeDecodeError:
         raise ListError(f"{source}: not plain text (an error page or a binary file?)") from None
-    v4, v6 = [], []
-    for number, line in enumerate(text.splitlines(), 1):
+    v4, v6 = array.array("Q"), []
+    for number, line in enumerate(io.StringIO(text), 1):  # one line at a time: no list of a million strings
         entry = line.split("#", 1)[0].strip()
         if not entry:
             continue
@@ -134,7 +145,10 @@ def parse_list(data: bytes, min_entries: int = 1, source: str = "the list") -> A
                 or high - low >= (1 << (24 if version == 4 else 112)):
             raise ListError(f"{source}: line {number}: {entry} is a private, reserved or far too wide range "
                             f"(a list like this would catch your own clients)")
-        (v4 if version == 4 else v6).append((low, high))
+        if version == 4:
+            v4.append(low << 32 | high)
+        else:
+            v6.append((low, high))
     if data and not data.endswith(b"\n"):
         raise ListError(f"{source}: its last line has no end: a truncated download")
     entries = len(v4) + len(v6)
@@ -277,7 +291,7 @@ class Networks:
         labels = tuple(loaded.spec.label for loaded in self.lists
                        if loaded.ranges is not None and address in loaded.ranges)
         asn, organisation = None, ""
-        if self.asn is not None and address.is_global:
+        if self.asn is not None:  # not address.is_global: 5 us, and a private address is in no ASN file
             try:
                 record = self.asn.get(address)
             except (ValueError, OSError) as error:  # an IPv6 address in an IPv4-only file

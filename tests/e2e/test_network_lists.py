@@ -96,7 +96,7 @@ def test_update_lists_installs_real_formats_and_keeps_the_old_file_when_a_downlo
         list_server.files["/torbulkexitlist"] = broken
         list_server.files["/vpn/ipv4.txt"] = b"10.0.0.0/8\n" + VPN_CIDR_LIST.encode()
         result = run_pcc("--config", config, "--update-lists", expect=1)
-        assert f"list tor: update failed, the installed file is unchanged" in result.stderr and why in result.stderr
+        assert "list tor: update failed, the installed file is unchanged" in result.stderr and why in result.stderr
         assert "list vpn: update failed" in result.stderr and "private, reserved" in result.stderr
         assert "Traceback" not in result.stderr
         assert open(list_path(tmp_path, "tor")).read() == TOR_BULK_LIST
