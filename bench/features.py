@@ -10,6 +10,9 @@ the real GeoLite2-City 2015 data (python-geoip-geolite2):
   metrics on                [server] metrics_port set
   City .mmdb, travel off    [geoip] database = GeoLite2-City, rule off
   travel on                 the same file, max_travel_speed_kmh = 1000
+  network lists, ASN        the shipped [list tor] (block) with 1,500 exits,
+                            [list vpn] (notify) with 1,000,000 IPv4 /24
+                            ranges, and an ASN .mmdb of 20,000 networks
 
 The workload is bench.py's: random accounts, each message from a random
 address of a random country, so nearly every message of an account comes from
@@ -31,7 +34,35 @@ def city_database() -> str:
     return os.path.join(os.path.dirname(_geoip_geolite2.__file__), "GeoLite2-City.mmdb")
 
 
-def configurations() -> dict:
+def network_files(workdir: str) -> dict:
+    """A Tor list, a 1M-range VPN list and an ASN database, written once."""
+    import random
+
+    rng = random.Random(7)
+    tor, vpn, asn = (os.path.join(workdir, name) for name in ("tor.txt", "vpn.txt", "asn.mmdb"))
+    if not os.path.exists(asn):
+        firsts = [n for n in range(1, 224) if n not in (10, 100, 127, 169, 172, 192, 198, 203)]
+        with open(tor, "w") as out:
+            out.writelines(f"185.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(1, 255)}\n"
+                           for _ in range(1500))
+        with open(vpn, "w") as out:
+            out.writelines(f"{rng.choice(firsts)}.{rng.randrange(256)}.{rng.randrange(256)}.0/24\n"
+                           for _ in range(1_000_000))
+        from mmdb_writer import MMDBWriter
+        from netaddr import IPSet
+
+        writer = MMDBWriter(ip_version=6, ipv4_compatible=True, database_type="DBIP-ASN-Lite (compat=GeoLite2-ASN)")
+        for number in range(20000):
+            network = f"{rng.choice(firsts)}.{rng.randrange(256)}.0.0/16"
+            writer.insert_network(IPSet([network]), {"autonomous_system_number": 64512 + number % 1000,
+                                                     "autonomous_system_organization": f"Bench Network {number}"})
+        writer.to_db_file(asn)
+    return {"file = /var/lib/pcc/lists/tor-exits.txt\n": f"file = {tor}\n",
+            "file = /var/lib/pcc/lists/vpn-ipv4.txt\n": f"file = {vpn}\n",
+            "asn_database =\n": f"asn_database = {asn}\n"}
+
+
+def configurations(workdir: str) -> dict:
     city = city_database()
     return {
         "baseline": {},
@@ -39,6 +70,7 @@ def configurations() -> dict:
         "City .mmdb, travel off": {"database =\n": f"database = {city}\n"},
         "travel on": {"database =\n": f"database = {city}\n",
                       "max_travel_speed_kmh =\n": "max_travel_speed_kmh = 1000\n"},
+        "network lists, ASN": network_files(workdir),
     }
 
 
@@ -70,7 +102,7 @@ def main() -> None:
     url = f"sqlite:///{workdir}/features.sqlite3"
     print(f"{'configuration':24} {'round':>5}  {'c=1 /s':>8} {'p99 ms':>7}  {'c=8 /s':>8} {'p99 ms':>7}  RSS MB")
     for round_number in range(1, args.rounds + 1):
-        for name, changes in configurations().items():
+        for name, changes in configurations(workdir).items():
             bench.reset_pcc_tables(url)
             with server(name, changes, url, workdir) as running:
                 one = bench.run_load(running.port, requests, 1, args.duration)
