@@ -36,6 +36,54 @@ API_HEADER = "Authorization: Basic cGNjOnRlc3Q="
 DOVEADM_API_KEY = "pcc-test-doveadm-key-4f2a"
 
 
+POLICY_ATTRIBUTES_2_3 = ("login=%{requested_username} pwhash=%{hashed_password} remote=%{rip} device_id=%{client_id} "
+                         "protocol=%s")
+
+
+def dovecot_version() -> tuple:
+    """(2, 3) or (2, 4)...: the installed Dovecot's version (doveconf -d says it too)."""
+    output = subprocess.run(["dovecot", "--version"], capture_output=True, text=True, timeout=30).stdout
+    return tuple(int(part) for part in output.split()[0].split("-")[0].split(".")[:3])  # "2.4.1-4 (7d8c0e5759)"
+
+
+def version_header() -> str:
+    """Dovecot 2.4 refuses a configuration that does not say which version it is written for."""
+    version = dovecot_version()
+    if version < (2, 4):
+        return ""
+    written_for = ".".join(map(str, version))
+    return f"dovecot_config_version = {written_for}\ndovecot_storage_version = {written_for}\n"
+
+
+def accounts(d: str) -> str:
+    """The users file as password and user database, plaintext logins allowed,
+    and the policy request's attributes: in 2.3's words, or in 2.4's (whose
+    defaults already send login, pwhash, remote, device_id and protocol)."""
+    if dovecot_version() < (2, 4):
+        return f"""disable_plaintext_auth = no
+passdb {{
+  driver = passwd-file
+  args = {d}/users
+}}
+userdb {{
+  driver = passwd-file
+  args = {d}/users
+}}
+auth_policy_request_attributes = {POLICY_ATTRIBUTES_2_3}
+mail_location = maildir:{d}/home/%u
+"""
+    return f"""auth_allow_cleartext = yes
+passdb passwd-file {{
+  passwd_file_path = {d}/users
+}}
+userdb passwd-file {{
+  passwd_file_path = {d}/users
+}}
+mail_driver = maildir
+mail_path = {d}/home/%{{user}}
+"""
+
+
 class DovecotInstance:
     """A private Dovecot whose auth policy server is pcc's Dovecot port."""
 
@@ -64,7 +112,7 @@ class DovecotInstance:
             listener += (f"doveadm_api_key = {DOVEADM_API_KEY}\nservice doveadm {{\n  inet_listener http {{\n"
                          f"    port = {self.doveadm_port}\n  }}\n}}\n")
         with open(self.config, "w") as config:
-            config.write(f"""base_dir = {d}/run
+            config.write(f"""{version_header()}base_dir = {d}/run
 state_dir = {d}/state
 instance_name = pcc-test-{os.path.basename(d)}
 log_path = {d}/dovecot.log
@@ -79,25 +127,14 @@ service imap-login {{
   }}
 }}
 {listener}ssl = no
-disable_plaintext_auth = no
 auth_mechanisms = plain login
-passdb {{
-  driver = passwd-file
-  args = {d}/users
-}}
-userdb {{
-  driver = passwd-file
-  args = {d}/users
-}}
 default_internal_user = dovecot
 default_login_user = dovenull
 auth_policy_server_url = http://127.0.0.1:{self.policy_port}/
 {header}auth_policy_hash_nonce = pcc-test-nonce
-auth_policy_request_attributes = login=%{{requested_username}} pwhash=%{{hashed_password}} remote=%{{rip}} device_id=%{{client_id}} protocol=%s
 auth_policy_report_after_auth = yes
 login_trusted_networks = 127.0.0.0/8
-mail_location = maildir:{d}/home/%u
-""")
+{accounts(d)}""")
         # Its master stays in the background holding what it was given: no pipes.
         subprocess.run(["dovecot", "-c", self.config], check=True, stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL, timeout=60)
