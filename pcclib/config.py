@@ -139,6 +139,17 @@ class Settings:
     asn_update_url: str = ""  # where --update-geoip fetches it from; "" = DB-IP's monthly ASN Lite
     network_lists: tuple = ()  # of NetworkList
 
+    @property
+    def not_counted_codes(self) -> frozenset:
+        """What an account's sightings hold that does not count: ignorecountries,
+        and the markers of network lists that no longer COUNT (a list whose
+        action changed, or that is gone, counts no more)."""
+        codes = self.__dict__.get("_not_counted_codes")
+        if codes is None:
+            counting = {network_list.marker for network_list in self.network_lists if network_list.action == "COUNT"}
+            codes = self.__dict__["_not_counted_codes"] = self.ignorecountries | (set(LIST_MARKER_CODES) - counting)
+        return codes
+
     def list_action(self, label: str) -> str:
         for network_list in self.network_lists:
             if network_list.label == label:

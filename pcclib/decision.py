@@ -348,9 +348,10 @@ def countries_in_window(history: AccountHistory, settings: Settings, now: dt.dat
     if history.counting_since is not None:
         start = max(start, history.counting_since)
     passes = history.travel_passes
+    not_counted = settings.not_counted_codes
     return {
         seen.country: seen
         for seen in history.sightings
-        if seen.last_seen >= start and seen.country not in settings.ignorecountries
+        if seen.last_seen >= start and seen.country not in not_counted
         and not (seen.country in passes and passes[seen.country] > now)
     }

@@ -134,6 +134,15 @@ def test_count_makes_a_vpn_hop_the_crossing_country(make_settings):
                   NOW).sighted == (marker,)
 
 
+def test_a_list_that_no_longer_counts_stops_counting_its_past_hops(make_settings):
+    counting = make_settings(**{"list vpn.action": "count", "policy.how_many_different_countries": "2"})
+    marker = counting.network_lists[1].marker
+    after_a_hop = history("ES", "PT", marker)
+    assert decide(request_from(ip_in("ES")), after_a_hop, counting, NOW).new_block  # ES, PT, vpn
+    notifying = make_settings(**{"list vpn.action": "notify", "policy.how_many_different_countries": "2"})
+    assert not decide(request_from(ip_in("ES")), after_a_hop, notifying, NOW).blocks  # ES, PT
+
+
 def test_notify_and_ignore_leave_the_decision_as_it_was(make_settings):
     settings = make_settings(**{"list vpn.action": "notify", "list hosting.action": "ignore"})
     plain = decide(request_from("20.1.0.1"), history("ES"), settings, NOW)
