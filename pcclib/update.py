@@ -348,6 +348,9 @@ def update_list(network_list, timeout: float) -> str:
     directory = os.path.dirname(os.path.abspath(target))
     if not os.path.isdir(directory):
         raise UpdateError(f"the directory {directory} does not exist (create it, owned by root, readable by pcc)")
+    refusal = symlink_refusal(directory, f"the directory of [list {network_list.label}] file")
+    if refusal:
+        raise UpdateError(refusal)
     with _one_update_at_a_time(directory):
         _remove_leftovers(directory)
         temporary = download_geoip(network_list.url, directory, timeout, LIST_DOWNLOAD_LIMIT)

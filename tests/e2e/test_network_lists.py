@@ -252,3 +252,24 @@ def test_replay_reports_blocks_and_accounts_by_network(tmp_path, geoip_path):
     report = json.loads(pcc_command(config, "--json", "--replay", str(log_file)).stdout)
     assert report["would_block_by_rule"] == {"network list tor": 1}
     assert report["would_block"][0]["lists"] == ["tor"]
+
+
+def test_update_lists_follows_no_link_planted_where_the_lists_live(tmp_path, list_server):
+    """The daemon's user may own the lists' directory; root's --update-lists
+    must not write where a link planted there points."""
+    list_server.files["/torbulkexitlist"] = TOR_BULK_LIST.encode()
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    os.symlink(victim, list_path(tmp_path, "tor"))
+    config = write_config(tmp_path, lists_config(tmp_path, list_server, **{"list vpn.url": ""}))
+    result = run_pcc("--config", config, "--update-lists", expect=1)
+    assert "is a symbolic link; pcc does not follow links" in result.stderr
+    assert victim.read_text() == "precious\n"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.symlink(elsewhere, tmp_path / "linked")
+    config = write_config(tmp_path, lists_config(tmp_path, list_server, **{
+        "list vpn.url": "", "list tor.file": str(tmp_path / "linked" / "tor.txt")}), name="linked.conf")
+    result = run_pcc("--config", config, "--update-lists", expect=1)
+    assert "(the directory of [list tor] file) is a symbolic link" in result.stderr
+    assert list(elsewhere.iterdir()) == []
