@@ -422,7 +422,6 @@ class PolicyService:
             return Decision(self.settings.block_reply, "account known to be blocked (database failing)")
         history = self.memory.last_known(login)
         if history is None:
-            self.outage.count_answer("db_error_action")
             # Not decided, but counted: what this outage shows of the account is
             # remembered (never taken for its whole history: the next read of
             # the database replaces it) and its sighting written when the
@@ -430,7 +429,11 @@ class PolicyService:
             # the database fails is blocked from memory all the same.
             counted = decide_counted(request, AccountHistory(), self.settings, now)
             self._remember(login, AccountHistory(), counted, now)
-            if counted.record_sighting and not counted.new_block:
+            if counted.new_block:  # a rule that needs no history (a network list): it blocks as it would online
+                self.outage.count_answer("memory")
+                return self._journal(request, counted, now)
+            self.outage.count_answer("db_error_action")
+            if counted.record_sighting:
                 self._add_sightings(login, counted, now, str(request.client_ip))
             return Decision(self.settings.db_error_action, "database failing, account not in memory")
         self.outage.count_answer("memory")

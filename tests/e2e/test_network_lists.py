@@ -273,3 +273,35 @@ def test_update_lists_follows_no_link_planted_where_the_lists_live(tmp_path, lis
     result = run_pcc("--config", config, "--update-lists", expect=1)
     assert "(the directory of [list tor] file) is a symbolic link" in result.stderr
     assert list(elsewhere.iterdir()) == []
+
+
+def test_a_tor_exit_blocks_while_the_database_is_down_and_the_block_lands_after(tmp_path, start_daemon,
+                                                                                 shared_db_url):
+    """The database refuses: a Tor exit still blocks an account the daemon has
+    never seen (no history needed), the block waits in the spool, blocks every
+    later message and reaches the database when it is back."""
+    import sqlalchemy as sa
+    from conftest import TcpProxy
+
+    open(list_path(tmp_path, "tor"), "w").write(TOR_BULK_LIST)
+    direct = sa.engine.make_url(shared_db_url)
+    proxy = TcpProxy(direct.host, direct.port)
+    try:
+        url = direct.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+        daemon = start_daemon(**{"db.dbcon": url, "policy.action": "REJECT", "list tor.action": "block",
+                                 "db.spool_file": str(tmp_path / "spool.jsonl")})
+        client = daemon.client()
+        proxy.cut("refuse")
+        time.sleep(1.5)
+        assert client.ask_like_postfix("mallory@example.com", TOR_EXITS[4]).startswith("REJECT")
+        assert client.ask_like_postfix("mallory@example.com", ip_in("ES")).startswith("REJECT")
+        assert "block spooled" in daemon.log()
+        proxy.restore()
+        deadline = time.monotonic() + 15
+        while "mallory@example.com" not in pcc_command(daemon.config_path, "-l").stdout:
+            assert time.monotonic() < deadline, daemon.log()[-3000:]
+            client.ask_like_postfix("dave@example.com", ip_in("GB"))  # a probe finds the database back
+            time.sleep(0.3)
+        assert "is on the network list tor" in pcc_command(daemon.config_path, "-s", "mallory@example.com").stdout
+    finally:
+        proxy.close()
