@@ -88,12 +88,17 @@ def list_warnings(settings: Settings, reported: str) -> list:
     Tor list of last week misses this week's exits), or one whose file came
     and was refused."""
     warnings = []
-    ages = {}
+    ages, problems = {}, {}
     for item in filter(None, reported.split(",")):
-        label, _, rest = item.partition(":")
-        ranges, _, age = rest.partition(":")
-        ages[label] = float(age) if ranges != "off" and age else None
+        label, entries, age, problem = (item.split(":") + ["", "", ""])[:4]
+        ages[label] = float(age) if entries != "off" and age not in ("", "-") else None
+        problems[label] = (problem, entries)
     for network_list in settings.network_lists:
+        problem, entries = problems.get(network_list.label, ("ok", ""))
+        if problem not in ("ok", ""):
+            warnings.append(f"network list {network_list.label}: its file {network_list.file} was {problem}; "
+                            + ("the list is off" if entries == "off" else "the daemon uses the ranges it had")
+                            + " (see its log)")
         age = ages.get(network_list.label)
         if age is not None and age > network_list.max_age_days:
             warnings.append(f"network list {network_list.label} is {age:.1f} days old (at most "

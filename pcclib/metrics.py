@@ -210,7 +210,10 @@ def _list_metrics(lists: dict):
                              labels=["list"])
     most = GaugeMetricFamily("pcc_network_list_max_age_seconds", "Each network list's max_age_days, in seconds",
                              labels=["list"])
-    for label, (count, age_days, max_age_days) in lists.items():
+    refused = GaugeMetricFamily("pcc_network_list_file_refused", "1 while the file of a network list cannot be "
+                                "used (refused or gone: the list is off, or keeps the ranges it had)", labels=["list"])
+    for label, (count, age_days, max_age_days, problem) in lists.items():
+        refused.add_metric([label], 1 if problem else 0)
         most.add_metric([label], max_age_days * 86400)
         if count is not None:
             ranges.add_metric([label], count)
@@ -218,3 +221,4 @@ def _list_metrics(lists: dict):
     yield ranges
     yield ages
     yield most
+    yield refused

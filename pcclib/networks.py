@@ -184,8 +184,9 @@ class LoadedList:
     """One list file as loaded: its ranges, and when its file was written."""
 
     def __init__(self, spec: NetworkList, ranges: Optional[AddressRanges], signature: Optional[tuple],
-                 written: Optional[float]):
+                 written: Optional[float], problem: str = ""):
         self.spec = spec
+        self.problem = problem  # "refused" or "gone": the file on disk is not what is in use
         self.ranges = ranges  # None: the list is off (no file yet)
         self.signature = signature
         self.written = written  # the file's mtime (this host's clock, as `now` is)
@@ -215,7 +216,7 @@ def load_list(spec: NetworkList, previous: Optional[LoadedList] = None) -> Loade
         if previous is not None and previous.ranges is not None:
             log.error("network list %s: %s is gone; still using the %d ranges loaded before (run pcc.py "
                       "--update-lists)", spec.label, spec.file, previous.ranges.ranges)
-            return LoadedList(spec, previous.ranges, None, previous.written)
+            return LoadedList(spec, previous.ranges, None, previous.written, "gone")
         return LoadedList(spec, None, None, None)
     try:
         with open(spec.file, "rb") as list_file:
@@ -226,7 +227,7 @@ def load_list(spec: NetworkList, previous: Optional[LoadedList] = None) -> Loade
         log.error("network list %s: %s cannot be used (%s); %s", spec.label, spec.file,
                   getattr(error, "strerror", None) or error,
                   f"still using the {kept.ranges} ranges loaded before" if kept else "the list stays off")
-        return LoadedList(spec, kept, signature, previous.written if previous is not None else None)
+        return LoadedList(spec, kept, signature, previous.written if previous is not None else None, "refused")
     return LoadedList(spec, ranges, signature, signature[2] / 1e9)
 
 
@@ -274,7 +275,9 @@ class Networks:
         """One line for the start and reload log lines."""
         parts = []
         for loaded in self.lists:
-            state = (f"{loaded.ranges.ranges} ranges" if loaded.ranges is not None else "off: no file yet")
+            state = (f"{loaded.ranges.ranges} ranges" if loaded.ranges is not None
+                     else f"off: its file was {loaded.problem}" if loaded.problem
+                     else "off until pcc.py --update-lists installs its file")
             parts.append(f"{loaded.spec.label} ({loaded.spec.action.lower()}, {state})")
         if self.settings.asn_database:
             parts.append(f"ASN {'from ' + self.settings.asn_database if self.asn else 'off'}")
@@ -305,7 +308,8 @@ class Networks:
         return NetworkFacts(labels, asn, organisation)
 
     def state(self) -> dict:
-        """label -> (entries or None, age in days or None, max_age_days), for metrics and --health."""
+        """label -> (entries or None, age in days or None, max_age_days, problem), for metrics and --health."""
         now = time.time()
         return {loaded.spec.label: (loaded.ranges.entries if loaded.ranges is not None else None,
-                                    loaded.age_days(now), loaded.spec.max_age_days) for loaded in self.lists}
+                                    loaded.age_days(now), loaded.spec.max_age_days, loaded.problem)
+                for loaded in self.lists}

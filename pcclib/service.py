@@ -588,12 +588,14 @@ class PolicyService:
                 f"oldest_unsent_seconds={waited:.0f} geoip_built={built}{self._lists_report()}")
 
     def _lists_report(self) -> str:
-        """ lists=tor:1342:0.4,vpn:off (label:entries:age in days) for --health."""
+        """ lists=tor:1342:0.40:ok,vpn:off:-:ok,hosting:120:3.00:refused (label:entries:age in
+        days:the file on disk, ok or refused or gone) for --health."""
         state = self.networks.state()
         if not state:
             return ""
-        return " lists=" + ",".join(f"{label}:{ranges}:{age:.2f}" if ranges is not None else f"{label}:off"
-                                    for label, (ranges, age, _most) in state.items())
+        return " lists=" + ",".join(
+            f"{label}:{'off' if entries is None else entries}:{'-' if age is None else f'{age:.2f}'}:{problem or 'ok'}"
+            for label, (entries, age, _most, problem) in state.items())
 
 
 def _rule_of(settings: Settings) -> tuple:

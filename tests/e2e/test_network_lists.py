@@ -120,7 +120,7 @@ def test_a_tor_exit_in_the_home_country_blocks_on_both_doors(tmp_path, start_dae
     client = daemon.client()
     assert client.ask("alice@example.com", ip_in("ES")) == "DUNNO"
     assert client.ask("alice@example.com", TOR_EXITS[0]) == "DUNNO"  # no list file yet: off
-    assert "tor (block, off: no file yet)" in daemon.log()
+    assert "tor (block, off until pcc.py --update-lists installs its file)" in daemon.log()
     list_server.files["/torbulkexitlist"] = TOR_BULK_LIST.encode()
     pcc_command(daemon.config_path, "--update-lists", expect=1)  # vpn's url serves nothing: 404
     wait_for_log(daemon, "network files changed")
@@ -232,6 +232,26 @@ def test_health_warns_when_a_list_is_older_than_its_maximum_age(tmp_path, start_
     wait_for_log(daemon, "network files changed")
     result = run_pcc("--config", daemon.config_path, "--health")
     assert result.returncode == 1 and "network list tor is 3.0 days old (at most 2)" in result.stdout
+
+
+def test_a_refused_file_is_loud_in_the_log_health_and_metrics(tmp_path, start_daemon, sqlite_url):
+    """A list file the daemon cannot use (copied by hand, half written) turns
+    no protection off silently: the ranges it had stay, and everyone hears."""
+    path = list_path(tmp_path, "tor")
+    open(path, "w").write(TOR_BULK_LIST)
+    metrics_port = free_port()
+    daemon = start_daemon(**{"db.dbcon": sqlite_url, "server.metrics_port": metrics_port,
+                             "policy.action": "REJECT"})
+    open(path + ".new", "w").write(TOR_BULK_LIST[:40])
+    os.replace(path + ".new", path)
+    wait_for_log(daemon, "network list tor: " + path + " cannot be used")
+    assert "still using the 2 ranges loaded before" in daemon.log()
+    assert daemon.client().ask("eve@example.com", TOR_EXITS[0]).startswith("REJECT")
+    health = run_pcc("--config", daemon.config_path, "--health")
+    assert health.returncode == 1 and f"network list tor: its file {path} was refused; the daemon uses the " \
+        "ranges it had" in health.stdout
+    assert scrape(metrics_port)[("pcc_network_list_file_refused", (("list", "tor"),))] == 1
+    assert "Traceback" not in daemon.log()
 
 
 def test_replay_reports_blocks_and_accounts_by_network(tmp_path, geoip_path):
