@@ -232,8 +232,9 @@ def load_list(spec: NetworkList, previous: Optional[LoadedList] = None) -> Loade
 
 
 class Networks:
-    """The network lists and the ASN database, read by every thread; a list
-    whose file changes is read again by refresh() (the housekeeping thread)."""
+    """The network lists and the ASN database, read by every thread.  When a
+    file changes (changed_on_disk), the daemon's housekeeping builds a new
+    Networks from this one: unchanged lists are kept, changed ones read again."""
 
     def __init__(self, settings: Settings, previous: Optional["Networks"] = None):
         self.settings = settings
@@ -264,12 +265,14 @@ class Networks:
             log.warning("[networks] asn_database %s is missing: networks are not named (pcc.py --update-geoip "
                         "fetches it)", path)
             return
+        self.asn_signature = signature  # a broken file is reported once, not at every look
         try:
-            self.asn, self.asn_signature = maxminddb.open_database(path), signature
+            self.asn = maxminddb.open_database(path)
         except (OSError, ValueError, RuntimeError) as error:
-            log.error("[networks] asn_database %s cannot be used: %s", path, error)
+            log.error("[networks] asn_database %s cannot be used: %s%s", path, error,
+                      "; still using the file loaded before" if previous is not None and previous.asn else "")
             if previous is not None and previous.asn is not None:
-                self.asn, self.asn_signature = previous.asn, signature
+                self.asn = previous.asn
 
     def describe(self) -> str:
         """One line for the start and reload log lines."""

@@ -162,3 +162,19 @@ def test_only_from_blocks_any_other_country_and_honours_a_travel_pass(make_setti
     assert not decide(request_from(ip_in("FR"), country="FR"), travelling, settings, NOW).blocks
     whitelisted_ip = make_settings(**{"policy.whitelistedips": ip_in("FR") + "/16"})
     assert not decide(request_from(ip_in("FR"), country="FR"), restricted, whitelisted_ip, NOW).blocks
+
+
+def test_a_broken_asn_file_is_reported_once_and_a_good_one_replaces_it(make_settings, tmp_path, caplog):
+    from e2e.test_network_lists import write_asn_database
+
+    broken = tmp_path / "asn.mmdb"
+    broken.write_bytes(b"<html>502 Bad Gateway</html>\n")
+    settings = make_settings(**{"networks.asn_database": str(broken)})
+    networks = Networks(settings)
+    assert networks.asn is None and "asn_database" in caplog.text and "cannot be used" in caplog.text
+    assert not networks.changed_on_disk()  # said once, not at every look of the housekeeping
+    write_asn_database(tmp_path / "new.mmdb")
+    (tmp_path / "new.mmdb").replace(broken)
+    assert networks.changed_on_disk()
+    networks = Networks(settings, networks)
+    assert networks.lookup(address(ip_in("ES"))).describe() == "AS64500 Example Hosting B.V."
