@@ -325,3 +325,25 @@ def test_a_tor_exit_blocks_while_the_database_is_down_and_the_block_lands_after(
         assert "is on the network list tor" in pcc_command(daemon.config_path, "-s", "mallory@example.com").stdout
     finally:
         proxy.close()
+
+
+def test_update_geoip_installs_the_asn_database_and_refuses_one_that_names_no_network(tmp_path, list_server):
+    """[networks] asn_database set: --update-geoip fetches it too (alone when
+    [geoip] database is blank), checks it names the networks of well-known
+    addresses, and keeps the installed file otherwise."""
+    import gzip
+
+    good = write_asn_database(tmp_path / "served.mmdb")
+    target = tmp_path / "asn.mmdb"
+    config = write_config(tmp_path, {"networks.asn_database": str(target),
+                                     "networks.asn_update_url": f"{list_server.url}/dbip-asn-lite.mmdb.gz"})
+    list_server.files["/dbip-asn-lite.mmdb.gz"] = gzip.compress(open(good, "rb").read())
+    result = run_pcc("--config", config, "--update-geoip", expect=0)
+    assert f"installed {target}: DBIP-ASN-Lite" in result.stdout
+    assert open(target, "rb").read() == open(good, "rb").read()
+    from conftest import write_city_database
+    list_server.files["/dbip-asn-lite.mmdb.gz"] = open(write_city_database(tmp_path / "city.mmdb"), "rb").read()
+    result = run_pcc("--config", config, "--update-geoip", expect=1)
+    assert "ASN update failed, the installed file is unchanged" in result.stderr
+    assert "not an ASN database" in result.stderr and "Traceback" not in result.stderr
+    assert open(target, "rb").read() == open(good, "rb").read()
