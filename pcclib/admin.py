@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import ipaddress
+import functools
 import json
 import os
 import socket
@@ -23,7 +23,7 @@ from .decision import AccountHistory, countries_in_window, exempt_login_reason
 from .logs import mask_secrets, secrets_of
 from .mailqueue import PostfixQueue, QueueError
 from .notify import Notifier
-from .protocol import MAX_LOGIN_LENGTH, unwrap_ipv4
+from .protocol import MAX_LOGIN_LENGTH
 from .respond import Responder
 from .networks import Networks
 from .storage import Block, DatabaseClock, Store, TravelPass, safe_url, sqlite_path
@@ -46,17 +46,19 @@ class Admin:
         self.settings = settings
         self.store = store
         self.notifier = notifier
-        self.networks = Networks(settings)
         self.responder = Responder(settings, notifier, network_of=self.network_of)
         self.postfix = postfix
         self.out = out or sys.stdout
 
+    @functools.cached_property
+    def networks(self) -> Networks:
+        """Read only by the commands that name networks (-s, -b's mail): a list
+        of a million ranges takes seconds to read, -l or -u need none of it."""
+        return Networks(self.settings)
+
     def network_of(self, ip: str) -> str:
         """"AS3320 Deutsche Telekom AG, list vpn" for an address; "" when nothing is known."""
-        try:
-            facts = self.networks.lookup(unwrap_ipv4(ipaddress.ip_address(ip)))
-        except ValueError:
-            return ""
+        facts = self.networks.facts_of(ip)
         text = facts.describe()
         if facts.labels:
             text = f"{text}, list {','.join(facts.labels)}".strip(", ")
@@ -284,9 +286,14 @@ def _who() -> str:
         return f"uid {os.getuid()}"
 
 
-def trip_countries(text: str) -> list:
+def country_codes(text: str) -> tuple:
+    """(the ISO codes of "fr, DE", sorted and once each; those that are no country code)."""
     codes = sorted({code.upper() for code in split_list(text)})
-    unknown = [code for code in codes if code not in COUNTRY_CODES]
+    return codes, [code for code in codes if code not in COUNTRY_CODES]
+
+
+def trip_countries(text: str) -> list:
+    codes, unknown = country_codes(text)
     if not codes or unknown:
         raise AdminError(f"--country {text!r}: give ISO 3166 two-letter country codes, e.g. FR,DE"
                          + (f" ({', '.join(unknown)} is not one)" if unknown else ""))
@@ -294,8 +301,7 @@ def trip_countries(text: str) -> list:
 
 
 def allowed_countries(text: str) -> list:
-    codes = sorted({code.upper() for code in split_list(text)})
-    unknown = [code for code in codes if code not in COUNTRY_CODES]
+    codes, unknown = country_codes(text)
     if unknown:
         raise AdminError(f"--only-from: {', '.join(unknown)} is not an ISO 3166 two-letter country code "
                          f"(give them as ES,PT; '' clears)")

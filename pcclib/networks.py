@@ -19,6 +19,7 @@ from typing import Optional
 
 from .common import log
 from .config import NetworkList, Settings
+from .protocol import unwrap_ipv4
 
 # A list file larger than this is no list of addresses (an error page, a dump).
 MAX_LIST_BYTES = 64 << 20
@@ -289,6 +290,13 @@ class Networks:
     def changed_on_disk(self) -> bool:
         return any(file_signature(loaded.spec.file) != loaded.signature for loaded in self.lists) or (
             bool(self.settings.asn_database) and file_signature(self.settings.asn_database) != self.asn_signature)
+
+    def facts_of(self, ip: str) -> NetworkFacts:
+        """lookup() of an address as text (a stored last_ip); nothing for one that is no address."""
+        try:
+            return self.lookup(unwrap_ipv4(ipaddress.ip_address(ip)))
+        except ValueError:
+            return NO_FACTS
 
     def _lookup(self, address) -> NetworkFacts:
         """`address` an ipaddress object (or None)."""

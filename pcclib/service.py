@@ -37,7 +37,7 @@ from .metrics import Metrics
 from .notify import Notifier
 from .respond import Responder
 from .outage import OutageJournal, OutageState
-from .protocol import DOVECOT_LOGIN, PolicyRequest, unwrap_ipv4
+from .protocol import DOVECOT_LOGIN, PolicyRequest
 from .storage import DatabaseClock, Store, is_data_error, is_database_error, safe_url
 
 # How long a request may wait for the database before pcc answers without it
@@ -134,10 +134,7 @@ class PolicyService:
 
     def network_of(self, ip: str) -> str:
         """An address's network for people ("AS3320 Deutsche Telekom AG"), "" when unknown."""
-        try:
-            return self.networks.lookup(unwrap_ipv4(ipaddress.ip_address(ip))).describe()
-        except ValueError:
-            return ""
+        return self.networks.facts_of(ip).describe()
 
     def start_background(self, stopping: threading.Event) -> None:
         """The daemon's helpers: the sighting writer, the poll of changes and
