@@ -45,6 +45,11 @@ _DOVECOT_LOGIN_LINE = re.compile(
     r"(?:\S+ dovecot(?:\[\d+\])?: )?(?P<door>imap|pop3|submission|managesieve)-login: (?:Info: )?"
     r"(?:Login|Logged in): user=<(?P<login>[^>]*)>, (?:.*?, )?rip=(?P<ip>[^,\s]+)"
 )
+# How far after "today" a classic stamp may be and still be this year's: a log
+# copied from a host in another time zone (up to 14 hours ahead of UTC) or
+# with its clock off.  Farther ahead, it is last year's.
+FUTURE_SLACK = dt.timedelta(hours=14)
+
 _MONTHS = {name: number for number, name in enumerate(
     "Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split(), start=1)}
 
@@ -52,10 +57,13 @@ _MONTHS = {name: number for number, name in enumerate(
 class LogClock:
     """Turns log time stamps into aware UTC datetimes.
 
-    Classic syslog stamps have no year: the first one is taken to be in the
-    current year (the previous one if that would put it in the future), and the
-    year goes up each time the month goes back (December, then January).
-    Stamps without a zone are local time, as syslog writes them."""
+    Classic syslog stamps have no year.  The first one goes in the latest year
+    that does not put it after `today` (by more than FUTURE_SLACK: the log's
+    host may be some hours ahead in its zone or its clock), so "Dec 30" read
+    on 3 December is last year's and "Feb 29" lands in a leap year; after
+    that the year goes up each time the month goes back (December, then
+    January).  Stamps without a zone are local time, as syslog writes them.
+    `today` is the caller's clock (aware): nothing here reads the host's."""
 
     def __init__(self, today: dt.datetime):
         self.today = today
@@ -66,17 +74,34 @@ class LogClock:
         if iso:
             moment = dt.datetime.fromisoformat(iso)
         else:
-            month = _MONTHS[classic[:3]]
+            month, fields = _MONTHS[classic[:3]], (int(classic[4:6]), int(classic[7:9]), int(classic[10:12]),
+                                                   int(classic[13:15]))
             if self.year is None:
-                self.year = self.today.year - (1 if month > self.today.month else 0)
+                self.year = self._first_year(month, fields)
             elif month < self.month:
                 self.year += 1
             self.month = month
-            moment = dt.datetime(self.year, month, int(classic[4:6]), int(classic[7:9]),
-                                 int(classic[10:12]), int(classic[13:15]))
-        if moment.tzinfo is None:
-            moment = moment.astimezone()  # local time
-        return moment.astimezone(UTC)  # OverflowError for a stamp near year 1 or 9999: the caller skips the line
+            moment = dt.datetime(self.year, month, *fields)
+        return _as_utc(moment)
+
+    def _first_year(self, month: int, fields: tuple) -> int:
+        """The latest year in which month and fields (day, hour, minute,
+        second) are a real moment no later than today + FUTURE_SLACK."""
+        latest = self.today + FUTURE_SLACK
+        for year in range(latest.year, latest.year - 9, -1):  # a leap day is at most 8 years back
+            try:
+                moment = dt.datetime(year, month, *fields)
+            except ValueError:  # 29 February of a common year
+                continue
+            if _as_utc(moment) <= latest:
+                return year
+        raise ValueError(f"no year has {month}/{fields[0]}")
+
+
+def _as_utc(moment: dt.datetime) -> dt.datetime:
+    if moment.tzinfo is None:
+        moment = moment.astimezone()  # local time
+    return moment.astimezone(UTC)  # OverflowError for a stamp near year 1 or 9999: the caller skips the line
 
 
 class MemoryStore:

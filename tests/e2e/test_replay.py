@@ -14,12 +14,17 @@ from conftest import (
     SERVER_DATABASES,
     fresh_database,
     ip_in,
+    shifted_clock_environment,
     write_config,
 )
 
 from pcclib.storage import Block, Sighting
 
 START = dt.datetime(2025, 12, 30, 22, 0, 0, tzinfo=dt.timezone.utc)  # the classic log crosses new year
+# The day the replays run on (their clock, through libfaketime): classic stamps
+# have no year, so what a replay reports depends on it, never on today's date.
+# The log above ends on 5 January 2026; each of these days is after it.
+REPLAY_DAYS = ["2026-01-06 09:00:00", "2026-03-01 00:30:00", "2026-12-03 13:57:00", "2026-12-29 23:00:00"]
 
 
 def classic(moment, ip, login, service="postfix/submission/smtpd"):
@@ -78,18 +83,20 @@ def config(tmp_path, geoip_path):
                                    "db.spool_file": "", "policy.action": "REJECT"})
 
 
-def replay(config, *arguments, stdin=None):
+def replay(config, *arguments, stdin=None, today=REPLAY_DAYS[0]):
+    """pcc.py --replay run on the day `today` (UTC), its clock set by libfaketime."""
     result = subprocess.run([sys.executable, str(ROOT / "pcc.py"), "--config", config, "--replay", *arguments],
                             capture_output=True, text=True, timeout=120, input=stdin,
-                            env={**os.environ, "TZ": "UTC"})
+                            env={**shifted_clock_environment(f"@{today}"), "TZ": "UTC"})
     assert result.returncode == 0, result.stderr
     return result.stdout
 
 
-def test_report_in_both_time_stamp_formats(tmp_path, config):
+@pytest.mark.parametrize("today", REPLAY_DAYS)
+def test_report_in_both_time_stamp_formats(tmp_path, config, today):
     classic_path, iso_path = write_logs(tmp_path, scenario())
     for path in (classic_path, iso_path):
-        report = json.loads(replay(config, path, "--json"))
+        report = json.loads(replay(config, path, "--json", today=today))
         assert [block["login"] for block in report["would_block"]] == ["victim@example.com"]
         (block,) = report["would_block"]
         assert block["blocked_at"] == (START + dt.timedelta(hours=3, minutes=21)).isoformat()
@@ -99,13 +106,14 @@ def test_report_in_both_time_stamp_formats(tmp_path, config):
         assert report["submissions"] == len(scenario())
         assert report["accounts_by_most_countries"] == {"1": 1, "2": 1, "3": 1, "4": 1, "5+": 0}
         assert report["first"] == START.isoformat()
-    assert json.loads(replay(config, classic_path, "--json"))["unparseable_lines"] == 2
+    assert json.loads(replay(config, classic_path, "--json", today=today))["unparseable_lines"] == 2
     assert not os.path.exists(tmp_path / "live.sqlite3")  # the live database is never touched
 
 
-def test_text_report(tmp_path, config):
+@pytest.mark.parametrize("today", REPLAY_DAYS)
+def test_text_report(tmp_path, config, today):
     classic_path, _ = write_logs(tmp_path, scenario())
-    text = replay(config, classic_path)
+    text = replay(config, classic_path, today=today)
     assert f"{len(scenario()) + 3} lines, {len(scenario())} authenticated submissions" in text
     assert "2 unparseable lines skipped" in text
     assert "Would have blocked 1 account (1 for too many countries):" in text
@@ -177,10 +185,10 @@ def test_record_writes_sightings_a_new_daemon_knows(tmp_path, geoip_path, start_
     events = [(now - dt.timedelta(hours=5 - n), ip_in(c), "alice@example.com")
               for n, c in enumerate(["GB", "US", "FR"])]
     events.append((now - dt.timedelta(hours=1), ip_in("GB", 9), "alice@example.com"))
-    log_path, _ = write_logs(tmp_path, events)
+    _, log_path = write_logs(tmp_path, events)  # RFC 3339 stamps: the daemon's clock is the real one
     config = write_config(tmp_path, {"db.dbcon": url, "geoip.database": geoip_path, "db.spool_file": ""},
                           name="record.conf")
-    output = replay(config, log_path, "--record")
+    output = replay(config, log_path, "--record", today=f"{now:%Y-%m-%d %H:%M:%S}")
     assert "recorded 3 sightings of 1 accounts from 4 submissions" in output
     engine = sa.create_engine(url)
     with engine.connect() as connection:
@@ -192,7 +200,7 @@ def test_record_writes_sightings_a_new_daemon_knows(tmp_path, geoip_path, start_
                                                         ("US", ip_in("US"))]
     assert blocks == 0  # sightings, never blocks
     # recording again merges: nothing doubles, the earliest first_seen stays
-    replay(config, log_path, "--record")
+    replay(config, log_path, "--record", today=f"{now:%Y-%m-%d %H:%M:%S}")
     daemon = start_daemon(**{"db.dbcon": url, "policy.action": "REJECT"})
     assert daemon.client().ask("alice@example.com", ip_in("DE")).startswith("REJECT")
 
