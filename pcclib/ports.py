@@ -78,9 +78,9 @@ class RateLimitedWarning:
 class _Slot:
     __slots__ = ("socket", "since", "answering")
 
-    def __init__(self, sock):
+    def __init__(self, sock, since: float):
         self.socket = sock
-        self.since = time.monotonic()  # when it last began to wait for a client's bytes
+        self.since = since  # when it last began to wait for a client's bytes
         self.answering = False  # a whole request is being answered: never cut
 
 
@@ -128,6 +128,12 @@ class BoundedPort:
             self._release(request)
 
     def _admit(self, request, peer: str) -> bool:
+        # Taken before the cut below: what the cut lets happen (the cut
+        # client's next connection, another client answered meanwhile) must
+        # look newer than this one, however long this thread is then kept
+        # from running.  (Taken after, a connection answered while this
+        # thread waited for the GIL could be cut in place of this idle one.)
+        admitted = time.monotonic()
         with self._slots_lock:
             if len(self._slots) >= self.cap:
                 waiting = [slot for slot in self._slots.values() if not slot.answering]
@@ -139,7 +145,7 @@ class BoundedPort:
                            f"({time.monotonic() - victim.since:.1f} s) to admit {peer}")
                 del self._slots[victim.socket]
                 _cut(victim.socket)
-            self._slots[request] = _Slot(request)
+            self._slots[request] = _Slot(request, admitted)
             return True
 
     def _release(self, request) -> None:
