@@ -107,6 +107,11 @@ class Decision:
     sighted: tuple = ()  # the codes this request is seen under: its country, the COUNT lists' markers
     notify_lists: tuple = ()  # the NOTIFY network lists the client is on: the admins are told
     blocking_rule: str = ""  # a new block's rule when not the country count or travel: "network", "only_from"
+    # This request adds a place to the account's count (a country or marker
+    # not in the window) or, with the travel rule on, moves the account: every
+    # daemon's next decision must see it, so it is decided on a fresh read of
+    # the database and its sighting committed before the answer.
+    new_place: bool = False
 
     @property
     def blocks(self) -> bool:
@@ -271,12 +276,13 @@ def _count(request: PolicyRequest, history: AccountHistory, settings: Settings, 
                         sighted=codes)
     if journey is not None:
         summary += f"; impossible travel noticed: {journey.describe()}"
-    stale = any(code not in before or now - before[code].last_seen >= SIGHTING_REFRESH for code in codes)
+    new_code = any(code not in before for code in codes)
+    stale = any(code in before and now - before[code].last_seen >= SIGHTING_REFRESH for code in codes)
     # With the travel rule on, every move to another place is written, so the
     # next message is judged against where the account really was last.
-    moved = settings.max_travel_speed_kmh is not None and not stale and _moved(request, history)
-    return Decision("DUNNO", summary, counted=True, record_sighting=stale or moved, countries=countries,
-                    journey=journey, sighted=codes)
+    moved = settings.max_travel_speed_kmh is not None and _moved(request, history)
+    return Decision("DUNNO", summary, counted=True, record_sighting=new_code or stale or moved,
+                    countries=countries, journey=journey, sighted=codes, new_place=new_code or moved)
 
 
 def _moved(request: PolicyRequest, history: AccountHistory) -> bool:

@@ -335,7 +335,13 @@ class SightingWriter:
     written, pending_for() gives them to the account's next read, so counting
     never misses one.  While the database fails they stay (merged per account
     and country) and are written when it is back.  Not started (tests,
-    replays), add() writes at once."""
+    replays), add() writes at once.
+
+    A sighting that other daemons must see before the answer (a new place:
+    Decision.new_place) is added with commit=True: its request writes the
+    next batch itself, with whatever else has gathered (group commit again:
+    one transaction for the requests waiting at that moment), and is answered
+    once that batch is committed."""
 
     def __init__(self, store, on_written=None, on_failed=None):
         self.store = store
@@ -347,6 +353,8 @@ class SightingWriter:
         self._pending_since: Optional[float] = None  # monotonic time of the oldest entry in _pending
         self._writing_since: Optional[float] = None  # ...and in _writing
         self._failing = False  # the last write failed: requests do not wait for the next
+        self._batch = 0  # the number of the batch that _pending will be written in
+        self._committed = -1  # the number of the latest batch committed
         self._lock = threading.Lock()
         self._flushing = threading.Lock()
         self._stop = threading.Event()
@@ -364,10 +372,11 @@ class SightingWriter:
             self._thread = None
         self.flush()
 
-    def add(self, login: str, seen: CountrySeen, may_wait: bool = True) -> None:
+    def add(self, login: str, seen: CountrySeen, may_wait: bool = True, commit: bool = False) -> bool:
         """may_wait: the caller may write a lagging batch itself (a request's
         own thread); False for answers that must not wait (late answers, the
-        answers during an outage)."""
+        answers during an outage).  commit: return only once the sighting is
+        committed; False when the database failed (it stays pending)."""
         with self._lock:
             countries = self._pending.setdefault(login, {})
             if seen.country not in countries:
@@ -377,8 +386,19 @@ class SightingWriter:
                 self._pending_since = time.monotonic()
             if self._count > SIGHTINGS_KEPT_UNWRITTEN:
                 self._drop_oldest()
+            batch = self._batch
+        if commit:
+            return self._commit(batch)
         if self._thread is None or (may_wait and self._lagging() and not self._failing):
             self.flush()  # waits for a batch being written, then writes what is left
+        return True
+
+    def _commit(self, batch: int) -> bool:
+        """Until batch number `batch` is committed, by this thread or another."""
+        with self._flushing:
+            if self._committed >= batch:
+                return True  # written by the request or the thread that held the lock before
+            return self._flush_locked()
 
     def _lagging(self) -> bool:
         oldest = min((since for since in (self._writing_since, self._pending_since) if since is not None),
@@ -411,29 +431,33 @@ class SightingWriter:
     def flush(self) -> bool:
         """Write what is pending; False when the database failed (it all stays)."""
         with self._flushing:
-            with self._lock:
-                if not self._pending:
-                    return True
-                self._writing, self._pending, self._count = self._pending, {}, 0
-                self._writing_since, self._pending_since = self._pending_since, None
-            rows = sighting_rows((login, seen) for login, countries in self._writing.items()
-                                 for seen in countries.values())
-            started = time.monotonic()
-            try:
-                self._write(rows)
-            except sa_exc.SQLAlchemyError as error:
-                self._failing = True
-                self._keep_writing()
-                self.on_failed(first_line(error))
-                return False
-            self._failing = False
-            with self._lock:
-                self._writing, self._writing_since = {}, None
-            took = time.monotonic() - started
-            if took > SLOW_SIGHTING_WRITE:  # what a crash may lose grows with it
-                log.warning("writing %d sightings took %.2f s", len(rows), took)
-            self.on_written()
-            return True
+            return self._flush_locked()
+
+    def _flush_locked(self) -> bool:
+        with self._lock:
+            if not self._pending:
+                return True
+            self._writing, self._pending, self._count = self._pending, {}, 0
+            self._writing_since, self._pending_since = self._pending_since, None
+            batch, self._batch = self._batch, self._batch + 1
+        rows = sighting_rows((login, seen) for login, countries in self._writing.items()
+                             for seen in countries.values())
+        started = time.monotonic()
+        try:
+            self._write(rows)
+        except sa_exc.SQLAlchemyError as error:
+            self._failing = True
+            self._keep_writing()
+            self.on_failed(first_line(error))
+            return False
+        self._failing = False
+        with self._lock:
+            self._writing, self._writing_since, self._committed = {}, None, batch
+        took = time.monotonic() - started
+        if took > SLOW_SIGHTING_WRITE:  # what a crash may lose grows with it
+            log.warning("writing %d sightings took %.2f s", len(rows), took)
+        self.on_written()
+        return True
 
     def _write(self, rows: list) -> None:
         try:

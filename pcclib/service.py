@@ -233,36 +233,76 @@ class PolicyService:
         if probing and not self.outage.probe_due():
             return self._decide_offline(request, now)
         with self._lanes.enter(request.login):
-            history, read_at = self._current_history(request.login), None
+            history, read_at, decision = self._current_history(request.login), None, None
+            if history is not None:
+                decision = decide_counted(request, self._with_last_place(history), self.settings, now)
+                if decision.new_place and not decision.new_block:
+                    # Memory may miss what another daemon answered a moment
+                    # ago (the poll is up to a second behind, and a burst is
+                    # dozens of messages in that second): a new place is
+                    # decided on the database's view.
+                    history = decision = None
             if history is None:
                 # Queued behind a request that found the database failing: no
                 # second try, unless a probe is due.
                 if self.outage.failing and not probing and not self.outage.probe_due():
                     return self._decide_offline(request, now)
                 read_at = time.monotonic()
-                try:
-                    history = self._read_history(request.login, now, ticket)
-                except Exception as error:  # one classifier: the database's, the driver's, or pcc's own
-                    if not is_database_error(error):
-                        raise
-                    if is_data_error(error):
-                        return self._refused_data(request, error)
-                    self._database_failed(first_line(error))
-                    return self._decide_offline(request, now)
+                history = self._read_or_answer(request, now, ticket)
+                if isinstance(history, Decision):
+                    return history
             if not history.enforced_block and self.journal.pending() and request.login in self.journal.blocked_logins():
                 # The database is back but this block is not in it yet (the
                 # spool is being written): the database's history must not
                 # let the account through meanwhile.
                 return Decision(self.settings.block_reply, "account blocked (its block waits in the spool)")
-            decision = decide_counted(request, self._with_last_place(history), self.settings, now)
-            self._remember(request.login, history, decision, now, read_at)
-            if decision.new_block:
-                # On disk before anyone can answer with it: a late answer then
-                # needs no I/O, and a crash during the commit loses no block.
-                ticket.spooled = self._block_entry(request, decision, now)
-                self.journal.add_block(ticket.spooled, in_flight=True)
-            ticket.decided = (request, decision, now)
-            return self._record_decided(request, decision, now, ticket)
+            if decision is None:
+                decision = decide_counted(request, self._with_last_place(history), self.settings, now)
+            recorded = self._carry_out(request, history, read_at, decision, now, ticket)
+            if decision.new_place and not decision.new_block and not self.outage.failing:
+                return self._decide_after_commit(request, recorded, now, ticket)
+            return recorded
+
+    def _read_or_answer(self, request: PolicyRequest, now: dt.datetime, ticket: RequestTicket):
+        """The account's history from the database, or, when it cannot be
+        read, the answer without it."""
+        try:
+            return self._read_history(request.login, now, ticket)
+        except Exception as error:  # one classifier: the database's, the driver's, or pcc's own
+            if not is_database_error(error):
+                raise
+            if is_data_error(error):
+                return self._refused_data(request, error)
+            self._database_failed(first_line(error))
+            return self._decide_offline(request, now)
+
+    def _carry_out(self, request: PolicyRequest, history: AccountHistory, read_at: Optional[float],
+                   decision: Decision, now: dt.datetime, ticket: RequestTicket) -> Decision:
+        """Remember and record `decision`, made on `history` (read at read_at,
+        None: from memory)."""
+        self._remember(request.login, history, decision, now, read_at)
+        if decision.new_block:
+            # On disk before anyone can answer with it: a late answer then
+            # needs no I/O, and a crash during the commit loses no block.
+            ticket.spooled = self._block_entry(request, decision, now)
+            self.journal.add_block(ticket.spooled, in_flight=True)
+        ticket.decided = (request, decision, now)
+        return self._record_decided(request, decision, now, ticket)
+
+    def _decide_after_commit(self, request: PolicyRequest, decision: Decision, now: dt.datetime,
+                             ticket: RequestTicket) -> Decision:
+        """A new place is committed: the account's rows read again.  Two
+        daemons can each add a country on views read before the other's
+        commit; the later of the two sees both here, and blocks if they cross
+        the line together.  The earlier one's decision stands."""
+        read_at = time.monotonic()
+        history = self._read_or_answer(request, now, ticket)
+        if isinstance(history, Decision):  # the database failed since: the decision made stands
+            return decision
+        again = decide_counted(request, history, self.settings, now)
+        if not again.new_block:
+            return again if again.blocks else decision  # blocked meanwhile by another daemon or an admin
+        return self._carry_out(request, history, read_at, again, now, ticket)
 
     def _check_blocked(self, request: PolicyRequest) -> Decision:
         """A name anyone can send (Dovecot asks before the password) costs no
@@ -360,8 +400,12 @@ class PolicyService:
                                    decision.journey, _network_text(request))
             return decision
         if decision.record_sighting:
-            for code in decision.sighted:
-                self.sightings.add(login, CountrySeen(code, now, now, ip))
+            # A new place is committed before the answer (with the other
+            # requests' waiting then: one transaction), so that every daemon's
+            # next read holds it; the rest is written behind the answer.
+            last = len(decision.sighted) - 1
+            for n, code in enumerate(decision.sighted):
+                self.sightings.add(login, CountrySeen(code, now, now, ip), commit=decision.new_place and n == last)
         if decision.journey is not None:
             self.responder.journey(login, decision.journey, now)
         return decision

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import configparser
 import datetime
+import contextlib
 import glob
 import http.server
 import itertools
@@ -135,6 +136,20 @@ def seen_an_hour_before(now, *countries) -> tuple:
     """Sightings of `countries`, the last an hour before `now`."""
     hour = datetime.timedelta(hours=1)
     return tuple(CountrySeen(code, now - 2 * hour, now - hour, ip_in(code)) for code in countries)
+
+
+@contextlib.contextmanager
+def busy_cores(count: Optional[int] = None, limit: float = 600.0):
+    """Every core (or `count` of them) kept busy by other processes, as a busy
+    MTA's are, while the block runs; each stops by itself after `limit` s."""
+    spin = f"import time\nend = time.monotonic() + {limit}\nwhile time.monotonic() < end: pass\n"
+    spinners = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(count or os.cpu_count() or 2)]
+    try:
+        yield
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
 
 
 def all_at_once(count: int, work) -> list:
