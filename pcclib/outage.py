@@ -19,8 +19,9 @@ from .common import first_line, log
 from .config import MONITOR_ACTION, Settings
 from .storage import Store, is_data_error, safe_url
 
-# While the database fails, one request a second tries it again; the others
-# are answered at once from memory.
+# While the database fails, it is tried again once a second, by the service's
+# probe thread or by a request, whichever comes first; the other requests are
+# answered at once from memory.
 DB_PROBE_INTERVAL = 1.0
 
 # While the database fails, an ERROR line this often (seconds).
@@ -49,8 +50,9 @@ class OutageState:
     requests were answered meanwhile.
 
     A failure starts an outage (one ERROR line, then one a minute while it
-    lasts); while it lasts, one request a second probes the database.  A
-    failure to write ends only with a successful write."""
+    lasts); while it lasts, the database is probed once a second (probe_due),
+    with or without requests.  A failure to write ends only with a successful
+    write."""
 
     def __init__(self, settings: Settings, clock=time.monotonic):
         self.settings = settings

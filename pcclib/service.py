@@ -45,6 +45,9 @@ from .storage import DatabaseClock, Store, is_data_error, is_database_error, saf
 DB_ANSWER_DEADLINE = 0.8
 # How often the Watchdog looks for requests past their deadline (seconds).
 WATCHDOG_INTERVAL = 0.05
+# While the database fails, how often the probe thread looks whether a probe
+# is due (outage.DB_PROBE_INTERVAL: requests and this thread share it).
+PROBE_CHECK_INTERVAL = 0.25
 
 # The request `pcc.py --health` sends the daemon (Postfix never sends it):
 # the answer is DUNNO followed by what the daemon sees of itself.
@@ -142,6 +145,7 @@ class PolicyService:
         self.sightings.start()
         start_thread(self._poll_changes_until, "pcc-changes", stopping)
         start_thread(self._keep_blocked_list, "pcc-blocked-list", stopping)
+        start_thread(self._probe_while_failing, "pcc-probe", stopping)
 
     def load_blocked_list(self) -> None:
         """Before the ports open: the whole blocked list, from the database or,
@@ -529,7 +533,27 @@ class PolicyService:
     def _database_ok(self, wrote: bool = False) -> None:
         """The database answered; a failure to write ends only with a write."""
         if self.outage.ok(wrote):
-            start_thread(self._write_journal, "pcc-journal")
+            start_thread(self._after_outage, "pcc-journal")
+
+    def _probe_while_failing(self, stopping: threading.Event) -> None:
+        """While the database fails, try it about once a second, whether or
+        not requests come: an outage ends when the database answers, not when
+        the next mail arrives (at night, on a standby MTA, hours later)."""
+        while not stopping.wait(PROBE_CHECK_INTERVAL):
+            if self.outage.failing and self.outage.probe_due():
+                self.probe_database()
+
+    def probe_database(self) -> bool:
+        """One try of what the daemon does with its database: the tables, the
+        spool's blocks, a write (rolled back).  True when it all worked."""
+        try:
+            self.ensure_database()
+            self.store.prove_writable()
+        except sa_exc.SQLAlchemyError as error:
+            self._database_failed(first_line(error))
+            return False
+        self._database_ok(wrote=True)
+        return True
 
     def database_unreachable_at_start(self, problem: str) -> None:
         """A server that is down or unreachable at boot is an outage, not a
@@ -549,9 +573,13 @@ class PolicyService:
         if self.journal.pending():
             self.journal.replay(self.store, self._notify_spooled_block)
 
-    def _write_journal(self) -> None:
+    def _after_outage(self) -> None:
+        """The database is back: what was decided meanwhile is written, and the
+        blocked list read again (other daemons and administrators may have
+        blocked or unblocked accounts meanwhile)."""
         try:
             self.ensure_database()
+            self.memory.reload_blocked(self.store, self.journal.blocked_logins())
         except sa_exc.SQLAlchemyError as error:
             log.error("writing what was decided during the outage failed, will try again: %s", first_line(error))
 
