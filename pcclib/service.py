@@ -300,13 +300,19 @@ class PolicyService:
         commit; the later of the two sees both here, and blocks if they cross
         the line together.  The earlier one's decision stands."""
         read_at = time.monotonic()
-        history = self._read_or_answer(request, now, ticket)
-        if isinstance(history, Decision):  # the database failed since: the decision made stands
-            return decision
+        try:
+            history = self._read_history(request.login, now, ticket)
+        except Exception as error:
+            if not is_database_error(error):
+                raise
+            if not is_data_error(error):
+                self._database_failed(first_line(error))
+            return decision  # recorded already: it stands
         again = decide_counted(request, history, self.settings, now)
-        if not again.new_block:
-            return again if again.blocks else decision  # blocked meanwhile by another daemon or an admin
-        return self._carry_out(request, history, read_at, again, now, ticket)
+        if again.new_block:
+            return self._carry_out(request, history, read_at, again, now, ticket)
+        self._remember(request.login, history, again, now, read_at)  # the fresher view
+        return again if again.blocks else decision  # blocked meanwhile by another daemon or an administrator
 
     def _check_blocked(self, request: PolicyRequest) -> Decision:
         """A name anyone can send (Dovecot asks before the password) costs no
