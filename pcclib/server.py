@@ -119,8 +119,8 @@ class PolicyHandler(socketserver.BaseRequestHandler):
         self.server.answering(self.request, False, answered_at)
         successor = _Successor(self)
         self._successors.append(successor)
+        successor.start()  # before the handover: the waiting thread joins it at once
         self._handover.set()
-        successor.start()
 
     def _read_request(self, peer: str) -> Optional[list]:
         """The lines of the next request, or None when the connection should end.
