@@ -338,10 +338,11 @@ class SightingWriter:
     replays), add() writes at once.
 
     A sighting that other daemons must see before the answer (a new place:
-    Decision.new_place) is added with commit=True: its request writes the
-    next batch itself, with whatever else has gathered (group commit again:
-    one transaction for the requests waiting at that moment), and is answered
-    once that batch is committed."""
+    Decision.new_place) is added with commit=True and written by its own
+    request, apart from the batches behind the answers (so that it never
+    waits for a large batch of refreshes): the requests waiting at one moment
+    share one transaction (group commit), and each is answered once it is
+    committed."""
 
     def __init__(self, store, on_written=None, on_failed=None):
         self.store = store
@@ -353,8 +354,12 @@ class SightingWriter:
         self._pending_since: Optional[float] = None  # monotonic time of the oldest entry in _pending
         self._writing_since: Optional[float] = None  # ...and in _writing
         self._failing = False  # the last write failed: requests do not wait for the next
-        self._batch = 0  # the number of the batch that _pending will be written in
-        self._committed = -1  # the number of the latest batch committed
+        self._places: dict = {}  # login -> {country: CountrySeen}: new places waiting for their commit
+        self._places_writing: dict = {}  # the same, in the commit under way
+        self._places_batch = 0  # the number of the commit that _places will go in
+        self._places_committed = -1  # the number of the latest one committed...
+        self._places_failed = -1  # ...and of the latest that failed (its sightings went to _pending)
+        self._committing = threading.Lock()
         self._lock = threading.Lock()
         self._flushing = threading.Lock()
         self._stop = threading.Event()
@@ -377,28 +382,64 @@ class SightingWriter:
         own thread); False for answers that must not wait (late answers, the
         answers during an outage).  commit: return only once the sighting is
         committed; False when the database failed (it stays pending)."""
-        with self._lock:
-            countries = self._pending.setdefault(login, {})
-            if seen.country not in countries:
-                self._count += 1
-            countries[seen.country] = merge_seen(countries.get(seen.country), seen)
-            if self._pending_since is None:
-                self._pending_since = time.monotonic()
-            if self._count > SIGHTINGS_KEPT_UNWRITTEN:
-                self._drop_oldest()
-            batch = self._batch
         if commit:
-            return self._commit(batch)
+            return self._commit_place(login, seen)
+        with self._lock:
+            self._queue(login, seen)
         if self._thread is None or (may_wait and self._lagging() and not self._failing):
             self.flush()  # waits for a batch being written, then writes what is left
         return True
 
-    def _commit(self, batch: int) -> bool:
-        """Until batch number `batch` is committed, by this thread or another."""
-        with self._flushing:
-            if self._committed >= batch:
-                return True  # written by the request or the thread that held the lock before
-            return self._flush_locked()
+    def _queue(self, login: str, seen: CountrySeen) -> None:
+        """Into the next batch behind the answers (the caller holds _lock)."""
+        countries = self._pending.setdefault(login, {})
+        if seen.country not in countries:
+            self._count += 1
+        countries[seen.country] = merge_seen(countries.get(seen.country), seen)
+        if self._pending_since is None:
+            self._pending_since = time.monotonic()
+        if self._count > SIGHTINGS_KEPT_UNWRITTEN:
+            self._drop_oldest()
+
+    def _commit_place(self, login: str, seen: CountrySeen) -> bool:
+        """Until the sighting is committed, by this request or one that
+        took it into its own commit; False when that commit failed (the
+        sighting then waits behind the answers like any other)."""
+        with self._lock:
+            countries = self._places.setdefault(login, {})
+            countries[seen.country] = merge_seen(countries.get(seen.country), seen)
+            batch = self._places_batch
+        with self._committing:
+            if self._places_committed >= batch:
+                return True
+            if self._places_failed >= batch:
+                return False
+            return self._write_places()
+
+    def _write_places(self) -> bool:
+        """The new places waiting now, in one transaction (the caller holds
+        _committing; every commit numbered below theirs was taken before they
+        came)."""
+        with self._lock:
+            self._places_writing, self._places = self._places, {}
+            number, self._places_batch = self._places_batch, self._places_batch + 1
+        rows = sighting_rows((login, seen) for login, countries in self._places_writing.items()
+                             for seen in countries.values())
+        try:
+            self._write(rows)
+        except sa_exc.SQLAlchemyError as error:
+            with self._lock:  # behind the answers, written when the database takes them
+                for login, countries in self._places_writing.items():
+                    for seen in countries.values():
+                        self._queue(login, seen)
+                self._places_writing, self._places_failed = {}, number
+            self._failing = True
+            self.on_failed(first_line(error))
+            return False
+        with self._lock:
+            self._places_writing, self._places_committed = {}, number
+        self.on_written()
+        return True
 
     def _lagging(self) -> bool:
         oldest = min((since for since in (self._writing_since, self._pending_since) if since is not None),
@@ -416,12 +457,14 @@ class SightingWriter:
     def pending_for(self, login: str) -> tuple:
         """The account's sightings not yet known to be in the database."""
         with self._lock:
-            waiting = list(self._writing.get(login, {}).values()) + list(self._pending.get(login, {}).values())
+            waiting = [seen for batch in (self._writing, self._pending, self._places_writing, self._places)
+                       for seen in batch.get(login, {}).values()]
         return tuple(waiting)
 
     def waiting(self) -> int:
         with self._lock:
-            return self._count + sum(len(countries) for countries in self._writing.values())
+            return self._count + sum(len(countries) for batch in (self._writing, self._places_writing, self._places)
+                                     for countries in batch.values())
 
     def _run(self) -> None:
         while not self._stop.wait(SIGHTING_FLUSH_INTERVAL):
@@ -431,33 +474,29 @@ class SightingWriter:
     def flush(self) -> bool:
         """Write what is pending; False when the database failed (it all stays)."""
         with self._flushing:
-            return self._flush_locked()
-
-    def _flush_locked(self) -> bool:
-        with self._lock:
-            if not self._pending:
-                return True
-            self._writing, self._pending, self._count = self._pending, {}, 0
-            self._writing_since, self._pending_since = self._pending_since, None
-            batch, self._batch = self._batch, self._batch + 1
-        rows = sighting_rows((login, seen) for login, countries in self._writing.items()
-                             for seen in countries.values())
-        started = time.monotonic()
-        try:
-            self._write(rows)
-        except sa_exc.SQLAlchemyError as error:
-            self._failing = True
-            self._keep_writing()
-            self.on_failed(first_line(error))
-            return False
-        self._failing = False
-        with self._lock:
-            self._writing, self._writing_since, self._committed = {}, None, batch
-        took = time.monotonic() - started
-        if took > SLOW_SIGHTING_WRITE:  # what a crash may lose grows with it
-            log.warning("writing %d sightings took %.2f s", len(rows), took)
-        self.on_written()
-        return True
+            with self._lock:
+                if not self._pending:
+                    return True
+                self._writing, self._pending, self._count = self._pending, {}, 0
+                self._writing_since, self._pending_since = self._pending_since, None
+            rows = sighting_rows((login, seen) for login, countries in self._writing.items()
+                                 for seen in countries.values())
+            started = time.monotonic()
+            try:
+                self._write(rows)
+            except sa_exc.SQLAlchemyError as error:
+                self._failing = True
+                self._keep_writing()
+                self.on_failed(first_line(error))
+                return False
+            self._failing = False
+            with self._lock:
+                self._writing, self._writing_since = {}, None
+            took = time.monotonic() - started
+            if took > SLOW_SIGHTING_WRITE:  # what a crash may lose grows with it
+                log.warning("writing %d sightings took %.2f s", len(rows), took)
+            self.on_written()
+            return True
 
     def _write(self, rows: list) -> None:
         try:

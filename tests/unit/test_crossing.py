@@ -15,7 +15,7 @@ LOGIN = "alice@example.com"
 
 
 def two_daemons(db_url, make_settings, geoip) -> tuple:
-    settings = make_settings(**{"db.dbcon": db_url, "policy.action": "HOLD", "db.spool_file": ""})
+    settings = make_settings(**{"db.dbcon": db_url, "policy.action": "REJECT", "db.spool_file": ""})
     services = tuple(PolicyService(settings, Store(db_url), geoip, Notifier(settings)) for _ in range(2))
     for service in services:
         service.sightings._thread = object()  # as if started: only a commit writes at once
@@ -47,8 +47,8 @@ def test_a_new_country_decided_from_memory_reads_what_another_daemon_answered(db
     assert [answer(b, c, n) for n, c in enumerate(["GB", "US"])] == ["DUNNO"] * 2  # in B's memory
     assert answer(a, "FR", 3) == "DUNNO"  # B's memory does not have it
     assert b.memory.current(LOGIN) is not None
-    assert answer(b, "DE", 4).startswith("HOLD")  # read again: GB, US, FR and DE
-    assert answer(b, "US", 5).startswith("HOLD")
+    assert answer(b, "DE", 4).startswith("REJECT")  # read again: GB, US, FR and DE
+    assert answer(b, "US", 5).startswith("REJECT")
     stop(a, b)
 
 
@@ -68,7 +68,7 @@ def test_two_new_countries_on_views_read_before_each_others_commit(db_url, make_
     b.store.load_history = load_before_a_commits
     b.memory.histories.clear()
     assert answer(a, "FR", 3) == "DUNNO"
-    assert answer(b, "DE", 3).startswith("HOLD")
+    assert answer(b, "DE", 3).startswith("REJECT")
     assert len(reads) == 2
     assert sightings_in_database(db_url, LOGIN) == {(LOGIN, c) for c in ("GB", "US", "FR", "DE")}
     stop(a, b)

@@ -244,3 +244,28 @@ def test_a_daemon_that_could_not_poll_for_long_starts_over(db_url, make_settings
     assert service.memory.histories.get("alice@example.com") is None
     for store in (mine, other):
         store.dispose()
+
+
+def test_a_new_place_is_committed_apart_and_kept_when_the_commit_fails(tmp_path):
+    """commit=True writes the sighting before returning, without the batch
+    waiting behind the answers; when the database fails it returns False and
+    the sighting waits behind the answers, counted by the next read."""
+    url = f"sqlite:///{tmp_path}/pcc.sqlite3"
+    store = Store(url)
+    store.create_tables()
+    writer = SightingWriter(store)
+    writer._thread = object()  # as if started: add() only queues
+    now = utcnow()
+    writer.add("bob@example.com", CountrySeen("GB", now, now, "20.1.0.1"))  # behind the answers
+    assert writer.add("alice@example.com", CountrySeen("JP", now, now, "20.1.0.2"), commit=True)
+    assert sightings_in_database(url) == {("alice@example.com", "JP")}
+    assert writer.waiting() == 1  # bob's still waits for its batch
+    writer.store = Store(f"sqlite:///{tmp_path}/missing/pcc.sqlite3", create_directory=False)
+    assert not writer.add("alice@example.com", CountrySeen("FR", now, now, "20.1.0.3"), commit=True)
+    assert {seen.country for seen in writer.pending_for("alice@example.com")} == {"FR"}
+    assert writer.waiting() == 2
+    writer.store = store
+    assert writer.flush() and writer.waiting() == 0
+    assert sightings_in_database(url) == {("alice@example.com", "JP"), ("alice@example.com", "FR"),
+                                          ("bob@example.com", "GB")}
+    store.dispose()
