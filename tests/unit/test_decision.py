@@ -191,3 +191,13 @@ def test_sighting_is_refreshed_only_when_stale(settings):
 def test_overlong_login_is_not_counted(settings):
     decision = decide(request(login="a" * 300 + "@example.com"), history(), settings, NOW)
     assert decision.action == "DUNNO" and "longer than" in decision.reason
+
+
+def test_only_a_country_new_to_the_window_is_a_new_place(settings):
+    """Decision.new_place: what every daemon must see before the answer."""
+    assert decide(request(country="FR"), history(seen("GB", HOUR)), settings, NOW).new_place
+    known = decide(request(country="GB", ip=ip_in("GB", 9)), history(seen("GB", 2 * HOUR)), settings, NOW)
+    assert not known.new_place and known.record_sighting  # refreshed, behind the answer
+    old = decide(request(country="GB"), history(seen("GB", 4 * DAY)), settings, NOW)
+    assert old.new_place  # out of the window: counted anew
+    assert not decide(request(country=None), history(seen("GB", HOUR)), settings, NOW).new_place

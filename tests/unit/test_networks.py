@@ -178,3 +178,14 @@ def test_a_broken_asn_file_is_reported_once_and_a_good_one_replaces_it(make_sett
     assert networks.changed_on_disk()
     networks = Networks(settings, networks)
     assert networks.lookup(address(ip_in("ES"))).describe() == "AS64500 Example Hosting B.V."
+
+
+def test_a_count_lists_marker_new_to_the_account_is_a_new_place(make_settings):
+    """Its sighting is committed before the answer like a new country's
+    (Decision.new_place); the same marker again is not."""
+    settings = make_settings(**{"list vpn.action": "count"})
+    marker = settings.network_lists[1].marker
+    hop = decide(request_from("45.80.0.1", country="ES", labels=("vpn",)), history("ES"), settings, NOW)
+    assert hop.new_place and not hop.blocks
+    again = decide(request_from("45.80.0.1", country="ES", labels=("vpn",)), history("ES", marker), settings, NOW)
+    assert not again.new_place
