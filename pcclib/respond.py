@@ -13,6 +13,7 @@ import datetime as dt
 import hashlib
 import hmac
 import http.client
+import ipaddress
 import json
 import queue
 import shlex
@@ -168,6 +169,25 @@ def _why(error: BaseException) -> str:
     return str(getattr(error, "reason", None) or error)
 
 
+class NotExactly(ValueError):
+    """doveadm cannot be told to end the sessions of exactly this login."""
+
+
+def doveadm_mask_problem(login: str) -> str:
+    """Why `login` cannot go to doveadm kick as a user name, or "".
+    doveadm reads its argument as a mask: `*` and `?` are wildcards (with no
+    escape), an address or a.b.c.d/bits a client range; any of these would end
+    other accounts' sessions.  (A leading `-` is safe: the command gets `--`
+    before it, the HTTP API takes it as a value.)"""
+    if "*" in login or "?" in login:
+        return "it has a doveadm wildcard (* or ?)"
+    try:
+        ipaddress.ip_network(login.strip("[]"), strict=False)
+    except ValueError:
+        return ""
+    return "doveadm reads it as a client address range"
+
+
 class SessionEnder:
     """Ends an account's Dovecot sessions: through the doveadm HTTP API
     ([dovecot] doveadm_url), else the doveadm command on this host."""
@@ -191,6 +211,8 @@ class SessionEnder:
         while True:
             try:
                 return True, self._kick(login)
+            except NotExactly as refusal:
+                return False, str(refusal)  # trying again would not change it
             except NETWORK_ERRORS + (subprocess.SubprocessError,) as error:
                 problem = _why(error)
                 if time.monotonic() + pause > deadline:
@@ -202,14 +224,18 @@ class SessionEnder:
                 pause *= 2
 
     def _kick(self, login: str) -> str:
+        problem = doveadm_mask_problem(login)
+        if problem:
+            raise NotExactly(f"not asked of doveadm: {problem}, and would end other accounts' sessions")
         if self.settings.doveadm_url:
             return self._kick_over_http(login)
-        command = shlex.split(self.settings.doveadm_command) + ["kick", login]  # no shell: the login is one argument
+        # No shell: the login is one argument, after `--` so that none is an option.
+        command = shlex.split(self.settings.doveadm_command) + ["kick", "--", login]
         result = subprocess.run(command, capture_output=True, text=True, timeout=KICK_TIMEOUT)
         if result.returncode not in (0, 68):  # 68 (EX_NOUSER): no session to end
             raise ValueError(f"{command[0]} exited with {result.returncode}: "
                              f"{(result.stderr or result.stdout).strip()[:200]}")
-        return _sessions_text(result.stdout)
+        return _sessions_text(result.stdout if result.returncode == 0 else "")
 
     def _kick_over_http(self, login: str) -> str:
         key = base64.b64encode(self.settings.doveadm_api_key.encode()).decode()
@@ -369,7 +395,8 @@ class Responder:
 
     def _end_sessions(self, login: str, action: str, try_for: float = KICK_TRY_FOR) -> str:
         """One line for the mail and the webhook: what happened to the account's sessions."""
-        manual = f"run: doveadm kick {shlex.quote(login)}"
+        manual = (f"run: doveadm kick -- {shlex.quote(login)}" if not doveadm_mask_problem(login)
+                  else "doveadm kick cannot name it alone: see doveadm who")
         if action == MONITOR_ACTION:
             return ("monitor mode: its Dovecot sessions would have been ended" if self.sessions.configured
                     else "monitor mode: nothing was done")

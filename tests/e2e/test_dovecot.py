@@ -23,6 +23,7 @@ from conftest import (
     scrape,
     unavailable,
     wait_until_visible,
+    wait_for_log,
     walk,
 )
 
@@ -467,6 +468,47 @@ def test_a_block_through_postfix_ends_the_accounts_open_sessions_and_no_other(do
     assert "Sessions: its sessions were ended" in mail.get_content(), mail.get_content()
     assert "Dovecot sessions of alice@example.com: its sessions were ended" in daemon.log()
     print(f"session ended {ended_after:.2f} s after the crossing message")
+
+
+def dovecot_with_doveadm(dovecot_pcc, through: str):
+    """pcc and a Dovecot whose sessions pcc ends through `through`."""
+    doveadm_port = free_port()
+    api = {"dovecot.doveadm_url": f"http://127.0.0.1:{doveadm_port}/doveadm/v1",
+           "dovecot.doveadm_api_key": DOVEADM_API_KEY} if through == "doveadm HTTP API" else {}
+    daemon, dovecot = dovecot_pcc(doveadm_port=doveadm_port, **{"dovecot.count_logins": "no", **api})
+    if through == "doveadm command":  # it names Dovecot's config, made after the daemon: restart with it
+        daemon.stop()
+        config = open(daemon.config_path).read().replace("doveadm_command =",
+                                                         f"doveadm_command = doveadm -c {dovecot.config}")
+        open(daemon.config_path, "w").write(config)
+        daemon.start()
+    return daemon, dovecot
+
+
+@pytest.mark.parametrize("through", ["doveadm HTTP API", "doveadm command"])
+def test_a_login_that_doveadm_reads_as_a_pattern_ends_nobodys_sessions(dovecot_pcc, through):
+    """Anyone who can send a policy request (or an unauthenticated IMAP login
+    before its password is checked) picks the login; doveadm reads `*` and
+    `?` as wildcards and an address range as clients, and a leading `-` as an
+    option.  Blocking such "accounts" must end exactly their sessions: none."""
+    daemon, dovecot = dovecot_with_doveadm(dovecot_pcc, through)
+    alice, bob = dovecot.open_session("alice@example.com", ip_in("GB")), dovecot.open_session(
+        "bob@example.com", ip_in("GB"))
+    client = daemon.client()
+    hostile = ["*@example.com", "?*@example.com", "127.0.0.0/8", "-x"]
+    for login in hostile:
+        assert walk(client, login, ["GB", "US", "FR"]) == ["DUNNO"] * 3
+        assert client.ask(login, ip_in("DE")).startswith("REJECT")
+    for login in hostile[:3]:
+        wait_for_log(daemon, f"ending the Dovecot sessions of {login} failed: not asked of doveadm")
+    wait_for_log(daemon, "Dovecot sessions of -x: no session was open")  # the user named -x, exactly
+    assert session_open(alice) and session_open(bob)
+    assert "doveadm kick '*@example.com'" not in daemon.log()  # no advice to run the pattern by hand
+    # and a real account is still contained, alone
+    assert walk(client, "alice@example.com", ["GB", "US", "FR"]) == ["DUNNO"] * 3
+    assert client.ask("alice@example.com", ip_in("DE")).startswith("REJECT")
+    wait_for_log(daemon, "Dovecot sessions of alice@example.com: its sessions were ended")
+    assert not session_open(alice) and session_open(bob)
 
 
 def test_one_block_on_every_channel(dovecot_pcc, receivers, smtp_sink):

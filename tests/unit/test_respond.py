@@ -9,9 +9,10 @@ import json
 import logging
 import time
 
+import pytest
 from conftest import free_port
 
-from pcclib.respond import Webhooks, encode_event, event
+from pcclib.respond import Webhooks, doveadm_mask_problem, encode_event, event
 
 
 def hooks(make_settings, urls, secret="", **options):
@@ -150,7 +151,7 @@ def test_a_block_decided_during_an_outage_ends_the_sessions_at_once(make_setting
     while not kicked.exists():
         assert time.monotonic() < deadline, "no session was ended"
         time.sleep(0.05)
-    assert kicked.read_text() == "kick alice@example.com\n"
+    assert kicked.read_text() == "kick -- alice@example.com\n"
 
 
 def test_while_dovecot_cannot_end_sessions_a_burst_of_blocks_does_not_queue_behind_it(make_settings, monkeypatch):
@@ -170,3 +171,14 @@ def test_while_dovecot_cannot_end_sessions_a_burst_of_blocks_does_not_queue_behi
     ended, why = sessions.end("bob@example.com", try_for=30)
     assert ended is False and "refused" in why.lower()
     assert first >= 1.0 and time.monotonic() - started < 0.5
+
+
+@pytest.mark.parametrize("login", ["*", "*@example.com", "al?ce@example.com", "10.0.0.0/8", "127.0.0.1", "::",
+                                   "[::1]", "2001:db8::/32"])
+def test_no_login_reaches_doveadm_as_a_mask(login):
+    assert doveadm_mask_problem(login)
+
+
+@pytest.mark.parametrize("login", ["alice@example.com", "-x", "alice", "1.2.3.4@example.com", "a/b@example.com"])
+def test_an_ordinary_login_is_asked_of_doveadm(login):
+    assert doveadm_mask_problem(login) == ""
