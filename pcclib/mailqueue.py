@@ -1,6 +1,13 @@
 """Postfix's queues as pcc sees them: the messages of one account, found by
 the SASL login their queue file records (whatever the envelope sender), held
 at a block, released (-r) or deleted (-e) after it.
+
+Only Postfix's own words tie a message to an account.  postcat prints each
+queue file record on a line, but a record can hold a newline: an SMTP
+client's ORCPT (xtext +0A), a local user's full name (sendmail -F) print a
+line of their choosing, "named_attribute: sasl_username=victim" included.
+smtpd writes the SASL login at the top of the envelope, among records only
+Postfix words, before the sender; pcc reads that preamble and nothing after.
 """
 from __future__ import annotations
 
@@ -19,6 +26,15 @@ from .common import normalise_login
 HOLD_CLOCK_SKEW = dt.timedelta(seconds=60)
 # The queues whose messages are still to be delivered: what a block holds.
 WAITING_QUEUES = ("incoming", "active", "deferred")
+# The envelope records that open a queue file, worded by Postfix alone (the
+# named attributes there are smtpd's, or the few postdrop lets a local user
+# give, which cleanup checks): the first record of any other kind (the
+# sender's full name, the sender...) ends what pcc reads.
+PREAMBLE_RECORDS = (b"message_size: ", b"message_arrival_time: ", b"create_time: ", b"named_attribute: ")
+SASL_LOGIN_RECORD = b"named_attribute: sasl_username="
+# What a Postfix queue ID looks like (short: hex; long: letters and digits):
+# nothing else reaches postcat or postsuper as an argument.
+QUEUE_ID = re.compile(r"[0-9A-Za-z]{6,32}")
 
 
 class QueueError(Exception):
@@ -90,14 +106,16 @@ class PostfixQueue:
         return self._postsuper("-d", queue_ids, r"Deleted: (\d+)")
 
     def _sasl_username(self, queue_id: str) -> Optional[str]:
+        if not QUEUE_ID.fullmatch(queue_id):
+            return None
         try:
-            envelope = self._run("postcat", "-e", "-q", queue_id)
+            envelope = self._run_binary("postcat", "-e", "-q", queue_id)
         except QueueError:
             return None  # the message left the queue meanwhile
-        found = re.search(r"^named_attribute: sasl_username=(.*)$", envelope, re.MULTILINE)
-        return normalise_login(found.group(1)) if found else None
+        return recorded_sasl_login(envelope)
 
     def _postsuper(self, option: str, queue_ids: list, pattern: str) -> int:
+        queue_ids = [queue_id for queue_id in queue_ids if QUEUE_ID.fullmatch(queue_id)]
         if not queue_ids:
             return 0
         report = self._run("postsuper", option, "-", stdin="\n".join(queue_ids) + "\n", report_stderr=True)
@@ -113,14 +131,36 @@ class PostfixQueue:
         return prefix + [path] + (["-c", self.config_directory] if self.config_directory else []) + list(arguments)
 
     def _run(self, program: str, *arguments: str, stdin: Optional[str] = None, report_stderr: bool = False) -> str:
+        output = self._run_binary(program, *arguments, stdin=stdin, report_stderr=report_stderr)
+        return output.decode("utf-8", "replace")  # a client's bytes in an address are not an error of pcc's
+
+    def _run_binary(self, program: str, *arguments: str, stdin: Optional[str] = None,
+                    report_stderr: bool = False) -> bytes:
         command = self._command(program, arguments)
         try:
-            result = subprocess.run(command, input=stdin, capture_output=True, text=True, timeout=120)
+            result = subprocess.run(command, input=stdin.encode() if stdin is not None else None,
+                                    capture_output=True, timeout=120)
         except FileNotFoundError:
             raise QueueError(f"{program} not found: is Postfix installed and on PATH?") from None
         except subprocess.TimeoutExpired:
             raise QueueError(f"{' '.join(command)} did not finish within 120 s") from None
         if result.returncode != 0:
-            detail = (result.stderr.strip().splitlines() or ["no message"])[-1]
+            detail = (result.stderr.decode("utf-8", "replace").strip().splitlines() or ["no message"])[-1]
             raise QueueError(f"{' '.join(command)} failed: {detail}")
         return result.stderr if report_stderr else result.stdout
+
+
+def recorded_sasl_login(envelope: bytes) -> Optional[str]:
+    """The SASL login `postcat -e` shows in the envelope's preamble, or None
+    (no login there, or two: nothing Postfix writes)."""
+    logins, lines = [], envelope.split(b"\n")
+    if lines[0].startswith(b"*** ENVELOPE RECORDS "):
+        del lines[0]
+    for line in lines:
+        if not line.startswith(PREAMBLE_RECORDS):
+            break
+        if line.startswith(SASL_LOGIN_RECORD):
+            logins.append(line[len(SASL_LOGIN_RECORD):])
+    if len(logins) != 1:
+        return None
+    return normalise_login(logins[0].decode("utf-8", "replace"))

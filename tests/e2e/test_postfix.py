@@ -1,11 +1,13 @@
 """The whole loop on a real Postfix: XCLIENT makes one machine send "from" any
 country as any SASL login (see ../shared/postfix-e2e.md); pcc answers; Postfix
 queues, holds or rejects; the admin commands release or delete held mail."""
+import json
 import os
 import pathlib
 import pwd
 import re
 import shutil
+import smtplib
 import subprocess
 import sys
 import tempfile
@@ -123,6 +125,75 @@ def test_erase_deletes_exactly_that_accounts_held_mail(postfix, pcc_for):
     assert "not blocked" in admin(daemon, "-e", ALICE)
 
 
+def send_with_parameters(postfix, xclient: str, sender: str, recipients: list) -> str:
+    """One message whose RCPT commands carry the given parameters, as any SMTP
+    client may send them; returns its queue ID."""
+    with smtplib.SMTP("127.0.0.1", postfix.smtp_port, timeout=60) as smtp:
+        smtp.ehlo("client.example")
+        assert smtp.docmd("XCLIENT", xclient)[0] == 220
+        smtp.ehlo("client.example")
+        assert smtp.docmd(f"MAIL FROM:<{sender}>")[0] == 250
+        for recipient in recipients:
+            code, text = smtp.docmd(f"RCPT TO:{recipient}")
+            assert code == 250, text  # Postfix takes them: what it records must not move the message
+        code, text = smtp.data(b"Subject: not alice's\r\n\r\nspam\r\n")
+        return re.search(r"queued as (\w+)", text.decode()).group(1)
+
+
+def queued_from(postfix, sender: str, timeout: float = 20.0) -> str:
+    """The queue ID of the message of `sender` (once pickup has queued it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        output = subprocess.run(["postqueue", "-c", postfix.directory, "-j"], capture_output=True, text=True,
+                                check=True).stdout
+        found = [entry["queue_id"] for entry in map(json.loads, output.splitlines()) if entry["sender"] == sender]
+        if found:
+            return found[0]
+        assert time.monotonic() < deadline, output
+        time.sleep(0.2)
+
+
+SMUGGLED = "named_attribute: sasl_username=alice@example.com"
+
+
+def test_no_text_a_client_sends_ties_its_message_to_an_account(postfix, pcc_for):
+    """A queued message belongs to an account by what smtpd recorded of its
+    SASL login, never by a line a client or a local user printed into the
+    queue file (an ORCPT with +0A or +0D, a full name with a newline, bytes
+    that are no UTF-8): alice's block holds her mail and nothing of theirs,
+    and -r alice releases nothing they had held."""
+    daemon = pcc_for("HOLD")
+    orcpt = "ORCPT=rfc822;a+0A" + SMUGGLED.replace(" ", "+20")
+    spam = [
+        send_with_parameters(postfix, "ADDR=81.2.69.160", "spam@evil.test", [
+            f"<bob@remote.test> {orcpt}", f"<bob2@remote.test> {orcpt.replace('+0A', '+0D')}",
+            "<bob3@remote.test> ORCPT=rfc822;a+FF+FE"]),
+        # an account of its own that names alice's: its own login counts
+        send_with_parameters(postfix, "ADDR=81.2.69.160 LOGIN=mallory@example.com", "mallory@example.com",
+                             [f"<bob@remote.test> {orcpt}"]),
+    ]
+    # A local user's sendmail (as root here: only root may name a private instance's configuration; the
+    # full name takes the same path through postdrop and pickup)
+    subprocess.run(["/usr/sbin/sendmail", "-C", postfix.directory,
+                    "-F", f"Local User\n{SMUGGLED}", "-f", "local@example.test", "bob@remote.test"],
+                   input=b"Subject: local\n\nspam\n", check=True, timeout=60)
+    spam.append(queued_from(postfix, "local@example.test"))
+    envelopes = [subprocess.run(["postcat", "-c", postfix.directory, "-e", "-q", queue_id], capture_output=True,
+                                check=True).stdout for queue_id in spam]
+    assert all(SMUGGLED.encode() in envelope.replace(b"\r", b"\n") for envelope in envelopes)  # the bait is there
+    queued = [queue_id for _c, _t, queue_id in walk(postfix, ALICE, ["GB", "US", "FR"])]
+    crossing = postfix.send(ALICE, ip_in("DE"))[2]
+    wait_until_held(postfix, queued + [crossing])
+    wait_for_log(daemon, "queued mail of alice@example.com: 3 messages put on hold")
+    queue = postfix.queue()
+    assert [queue[queue_id] for queue_id in spam] == ["deferred"] * len(spam)
+    # a quarantine of the admin's holds one; alice's release leaves it there
+    subprocess.run(["postsuper", "-c", postfix.directory, "-h", spam[0]], check=True, capture_output=True)
+    assert "released 4 held messages" in admin(daemon, "-r", ALICE)
+    assert postfix.queue()[spam[0]] == "hold"
+    assert "Traceback" not in daemon.log()
+
+
 def test_reject_mode_answers_554_with_the_reason(postfix, pcc_for):
     pcc_for("REJECT")
     codes = [code for code, _text, _id in walk(postfix, ALICE, ["GB", "US", "FR"])]
@@ -191,8 +262,51 @@ def readme_sudoers_lines(user: str, config_directory: str) -> str:
     lines = re.findall(r"^\s+(pcc ALL=\(root\) NOPASSWD: .*)$", readme, re.MULTILINE)
     assert len(lines) == 3, lines  # postcat, postsuper; postqueue with a config directory
     lines = [line.replace(" -c DIR", "") for line in lines]
-    return "".join(re.sub(r"^pcc ", f"{user} ", re.sub(r"(/usr/sbin/post\w+) ", rf"\1 -c {config_directory} ", line))
-                   + "\n" for line in lines)
+    after_program = rf"\1 -c {config_directory} "
+    regex_after_program = rf"\1 ^-c {re.escape(config_directory)} "  # a regular expression: the directory's dots
+    lines = [re.sub(r"(/usr/sbin/post\w+) \^", regex_after_program, line) if " ^" in line
+             else re.sub(r"(/usr/sbin/post\w+) ", after_program, line) for line in lines]
+    return "".join(re.sub(r"^pcc ", f"{user} ", line) + "\n" for line in lines)
+
+
+def test_readmes_sudoers_lines_allow_holding_and_reading_one_envelope_only(postfix, tmp_path):
+    """What README asks of root is what pcc needs: the envelope of one queue ID
+    and holding (postqueue -j with a configuration directory); no other
+    option, no second argument, another configuration directory, a message's
+    headers or body."""
+    if shutil.which("sudo") is None or shutil.which("visudo") is None:
+        unavailable("sudo (Debian package sudo)")
+    sudoers = pathlib.Path("/etc/sudoers.d/pcc-test-lines")
+    candidate = tmp_path / "sudoers"
+    candidate.write_text(readme_sudoers_lines("nobody", postfix.directory))
+    subprocess.run(["visudo", "-cf", str(candidate)], check=True, capture_output=True)
+    d = postfix.directory
+
+    def allowed(*command: str) -> bool:
+        listed = subprocess.run(["runuser", "-u", "nobody", "--", "sudo", "-n", "-l", *command],
+                                capture_output=True, timeout=30)
+        return listed.returncode == 0
+
+    try:
+        shutil.copy(candidate, sudoers)
+        os.chmod(sudoers, 0o440)
+        assert allowed("/usr/sbin/postcat", "-c", d, "-e", "-q", "B125620C1A2")
+        assert allowed("/usr/sbin/postcat", "-c", d, "-e", "-q", "4Kp1qX2ZfXz9vNa")  # a long queue ID
+        assert allowed("/usr/sbin/postsuper", "-c", d, "-h", "-")
+        assert allowed("/usr/sbin/postqueue", "-c", d, "-j")
+        for refused in (["/usr/sbin/postcat", "-c", d, "-e", "-q", "-bh", "B125620C1A2"],
+                        ["/usr/sbin/postcat", "-c", d, "-e", "-q", "B125620C1A2", "-bh"],
+                        ["/usr/sbin/postcat", "-c", d, "-e", "-q", "B125620C1A2", "B125620C1A3"],
+                        ["/usr/sbin/postcat", "-c", d, "-e", "-q", "-c", "/tmp", "-bh", "B125620C1A2"],
+                        ["/usr/sbin/postcat", "-c", "/etc/postfix", "-e", "-q", "B125620C1A2"],
+                        ["/usr/sbin/postcat", "-c", d, "-bh", "-q", "B125620C1A2"],
+                        ["/usr/sbin/postcat", "-c", d, "-e", "-q", "../../etc/shadow"],
+                        ["/usr/sbin/postsuper", "-c", d, "-h", "-", "-d", "ALL"],
+                        ["/usr/sbin/postsuper", "-c", d, "-d", "-"],
+                        ["/usr/sbin/postqueue", "-c", d, "-j", "-f"]):
+            assert not allowed(*refused), refused
+    finally:
+        sudoers.unlink(missing_ok=True)
 
 
 def test_an_unprivileged_daemon_holds_the_queued_mail_through_readmes_sudoers_lines(postfix, geoip_path, as_nobody):
