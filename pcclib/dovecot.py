@@ -41,6 +41,9 @@ DOVECOT_WORKERS = 32
 # within DB_ANSWER_DEADLINE; this only bounds a fault of pcc's own).
 LATE_ANSWER_WAIT = 10.0
 
+# What Dovecot's fields are: a nested list or object is not Dovecot.
+JSON_SCALARS = (str, int, float, bool, type(None))
+
 # Dovecot's protocol names -> the door named in log lines, blocks and mails.
 DOVECOT_DOORS = {"imap": "imap", "pop3": "pop3", "smtp": "smtp", "submission": "smtp", "lmtp": "lmtp",
                  "doveadm": "doveadm", "sieve": "sieve", "managesieve": "sieve"}
@@ -126,15 +129,15 @@ class DovecotPolicyHandler(BoundedHttpHandler, http.server.BaseHTTPRequestHandle
         body = self.rfile.read(length)
         try:
             fields = json.loads(body.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: [[[[... nested too deep
             fields = None
-        if not isinstance(fields, dict):
-            self._refuse(400, "bad_request", f"a body that is not a JSON object: {body[:60]!r}")
+        if not isinstance(fields, dict) or not all(isinstance(value, JSON_SCALARS) for value in fields.values()):
+            self._refuse(400, "bad_request", f"a body that is not a JSON object of plain values: {body[:60]!r}")
             return None
         return fields
 
     def _refuse(self, code: int, status: str, what: str) -> None:
-        log.warning("dovecot policy request from %s refused (HTTP %d): %s", self.client_address[0], code, what)
+        self.server.refused(code, f"from {self.client_address[0]}: {what}")
         self.server.service.metrics.dovecot("-", status)
         # Closed after the answer: the body, if any, was not read.
         self._reply(code, {"error": http.HTTPStatus(code).phrase}, close=True)
@@ -166,10 +169,19 @@ class DovecotPolicyServer(BoundedHttpPort, http.server.ThreadingHTTPServer):
                          "its share of the open-file limit")
         self._not_allowed = RateLimitedWarning("dovecot policy port: connection refused, not in [server] "
                                                "allowed_clients")
+        self._refusals: dict = {}  # HTTP status -> its RateLimitedWarning: a flood of one hides no other
         infos = socket.getaddrinfo(settings.host, settings.dovecot_policy_port, type=socket.SOCK_STREAM)
         self.address_family = infos[0][0]
         super().__init__(infos[0][4][:2], DovecotPolicyHandler)
         self._workers = concurrent.futures.ThreadPoolExecutor(DOVECOT_WORKERS, "pcc-dovecot")
+
+    def refused(self, code: int, detail: str) -> None:
+        """One line, rate-limited per status, for a request refused with `code`."""
+        warning = self._refusals.get(code)
+        if warning is None:
+            warning = self._refusals.setdefault(code, RateLimitedWarning(f"dovecot policy request refused (HTTP "
+                                                                         f"{code})"))
+        warning(detail)
 
     def answer_login(self, request: PolicyRequest) -> bool:
         """Whether a Dovecot login is refused: decided like a Postfix request,

@@ -274,7 +274,7 @@ def test_the_api_header_is_required(dovecot_pcc):
     daemon, dovecot = dovecot_pcc(api_header=API_HEADER, dovecot_header="Authorization: Basic d3Jvbmc6d3Jvbmc=",
                                   **{"server.metrics_port": metrics_port})
     dovecot.auth("alice@example.com", ip_in("GB"))
-    assert "dovecot policy request from 127.0.0.1 refused (HTTP 401)" in daemon.log()
+    assert "dovecot policy request refused (HTTP 401): from 127.0.0.1" in daemon.log()
     port = int(dict(line.split(" = ", 1) for line in open(daemon.config_path).read().splitlines()
                     if " = " in line)["policy_port"])
     body = json.dumps({"login": "alice@example.com", "remote": ip_in("GB"), "protocol": "imap"}).encode()
@@ -400,6 +400,25 @@ def test_oversized_bodies_and_other_methods_are_refused(start_daemon, sqlite_url
     # still serving, and a login without an account name is nobody's business
     assert post(port, "allow", login_body("", "GB"))[1] == {"status": 0}
     assert "refused (HTTP 413)" in daemon.log() and "refused (HTTP 405)" in daemon.log()
+
+
+def test_a_body_of_any_shape_gets_400_and_one_line(start_daemon, sqlite_url):
+    """Unauthenticated or not, no body makes a traceback: nested 16 KB deep
+    (json's RecursionError), nested values where Dovecot sends plain ones; a
+    flood of them is one line (and a count), and the port goes on serving."""
+    port = free_port()
+    daemon = start_daemon(**{"db.dbcon": sqlite_url, "dovecot.policy_port": port, "dovecot.api_header": API_HEADER})
+    deep = b"[" * 16000
+    nested = json.dumps({"login": [[["alice@example.com"]]], "remote": ip_in("GB")}).encode()
+    deep_value = b"{\"login\": " + b"[" * 8000 + b"]" * 8000 + b"}"
+    for body in [deep, nested, deep_value] * 20:
+        assert post(port, "allow", body)[0] == 400
+        assert post(port, "allow", body, api_header="X-Other: header")[0] == 401
+    assert post(port, "allow", login_body("alice@example.com", "GB"))[1] == {"status": 0}
+    log = daemon.log()
+    assert "Traceback" not in log and "internal error" not in log
+    assert log.count("dovecot policy request refused (HTTP 400)") == 1
+    assert log.count("dovecot policy request refused (HTTP 401)") == 1
 
 
 def test_rules_apply_to_logins_as_to_submissions(start_daemon, sqlite_url):
