@@ -358,10 +358,10 @@ def load_settings(path: str, geoip_file_needed: bool = True) -> Settings:
     if settings.dovecot_api_header and not re.fullmatch(r"[!-9;-~]+:\s*\S.*", settings.dovecot_api_header):
         raise config.fail("dovecot", "api_header", "must be one HTTP header, 'Name: value' (as Dovecot's "
                           "auth_policy_server_api_header), e.g. 'Authorization: Basic cGNjOnNlY3JldA=='")
-    if settings.dovecot_policy_port and settings.count_logins and not settings.dovecot_api_header:
+    if settings.dovecot_policy_port and not settings.dovecot_api_header:
         # Without it anyone who can reach the port could report logins "from"
-        # any country and block any account.
-        raise config.fail("dovecot", "api_header", "must be set when count_logins = yes: make a secret with "
+        # any country and block any account, or ask whether one is blocked.
+        raise config.fail("dovecot", "api_header", "must be set with a policy_port: make a secret with "
                           "`printf 'pcc:%s' \"$(openssl rand -hex 16)\" | base64`, put 'Authorization: Basic "
                           "<that>' here and the same in dovecot.conf's auth_policy_server_api_header")
     for url in settings.webhook_urls:

@@ -220,7 +220,8 @@ def test_every_account_on_both_doors_in_every_fault(start_daemon, tmp_path, back
         assert walk(other_daemon.client(), login("other"), ["GB", "US", "FR", "DE"])[-1].startswith("REJECT")
         assert walk(this_daemon.client(), login("crossing"), ["GB", "US", "FR"]) == ["DUNNO"] * 3
         steady = start_daemon(**dict(config, **{"db.spool_file": str(tmp_path / "c-spool.jsonl"),
-                                                "dovecot.policy_port": free_port()}))
+                                                "dovecot.policy_port": free_port(),
+                                                "dovecot.api_header": "Authorization: Basic cGNjOmZhdWx0"}))
         assert walk(steady.client(), login("steady"), ["GB", "US", "FR"]) == ["DUNNO"] * 3
         wait_until_visible()
         time.sleep(1.0)  # the blocked list's copy on disk is rewritten within a second of a change

@@ -146,13 +146,16 @@ def test_timeout_goes_with_update_geoip_only():
         assert refused.value.code == 2
 
 
-def test_counting_logins_needs_an_api_header(make_settings):
+@pytest.mark.parametrize("count_logins", ["yes", "no"])
+def test_the_dovecot_port_needs_an_api_header(make_settings, count_logins):
     """Else anyone who can reach the Dovecot port could report logins "from"
-    any country and block any account."""
+    any country and block any account, or learn from `allow` which accounts
+    are blocked (count_logins = no)."""
     with pytest.raises(ConfigError) as refused:
-        make_settings(**{"dovecot.policy_port": "9997", "dovecot.count_logins": "yes", "dovecot.api_header": ""})
-    assert "[dovecot] api_header: must be set when count_logins = yes" in str(refused.value)
+        make_settings(**{"dovecot.policy_port": "9997", "dovecot.count_logins": count_logins,
+                         "dovecot.api_header": ""})
+    assert "[dovecot] api_header: must be set with a policy_port" in str(refused.value)
     assert "openssl rand" in str(refused.value) and "auth_policy_server_api_header" in str(refused.value)
-    make_settings(**{"dovecot.policy_port": "9997", "dovecot.count_logins": "no", "dovecot.api_header": ""})
+    make_settings(**{"dovecot.policy_port": "", "dovecot.count_logins": count_logins, "dovecot.api_header": ""})
     make_settings(**{"dovecot.policy_port": "9997", "dovecot.count_logins": "yes",
                      "dovecot.api_header": "Authorization: Basic cGNjOnNlY3JldA=="})
