@@ -19,6 +19,9 @@ from .ports import BoundedPort, RateLimitedWarning, connection_caps
 from .protocol import client_allowed, format_reply, parse_request
 from .service import HEALTH_REQUEST, PolicyService, RequestTicket
 
+# What the policy port answers: Postfix's requests and `pcc.py --health`'s.
+POLICY_PORT_REQUESTS = ("smtpd_access_policy", HEALTH_REQUEST)
+
 # Once a request has begun, all of it must arrive within this many seconds
 # (or idle_timeout, if shorter): Postfix sends a request in one go, and a client
 # that trickles bytes must not hold a connection for ever.
@@ -251,7 +254,11 @@ class PolicyServer(BoundedPort, socketserver.ThreadingTCPServer):
         ticket = None
         try:
             request = parse_request(lines)
-            if request.request == HEALTH_REQUEST and handler is not None and not self.is_local(handler):
+            if request.request not in POLICY_PORT_REQUESTS:
+                # A dovecot_login here would count as a login (count_logins or not) and
+                # claim the Dovecot door: only the Dovecot port's adapter makes those.
+                request = replaced(request, request="")
+            elif request.request == HEALTH_REQUEST and handler is not None and not self.is_local(handler):
                 # What the daemon says of itself (an outage, its length) tells an
                 # attacker when protection is partly off: for this host only.
                 request = replaced(request, request="")

@@ -56,6 +56,19 @@ def test_non_policy_requests_get_dunno(daemon):
     assert client.reply() == "DUNNO"
 
 
+def test_a_dovecot_login_is_no_request_of_the_policy_port(daemon):
+    """Only the Dovecot port's adapter makes logins: one sent to the policy
+    port by any allowed client counts for nothing (with count_logins = no
+    too) and claims no Dovecot door."""
+    client = daemon.client()
+    for attributes in four_country_requests():
+        attributes["request"] = "dovecot_login"
+        client.send(encode_request(attributes))
+        assert client.reply() == "DUNNO"
+    assert client.ask("alice@example.com", ip_in("GB")) == "DUNNO"
+    assert "via=dovecot" not in daemon.log()
+
+
 def test_crlf_line_endings_and_stray_empty_lines(daemon):
     client = daemon.client()
     client.send(b"\n\nrequest=smtpd_access_policy\r\nsasl_username=alice@example.com\r\nclient_address=20.1.0.1\r\n\r\n")
