@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import threading
+import urllib.parse
 from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
 
@@ -102,6 +103,33 @@ def normalise_login(text: str) -> str:
     command line alike: surrounding white space dropped, ASCII letters
     lower-cased, control characters escaped; nothing else changes."""
     return escape_controls(text.strip()).translate(_ASCII_LOWER)
+
+
+# A path segment of a URL shown as is in a log line: a plain word ("services",
+# "hooks", "doveadm", "v1"); any other (a Slack or Mattermost hook's token, an
+# ID) is masked.
+_PLAIN_URL_SEGMENT = re.compile(r"[A-Za-z][A-Za-z_.-]{0,13}|v[0-9]{1,2}")
+
+
+def url_for_people(url: str) -> str:
+    """A URL fit for a log line, a mail or --check-config: its user name and
+    password, its query and every path segment that is no plain word are
+    `***` (a chat hook's URL is its own credential)."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    path = "/".join(segment if not segment or _PLAIN_URL_SEGMENT.fullmatch(segment) else "***"
+                    for segment in parts.path.split("/"))
+    return urllib.parse.urlunsplit((parts.scheme, ("***@" if "@" in parts.netloc else "") + host, path,
+                                    "***" if parts.query else "", "***" if parts.fragment else ""))
+
+
+def url_secrets(url: str) -> list:
+    """The parts of `url` that url_for_people masks: what no log line may show."""
+    parts = urllib.parse.urlsplit(url)
+    userinfo = parts.netloc.rpartition("@")[0]
+    hidden = [segment for segment in parts.path.split("/") if segment and not _PLAIN_URL_SEGMENT.fullmatch(segment)]
+    secrets = [userinfo, *userinfo.split(":"), parts.query, *hidden]
+    return [secret for secret in {*secrets, *map(urllib.parse.unquote, secrets)} if secret]
 
 
 def symlink_refusal(path: str, what: str) -> str:

@@ -18,7 +18,7 @@ from typing import Optional
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 
-from .common import CONTROL_CHARACTERS, normalise_login, split_list
+from .common import CONTROL_CHARACTERS, normalise_login, split_list, url_for_people
 
 DEFAULT_CONFIG_PATH = "/etc/pcc.conf"
 # How long `pcc.py --update-geoip` may take, unless --timeout says (seconds).
@@ -366,11 +366,13 @@ def load_settings(path: str, geoip_file_needed: bool = True) -> Settings:
                           "<that>' here and the same in dovecot.conf's auth_policy_server_api_header")
     for url in settings.webhook_urls:
         if urllib.parse.urlsplit(url).scheme != "https" and not is_loopback_url(url):
-            raise config.fail("notify", "webhook_urls", f"{url!r}: must be an https:// URL (plain http only to "
-                              "this host)")
-    if settings.doveadm_url and urllib.parse.urlsplit(settings.doveadm_url).scheme not in ("http", "https"):
-        raise config.fail("dovecot", "doveadm_url", "must be an http:// or https:// URL, e.g. "
-                          "http://127.0.0.1:8080/doveadm/v1")
+            raise config.fail("notify", "webhook_urls", f"{url_for_people(url)!r}: must be an https:// URL (plain "
+                              "http only to this host)")
+    if settings.doveadm_url and urllib.parse.urlsplit(settings.doveadm_url).scheme != "https" \
+            and not is_loopback_url(settings.doveadm_url):
+        # The API key travels with every request: in clear only on this host.
+        raise config.fail("dovecot", "doveadm_url", "must be an https:// URL (plain http only to this host, "
+                          f"e.g. http://127.0.0.1:8080/doveadm/v1), got {url_for_people(settings.doveadm_url)!r}")
     if settings.doveadm_url and not settings.doveadm_api_key:
         raise config.fail("dovecot", "doveadm_api_key", "must be set with doveadm_url (dovecot.conf's doveadm_api_key)")
     if settings.notify_account and not settings.mailsrv:
@@ -387,11 +389,11 @@ def load_settings(path: str, geoip_file_needed: bool = True) -> Settings:
             (f"list {network_list.label}", "url", network_list.url) for network_list in settings.network_lists]:
         if url and urllib.parse.urlsplit(url).scheme != "https" and not is_loopback_url(url):
             raise config.fail(section, key, f"must be an https:// URL (plain http only to this host, for "
-                              f"tests), got {url[:100]!r}")
+                              f"tests), got {url_for_people(url)[:100]!r}")
     update_url = settings.geoip_update_url
     if update_url and urllib.parse.urlsplit(update_url).scheme != "https" and not is_loopback_url(update_url):
         raise config.fail("geoip", "update_url", f"must be an https:// URL (plain http only to this host, for "
-                          f"tests), got {update_url[:100]!r}")
+                          f"tests), got {url_for_people(update_url)[:100]!r}")
     if not geoip_file_needed:
         return settings  # --update-geoip installs it, or replaces a broken one
     kind = _geoip_database_type(config, settings.geoip_database) if settings.geoip_database else None

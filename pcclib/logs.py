@@ -14,7 +14,7 @@ from typing import Iterable
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 
-from .common import daemon_signals_blocked, log
+from .common import daemon_signals_blocked, log, url_secrets
 from .config import Settings
 
 
@@ -79,12 +79,16 @@ def setup_logging(verbose: bool, to_stderr: bool, secrets: Iterable[str] = ()) -
 
 def secrets_of(settings: Settings) -> list:
     """What must never reach a log line: the database password, the
-    credentials in the Dovecot api_header, the doveadm API key and the
-    webhooks' secret."""
+    credentials in the Dovecot api_header, the doveadm API key, the webhooks'
+    secret and what a URL holds of a credential (user, password, query,
+    tokens in its path)."""
     secrets = []
     credentials = settings.dovecot_api_header.partition(":")[2].strip()
-    for secret in (credentials, settings.doveadm_api_key, settings.webhook_secret):
-        if len(secret) >= 8:  # a short value would mask innocent words too
+    urls = (*settings.webhook_urls, settings.doveadm_url, settings.geoip_update_url, settings.asn_update_url,
+            *(network_list.url for network_list in settings.network_lists))
+    in_urls = [secret for url in urls if url for secret in url_secrets(url)]  # a chat hook's token, a license key
+    for secret in (credentials, settings.doveadm_api_key, settings.webhook_secret, *in_urls):
+        if len(secret) >= 8:  # a short value would mask innocent words too (URLs are shown masked anyway)
             secrets.append(secret)
     try:
         password = sa.engine.make_url(settings.dbcon).password

@@ -27,6 +27,9 @@ from .decision import CountrySeen, Journey
 TRAVEL_NOTICE_INTERVAL = dt.timedelta(hours=6)
 # Accounts whose latest travel mail is remembered; beyond, the memory starts afresh.
 TRAVEL_NOTICES_REMEMBERED = 20000
+# Mails waiting for the SMTP server; beyond, a new one is dropped (ERROR): a
+# relay down during a flood of blocks must not grow the daemon without end.
+OUTBOX_SIZE = 10000
 
 
 class Notifier:
@@ -71,6 +74,10 @@ class Notifier:
 
     def _queue(self, message: email.message.EmailMessage) -> None:
         with self._start_lock:
+            if len(self._queued_at) >= OUTBOX_SIZE:
+                log.error("mail to %s dropped (%d wait for the SMTP server): %s", message["To"], OUTBOX_SIZE,
+                          message["Subject"])
+                return
             self._queued_at.append(time.monotonic())
         self._outbox.put(message)
         with self._start_lock:

@@ -18,21 +18,24 @@ import json
 import queue
 import shlex
 import socket
+import ssl
 import subprocess
 import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from typing import Callable, Iterable, Optional
 
-from .common import log, start_thread, utcnow
+from .common import log, start_thread, url_for_people, utcnow
 from .config import MONITOR_ACTION, Settings
 from .decision import CountrySeen, Journey
 from .mailqueue import PostfixQueue, QueueError
 from .notify import Notifier, block_notice, pcc_command
 
-# A webhook receiver gets this long (seconds) to answer one POST.
+# A webhook receiver gets this long (seconds) for all of one POST: connecting,
+# taking the body, answering (one that trickles its answer is cut there).
 WEBHOOK_TIMEOUT = 10.0
+# Of an answer, pcc reads this much at most.
+ANSWER_READ_LIMIT = 65536
 # An event it could not take is tried again after this pause, doubled each
 # time up to WEBHOOK_MAX_RETRY, for WEBHOOK_KEEP seconds; then dropped (ERROR).
 WEBHOOK_FIRST_RETRY = 5.0
@@ -46,6 +49,11 @@ WEBHOOK_QUEUE_SIZE = 10000
 # seconds, after which the administrators' mail says it failed and how to do it.
 KICK_TIMEOUT = 10.0
 KICK_TRY_FOR = 30.0
+
+# Blocks waiting for their actions (sessions, queued mail, mails, webhooks);
+# beyond, a new one's actions are dropped (ERROR): a flood of made-up accounts
+# must not grow the daemon without end.  The blocks themselves are unaffected.
+RESPONDER_QUEUE_SIZE = 10000
 
 # The account's owner is told at most this often (and this daemon remembers
 # that many owners; beyond, it starts afresh).
@@ -86,7 +94,8 @@ class Webhooks:
             with wake:
                 if len(waiting) >= WEBHOOK_QUEUE_SIZE:
                     waiting.popleft()
-                    log.error("webhook %s: %d events wait; dropped the oldest", url, WEBHOOK_QUEUE_SIZE)
+                    log.error("webhook %s: %d events wait; dropped the oldest", url_for_people(url),
+                              WEBHOOK_QUEUE_SIZE)
                     self.on_outcome("dropped")
                 waiting.append((time.monotonic(), body))
                 wake.notify()
@@ -97,9 +106,9 @@ class Webhooks:
         for url in self.settings.webhook_urls:
             try:
                 self._post(url, body)
-                log.info("webhook %s: %s delivered", url, event["event"])
+                log.info("webhook %s: %s delivered", url_for_people(url), event["event"])
             except NETWORK_ERRORS as error:
-                log.error("webhook %s: %s not delivered: %s", url, event["event"], _why(error))
+                log.error("webhook %s: %s not delivered: %s", url_for_people(url), event["event"], _why(error))
                 delivered = False
         return delivered
 
@@ -128,11 +137,12 @@ class Webhooks:
                 return
             except NETWORK_ERRORS as error:
                 if time.monotonic() - queued_at + retry > self.keep:
-                    log.error("webhook %s: an event undelivered for %.0f s is dropped: %s", url,
+                    log.error("webhook %s: an event undelivered for %.0f s is dropped: %s", url_for_people(url),
                               time.monotonic() - queued_at, _why(error))
                     self.on_outcome("dropped")
                     return
-                log.warning("webhook %s: not delivered (trying again in %.0f s): %s", url, retry, _why(error))
+                log.warning("webhook %s: not delivered (trying again in %.0f s): %s", url_for_people(url), retry,
+                            _why(error))
                 self.on_outcome("failed")
                 time.sleep(retry)
                 retry = min(retry * 2, WEBHOOK_MAX_RETRY)
@@ -141,17 +151,60 @@ class Webhooks:
         headers = {"Content-Type": "application/json", "User-Agent": "pcc"}
         if self.settings.webhook_secret:
             headers["X-Pcc-Signature"] = "sha256=" + signature(body, self.settings.webhook_secret)
-        request = urllib.request.Request(url, data=body, headers=headers, method="POST")
-        with _no_redirects.open(request, timeout=WEBHOOK_TIMEOUT) as response:
-            response.read(65536)
+        post_within(url, body, headers, WEBHOOK_TIMEOUT)
 
 
-class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *_arguments):
-        return None  # a 3xx is an answer that did not take the event: tried again
+class HttpRefused(ValueError):
+    """An HTTP answer that did not take what was posted (not 2xx)."""
 
 
-_no_redirects = urllib.request.build_opener(_RefuseRedirects)
+def post_within(url: str, body: bytes, headers: dict, seconds: float) -> bytes:
+    """POST `body` to `url` and return the answer's body: all of it, from
+    connecting to the answer's last byte, within `seconds` (the connection is
+    cut then).  A 3xx is not followed: like any answer but 2xx it is
+    HttpRefused.  A user:password in the URL is sent as HTTP basic
+    authentication.  https certificates are verified."""
+    parts = urllib.parse.urlsplit(url)
+    headers = dict(headers)
+    userinfo = parts.netloc.rpartition("@")[0]
+    if userinfo:
+        user, _colon, password = userinfo.partition(":")
+        credentials = f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}".encode()
+        headers["Authorization"] = "Basic " + base64.b64encode(credentials).decode()
+    if parts.scheme == "https":
+        connection = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=seconds,
+                                                 context=ssl.create_default_context())
+    else:
+        connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=seconds)
+    cut = threading.Event()
+    timer = threading.Timer(seconds, _cut, (connection, cut))
+    timer.daemon = True
+    timer.start()
+    try:
+        connection.request("POST", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""), body, headers)
+        response = connection.getresponse()
+        answer = response.read(ANSWER_READ_LIMIT)
+    except NETWORK_ERRORS:
+        if not cut.is_set():
+            raise
+    finally:
+        timer.cancel()
+        connection.close()
+    if cut.is_set():  # a read cut short returns what it had, without an error
+        raise TimeoutError(f"no whole answer within {seconds:.0f} s")
+    if not 200 <= response.status < 300:
+        raise HttpRefused(f"HTTP {response.status}")
+    return answer
+
+
+def _cut(connection: http.client.HTTPConnection, cut: threading.Event) -> None:
+    cut.set()
+    sock = connection.sock
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in a read or a write
+        except OSError:
+            pass
 
 
 def signature(body: bytes, secret: str) -> str:
@@ -164,9 +217,7 @@ def encode_event(event: dict) -> bytes:
 
 
 def _why(error: BaseException) -> str:
-    if isinstance(error, urllib.error.HTTPError):
-        return f"HTTP {error.code}"
-    return str(getattr(error, "reason", None) or error)
+    return str(getattr(error, "reason", None) or error) or type(error).__name__
 
 
 class NotExactly(ValueError):
@@ -240,10 +291,8 @@ class SessionEnder:
     def _kick_over_http(self, login: str) -> str:
         key = base64.b64encode(self.settings.doveadm_api_key.encode()).decode()
         body = json.dumps([["kick", {"mask": [login]}, "pcc"]]).encode()
-        request = urllib.request.Request(self.settings.doveadm_url, data=body, method="POST", headers={
-            "Content-Type": "application/json", "Authorization": f"X-Dovecot-API {key}"})
-        with _no_redirects.open(request, timeout=KICK_TIMEOUT) as response:
-            answer = json.loads(response.read(65536) or b"null")
+        answer = json.loads(post_within(self.settings.doveadm_url, body, {
+            "Content-Type": "application/json", "Authorization": f"X-Dovecot-API {key}"}, KICK_TIMEOUT) or b"null")
         if not isinstance(answer, list) or not answer or not isinstance(answer[0], list):
             raise ValueError(f"doveadm answered {str(answer)[:200]!r}")
         kind, payload = answer[0][0], answer[0][1] if len(answer[0]) > 1 else None
@@ -279,7 +328,7 @@ class Responder:
         self.webhooks = Webhooks(settings, lambda outcome: on_outcome("webhook", outcome))
         self.sessions = SessionEnder(settings)
         self.queue = PostfixQueue(settings.postfix_config_directory)
-        self._blocks: queue.Queue = queue.Queue()
+        self._blocks: queue.Queue = queue.Queue(RESPONDER_QUEUE_SIZE)
         self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
         self._owners_told: dict = {}  # login -> when its owner was last told
@@ -297,7 +346,13 @@ class Responder:
         self._enqueue(("block", login, tuple(countries), reason, source, action, journey, utcnow(), network))
 
     def _enqueue(self, job: tuple) -> None:
-        self._blocks.put(job)
+        try:
+            self._blocks.put_nowait(job)
+        except queue.Full:
+            log.error("the actions on the block of %s are dropped: %d blocks wait for theirs", job[1],
+                      RESPONDER_QUEUE_SIZE)
+            self.on_outcome("responder", "dropped")
+            return
         with self._lock:
             if self._thread is None:
                 self._thread = start_thread(self._run, "pcc-responder")

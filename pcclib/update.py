@@ -24,7 +24,7 @@ import urllib.request
 import zlib
 from typing import Optional
 
-from .common import __version__, symlink_refusal
+from .common import __version__, symlink_refusal, url_for_people
 from .config import Settings, is_loopback_url
 from .geoip import GeoIP
 from .networks import MAX_LIST_BYTES, ListError, parse_list
@@ -84,7 +84,7 @@ def update_geoip(settings: Settings, timeout: float, now: dt.datetime, force: bo
         finally:
             if os.path.exists(temporary):
                 os.unlink(temporary)
-    return f"installed {target}: {description}, from {url}"
+    return f"installed {target}: {description}, from {url_for_people(url)}"
 
 
 def _first_download(urls: list, directory: str, timeout: float) -> tuple:
@@ -130,7 +130,8 @@ class _SameSchemeRedirects(urllib.request.HTTPRedirectHandler):
 
     def redirect_request(self, request, fp, code, message, headers, new_url):
         if not allowed_update_url(new_url):
-            raise UpdateError(f"{request.full_url}: redirected to {new_url[:100]}, which is not https")
+            raise UpdateError(f"{url_for_people(request.full_url)}: redirected to {url_for_people(new_url)[:100]}, "
+                              "which is not https")
         return super().redirect_request(request, fp, code, message, headers, new_url)
 
 
@@ -143,7 +144,7 @@ def download_geoip(url: str, directory: str, timeout: float, limit: int = GEOIP_
     `directory`; its path.  All of it within `timeout` seconds, however the
     server trickles."""
     if not allowed_update_url(url):
-        raise UpdateError(f"{url}: not an https URL")
+        raise UpdateError(f"{url_for_people(url)}: not an https URL")
     descriptor, temporary = tempfile.mkstemp(prefix=".pcc-geoip-", suffix=".mmdb", dir=directory)
     os.fchmod(descriptor, 0o644)  # on the descriptor: never on a path someone could swap
     outcome: dict = {}
@@ -152,7 +153,7 @@ def download_geoip(url: str, directory: str, timeout: float, limit: int = GEOIP_
     worker.join(timeout)
     if worker.is_alive() or "error" in outcome:
         os.unlink(temporary)  # a worker still writing writes to a file no one will find
-        raise outcome.get("error") or UpdateError(f"{url}: the download took longer than --timeout "
+        raise outcome.get("error") or UpdateError(f"{url_for_people(url)}: the download took longer than --timeout "
                                                   f"({timeout:g} s)")
     return temporary
 
@@ -166,12 +167,12 @@ def _download_into(url: str, descriptor: int, timeout: float, outcome: dict, lim
     except UpdateError as error:
         outcome["error"] = error
     except urllib.error.HTTPError as error:
-        outcome["error"] = UpdateError(f"{url}: HTTP {error.code} {error.reason}")
+        outcome["error"] = UpdateError(f"{url_for_people(url)}: HTTP {error.code} {error.reason}")
     except (urllib.error.URLError, OSError, zlib.error, ValueError) as error:
         reason = getattr(error, "reason", None) or error
         if isinstance(reason, TimeoutError):  # the server stalled: the same as a slow whole download
             reason = f"the download took longer than --timeout ({timeout:g} s)"
-        outcome["error"] = UpdateError(f"{url}: {reason}")
+        outcome["error"] = UpdateError(f"{url_for_people(url)}: {reason}")
 
 
 def _copy_uncompressed(response, out, limit: int) -> None:
@@ -297,7 +298,7 @@ def update_asn(settings: Settings, timeout: float, now: dt.datetime) -> str:
         finally:
             if os.path.exists(temporary):
                 os.unlink(temporary)
-    return f"installed {target}: {description}, from {url}"
+    return f"installed {target}: {description}, from {url_for_people(url)}"
 
 
 def check_asn_file(path: str) -> str:
@@ -364,4 +365,4 @@ def update_list(network_list, timeout: float) -> str:
             if os.path.exists(temporary):
                 os.unlink(temporary)
     return (f"installed {target}: {ranges.entries} entries ({ranges.ranges} ranges once merged), "
-            f"from {network_list.url}")
+            f"from {url_for_people(network_list.url)}")

@@ -159,3 +159,20 @@ def test_the_dovecot_port_needs_an_api_header(make_settings, count_logins):
     make_settings(**{"dovecot.policy_port": "", "dovecot.count_logins": count_logins, "dovecot.api_header": ""})
     make_settings(**{"dovecot.policy_port": "9997", "dovecot.count_logins": "yes",
                      "dovecot.api_header": "Authorization: Basic cGNjOnNlY3JldA=="})
+
+
+def test_a_refused_url_is_shown_without_its_secrets(make_settings):
+    hook = "http://pcc:Hunter2-secret@hooks.example.com/services/T0ABCDEF/B0GHIJK/x9ZkQ3hV7tL2mN8pR4sW6yB1"
+    with pytest.raises(ConfigError) as refused:
+        make_settings(**{"notify.webhook_urls": hook})
+    line = str(refused.value)
+    assert "must be an https:// URL" in line and "hooks.example.com/services/***" in line
+    assert "Hunter2-secret" not in line and "x9ZkQ3hV7tL2mN8pR4sW6yB1" not in line
+
+
+def test_the_doveadm_api_key_travels_in_clear_only_on_this_host(make_settings):
+    key = {"dovecot.doveadm_api_key": "a-key-for-the-test"}
+    with pytest.raises(ConfigError, match=r"\[dovecot\] doveadm_url: must be an https:// URL"):
+        make_settings(**{"dovecot.doveadm_url": "http://mail.example.com:8080/doveadm/v1", **key})
+    make_settings(**{"dovecot.doveadm_url": "http://127.0.0.1:8080/doveadm/v1", **key})
+    make_settings(**{"dovecot.doveadm_url": "https://mail.example.com:8443/doveadm/v1", **key})

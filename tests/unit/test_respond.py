@@ -2,6 +2,7 @@
 tools, against a real local HTTP receiver: every receiver gets every event,
 signed; one that fails or is down gets it again later; one that hangs
 delays no other and no caller; an event kept past its time is dropped, said."""
+import base64
 import datetime as dt
 import hashlib
 import hmac
@@ -182,3 +183,96 @@ def test_no_login_reaches_doveadm_as_a_mask(login):
 @pytest.mark.parametrize("login", ["alice@example.com", "-x", "alice", "1.2.3.4@example.com", "a/b@example.com"])
 def test_an_ordinary_login_is_asked_of_doveadm(login):
     assert doveadm_mask_problem(login) == ""
+
+
+def test_a_webhook_url_is_its_own_credential_and_no_log_line_shows_it(make_settings, receivers, caplog):
+    """A chat hook's path token and a user:password are masked in every line
+    (the password travels as HTTP basic authentication, as a browser would
+    send it); the masking formatter has them too."""
+    from pcclib.logs import mask_secrets, secrets_of
+
+    receiver = receivers()
+    url = receiver.url.replace("http://", "http://pcc:pa%40ss-w0rd@") + "/T01ABCDEF/B02GHIJKL/x9ZkQ3hV7tL2mN8pR4sW6yB1"
+    webhooks, _outcomes, settings = hooks(make_settings, [url])
+    with caplog.at_level(logging.INFO, logger="pcc"):
+        assert webhooks.send_now(event(settings, "block", dt.datetime(2026, 11, 30), account="alice@example.com"))
+    ((headers, _body),) = receiver.wait()
+    assert headers["Authorization"] == "Basic " + base64.b64encode(b"pcc:pa@ss-w0rd").decode()
+    logged = caplog.text
+    assert "webhook http://***@127.0.0.1:" in logged and "/hook/***/***/***: block delivered" in logged
+    for secret in ("pa%40ss-w0rd", "pa@ss-w0rd", "x9ZkQ3hV7tL2mN8pR4sW6yB1", "T01ABCDEF"):
+        assert secret not in logged
+        assert secret not in mask_secrets(f"an error naming {url}", secrets_of(settings))
+
+
+def test_a_receiver_that_trickles_its_answer_is_cut_at_the_deadline(make_settings, monkeypatch):
+    """WEBHOOK_TIMEOUT bounds all of one POST: a receiver sending a byte a
+    second kept one for two minutes (each read had its own timeout)."""
+    import socket
+    import threading
+
+    import pcclib.respond
+
+    monkeypatch.setattr(pcclib.respond, "WEBHOOK_TIMEOUT", 1.0)
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def trickle():
+        connection, _peer = listener.accept()
+        with connection:
+            connection.recv(65536)
+            connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 120\r\n\r\n")
+            for _ in range(120):
+                try:
+                    connection.sendall(b"x")
+                except OSError:
+                    return
+                time.sleep(1.0)
+
+    threading.Thread(target=trickle, daemon=True).start()
+    webhooks, _outcomes, settings = hooks(make_settings, [f"http://127.0.0.1:{listener.getsockname()[1]}/hook"])
+    started = time.monotonic()
+    assert webhooks.send_now(event(settings, "block", dt.datetime(2026, 11, 30))) is False
+    assert time.monotonic() - started < 3.0
+    listener.close()
+
+
+def test_the_blocks_waiting_for_their_actions_are_bounded(make_settings, monkeypatch):
+    """A flood of made-up accounts, each blocked, while the actions are slow:
+    the queue stops at RESPONDER_QUEUE_SIZE and says what it dropped."""
+    import threading
+
+    import pcclib.respond
+    from pcclib.notify import Notifier
+
+    monkeypatch.setattr(pcclib.respond, "RESPONDER_QUEUE_SIZE", 2)
+    taken, release = threading.Event(), threading.Event()
+
+    def slow(_self, _job):
+        taken.set()
+        release.wait(10)
+
+    monkeypatch.setattr(pcclib.respond.Responder, "_do", slow)
+    settings = make_settings()
+    outcomes = []
+    responder = pcclib.respond.Responder(settings, Notifier(settings), lambda *outcome: outcomes.append(outcome))
+    responder.end_sessions_soon("first@example.com", "REJECT")
+    assert taken.wait(5)
+    for number in range(4):
+        responder.end_sessions_soon(f"made-up-{number}@example.com", "REJECT")
+    assert outcomes == [("responder", "dropped")] * 2 and responder.backlog() == 2
+    release.set()
+
+
+def test_the_mails_waiting_for_the_smtp_server_are_bounded(make_settings, monkeypatch, caplog):
+    import pcclib.notify
+    from pcclib.notify import Notifier
+
+    monkeypatch.setattr(pcclib.notify, "OUTBOX_SIZE", 3)
+    settings = make_settings(**{"mail.notice": "admin@example.com", "mail.mailsrv": "127.0.0.1",
+                                "mail.mailport": str(free_port())})  # nobody listens: every try fails
+    notifier = Notifier(settings, first_backoff=60.0)
+    with caplog.at_level(logging.ERROR, logger="pcc"):
+        for number in range(5):
+            notifier.send(f"pcc: block {number}", "text")
+    assert notifier.backlog()[0] == 3
+    assert caplog.text.count("dropped (3 wait for the SMTP server)") == 2
