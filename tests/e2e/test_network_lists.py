@@ -105,6 +105,29 @@ def test_update_lists_installs_real_formats_and_keeps_the_old_file_when_a_downlo
     assert "HTTP 404" in run_pcc("--config", config, "--update-lists", expect=1).stderr
 
 
+def test_a_list_of_every_ipv6_user_is_refused_by_update_lists_and_by_the_daemon(tmp_path, list_server, start_daemon,
+                                                                               sqlite_url):
+    """175 /17s of the RIRs' main blocks passed as "1.0%" of 2000::/3, and as
+    [list tor] the daemon blocked Google's, Cloudflare's and Deutsche
+    Telekom's IPv6 clients on their first message."""
+    from test_networks import RIR_SEVENTEENS
+
+    config = write_config(tmp_path, lists_config(tmp_path, list_server, **{"list vpn.url": "",
+                                                                           "list tor.min_entries": "10"}))
+    list_server.files["/torbulkexitlist"] = RIR_SEVENTEENS
+    result = run_pcc("--config", config, "--update-lists", expect=1)
+    assert "of the RIRs' IPv6 address space" in result.stderr and not os.path.exists(list_path(tmp_path, "tor"))
+    path = list_path(tmp_path, "tor")
+    open(path, "w").write(TOR_BULK_LIST)
+    daemon = start_daemon(**{"db.dbcon": sqlite_url, "policy.action": "REJECT", "list tor.min_entries": "10"})
+    open(path + ".new", "wb").write(RIR_SEVENTEENS)  # copied in by hand
+    os.replace(path + ".new", path)
+    wait_for_log(daemon, "network list tor: " + path + " cannot be used")
+    google, cloudflare, telekom = "2a00:1450:4001:82b::200e", "2606:4700::6810:84e5", "2003:e2:a70b::1"
+    for number, client in enumerate((google, cloudflare, telekom)):
+        assert daemon.client().ask(f"user{number}@example.com", client) == "DUNNO"
+
+
 def test_a_tor_exit_in_the_home_country_blocks_on_both_doors(tmp_path, start_daemon, sqlite_url, smtp_sink,
                                                               list_server):
     """tor = block: the list is off until its file comes, the daemon picks the

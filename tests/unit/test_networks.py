@@ -33,6 +33,24 @@ def test_a_tor_bulk_list_and_a_cidr_list_are_looked_up_exactly():
     assert address("146.70.200.1") in vpn and address("91.199.0.9") in vpn and address("91.200.0.1") not in vpn
 
 
+# The /17s of the RIRs' main /12s (APNIC, ARIN, LACNIC, RIPE NCC, AFRINIC):
+# "1%" of 2000::/3, and every IPv6 user of Google, Cloudflare, Deutsche Telekom...
+RIR_SEVENTEENS = b"".join(f"{block + half // 2:x}:{half % 2 * 0x8000:x}::/17\n".encode()
+                          for block in (0x2400, 0x2600, 0x2800, 0x2a00, 0x2c00) for half in range(32))
+
+
+def test_ipv6_coverage_is_judged_where_ipv6_users_are():
+    """Against what the RIRs hand out, not 2000::/3 (97% unassigned): the
+    RIRs' main blocks are refused; a million hosting /32s in them are not;
+    ranges IANA has not given out count for nothing."""
+    assert address("2a00:1450:4001::1") in parse_list(b"2a00:1450::/32\n")  # Google's: a list may name it
+    hosting = b"".join(f"2a0{n % 8}:{n // 8:x}::/32\n".encode() for n in range(4096))
+    assert parse_list(hosting).ipv6_share < 0.01
+    assert parse_list(b"3000::/16\n").ipv6_share == 0.0
+    with pytest.raises(ListError, match="covers 71% of the RIRs' IPv6 address space"):
+        parse_list(RIR_SEVENTEENS)
+
+
 def test_overlapping_and_adjacent_ranges_are_merged():
     ranges = parse_list(b"20.1.0.0/24\n20.1.1.0/24\n20.1.0.128/25\n20.1.0.5\n")
     assert ranges.ranges == 1 and address("20.1.1.255") in ranges and address("20.1.2.0") not in ranges
@@ -44,7 +62,8 @@ def test_overlapping_and_adjacent_ranges_are_merged():
     (b"185.220.101.1\n185.220.101.2\n", "fewer than min_entries"),
     (b"185.220.101.1\n10.0.0.0/8\n", "private, reserved"),
     (b"185.220.101.1\n0.0.0.0/0\n", "private, reserved or far too wide"),
-    (b"".join(f"{n}.0.0.0/8\n".encode() for n in range(11, 90)), "of the address space"),
+    (b"".join(f"{n}.0.0.0/8\n".encode() for n in range(11, 90)), "of the public IPv4 address space"),
+    (RIR_SEVENTEENS, "of the RIRs' IPv6 address space"),
     (b"\x1f\x8b\x08\x00binary", "not plain text"),
 ])
 def test_a_broken_list_is_refused_with_its_reason(data, problem):
