@@ -10,6 +10,7 @@ import logging.handlers
 import os
 import re
 import signal
+import stat
 import threading
 import urllib.parse
 from contextlib import contextmanager
@@ -105,10 +106,10 @@ def normalise_login(text: str) -> str:
     return escape_controls(text.strip()).translate(_ASCII_LOWER)
 
 
-# A path segment of a URL shown as is in a log line: a plain word ("services",
-# "hooks", "doveadm", "v1"); any other (a Slack or Mattermost hook's token, an
-# ID) is masked.
-_PLAIN_URL_SEGMENT = re.compile(r"[A-Za-z][A-Za-z_.-]{0,13}|v[0-9]{1,2}")
+# A path segment of a URL shown as is in a log line: a short one ("services",
+# "v1", "ipv4.txt", an account ID) or a word; a long one with digits (a Slack,
+# Mattermost or Discord hook's token) is masked.
+_PLAIN_URL_SEGMENT = re.compile(r"[^/]{0,15}|[A-Za-z_.-]{16,23}")
 
 
 def url_for_people(url: str) -> str:
@@ -117,7 +118,7 @@ def url_for_people(url: str) -> str:
     `***` (a chat hook's URL is its own credential)."""
     parts = urllib.parse.urlsplit(url)
     host = parts.netloc.rpartition("@")[2]
-    path = "/".join(segment if not segment or _PLAIN_URL_SEGMENT.fullmatch(segment) else "***"
+    path = "/".join(segment if _PLAIN_URL_SEGMENT.fullmatch(segment) else "***"
                     for segment in parts.path.split("/"))
     return urllib.parse.urlunsplit((parts.scheme, ("***@" if "@" in parts.netloc else "") + host, path,
                                     "***" if parts.query else "", "***" if parts.fragment else ""))
@@ -130,6 +131,35 @@ def url_secrets(url: str) -> list:
     hidden = [segment for segment in parts.path.split("/") if segment and not _PLAIN_URL_SEGMENT.fullmatch(segment)]
     secrets = [userinfo, *userinfo.split(":"), parts.query, *hidden]
     return [secret for secret in {*secrets, *map(urllib.parse.unquote, secrets)} if secret]
+
+
+def open_regular_file(path: str, flags: int = os.O_RDONLY, mode: int = 0o644, dir_fd: Optional[int] = None) -> int:
+    """A descriptor of `path`, which must be a regular file: opened without
+    waiting (a FIFO or a device put where pcc keeps a list, a GeoIP file or
+    its lock would hold the open, or the first read, until someone writes),
+    then refused unless fstat says it is a file.  OSError either way."""
+    descriptor = os.open(path, flags | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC, mode, dir_fd=dir_fd)
+    try:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise OSError(f"{path}: not a regular file (a FIFO, a device or a directory put there?)")
+        os.set_blocking(descriptor, True)
+    except BaseException:
+        os.close(descriptor)
+        raise
+    return descriptor
+
+
+def open_maxmind(path: str):
+    """A maxminddb reader of the regular file at `path` (open_regular_file's
+    checks), read through its descriptor: the checked file, not whatever a
+    rename puts at the path meanwhile."""
+    import maxminddb
+
+    descriptor = open_regular_file(path)
+    try:
+        return maxminddb.open_database(f"/proc/self/fd/{descriptor}")
+    finally:
+        os.close(descriptor)  # the reader keeps its own (or its mapping)
 
 
 def symlink_refusal(path: str, what: str) -> str:

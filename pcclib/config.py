@@ -18,7 +18,7 @@ from typing import Optional
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 
-from .common import CONTROL_CHARACTERS, normalise_login, split_list, url_for_people
+from .common import CONTROL_CHARACTERS, normalise_login, open_maxmind, split_list, url_for_people
 
 DEFAULT_CONFIG_PATH = "/etc/pcc.conf"
 # How long `pcc.py --update-geoip` may take, unless --timeout says (seconds).
@@ -456,12 +456,10 @@ def _check_ports(config: _ConfigReader, settings: Settings) -> None:
 def _geoip_database_type(config: _ConfigReader, path: str) -> str:
     """The type of the .mmdb at `path` (GeoLite2-Country...), or one clear line
     for a file that is missing, not a MaxMind-format database, or of no date."""
-    import maxminddb
-
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise config.fail("geoip", "database", f"no such file: {path}")
     try:
-        with maxminddb.open_database(path) as reader:
+        with open_maxmind(path) as reader:
             metadata = reader.metadata()
     except (OSError, ValueError, RuntimeError) as error:  # RuntimeError: maxminddb's InvalidDatabaseError
         raise config.fail("geoip", "database", f"{path} is not a MaxMind-format database: {error}") from None

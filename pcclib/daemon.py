@@ -275,9 +275,9 @@ def _warn_if_readable(settings: Settings) -> None:
     except OSError:
         return
     if secrets_of(settings) and mode & 0o004:
-        log.warning("%s holds a secret (the database password or [dovecot] api_header) and is readable by "
-                    "every user: chown root:pcc %s; chmod 640 %s", settings.config_path, settings.config_path,
-                    settings.config_path)
+        log.warning("%s holds a secret (a password, a key, [dovecot] api_header or a URL's credentials) and is "
+                    "readable by every user: chown root:pcc %s; chmod 640 %s", settings.config_path,
+                    settings.config_path, settings.config_path)
 
 
 def _raise_file_limit(wanted: int) -> None:

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
-from .common import UTC, log, utcnow
+from .common import UTC, log, open_maxmind, utcnow
 from .config import is_city_level
 
 
@@ -57,10 +57,8 @@ class GeoIP:
         self.ipv4_only = False
         self.database_type = "GeoLite2-Country"
         if path:
-            import maxminddb
-
             self.file_signature = self.signature_of(path)
-            self._reader = maxminddb.open_database(path)
+            self._reader = open_maxmind(path)
             metadata = self._reader.metadata()
             try:
                 built = dt.datetime.fromtimestamp(metadata.build_epoch, UTC)

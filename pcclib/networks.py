@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from .common import log
+from .common import log, open_maxmind, open_regular_file
 from .config import NetworkList, Settings
 from .protocol import unwrap_ipv4
 
@@ -249,7 +249,7 @@ def load_list(spec: NetworkList, previous: Optional[LoadedList] = None) -> Loade
             return LoadedList(spec, previous.ranges, None, previous.written, "gone")
         return LoadedList(spec, None, None, None)
     try:
-        with open(spec.file, "rb") as list_file:
+        with os.fdopen(open_regular_file(spec.file), "rb") as list_file:  # a FIFO there froze the housekeeping
             data = list_file.read(MAX_LIST_BYTES + 1)
         ranges = parse_list(data, spec.min_entries, spec.file)
     except (OSError, ListError) as error:
@@ -283,8 +283,6 @@ class Networks:
         self.lookup = functools.lru_cache(maxsize=LOOKUP_CACHE_SIZE)(self._lookup)
 
     def _open_asn(self, previous: Optional["Networks"]) -> None:
-        import maxminddb
-
         path = self.settings.asn_database
         signature = file_signature(path)
         if previous is not None and previous.asn is not None and previous.asn_signature == signature \
@@ -297,7 +295,7 @@ class Networks:
             return
         self.asn_signature = signature  # a broken file is reported once, not at every look
         try:
-            self.asn = maxminddb.open_database(path)
+            self.asn = open_maxmind(path)
         except (OSError, ValueError, RuntimeError) as error:
             log.error("[networks] asn_database %s cannot be used: %s%s", path, error,
                       "; still using the file loaded before" if previous is not None and previous.asn else "")

@@ -9,14 +9,15 @@ the installed file as it was.
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import fcntl
-import glob
 import ipaddress
 import os
 import random
 import re
+import secrets
+import stat
 import sys
-import tempfile
 import threading
 import urllib.error
 import urllib.parse
@@ -24,7 +25,7 @@ import urllib.request
 import zlib
 from typing import Optional
 
-from .common import __version__, symlink_refusal, url_for_people
+from .common import __version__, open_maxmind, open_regular_file, url_for_people
 from .config import Settings, is_loopback_url
 from .geoip import GeoIP
 from .networks import MAX_LIST_BYTES, ListError, parse_list
@@ -69,25 +70,17 @@ def update_geoip(settings: Settings, timeout: float, now: dt.datetime, force: bo
     if not target:
         raise UpdateError("[geoip] database is blank (the embedded data cannot be updated): set it to the path "
                           "pcc keeps its GeoIP file at, e.g. /var/lib/pcc/dbip-country-lite.mmdb, and run this again")
-    refusal = symlink_refusal(target, "[geoip] database")
-    if refusal:
-        raise UpdateError(refusal)
     needs_places = settings.max_travel_speed_kmh is not None
-    directory = os.path.dirname(os.path.abspath(target))
     urls = [settings.geoip_update_url] if settings.geoip_update_url else default_geoip_urls(needs_places, now)
-    with _one_update_at_a_time(directory):
-        _remove_leftovers(directory)
+    with InstallDirectory(target, "[geoip] database") as directory:
         temporary, url = _first_download(urls, directory, timeout)
-        try:
-            description = check_geoip_file(temporary, target, needs_places, now, force)
-            os.replace(temporary, target)  # the daemon sees a new file and reads it; readers never see half of one
-        finally:
-            if os.path.exists(temporary):
-                os.unlink(temporary)
+        description = check_geoip_file(directory.path_of(temporary), directory.path_of(directory.name),
+                                       needs_places, now, force)
+        directory.install(temporary)  # the daemon sees a new file and reads it; readers never see half of one
     return f"installed {target}: {description}, from {url_for_people(url)}"
 
 
-def _first_download(urls: list, directory: str, timeout: float) -> tuple:
+def _first_download(urls: list, directory: "InstallDirectory", timeout: float) -> tuple:
     for number, url in enumerate(urls, 1):
         try:
             return download_geoip(url, directory, timeout), url
@@ -97,31 +90,127 @@ def _first_download(urls: list, directory: str, timeout: float) -> tuple:
     raise AssertionError("unreachable")
 
 
-class _one_update_at_a_time:
-    """A lock file in the target's directory: a second run waits for the first."""
+# What the lock and the temporary files of an update are called in the
+# target's directory.
+LOCK_NAME = ".pcc-geoip.lock"
+TEMPORARY_PREFIX, TEMPORARY_SUFFIX = ".pcc-geoip-", ".mmdb"
 
-    def __init__(self, directory: str):
-        self.path = os.path.join(directory, ".pcc-geoip.lock")
 
-    def __enter__(self):
+class InstallDirectory:
+    """The directory a download is installed in, opened once, no link the
+    daemon's user could have made followed on the way (it may own the
+    directory; root runs the update): the lock, the temporary file, the
+    rename and the removals all go through this descriptor, so a directory
+    swapped for a link after the check changes nothing of where root writes.
+    A second run waits for the first (the lock).  Leaving it removes what
+    the run left behind."""
+
+    def __init__(self, target: str, what: str):
+        self.target_path = os.path.abspath(target)
+        self.what = what
+        self.name = os.path.basename(self.target_path)
+        self.descriptor = open_directory(os.path.dirname(self.target_path), f"the directory of {what}")
+        self._temporaries: list = []
+
+    def __enter__(self) -> "InstallDirectory":
         try:
-            self.descriptor = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-        except OSError as error:  # a link planted there, a directory not ours
-            raise UpdateError(f"{self.path}: {error.strerror}") from None
-        fcntl.flock(self.descriptor, fcntl.LOCK_EX)
+            try:
+                mode = os.stat(self.name, dir_fd=self.descriptor, follow_symlinks=False).st_mode
+            except FileNotFoundError:
+                mode = stat.S_IFREG  # none yet
+            if stat.S_ISLNK(mode):
+                raise UpdateError(f"{self.target_path} ({self.what}) is a symbolic link; pcc does not follow links "
+                                  "to the files it writes: point the configuration at the real file")
+            if not stat.S_ISREG(mode):
+                raise UpdateError(f"{self.target_path} ({self.what}) is not a regular file (a FIFO, a device or a "
+                                  "directory put there?)")
+            try:
+                self._lock = open_regular_file(LOCK_NAME, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644,
+                                               dir_fd=self.descriptor)
+            except OSError as error:  # a link or a FIFO planted there, a directory not ours
+                raise UpdateError(f"{os.path.join(self.path_of(''), LOCK_NAME)}: "
+                                  f"{error.strerror or error}") from None
+            fcntl.flock(self._lock, fcntl.LOCK_EX)
+            self._remove_leftovers()
+        except BaseException:
+            os.close(self.descriptor)
+            raise
         return self
 
-    def __exit__(self, *_exc):
-        os.close(self.descriptor)  # releases the lock
+    def __exit__(self, *_exc) -> None:
+        for name in self._temporaries:
+            self._unlink(name)
+        os.close(self._lock)  # releases the lock
+        os.close(self.descriptor)
 
+    def path_of(self, name: str) -> str:
+        """A path that names `name` in this very directory (through the
+        descriptor): what another program may open."""
+        return f"/proc/self/fd/{self.descriptor}/{name}" if name else os.path.dirname(self.target_path)
 
-def _remove_leftovers(directory: str) -> None:
-    """Temporary files of a run that was killed (holding the lock, no run is going on)."""
-    for path in glob.glob(os.path.join(glob.escape(directory), ".pcc-geoip-*.mmdb")):
+    def new_temporary(self) -> tuple:
+        """(descriptor, name) of a new empty file here, 0644."""
+        while True:
+            name = f"{TEMPORARY_PREFIX}{secrets.token_hex(8)}{TEMPORARY_SUFFIX}"
+            try:
+                descriptor = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                     0o600, dir_fd=self.descriptor)
+            except FileExistsError:
+                continue
+            self._temporaries.append(name)
+            os.fchmod(descriptor, 0o644)  # on the descriptor: never on a path someone could swap
+            return descriptor, name
+
+    def read(self, name: str, limit: int) -> bytes:
+        with os.fdopen(open_regular_file(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=self.descriptor), "rb") as file:
+            return file.read(limit)
+
+    def install(self, name: str) -> None:
+        os.replace(name, self.name, src_dir_fd=self.descriptor, dst_dir_fd=self.descriptor)
+        self._temporaries.remove(name)
+
+    def _unlink(self, name: str) -> None:
         try:
-            os.unlink(path)
+            os.unlink(name, dir_fd=self.descriptor)
         except OSError:
             pass
+
+    def _remove_leftovers(self) -> None:
+        """Temporary files of a run that was killed (holding the lock, no run is going on)."""
+        for name in os.listdir(self.descriptor):
+            if name.startswith(TEMPORARY_PREFIX) and name.endswith(TEMPORARY_SUFFIX):
+                self._unlink(name)
+
+
+def open_directory(path: str, what: str) -> int:
+    """A descriptor of directory `path`, reached from / one name at a time:
+    a name in a directory that anyone but root may write to is never
+    followed if it is a link (the daemon's user could have put it there),
+    and the last name never is."""
+    names = [name for name in os.path.abspath(path).split("/") if name]
+    descriptor = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for number, name in enumerate(names, 1):
+            parent = os.fstat(descriptor)
+            root_only = parent.st_uid == 0 and not parent.st_mode & 0o022
+            no_link = os.O_NOFOLLOW if number == len(names) or not root_only else 0
+            try:
+                child = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | no_link, dir_fd=descriptor)
+            except OSError as error:
+                if error.errno in (errno.ELOOP, errno.ENOTDIR) and os.path.islink("/" + "/".join(names[:number])):
+                    raise UpdateError(f"{'/' + '/'.join(names[:number])} ({what}) is a symbolic link; pcc does "
+                                      "not follow links to the files it writes: point the configuration at the "
+                                      "real file") from None
+                if error.errno == errno.ENOENT:
+                    raise UpdateError(f"the directory {path} does not exist (create it, owned by root, readable "
+                                      "by pcc)") from None
+                raise UpdateError(f"{path}: {error.strerror}") from None
+            os.close(descriptor)
+            descriptor = child
+    except BaseException:
+        os.close(descriptor)
+        raise
+    return descriptor
 
 
 class _SameSchemeRedirects(urllib.request.HTTPRedirectHandler):
@@ -139,20 +228,18 @@ def allowed_update_url(url: str) -> bool:
     return urllib.parse.urlsplit(url).scheme == "https" or is_loopback_url(url)
 
 
-def download_geoip(url: str, directory: str, timeout: float, limit: int = GEOIP_DOWNLOAD_LIMIT) -> str:
+def download_geoip(url: str, directory: InstallDirectory, timeout: float, limit: int = GEOIP_DOWNLOAD_LIMIT) -> str:
     """The file at `url`, uncompressed if it is gzip, in a new file of
-    `directory`; its path.  All of it within `timeout` seconds, however the
-    server trickles."""
+    `directory`; its name there.  All of it within `timeout` seconds, however
+    the server trickles."""
     if not allowed_update_url(url):
         raise UpdateError(f"{url_for_people(url)}: not an https URL")
-    descriptor, temporary = tempfile.mkstemp(prefix=".pcc-geoip-", suffix=".mmdb", dir=directory)
-    os.fchmod(descriptor, 0o644)  # on the descriptor: never on a path someone could swap
+    descriptor, temporary = directory.new_temporary()
     outcome: dict = {}
     worker = threading.Thread(target=_download_into, args=(url, descriptor, timeout, outcome, limit), daemon=True)
     worker.start()
     worker.join(timeout)
-    if worker.is_alive() or "error" in outcome:
-        os.unlink(temporary)  # a worker still writing writes to a file no one will find
+    if worker.is_alive() or "error" in outcome:  # a worker still writing writes to a file removed at the end
         raise outcome.get("error") or UpdateError(f"{url_for_people(url)}: the download took longer than --timeout "
                                                   f"({timeout:g} s)")
     return temporary
@@ -282,30 +369,19 @@ def update_asn(settings: Settings, timeout: float, now: dt.datetime) -> str:
     """Download, check and install [networks] asn_database (DB-IP's ASN Lite
     unless asn_update_url says otherwise); what was installed."""
     target = settings.asn_database
-    refusal = symlink_refusal(target, "[networks] asn_database")
-    if refusal:
-        raise UpdateError(refusal)
-    directory = os.path.dirname(os.path.abspath(target))
     urls = [settings.asn_update_url] if settings.asn_update_url else [
         DBIP_LITE_URL.format(kind="asn", month=f"{moment:%Y-%m}")
         for moment in (now, now.replace(day=1) - dt.timedelta(days=1))]
-    with _one_update_at_a_time(directory):
-        _remove_leftovers(directory)
+    with InstallDirectory(target, "[networks] asn_database") as directory:
         temporary, url = _first_download(urls, directory, timeout)
-        try:
-            description = check_asn_file(temporary)
-            os.replace(temporary, target)
-        finally:
-            if os.path.exists(temporary):
-                os.unlink(temporary)
+        description = check_asn_file(directory.path_of(temporary))
+        directory.install(temporary)
     return f"installed {target}: {description}, from {url_for_people(url)}"
 
 
 def check_asn_file(path: str) -> str:
-    import maxminddb
-
     try:
-        reader = maxminddb.open_database(path)
+        reader = open_maxmind(path)
     except (OSError, ValueError, RuntimeError) as error:
         raise UpdateError(f"the download is not a MaxMind-format database (an error page, or truncated?): "
                           f"{error}") from None
@@ -343,26 +419,13 @@ def update_lists(settings: Settings, timeout: float) -> int:
 
 def update_list(network_list, timeout: float) -> str:
     target = network_list.file
-    refusal = symlink_refusal(target, f"[list {network_list.label}] file")
-    if refusal:
-        raise UpdateError(refusal)
-    directory = os.path.dirname(os.path.abspath(target))
-    if not os.path.isdir(directory):
-        raise UpdateError(f"the directory {directory} does not exist (create it, owned by root, readable by pcc)")
-    refusal = symlink_refusal(directory, f"the directory of [list {network_list.label}] file")
-    if refusal:
-        raise UpdateError(refusal)
-    with _one_update_at_a_time(directory):
-        _remove_leftovers(directory)
+    with InstallDirectory(target, f"[list {network_list.label}] file") as directory:
         temporary = download_geoip(network_list.url, directory, timeout, LIST_DOWNLOAD_LIMIT)
         try:
-            with open(temporary, "rb") as downloaded:
-                ranges = parse_list(downloaded.read(), network_list.min_entries, "the download")
-            os.replace(temporary, target)  # the daemon reads it at its next look (within seconds)
+            ranges = parse_list(directory.read(temporary, LIST_DOWNLOAD_LIMIT + 1), network_list.min_entries,
+                                "the download")
         except ListError as error:
             raise UpdateError(str(error)) from None
-        finally:
-            if os.path.exists(temporary):
-                os.unlink(temporary)
+        directory.install(temporary)  # the daemon reads it at its next look (within seconds)
     return (f"installed {target}: {ranges.entries} entries ({ranges.ranges} ranges once merged), "
             f"from {url_for_people(network_list.url)}")

@@ -196,7 +196,8 @@ def test_warns_when_the_config_with_a_password_is_world_readable(start_daemon, t
     os.chmod(restarted.config_path, 0o644)
     restarted.stop()
     restarted.start()
-    assert ("holds a secret (the database password or [dovecot] api_header) and is readable by every user"
+    assert ("holds a secret (a password, a key, [dovecot] api_header or a URL's credentials) and is readable by "
+            "every user"
             in restarted.log())
     assert "Pw-for-test" not in restarted.log()
 

@@ -29,10 +29,12 @@ class ListServer:
 
     def __init__(self):
         self.files = {}
-        files = self.files
+        self.before_answer = lambda path: None  # what a test does while pcc waits for a download
+        files, server = self.files, self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
+                server.before_answer(self.path)
                 body = files.get(self.path)
                 if body is None:
                     self.send_error(404)
@@ -110,7 +112,7 @@ def test_a_list_of_every_ipv6_user_is_refused_by_update_lists_and_by_the_daemon(
     """175 /17s of the RIRs' main blocks passed as "1.0%" of 2000::/3, and as
     [list tor] the daemon blocked Google's, Cloudflare's and Deutsche
     Telekom's IPv6 clients on their first message."""
-    from test_networks import RIR_SEVENTEENS
+    from unit.test_networks import RIR_SEVENTEENS
 
     config = write_config(tmp_path, lists_config(tmp_path, list_server, **{"list vpn.url": "",
                                                                            "list tor.min_entries": "10"}))
@@ -316,6 +318,70 @@ def test_update_lists_follows_no_link_planted_where_the_lists_live(tmp_path, lis
     result = run_pcc("--config", config, "--update-lists", expect=1)
     assert "(the directory of [list tor] file) is a symbolic link" in result.stderr
     assert list(elsewhere.iterdir()) == []
+
+
+def daemons_own_lists_directory(tmp_path):
+    """/var/lib/pcc as the daemon's user (nobody) owns it, a lists directory
+    in it, and a directory of root's only that nobody may write to."""
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    home, secret = tmp_path / "var-lib-pcc", tmp_path / "root-only"
+    (home / "lists").mkdir(parents=True)
+    secret.mkdir(mode=0o700)
+    for directory in (home, home / "lists"):
+        os.chown(directory, nobody.pw_uid, nobody.pw_gid)
+    return home, secret
+
+
+def test_root_writes_where_it_checked_even_when_the_directory_is_swapped_for_a_link(tmp_path, list_server):
+    """The daemon's user owns the lists' directory: while root's --update-lists
+    downloads, it moves the directory away and puts a link to a root-only
+    directory in its place.  Root's temporary file, rename and removals stay
+    in the directory it opened."""
+    home, secret = daemons_own_lists_directory(tmp_path)
+    lists = home / "lists"
+
+    def swap(_path):
+        os.rename(lists, home / "lists.moved")
+        os.symlink(secret, lists)
+
+    list_server.before_answer = swap
+    list_server.files["/torbulkexitlist"] = TOR_BULK_LIST.encode()
+    config = write_config(tmp_path, lists_config(tmp_path, list_server, **{
+        "list vpn.url": "", "list tor.file": str(lists / "tor-exits.txt")}))
+    result = run_pcc("--config", config, "--update-lists", timeout=60)
+    assert list(secret.iterdir()) == [], result.stderr
+    assert (home / "lists.moved" / "tor-exits.txt").read_text() == TOR_BULK_LIST
+    assert sorted(path.name for path in (home / "lists.moved").iterdir()) == [".pcc-geoip.lock", "tor-exits.txt"]
+
+
+def test_a_fifo_planted_as_the_lock_holds_no_update_and_as_a_list_no_daemon(tmp_path, list_server, start_daemon,
+                                                                            sqlite_url):
+    """A FIFO named .pcc-geoip.lock held root's open until the planter swapped
+    the directory for a link and opened the FIFO: root then wrote into a
+    root-only directory.  A FIFO as a list file froze the daemon's
+    housekeeping until a writer opened it.  Neither is opened now: one line
+    each, and the daemon goes on (a real file put there later is used)."""
+    home, secret = daemons_own_lists_directory(tmp_path)
+    os.mkfifo(home / "lists" / ".pcc-geoip.lock")
+    list_server.files["/torbulkexitlist"] = TOR_BULK_LIST.encode()
+    config = write_config(tmp_path, lists_config(tmp_path, list_server, **{
+        "list vpn.url": "", "list tor.file": str(home / "lists" / "tor-exits.txt")}))
+    started = time.monotonic()
+    result = run_pcc("--config", config, "--update-lists", expect=1, timeout=30)
+    assert time.monotonic() - started < 20 and ".pcc-geoip.lock" in result.stderr and "Traceback" not in result.stderr
+    assert list(secret.iterdir()) == [] and not (home / "lists" / "tor-exits.txt").exists()
+
+    path = list_path(tmp_path, "tor")
+    os.mkfifo(path)
+    daemon = start_daemon(**{"db.dbcon": sqlite_url, "policy.action": "REJECT"})
+    wait_for_log(daemon, f"network list tor: {path} cannot be used ({path}: not a regular file")
+    os.unlink(path)
+    open(path + ".new", "w").write(TOR_BULK_LIST)
+    os.replace(path + ".new", path)
+    wait_for_log(daemon, "network files changed")
+    assert daemon.client().ask("eve@example.com", TOR_EXITS[0]).startswith("REJECT")
 
 
 def test_a_tor_exit_blocks_while_the_database_is_down_and_the_block_lands_after(tmp_path, start_daemon,
