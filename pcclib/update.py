@@ -8,6 +8,7 @@ the installed file as it was.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import errno
 import fcntl
@@ -23,7 +24,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zlib
-from typing import Optional
+from typing import Iterator, Optional
 
 from .common import __version__, open_maxmind, open_regular_file, url_for_people
 from .config import Settings, is_loopback_url
@@ -74,8 +75,13 @@ def update_geoip(settings: Settings, timeout: float, now: dt.datetime, force: bo
     urls = [settings.geoip_update_url] if settings.geoip_update_url else default_geoip_urls(needs_places, now)
     with InstallDirectory(target, "[geoip] database") as directory:
         temporary, url = _first_download(urls, directory, timeout)
-        description = check_geoip_file(directory.path_of(temporary), directory.path_of(directory.name),
-                                       needs_places, now, force)
+        current = directory.installed()
+        try:
+            with directory.opened(temporary) as downloaded:
+                description = check_geoip_file(downloaded, current, needs_places, now, force)
+        finally:
+            if current is not None:
+                current.close()
         directory.install(temporary)  # the daemon sees a new file and reads it; readers never see half of one
     return f"installed {target}: {description}, from {url_for_people(url)}"
 
@@ -128,7 +134,7 @@ class InstallDirectory:
                 self._lock = open_regular_file(LOCK_NAME, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644,
                                                dir_fd=self.descriptor)
             except OSError as error:  # a link or a FIFO planted there, a directory not ours
-                raise UpdateError(f"{os.path.join(self.path_of(''), LOCK_NAME)}: "
+                raise UpdateError(f"{os.path.join(os.path.dirname(self.target_path), LOCK_NAME)}: "
                                   f"{error.strerror or error}") from None
             fcntl.flock(self._lock, fcntl.LOCK_EX)
             self._remove_leftovers()
@@ -143,10 +149,20 @@ class InstallDirectory:
         os.close(self._lock)  # releases the lock
         os.close(self.descriptor)
 
-    def path_of(self, name: str) -> str:
-        """A path that names `name` in this very directory (through the
-        descriptor): what another program may open."""
-        return f"/proc/self/fd/{self.descriptor}/{name}" if name else os.path.dirname(self.target_path)
+    @contextlib.contextmanager
+    def opened(self, name: str) -> Iterator[str]:
+        """A path to the regular file `name` of this directory, opened here
+        without following a link: /proc/self/fd/N, which names that very
+        file whatever is renamed meanwhile (for maxminddb, which opens paths)."""
+        try:
+            descriptor = open_regular_file(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=self.descriptor)
+        except OSError as error:
+            raise UpdateError(f"{os.path.join(os.path.dirname(self.target_path), name)}: "
+                              f"{error.strerror or error}") from None
+        try:
+            yield f"/proc/self/fd/{descriptor}"
+        finally:
+            os.close(descriptor)
 
     def new_temporary(self) -> tuple:
         """(descriptor, name) of a new empty file here, 0644."""
@@ -160,6 +176,14 @@ class InstallDirectory:
             self._temporaries.append(name)
             os.fchmod(descriptor, 0o644)  # on the descriptor: never on a path someone could swap
             return descriptor, name
+
+    def installed(self) -> Optional[GeoIP]:
+        """The GeoIP file installed now, or None (none yet, or broken)."""
+        try:
+            with self.opened(self.name) as path:
+                return GeoIP(path)
+        except (UpdateError, OSError, ValueError, RuntimeError, OverflowError):
+            return None  # a file that passes the checks replaces it
 
     def read(self, name: str, limit: int) -> bytes:
         with os.fdopen(open_regular_file(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=self.descriptor), "rb") as file:
@@ -281,8 +305,10 @@ def _copy_uncompressed(response, out, limit: int) -> None:
     os.fsync(out.fileno())
 
 
-def check_geoip_file(path: str, installed: str, needs_places: bool, now: dt.datetime, force: bool = False) -> str:
-    """Use a downloaded file only if it is what pcc needs; its description."""
+def check_geoip_file(path: str, current: Optional[GeoIP], needs_places: bool, now: dt.datetime,
+                     force: bool = False) -> str:
+    """Use a downloaded file only if it is what pcc needs (and, unless
+    forced, close to the `current` one); its description."""
     try:
         fresh = GeoIP(path)
     except (OSError, ValueError, RuntimeError, OverflowError) as error:  # RuntimeError: InvalidDatabaseError
@@ -290,13 +316,8 @@ def check_geoip_file(path: str, installed: str, needs_places: bool, now: dt.date
                           f"{error}") from None
     try:
         _check_usable(fresh, needs_places, now)
-        current = _installed(installed)
-        if current is not None:
-            try:
-                if not force:
-                    _check_against(fresh, current)
-            finally:
-                current.close()
+        if current is not None and not force:
+            _check_against(fresh, current)
         return f"{fresh.database_type}, built {fresh.built}"
     finally:
         fresh.close()
@@ -352,13 +373,6 @@ def sample_addresses() -> list:
     return _SAMPLE
 
 
-def _installed(path: str) -> Optional[GeoIP]:
-    try:
-        return GeoIP(path)
-    except (OSError, ValueError, RuntimeError, OverflowError):
-        return None  # none yet, or broken: a file that passes the checks above replaces it
-
-
 # --- the ASN database -----------------------------------------------------------
 
 # Every real ASN file names the network of these.
@@ -374,7 +388,8 @@ def update_asn(settings: Settings, timeout: float, now: dt.datetime) -> str:
         for moment in (now, now.replace(day=1) - dt.timedelta(days=1))]
     with InstallDirectory(target, "[networks] asn_database") as directory:
         temporary, url = _first_download(urls, directory, timeout)
-        description = check_asn_file(directory.path_of(temporary))
+        with directory.opened(temporary) as downloaded:
+            description = check_asn_file(downloaded)
         directory.install(temporary)
     return f"installed {target}: {description}, from {url_for_people(url)}"
 
