@@ -133,6 +133,36 @@ def url_secrets(url: str) -> list:
     return [secret for secret in {*secrets, *map(urllib.parse.unquote, secrets)} if secret]
 
 
+_JSON_SYNTAX = re.compile(r'["\\\[\]{}]')
+
+
+def json_nesting_within(text: str, limit: int) -> bool:
+    """Whether the JSON `text` nests arrays and objects at most `limit` deep
+    (brackets inside strings do not count).  Ask before json.loads on what a
+    peer sent: json descends on the C stack, and on Python 3.13 a thread's
+    512 KB ends before json's own limit does (8 KB of nested [ killed the
+    daemon with SIGSEGV).  One pass over the quotes, escapes and brackets."""
+    depth, in_string, escaped_until = 0, False, -1
+    for token in _JSON_SYNTAX.finditer(text):
+        position, character = token.start(), token.group()
+        if position <= escaped_until:
+            continue  # the character after a backslash
+        if in_string:
+            if character == "\\":
+                escaped_until = position + 1
+            elif character == '"':
+                in_string = False
+        elif character == '"':
+            in_string = True
+        elif character in "[{":
+            depth += 1
+            if depth > limit:
+                return False
+        elif character in "]}":
+            depth -= 1
+    return True
+
+
 def open_regular_file(path: str, flags: int = os.O_RDONLY, mode: int = 0o644, dir_fd: Optional[int] = None) -> int:
     """A descriptor of `path`, which must be a regular file: opened without
     waiting (a FIFO or a device put where pcc keeps a list, a GeoIP file or

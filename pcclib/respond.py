@@ -16,6 +16,7 @@ import http.client
 import ipaddress
 import json
 import queue
+import re
 import shlex
 import socket
 import ssl
@@ -25,7 +26,7 @@ import time
 import urllib.parse
 from typing import Callable, Iterable, Optional
 
-from .common import log, start_thread, url_for_people, utcnow
+from .common import json_nesting_within, log, start_thread, url_for_people, utcnow
 from .config import MONITOR_ACTION, Settings
 from .decision import CountrySeen, Journey
 from .mailqueue import PostfixQueue, QueueError
@@ -49,6 +50,10 @@ WEBHOOK_QUEUE_SIZE = 10000
 # seconds, after which the administrators' mail says it failed and how to do it.
 KICK_TIMEOUT = 10.0
 KICK_TRY_FOR = 30.0
+# How doveadm kick says it ended nothing: 2.3's command, 2.4's command and API.
+NOTHING_KICKED = re.compile(r'^no users kicked|^0 connections kicked|^\[\{"count": "0"\}\]$')
+# doveadm's answer is [["doveadmResponse", [{...}], "tag"]]: this deep at most.
+DOVEADM_ANSWER_DEPTH = 4
 
 # Blocks waiting for their actions (sessions, queued mail, mails, webhooks);
 # beyond, a new one's actions are dropped (ERROR): a flood of made-up accounts
@@ -291,8 +296,11 @@ class SessionEnder:
     def _kick_over_http(self, login: str) -> str:
         key = base64.b64encode(self.settings.doveadm_api_key.encode()).decode()
         body = json.dumps([["kick", {"mask": [login]}, "pcc"]]).encode()
-        answer = json.loads(post_within(self.settings.doveadm_url, body, {
-            "Content-Type": "application/json", "Authorization": f"X-Dovecot-API {key}"}, KICK_TIMEOUT) or b"null")
+        text = post_within(self.settings.doveadm_url, body, {
+            "Content-Type": "application/json", "Authorization": f"X-Dovecot-API {key}"}, KICK_TIMEOUT).decode()
+        if not json_nesting_within(text, DOVEADM_ANSWER_DEPTH):  # json descends on this thread's small stack
+            raise ValueError(f"doveadm answered JSON nested deeper than {DOVEADM_ANSWER_DEPTH}: {text[:100]!r}")
+        answer = json.loads(text or "null")
         if not isinstance(answer, list) or not answer or not isinstance(answer[0], list):
             raise ValueError(f"doveadm answered {str(answer)[:200]!r}")
         kind, payload = answer[0][0], answer[0][1] if len(answer[0]) > 1 else None
@@ -307,7 +315,7 @@ class SessionEnder:
 def _sessions_text(output: str) -> str:
     """What doveadm kick said, as a short phrase for the log and the mail."""
     output = output.strip()
-    if not output or output in ("[]", "null", "{}"):
+    if not output or output in ("[]", "null", "{}") or NOTHING_KICKED.search(output):
         return "no session was open"
     return f"its sessions were ended (doveadm: {' '.join(output.split())[:200]})"
 

@@ -1,6 +1,8 @@
 """Hostile or broken input: no exception escapes, the daemon keeps serving,
 and a misbehaving client only ever loses its own connection."""
 
+import time
+
 import pytest
 from conftest import free_port
 from hypothesis import HealthCheck, given
@@ -58,3 +60,18 @@ def service_server(tmp_path_factory, geoip_path):
     server = PolicyServer(settings, service)
     yield server
     server.server_close()
+
+
+def test_json_nested_deeper_than_asked_never_reaches_json():
+    """Brackets in strings (escaped quotes too) do not count; a quote run with
+    backslashes costs one pass, not one per quote."""
+    from pcclib.common import json_nesting_within
+
+    assert json_nesting_within('{"login": "a[{b", "note": "\\"[["}', 1)
+    assert not json_nesting_within('{"login": ["alice"]}', 1)
+    assert not json_nesting_within('{"login": "a\\\\", "x": [1]}', 1)  # an escaped backslash ends the string
+    assert not json_nesting_within("[" * 16000, 1)
+    assert json_nesting_within('[["doveadmResponse", [{"count": "0"}], "pcc"]]', 4)
+    started = time.monotonic()
+    assert json_nesting_within('"\\' * 8000, 1)
+    assert time.monotonic() - started < 0.5
