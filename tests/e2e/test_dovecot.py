@@ -457,10 +457,8 @@ def session_open(session: imaplib.IMAP4) -> bool:
         return False
 
 
-@pytest.mark.parametrize("through", ["doveadm HTTP API", "doveadm command"])
-def test_a_block_through_postfix_ends_the_accounts_open_sessions_and_no_other(dovecot_pcc, smtp_sink, through):
-    """The thief's IMAP session, logged in before the block, is closed within
-    2 s of the message that crosses the line; another account's stays."""
+def dovecot_with_doveadm(dovecot_pcc, through: str):
+    """pcc and a Dovecot whose sessions pcc ends through `through`."""
     doveadm_port = free_port()
     api = {"dovecot.doveadm_url": f"http://127.0.0.1:{doveadm_port}/doveadm/v1",
            "dovecot.doveadm_api_key": DOVEADM_API_KEY} if through == "doveadm HTTP API" else {}
@@ -471,6 +469,14 @@ def test_a_block_through_postfix_ends_the_accounts_open_sessions_and_no_other(do
                                                          f"doveadm_command = doveadm -c {dovecot.config}")
         open(daemon.config_path, "w").write(config)
         daemon.start()
+    return daemon, dovecot
+
+
+@pytest.mark.parametrize("through", ["doveadm HTTP API", "doveadm command"])
+def test_a_block_through_postfix_ends_the_accounts_open_sessions_and_no_other(dovecot_pcc, smtp_sink, through):
+    """The thief's IMAP session, logged in before the block, is closed within
+    2 s of the message that crosses the line; another account's stays."""
+    daemon, dovecot = dovecot_with_doveadm(dovecot_pcc, through)
     thief, other = dovecot.open_session("alice@example.com", ip_in("RU")), dovecot.open_session(
         "bob@example.com", ip_in("GB"))
     assert session_open(thief) and session_open(other)
@@ -487,21 +493,6 @@ def test_a_block_through_postfix_ends_the_accounts_open_sessions_and_no_other(do
     assert "Sessions: its sessions were ended" in mail.get_content(), mail.get_content()
     assert "Dovecot sessions of alice@example.com: its sessions were ended" in daemon.log()
     print(f"session ended {ended_after:.2f} s after the crossing message")
-
-
-def dovecot_with_doveadm(dovecot_pcc, through: str):
-    """pcc and a Dovecot whose sessions pcc ends through `through`."""
-    doveadm_port = free_port()
-    api = {"dovecot.doveadm_url": f"http://127.0.0.1:{doveadm_port}/doveadm/v1",
-           "dovecot.doveadm_api_key": DOVEADM_API_KEY} if through == "doveadm HTTP API" else {}
-    daemon, dovecot = dovecot_pcc(doveadm_port=doveadm_port, **{"dovecot.count_logins": "no", **api})
-    if through == "doveadm command":  # it names Dovecot's config, made after the daemon: restart with it
-        daemon.stop()
-        config = open(daemon.config_path).read().replace("doveadm_command =",
-                                                         f"doveadm_command = doveadm -c {dovecot.config}")
-        open(daemon.config_path, "w").write(config)
-        daemon.start()
-    return daemon, dovecot
 
 
 @pytest.mark.parametrize("through", ["doveadm HTTP API", "doveadm command"])
