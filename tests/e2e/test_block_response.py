@@ -32,7 +32,7 @@ def test_a_block_reaches_the_webhook_the_admins_and_the_owner(start_daemon, sqli
     assert sorted(seen["country"] for seen in block["countries"]) == ["DE", "FR", "GB", "US"]
     assert {seen["last_ip"] for seen in block["countries"]} == {ip_in(c) for c in ("GB", "US", "FR", "DE")}
     assert block["door"] == "policy" and "4 of at most 3 countries" in block["reason"]
-    assert "not ended" in block["sessions"] and "doveadm kick alice@example.com" in block["sessions"]
+    assert "not ended" in block["sessions"] and "doveadm kick -- alice@example.com" in block["sessions"]
     assert block["undo"] and block["undo"][0].endswith("-u alice@example.com")
     assert block["text"].startswith("pcc blocked alice@example.com (HOLD)")
 
