@@ -280,3 +280,17 @@ def test_the_mails_waiting_for_the_smtp_server_are_bounded(make_settings, monkey
             notifier.send(f"pcc: block {number}", "text")
     assert notifier.backlog()[0] == 3
     assert caplog.text.count("dropped (3 wait for the SMTP server)") == 2
+
+
+def test_an_ipv6_receiver_without_a_port_is_reached_on_its_address():
+    """http.client reads a bare IPv6 host's last group as a port: pcc gives
+    the scheme's port itself (here nothing listens on [::1]:80, or something
+    answers; never a name that does not resolve)."""
+    import socket
+
+    from pcclib.respond import NETWORK_ERRORS, post_within
+
+    try:
+        post_within("http://[::1]/hook", b"{}", {}, 2.0)
+    except NETWORK_ERRORS as error:
+        assert not isinstance(error, socket.gaierror), error
