@@ -9,9 +9,7 @@ import datetime as dt
 import ipaddress
 import os
 import re
-import urllib.error
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from typing import Optional
 
@@ -390,10 +388,6 @@ def load_settings(path: str, geoip_file_needed: bool = True) -> Settings:
         if url and urllib.parse.urlsplit(url).scheme != "https" and not is_loopback_url(url):
             raise config.fail(section, key, f"must be an https:// URL (plain http only to this host, for "
                               f"tests), got {url_for_people(url)[:100]!r}")
-    update_url = settings.geoip_update_url
-    if update_url and urllib.parse.urlsplit(update_url).scheme != "https" and not is_loopback_url(update_url):
-        raise config.fail("geoip", "update_url", f"must be an https:// URL (plain http only to this host, for "
-                          f"tests), got {url_for_people(update_url)[:100]!r}")
     if not geoip_file_needed:
         return settings  # --update-geoip installs it, or replaces a broken one
     kind = _geoip_database_type(config, settings.geoip_database) if settings.geoip_database else None

@@ -17,9 +17,7 @@ import json
 import queue
 import re
 import socket
-import urllib.error
 import urllib.parse
-import urllib.request
 from typing import Optional
 
 from .common import json_nesting_within, log

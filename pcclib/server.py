@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import logging.handlers
 import socket
 import socketserver
 import threading
