@@ -16,8 +16,8 @@ it in this list:
   memory     histories kept in memory; sightings written behind the answer
   outage     the spool of blocks decided while the database fails
   metrics    the Prometheus endpoint
-  service    one request's path, top to bottom (and its late answer)
-  server     the Postfix port and its Watchdog
+  service    one request's path, top to bottom (its late answer, the Watchdog)
+  server     the Postfix port
   dovecot    the Dovecot auth policy port, an adapter onto the service
   logs       syslog/stderr, secrets masked, through a queue
   daemon     pcc.py -d: start, reload, housekeeping, stop

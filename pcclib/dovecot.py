@@ -24,7 +24,7 @@ from .common import json_nesting_within, log
 from .config import Settings
 from .ports import BoundedHttpHandler, BoundedHttpPort, RateLimitedWarning, connection_caps
 from .protocol import DOVECOT_LOGIN, PolicyRequest, clean_value, client_allowed
-from .service import PolicyService, RequestTicket
+from .service import LATE_ANSWER_WAIT, PolicyService, RequestTicket
 
 # Dovecot's bodies are a few hundred bytes; anything much larger is not Dovecot.
 DOVECOT_MAX_BODY = 16384
@@ -35,9 +35,6 @@ DOVECOT_IDLE_TIMEOUT = 10.0
 # Logins answered at once; more wait for a worker (each answered within
 # DB_ANSWER_DEADLINE all the same, from memory when the database is slow).
 DOVECOT_WORKERS = 32
-# The longest an HTTP thread waits for its answer (the late answer comes
-# within DB_ANSWER_DEADLINE; this only bounds a fault of pcc's own).
-LATE_ANSWER_WAIT = 10.0
 
 # What Dovecot's fields are: a nested list or object is not Dovecot.
 JSON_SCALARS = (str, int, float, bool, type(None))

@@ -16,7 +16,7 @@ from .common import log, replaced
 from .config import Settings
 from .ports import BoundedPort, RateLimitedWarning, connection_caps
 from .protocol import client_allowed, format_reply, parse_request
-from .service import HEALTH_REQUEST, PolicyService, RequestTicket
+from .service import HEALTH_REQUEST, LATE_ANSWER_WAIT, PolicyService, RequestTicket
 
 # What the policy port answers: Postfix's requests and `pcc.py --health`'s.
 POLICY_PORT_REQUESTS = ("smtpd_access_policy", HEALTH_REQUEST)
@@ -25,11 +25,6 @@ POLICY_PORT_REQUESTS = ("smtpd_access_policy", HEALTH_REQUEST)
 # (or idle_timeout, if shorter): Postfix sends a request in one go, and a client
 # that trickles bytes must not hold a connection for ever.
 REQUEST_DEADLINE = 30.0
-
-# How long a connection's thread waits for the Watchdog to send its answer
-# and hand the connection on (from memory: milliseconds, a spool fsync included).
-LATE_ANSWER_WAIT = 10.0
-
 
 class _Successor(threading.Thread):
     """Reads a connection on after a late answer (PolicyHandler.handle)."""

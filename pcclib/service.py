@@ -45,6 +45,10 @@ from .storage import DatabaseClock, Store, is_data_error, is_database_error, saf
 DB_ANSWER_DEADLINE = 0.8
 # How often the Watchdog looks for requests past their deadline (seconds).
 WATCHDOG_INTERVAL = 0.05
+# The longest a door's thread waits for a request's answer, on time or late
+# (from memory: milliseconds, a spool fsync included); past it, only a fault of
+# pcc's own, answered as one (never an open door for a blocked account).
+LATE_ANSWER_WAIT = 10.0
 # While the database fails, how often the probe thread looks whether a probe
 # is due (outage.DB_PROBE_INTERVAL: requests and this thread share it).
 PROBE_CHECK_INTERVAL = 0.25
