@@ -162,6 +162,17 @@ def json_nesting_within(text: str, limit: int) -> bool:
     return True
 
 
+def file_signature(path: str) -> Optional[tuple]:
+    """What changes when the file at `path` is rewritten or replaced (an
+    updater writes a new file and renames it over the old one), or None when
+    there is none."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return status.st_ino, status.st_size, status.st_mtime_ns
+
+
 def open_regular_file(path: str, flags: int = os.O_RDONLY, mode: int = 0o644, dir_fd: Optional[int] = None) -> int:
     """A descriptor of `path`, which must be a regular file: opened without
     waiting (a FIFO or a device put where pcc keeps a list, a GeoIP file or

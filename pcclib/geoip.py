@@ -7,12 +7,11 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import math
-import os
 import re
 from dataclasses import dataclass
 from typing import Optional
 
-from .common import UTC, log, open_maxmind, utcnow
+from .common import UTC, file_signature, log, open_maxmind, utcnow
 from .config import is_city_level
 
 
@@ -88,15 +87,7 @@ class GeoIP:
         if self.path:
             self._reader.close()
 
-    @staticmethod
-    def signature_of(path: str) -> Optional[tuple]:
-        """What changes when the file is rewritten or replaced (geoipupdate
-        writes a new file and renames it over the old one)."""
-        try:
-            status = os.stat(path)
-        except OSError:
-            return None
-        return status.st_ino, status.st_size, status.st_mtime_ns
+    signature_of = staticmethod(file_signature)  # geoipupdate writes a new file and renames it over the old one
 
     def changed_on_disk(self) -> bool:
         return bool(self.path) and self.signature_of(self.path) not in (None, self.file_signature)

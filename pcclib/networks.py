@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from .common import log, open_maxmind, open_regular_file
+from .common import file_signature, log, open_maxmind, open_regular_file
 from .config import NetworkList, Settings
 from .protocol import unwrap_ipv4
 
@@ -227,14 +227,6 @@ class LoadedList:
     def stale(self, now: float) -> bool:
         age = self.age_days(now)
         return age is not None and age > self.spec.max_age_days
-
-
-def file_signature(path: str) -> Optional[tuple]:
-    try:
-        status = os.stat(path)
-    except OSError:
-        return None
-    return status.st_ino, status.st_size, status.st_mtime_ns
 
 
 def load_list(spec: NetworkList, previous: Optional[LoadedList] = None) -> LoadedList:

@@ -149,18 +149,24 @@ def format_reply(action: str) -> bytes:
     return f"action={one_line}\n\n".encode("utf-8", "replace")
 
 
+def peer_address(address_text: str):
+    """The address of a peer of pcc's ports (a socket's view of it), or None.
+    Only an IPv4-mapped address is an IPv4 peer (a dual-stack socket's view
+    of it).  Not unwrap_ipv4(): a 6to4, Teredo or NAT64 address merely names
+    an IPv4 address, which anyone can put in one (2002:7f00:1:: "is"
+    127.0.0.1); fine for a country, never for a door."""
+    try:
+        address = ipaddress.ip_address(address_text.split("%")[0])
+    except ValueError:
+        return None
+    if address.version == 6 and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
 def client_allowed(address_text: str, allowed_clients: tuple) -> bool:
     """Whether a peer may talk to pcc: anyone when allowed_clients is empty."""
     if not allowed_clients:
         return True
-    try:
-        address = ipaddress.ip_address(address_text.split("%")[0])
-    except ValueError:
-        return False
-    # Only an IPv4-mapped address is an IPv4 peer (a dual-stack socket's view
-    # of it).  Not unwrap_ipv4(): a 6to4, Teredo or NAT64 address merely names
-    # an IPv4 address, which anyone can put in one (2002:7f00:1:: "is"
-    # 127.0.0.1); fine for a country, never for a door.
-    if address.version == 6 and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return any(address in network for network in allowed_clients)
+    address = peer_address(address_text)
+    return address is not None and any(address in network for network in allowed_clients)

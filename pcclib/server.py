@@ -4,7 +4,6 @@ PolicyService; a late answer (service.py) comes back through deliver_late().
 """
 from __future__ import annotations
 
-import ipaddress
 import logging
 import socket
 import socketserver
@@ -15,7 +14,7 @@ from typing import Optional
 from .common import log, replaced
 from .config import Settings
 from .ports import BoundedPort, RateLimitedWarning, connection_caps
-from .protocol import client_allowed, format_reply, parse_request
+from .protocol import client_allowed, format_reply, parse_request, peer_address
 from .service import HEALTH_REQUEST, LATE_ANSWER_WAIT, PolicyService, RequestTicket
 
 # What the policy port answers: Postfix's requests and `pcc.py --health`'s.
@@ -269,13 +268,8 @@ class PolicyServer(BoundedPort, socketserver.ThreadingTCPServer):
     def is_local(self, handler: PolicyHandler) -> bool:
         """Whether the peer is this host: loopback, or the address pcc listens on."""
         peer = handler.client_address[0].split("%")[0]
-        try:
-            address = ipaddress.ip_address(peer)
-        except ValueError:
-            return False
-        if address.version == 6 and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        return address.is_loopback or peer == self.server_address[0]
+        address = peer_address(peer)
+        return address is not None and (address.is_loopback or peer == self.server_address[0])
 
     def verify_request(self, request, client_address) -> bool:
         if client_allowed(client_address[0], self.settings.allowed_clients):
