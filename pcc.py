@@ -11,10 +11,8 @@ until an administrator unblocks it, and the administrators are told.
   pcc.py --replay, --health, --update-geoip, --check-config
 
 The code lives in pcclib/ beside this file, one module per job, imports running
-one way: common -> config -> protocol -> ports -> geoip -> decision -> notify ->
-mailqueue -> respond -> storage -> memory, outage -> metrics -> service -> server, dovecot -> logs ->
-daemon, admin, replay, update, health -> cli.  pcclib/__init__.py maps them; README's "How pcc
-is built" follows one request through them.
+one way, in the order pcclib/__init__.py maps them; README's "How pcc is built"
+follows one request through them.
 """
 import os
 import sys
