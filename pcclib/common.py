@@ -10,10 +10,11 @@ import os
 import re
 import signal
 import stat
+import tempfile
 import threading
 import urllib.parse
 from contextlib import contextmanager
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 __version__ = "1.5.0"
 log = logging.getLogger("pcc")
@@ -160,6 +161,26 @@ def json_nesting_within(text: str, limit: int) -> bool:
         elif character in "]}":
             depth -= 1
     return True
+
+
+def replace_with_lines(path: str, lines: Iterable[str], mode: int = 0o600) -> None:
+    """Write `lines` to a new file of pcc's own beside `path` (never a name
+    someone could have put a link at), synced, then renamed over `path`: a
+    reader sees the old file or the new one, never half of one.  OSError when
+    it cannot; nothing is left behind."""
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}-",
+                                             dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        os.fchmod(descriptor, mode)
+        with open(descriptor, "w", encoding="utf-8") as new:
+            new.writelines(lines)
+            new.flush()
+            os.fsync(new.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.lexists(temporary):
+            os.unlink(temporary)
+        raise
 
 
 def file_signature(path: str) -> Optional[tuple]:

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import collections
 import os
-import tempfile
 import threading
 import time
 from typing import Optional
 
 from sqlalchemy import exc as sa_exc
 
-from .common import first_line, log, start_thread
+from .common import first_line, log, replace_with_lines, start_thread
 from .config import MONITOR_ACTION
 from .decision import AccountHistory, CountrySeen, merge_seen
 from .storage import DatabaseChanges, Store, is_data_error, sighting_rows
@@ -219,20 +218,10 @@ class AccountMemory:
             return
         with self._blocked_lock:
             logins, self._blocked_changed = sorted(self._blocked), False
-        directory = os.path.dirname(os.path.abspath(self.blocked_file))
-        temporary = None
         try:
-            descriptor, temporary = tempfile.mkstemp(prefix=".blocked-", dir=directory)
-            os.fchmod(descriptor, 0o640)
-            with open(descriptor, "w", encoding="utf-8") as copy:
-                copy.writelines(login + "\n" for login in logins)
-                copy.flush()
-                os.fsync(copy.fileno())
-            os.replace(temporary, self.blocked_file)
+            replace_with_lines(self.blocked_file, (login + "\n" for login in logins), 0o640)
         except OSError as error:
             self._blocked_changed = True  # try again next time
-            if temporary is not None and os.path.exists(temporary):
-                os.unlink(temporary)
             log.error("the blocked list's copy %s cannot be written (%s): a restart while the database is down "
                       "would not know the accounts blocked since", self.blocked_file, error.strerror or error)
 

@@ -9,13 +9,12 @@ import collections
 import datetime as dt
 import json
 import os
-import tempfile
 import threading
 import time
 
 from sqlalchemy import exc as sa_exc
 
-from .common import first_line, log
+from .common import first_line, log, replace_with_lines
 from .config import MONITOR_ACTION, Settings
 from .storage import Store, is_data_error, safe_url
 
@@ -279,18 +278,8 @@ class OutageJournal:
     def _rewrite_spool(self) -> None:
         if not self.spool_path:
             return
-        directory = os.path.dirname(os.path.abspath(self.spool_path))
-        temporary = None
         try:
-            # A new file of our own (never a name someone could have put a link at), then renamed over.
-            descriptor, temporary = tempfile.mkstemp(prefix=".spool-", dir=directory)
-            with open(descriptor, "w", encoding="utf-8") as spool:
-                spool.writelines(json.dumps(entry) + "\n" for entry in self._blocks)
-                spool.flush()
-                os.fsync(spool.fileno())
-            os.replace(temporary, self.spool_path)
+            replace_with_lines(self.spool_path, [json.dumps(entry) + "\n" for entry in self._blocks])
         except OSError as error:
-            if temporary is not None and os.path.exists(temporary):
-                os.unlink(temporary)
             log.error("spool %s cannot be rewritten (%s): blocks already in the database may be written "
                       "again at the next start (harmless)", self.spool_path, error.strerror or error)
