@@ -12,8 +12,7 @@ from typing import Iterable, Optional
 
 from .common import replaced
 from .config import MONITOR_ACTION, Settings
-from .geoip import Place
-from .protocol import DOVECOT_LOGIN, MAX_LOGIN_LENGTH, PolicyRequest
+from .protocol import DOVECOT_LOGIN, MAX_LOGIN_LENGTH, Place, PolicyRequest
 
 COUNTED_REQUESTS = ("smtpd_access_policy", DOVECOT_LOGIN)
 

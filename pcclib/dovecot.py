@@ -23,7 +23,7 @@ from typing import Optional
 from .common import json_nesting_within, log
 from .config import Settings
 from .ports import BoundedHttpHandler, BoundedHttpPort, RateLimitedWarning, connection_caps
-from .protocol import DOVECOT_LOGIN, PolicyRequest, clean_value, client_allowed
+from .protocol import DOVECOT_DOORS, DOVECOT_LOGIN, PolicyRequest, clean_value, client_allowed
 from .service import LATE_ANSWER_WAIT, PolicyService, RequestTicket
 
 # Dovecot's bodies are a few hundred bytes; anything much larger is not Dovecot.
@@ -38,10 +38,6 @@ DOVECOT_WORKERS = 32
 
 # What Dovecot's fields are: a nested list or object is not Dovecot.
 JSON_SCALARS = (str, int, float, bool, type(None))
-
-# Dovecot's protocol names -> the door named in log lines, blocks and mails.
-DOVECOT_DOORS = {"imap": "imap", "pop3": "pop3", "smtp": "smtp", "submission": "smtp", "lmtp": "lmtp",
-                 "doveadm": "doveadm", "sieve": "sieve", "managesieve": "sieve"}
 
 
 def dovecot_login_request(command: str, fields: dict) -> Optional[PolicyRequest]:

@@ -6,39 +6,12 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-import math
 import re
-from dataclasses import dataclass
 from typing import Optional
 
 from .common import UTC, file_signature, log, open_maxmind, utcnow
 from .config import is_city_level
-
-
-@dataclass(frozen=True)
-class Place:
-    """Where a City-level database puts an address, give or take accuracy_km."""
-
-    latitude: float
-    longitude: float
-    accuracy_km: float  # 0 when the database does not say
-    name: str  # "Tokyo, JP", for people
-
-    def distance_km(self, other: "Place") -> float:
-        """Great-circle distance (haversine, mean Earth radius)."""
-        lat1, lat2 = math.radians(self.latitude), math.radians(other.latitude)
-        half_dlat = (lat2 - lat1) / 2
-        half_dlon = math.radians(other.longitude - self.longitude) / 2
-        h = math.sin(half_dlat) ** 2 + math.cos(lat1) * math.cos(lat2) * math.sin(half_dlon) ** 2
-        return 2 * 6371.0088 * math.asin(min(1.0, math.sqrt(h)))
-
-
-@dataclass(frozen=True)
-class Country:
-    code: Optional[str]  # ISO code, or None when there is none to count
-    note: str  # why there is none, for people
-    place: Optional[Place] = None  # only from a City-level database
-    missing: str = ""  # why there is none, for metrics: not an IP address / not public / not in database
+from .protocol import Country, Place
 
 
 class GeoIP:

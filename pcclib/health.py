@@ -11,7 +11,7 @@ import time
 from .common import utcnow
 from .config import Settings
 from .geoip import GEOIP_STALE_AFTER
-from .service import HEALTH_REQUEST
+from .protocol import HEALTH_REQUEST
 
 HEALTH_OK, HEALTH_WARNING, HEALTH_CRITICAL, HEALTH_UNKNOWN = 0, 1, 2, 3
 HEALTH_LABELS = ("OK", "WARNING", "CRITICAL", "UNKNOWN")

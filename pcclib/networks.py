@@ -14,12 +14,11 @@ import ipaddress
 import os
 import socket
 import time
-from dataclasses import dataclass
 from typing import Optional
 
 from .common import file_signature, log, open_maxmind, open_regular_file
 from .config import NetworkList, Settings
-from .protocol import unwrap_ipv4
+from .protocol import NetworkFacts, unwrap_ipv4
 
 # A list file larger than this is no list of addresses (an error page, a dump).
 MAX_LIST_BYTES = 64 << 20
@@ -190,21 +189,6 @@ def parse_list(data: bytes, min_entries: int = 1, source: str = "the list") -> A
         raise ListError(f"{source}: covers {share:.0%} of the {which} address space (at most "
                         f"{MAX_ADDRESS_SHARE:.0%}): not a list of networks to single out")
     return ranges
-
-
-@dataclass(frozen=True)
-class NetworkFacts:
-    """What pcc knows of a client address's network."""
-
-    labels: tuple = ()  # the network lists it is on, in pcc.conf's order
-    asn: Optional[int] = None
-    organisation: str = ""
-
-    def describe(self) -> str:
-        """"AS13335 Cloudflare, Inc.", for people; "" when unknown."""
-        if self.asn is None:
-            return ""
-        return f"AS{self.asn} {self.organisation}".strip()
 
 
 NO_FACTS = NetworkFacts()

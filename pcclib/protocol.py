@@ -1,20 +1,18 @@
 """The Postfix policy protocol: the attribute lines of one request become a
 PolicyRequest, a decided action becomes the "action=..." reply.  Also what a
-request's client address means (IPv4 inside IPv6, zone ids) and who may
-connect at all (allowed_clients).
+request's client address means (IPv4 inside IPv6, zone ids), what is known of
+its client (Country, Place, NetworkFacts: filled in by geoip and networks,
+which come after this module) and who may connect at all (allowed_clients).
 """
 from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable, Optional
+from typing import Iterable, Optional
 
 from .common import escape_controls, log, normalise_login, replaced
-
-if TYPE_CHECKING:  # annotations only: geoip comes after protocol
-    from .geoip import Country, Place
-    from .networks import NetworkFacts
 
 # Postfix never sends values this long; postgrey caps them the same way.  Longer
 # values are cut so a hostile client cannot make us store megabytes.
@@ -26,6 +24,55 @@ MAX_LOGIN_LENGTH = 255
 # What pcc decides on: Postfix's policy requests, and Dovecot's logins as the
 # Dovecot adapter hands them over.
 DOVECOT_LOGIN = "dovecot_login"
+# The request `pcc.py --health` sends the daemon (Postfix never sends it):
+# the answer is DUNNO followed by what the daemon sees of itself.
+HEALTH_REQUEST = "pcc_health"
+# Dovecot's protocol names -> the door named in log lines, blocks and mails
+# (the Dovecot port's and --replay's of Dovecot's log alike).
+DOVECOT_DOORS = {"imap": "imap", "pop3": "pop3", "smtp": "smtp", "submission": "smtp", "lmtp": "lmtp",
+                 "doveadm": "doveadm", "sieve": "sieve", "managesieve": "sieve"}
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where a City-level database puts an address, give or take accuracy_km."""
+
+    latitude: float
+    longitude: float
+    accuracy_km: float  # 0 when the database does not say
+    name: str  # "Tokyo, JP", for people
+
+    def distance_km(self, other: "Place") -> float:
+        """Great-circle distance (haversine, mean Earth radius)."""
+        lat1, lat2 = math.radians(self.latitude), math.radians(other.latitude)
+        half_dlat = (lat2 - lat1) / 2
+        half_dlon = math.radians(other.longitude - self.longitude) / 2
+        h = math.sin(half_dlat) ** 2 + math.cos(lat1) * math.cos(lat2) * math.sin(half_dlon) ** 2
+        return 2 * 6371.0088 * math.asin(min(1.0, math.sqrt(h)))
+
+
+@dataclass(frozen=True)
+class Country:
+    code: Optional[str]  # ISO code, or None when there is none to count
+    note: str  # why there is none, for people
+    place: Optional[Place] = None  # only from a City-level database
+    missing: str = ""  # why there is none, for metrics: not an IP address / not public / not in database
+
+
+@dataclass(frozen=True)
+class NetworkFacts:
+    """What pcc knows of a client address's network."""
+
+    labels: tuple = ()  # the network lists it is on, in pcc.conf's order
+    asn: Optional[int] = None
+    organisation: str = ""
+
+    def describe(self) -> str:
+        """"AS13335 Cloudflare, Inc.", for people; "" when unknown."""
+        if self.asn is None:
+            return ""
+        return f"AS{self.asn} {self.organisation}".strip()
+
 
 
 @dataclass(frozen=True)
@@ -44,8 +91,8 @@ class PolicyRequest:
     # Filled in by the GeoIP lookup before the decision.
     client_country: Optional[str] = None
     country_note: str = ""
-    client_place: Optional["Place"] = None  # only with City-level GeoIP data
-    network: Optional["NetworkFacts"] = None  # the network lists it is on, its AS (filled in with the country)
+    client_place: Optional[Place] = None  # only with City-level GeoIP data
+    network: Optional[NetworkFacts] = None  # the network lists it is on, its AS (filled in with the country)
     # A Dovecot login (request DOVECOT_LOGIN): the door ("imap", "pop3", "smtp"
     # for SMTP AUTH, "doveadm"), and whether only the blocked list is asked
     # (before the password is checked) or a successful login is to be counted.
@@ -69,7 +116,7 @@ class PolicyRequest:
             self.__dict__["_client_ip"] = _client_ip(self.client_address)
         return self.__dict__["_client_ip"]
 
-    def with_country(self, found: "Country", network: Optional["NetworkFacts"] = None) -> "PolicyRequest":
+    def with_country(self, found: Country, network: Optional[NetworkFacts] = None) -> "PolicyRequest":
         """This request with what the GeoIP lookup found (what was computed kept)."""
         return replaced(self, client_country=found.code, country_note=found.note, client_place=found.place,
                         network=network)

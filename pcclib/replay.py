@@ -18,10 +18,9 @@ from .admin import AdminError, on_admin_store
 from .common import UTC, escape_controls, utcnow, when
 from .config import MONITOR_ACTION, Settings
 from .decision import AccountHistory, CountrySeen, merge_seen
-from .dovecot import DOVECOT_DOORS
 from .geoip import GeoIP
 from .notify import Notifier
-from .protocol import DOVECOT_LOGIN, PolicyRequest
+from .protocol import DOVECOT_DOORS, DOVECOT_LOGIN, PolicyRequest
 from .service import PolicyService
 from .storage import Store, safe_url
 

@@ -14,8 +14,8 @@ from typing import Optional
 from .common import log, replaced
 from .config import Settings
 from .ports import BoundedPort, RateLimitedWarning, connection_caps
-from .protocol import client_allowed, format_reply, parse_request, peer_address
-from .service import HEALTH_REQUEST, LATE_ANSWER_WAIT, PolicyService, RequestTicket
+from .protocol import HEALTH_REQUEST, client_allowed, format_reply, parse_request, peer_address
+from .service import LATE_ANSWER_WAIT, PolicyService, RequestTicket
 
 # What the policy port answers: Postfix's requests and `pcc.py --health`'s.
 POLICY_PORT_REQUESTS = ("smtpd_access_policy", HEALTH_REQUEST)
@@ -235,10 +235,6 @@ class PolicyServer(BoundedPort, socketserver.ThreadingTCPServer):
         infos = socket.getaddrinfo(settings.host, settings.port, type=socket.SOCK_STREAM)
         self.address_family = infos[0][0]
         super().__init__(infos[0][4][:2], PolicyHandler)
-
-    def answer(self, lines: list) -> bytes:
-        """The reply to one request, in this thread whatever it takes."""
-        return self.answer_request(lines)[0]
 
     def answer_request(self, lines: list, handler: Optional[PolicyHandler] = None) -> tuple:
         """(the reply to one request, its ticket); with a handler, the Watchdog

@@ -37,7 +37,7 @@ from .metrics import Metrics
 from .notify import Notifier
 from .respond import Responder
 from .outage import OutageJournal, OutageState
-from .protocol import DOVECOT_LOGIN, PolicyRequest
+from .protocol import DOVECOT_LOGIN, HEALTH_REQUEST, PolicyRequest
 from .storage import DatabaseClock, Store, is_data_error, is_database_error, safe_url
 
 # How long a request may wait for the database before pcc answers without it
@@ -52,10 +52,6 @@ LATE_ANSWER_WAIT = 10.0
 # While the database fails, how often the probe thread looks whether a probe
 # is due (outage.DB_PROBE_INTERVAL: requests and this thread share it).
 PROBE_CHECK_INTERVAL = 0.25
-
-# The request `pcc.py --health` sends the daemon (Postfix never sends it):
-# the answer is DUNNO followed by what the daemon sees of itself.
-HEALTH_REQUEST = "pcc_health"
 
 
 class _Lane:

@@ -35,16 +35,10 @@ MODULE_ORDER = re.findall(r"^  (\w+) ", (ROOT / "pcclib" / "__init__.py").read_t
 
 
 def imports_of(module: str) -> set:
-    """The pcclib modules `module` imports at run time (not those named only for annotations)."""
+    """The pcclib modules `module` imports, for annotations too (an import
+    under TYPE_CHECKING is a circle all the same)."""
     tree = ast.parse((ROOT / "pcclib" / f"{module}.py").read_text())
-    found = set()
-    for node in tree.body:
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            continue
-        for inner in ast.walk(node):
-            if isinstance(inner, ast.ImportFrom) and inner.level == 1:
-                found.add(inner.module)
-    return found
+    return {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 1}
 
 
 def test_every_module_is_in_the_map_and_imports_only_those_above_it():
@@ -93,3 +87,14 @@ def test_the_systemd_unit_is_hardened():
     unit = (ROOT / "pcc.service").read_text()
     for line in ("MemoryMax=", "TasksMax=", "IPAddressDeny=any", "IPAddressAllow=localhost"):
         assert f"\n{line}" in unit, line
+
+
+def test_every_test_file_says_what_it_tests_in_its_own_words():
+    """A unit file and its e2e twin that open with the same docstring leave
+    the reader guessing which tests what."""
+    openings = {}
+    for path in sorted((ROOT / "tests").glob("*/test_*.py")):
+        docstring = ast.get_docstring(ast.parse(path.read_text()))
+        assert docstring, f"{path.name} does not say what it tests"
+        openings.setdefault(docstring.splitlines()[0], []).append(f"{path.parent.name}/{path.name}")
+    assert [files for files in openings.values() if len(files) > 1] == []
