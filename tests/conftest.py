@@ -26,6 +26,8 @@ import sysconfig
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 from typing import Optional
 
 import pytest
@@ -368,6 +370,28 @@ def policy_request(login: str = "", ip: str = "81.2.69.160", **extra) -> dict:
     }
     attributes.update(extra)
     return attributes
+
+
+def dovecot_post(port: int, command: str, body: bytes, api_header: str, timeout: float = 5.0) -> tuple:
+    """One request as Dovecot's auth policy client sends it to pcc's Dovecot
+    port: (HTTP status, JSON answer or None, seconds)."""
+    started = time.monotonic()
+    name, _colon, value = api_header.partition(":")
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/?command={command}", body,
+                                     headers={"Content-Type": "application/json", name: value.strip()})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.load(response), time.monotonic() - started
+    except urllib.error.HTTPError as error:
+        return error.code, None, time.monotonic() - started
+
+
+def dovecot_allow(port: int, login: str, api_header: str) -> int:
+    """Dovecot's question before the password, from GB: -1 refused, 0 let in."""
+    status, answer, _seconds = dovecot_post(port, "allow", json.dumps({"login": login, "remote": ip_in("GB")}).encode(),
+                                            api_header)
+    assert status == 200, status
+    return answer["status"]
 
 
 def encode_request(attributes: dict) -> bytes:

@@ -17,6 +17,7 @@ import urllib.request
 import pytest
 from conftest import (
     PostfixInstance,
+    dovecot_post,
     free_port,
     ip_in,
     pcc_command,
@@ -344,15 +345,7 @@ def test_replay_counts_dovecot_logins(tmp_path, geoip_path):
 
 def post(port: int, command: str, body: bytes, timeout: float = 5.0, api_header: str = API_HEADER) -> tuple:
     """One request as Dovecot sends it: (HTTP status, JSON answer or None, seconds)."""
-    started = time.monotonic()
-    name, _colon, value = api_header.partition(":")
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/?command={command}", body,
-                                     headers={"Content-Type": "application/json", name: value.strip()})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, json.load(response), time.monotonic() - started
-    except urllib.error.HTTPError as error:
-        return error.code, None, time.monotonic() - started
+    return dovecot_post(port, command, body, api_header, timeout)
 
 
 def login_body(login: str, country: str, **extra) -> bytes:

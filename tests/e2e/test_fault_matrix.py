@@ -18,11 +18,9 @@ When the fault ends no request reaches A (restarted) or C: each must find
 the database by itself, write its spooled block, and say the outage ended,
 in the log and in --health.
 """
-import json
 import signal
 import threading
 import time
-import urllib.request
 
 import pytest
 import sqlalchemy as sa
@@ -31,6 +29,7 @@ from conftest import (
     WORKER,
     TcpProxy,
     blocked_logins,
+    dovecot_allow,
     free_port,
     fresh_database,
     ip_in,
@@ -59,12 +58,7 @@ def login(name: str) -> str:
 
 def allow(port: int, name: str) -> int:
     """Dovecot's question before the password: -1 refused, 0 let in."""
-    header, value = API_HEADER.split(": ", 1)
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/?command=allow",
-                                     json.dumps({"login": login(name), "remote": ip_in("GB")}).encode(),
-                                     headers={header: value})
-    with urllib.request.urlopen(request, timeout=5) as response:
-        return json.load(response)["status"]
+    return dovecot_allow(port, login(name), API_HEADER)
 
 
 class LimitedUser:

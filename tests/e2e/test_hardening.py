@@ -13,22 +13,14 @@ import urllib.error
 import urllib.request
 
 import pytest
-from conftest import free_port, ip_in, pcc_command, run_pcc, unavailable, wait_for_log, write_config
+from conftest import dovecot_post, free_port, ip_in, pcc_command, run_pcc, unavailable, wait_for_log, write_config
 
 API_HEADER = "Authorization: Basic cGNjOmhhcmRlbmluZw=="
 
 
 def post(port: int, body: bytes, command: str = "allow", timeout: float = 5.0) -> tuple:
     """(HTTP status, JSON answer or None, seconds)."""
-    started = time.monotonic()
-    name, value = API_HEADER.split(": ", 1)
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/?command={command}", body,
-                                     headers={"Content-Type": "application/json", name: value})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, json.load(response), time.monotonic() - started
-    except urllib.error.HTTPError as error:
-        return error.code, None, time.monotonic() - started
+    return dovecot_post(port, command, body, API_HEADER, timeout)
 
 
 def login(name: str, country: str = "GB") -> bytes:

@@ -3,16 +3,15 @@ whole in memory from the start (a restart during an outage included) and
 answers both doors; a database that refuses at once is an outage like one
 that hangs; a reload reaches the accounts in memory; names nobody has seen
 cost no database read."""
-import json
 import signal
 import time
-import urllib.request
 
 import pytest
 import sqlalchemy as sa
 from conftest import (
     TcpProxy,
     blocked_logins,
+    dovecot_allow,
     free_port,
     ip_in,
     pcc_command,
@@ -30,12 +29,7 @@ API_HEADER = "Authorization: Basic cGNjOm1lbW9yeQ=="
 
 def allow(port: int, login: str) -> int:
     """Dovecot's question before the password: -1 refused, 0 let in."""
-    name, value = API_HEADER.split(": ", 1)
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/?command=allow",
-                                     json.dumps({"login": login, "remote": ip_in("GB")}).encode(),
-                                     headers={name: value})
-    with urllib.request.urlopen(request, timeout=5) as response:
-        return json.load(response)["status"]
+    return dovecot_allow(port, login, API_HEADER)
 
 
 @pytest.fixture

@@ -1,4 +1,6 @@
-"""Configuration: every key present, every value checked, one clear line on error."""
+"""Configuration, in the process (config.load_settings): the shipped file is
+valid, every key is required, each bad value is refused with one line naming
+its section and key.  The command line's --check-config is e2e/test_check_config.py."""
 import configparser
 
 import pytest

@@ -1,4 +1,6 @@
-"""GeoIP: the configured .mmdb and the embedded default data."""
+"""GeoIP lookups in the process (geoip.GeoIP): IPv4 and IPv6 from a .mmdb,
+IPv4-mapped addresses, addresses with no country and why, the description
+of the file.  Replacing the file under a running daemon is e2e/test_geoip_reload.py."""
 import ipaddress
 
 import pytest

@@ -1,5 +1,6 @@
-"""Faults injected for real: a database behind a TCP proxy the test cuts, an SMTP
-server that is down then up, kill -9 under load, SIGTERM and SIGHUP."""
+"""The late answer (service.RequestTicket, the Watchdog), in the process: the
+Watchdog's answer and the database's, arriving together, make exactly one
+reply.  The doors' late answers under real faults are e2e/test_faults.py."""
 import threading
 import time
 

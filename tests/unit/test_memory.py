@@ -1,8 +1,10 @@
-"""Write-heavy traffic (#14): sightings are written behind the answer in
-batches and counted from memory at once; blocks are still written before the
-answer; several daemons on one database see each other's sightings, blocks,
-unblocks and travel passes within a second; a kill -9 loses at most the last
-moments of sightings, never a block."""
+"""What memory.py and the write-behind do, in the process (#14): the decision's
+log line takes no lock, SQLite connections are kept, old tables get the
+poll's index, a batch with one refused value writes the others, unwritten
+sightings count, the poll of changes forgets exactly what another writer
+changed (late commits, reads begun before a change, a long gap: start over),
+a new place commits apart.  Real daemons sharing a database are
+e2e/test_write_behind.py."""
 import datetime as dt
 import logging
 import threading

@@ -1,5 +1,5 @@
-"""The Prometheus endpoint ([server] metrics_port), scraped over HTTP from a
-running daemon."""
+"""The metrics port's configuration: it must differ from the policy port.  The
+endpoint scraped from a running daemon is e2e/test_metrics_endpoint.py."""
 
 import pytest
 

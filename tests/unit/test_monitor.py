@@ -1,6 +1,6 @@
-"""Monitor mode: pcc records and notifies as it would when enforcing, answers
-DUNNO, and lists such accounts as "would be blocked"; switching to enforce
-judges them afresh."""
+"""Monitor mode as pure rules (decision.py): an account is flagged instead of
+blocked, not flagged twice, judged afresh in enforce mode; blocks in force
+stay enforced.  The daemon's side is e2e/test_monitor_mode.py."""
 import datetime as dt
 
 import pytest

@@ -1,4 +1,6 @@
-"""Travel passes: pcc.py --allow LOGIN --country FR,DE --days 14."""
+"""Travel passes as rules and storage: a passed country does not count, nor do
+its earlier sightings, an expired pass counts again; passes are stored,
+replaced and ended on every database.  The --allow command is e2e/test_allow.py."""
 import datetime as dt
 
 import pytest

@@ -1,7 +1,5 @@
-"""Never silently off (#12): a daemon that cannot write its database refuses to
-run, an outage that lasts is said again every minute, admin commands never
-leave a file the daemon cannot use, `--health` reports what the daemon sees,
-and `--update-geoip` installs current GeoIP data, or nothing."""
+"""--update-geoip's choice of source: DB-IP Lite of this month, then of the
+last (the downloads and checks are e2e/test_update_geoip.py)."""
 import datetime
 
 from pcclib.common import UTC
