@@ -239,7 +239,7 @@ def doveadm_mask_problem(login: str) -> str:
     if "*" in login or "?" in login:
         return "it has a doveadm wildcard (* or ?)"
     try:
-        ipaddress.ip_network(login.strip("[]"), strict=False)
+        ipaddress.ip_network(login.strip("[]").split("%")[0], strict=False)  # a zone id names an address too
     except ValueError:
         return ""
     return "doveadm reads it as a client address range"

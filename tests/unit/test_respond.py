@@ -175,7 +175,7 @@ def test_while_dovecot_cannot_end_sessions_a_burst_of_blocks_does_not_queue_behi
 
 
 @pytest.mark.parametrize("login", ["*", "*@example.com", "al?ce@example.com", "10.0.0.0/8", "127.0.0.1", "::",
-                                   "[::1]", "2001:db8::/32"])
+                                   "[::1]", "2001:db8::/32", "fe80::1%eth0"])
 def test_no_login_reaches_doveadm_as_a_mask(login):
     assert doveadm_mask_problem(login)
 
