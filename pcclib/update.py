@@ -119,6 +119,7 @@ class InstallDirectory:
         self._temporaries: list = []
 
     def __enter__(self) -> "InstallDirectory":
+        self._lock = None
         try:
             try:
                 mode = os.stat(self.name, dir_fd=self.descriptor, follow_symlinks=False).st_mode
@@ -134,11 +135,12 @@ class InstallDirectory:
                 self._lock = open_regular_file(LOCK_NAME, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644,
                                                dir_fd=self.descriptor)
             except OSError as error:  # a link or a FIFO planted there, a directory not ours
-                raise UpdateError(f"{os.path.join(os.path.dirname(self.target_path), LOCK_NAME)}: "
-                                  f"{error.strerror or error}") from None
+                raise self._failed(LOCK_NAME, error) from None
             fcntl.flock(self._lock, fcntl.LOCK_EX)
             self._remove_leftovers()
         except BaseException:
+            if self._lock is not None:
+                os.close(self._lock)
             os.close(self.descriptor)
             raise
         return self
@@ -157,8 +159,7 @@ class InstallDirectory:
         try:
             descriptor = open_regular_file(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=self.descriptor)
         except OSError as error:
-            raise UpdateError(f"{os.path.join(os.path.dirname(self.target_path), name)}: "
-                              f"{error.strerror or error}") from None
+            raise self._failed(name, error) from None
         try:
             yield f"/proc/self/fd/{descriptor}"
         finally:
@@ -173,6 +174,8 @@ class InstallDirectory:
                                      0o600, dir_fd=self.descriptor)
             except FileExistsError:
                 continue
+            except OSError as error:  # a directory this user may not write to
+                raise self._failed(name, error) from None
             self._temporaries.append(name)
             os.fchmod(descriptor, 0o644)  # on the descriptor: never on a path someone could swap
             return descriptor, name
@@ -186,12 +189,23 @@ class InstallDirectory:
             return None  # a file that passes the checks replaces it
 
     def read(self, name: str, limit: int) -> bytes:
-        with os.fdopen(open_regular_file(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=self.descriptor), "rb") as file:
-            return file.read(limit)
+        try:
+            with os.fdopen(open_regular_file(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=self.descriptor),
+                           "rb") as file:
+                return file.read(limit)
+        except OSError as error:
+            raise self._failed(name, error) from None
 
     def install(self, name: str) -> None:
-        os.replace(name, self.name, src_dir_fd=self.descriptor, dst_dir_fd=self.descriptor)
+        try:
+            os.replace(name, self.name, src_dir_fd=self.descriptor, dst_dir_fd=self.descriptor)
+        except OSError as error:
+            raise self._failed(self.name, error) from None
         self._temporaries.remove(name)
+
+    def _failed(self, name: str, error: OSError) -> UpdateError:
+        """One line for what the filesystem refused (never a traceback)."""
+        return UpdateError(f"{os.path.join(os.path.dirname(self.target_path), name)}: {error.strerror or error}")
 
     def _unlink(self, name: str) -> None:
         try:
