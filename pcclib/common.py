@@ -1,6 +1,8 @@
 """Helpers every other module uses: the clock, the logger, how a login and
-any untrusted text are cleaned, and one-line error messages.  Imports nothing
-of pcc's.
+any untrusted text are cleaned, one-line error messages, and what pcc does
+with files (regular ones only, replaced whole) and URLs (shown without their
+secrets) and with JSON a peer sent (never nested deeper than asked).
+Imports nothing of pcc's.
 """
 from __future__ import annotations
 
@@ -129,7 +131,7 @@ def url_secrets(url: str) -> list:
     parts = urllib.parse.urlsplit(url)
     userinfo = parts.netloc.rpartition("@")[0]
     hidden = [segment for segment in parts.path.split("/") if segment and not _PLAIN_URL_SEGMENT.fullmatch(segment)]
-    secrets = [userinfo, *userinfo.split(":"), parts.query, *hidden]
+    secrets = [userinfo, *userinfo.split(":"), parts.query, parts.fragment, *hidden]
     return [secret for secret in {*secrets, *map(urllib.parse.unquote, secrets)} if secret]
 
 
@@ -171,8 +173,8 @@ def replace_with_lines(path: str, lines: Iterable[str], mode: int = 0o600) -> No
     descriptor, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}-",
                                              dir=os.path.dirname(os.path.abspath(path)))
     try:
-        os.fchmod(descriptor, mode)
-        with open(descriptor, "w", encoding="utf-8") as new:
+        with open(descriptor, "w", encoding="utf-8") as new:  # closes the descriptor whatever happens
+            os.fchmod(new.fileno(), mode)
             new.writelines(lines)
             new.flush()
             os.fsync(new.fileno())

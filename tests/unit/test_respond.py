@@ -294,3 +294,13 @@ def test_an_ipv6_receiver_without_a_port_is_reached_on_its_address():
         post_within("http://[::1]/hook", b"{}", {}, 2.0)
     except NETWORK_ERRORS as error:
         assert not isinstance(error, socket.gaierror), error
+
+
+def test_what_a_url_shows_and_what_it_hides():
+    from pcclib.common import url_for_people, url_secrets
+
+    url = "https://u:p%40ss@h.example:8443/services/T0001/x9ZkQ3hV7tL2mN8pR4sW6yB1?key=abc123#frag-secret"
+    assert url_for_people(url) == "https://***@h.example:8443/services/T0001/***?***#***"
+    assert {"p@ss", "p%40ss", "key=abc123", "frag-secret", "x9ZkQ3hV7tL2mN8pR4sW6yB1"} <= set(url_secrets(url))
+    public = "https://raw.githubusercontent.com/X4BNet/lists_vpn/main/output/datacenter/ipv4.txt"
+    assert url_for_people(public) == public and url_secrets(public) == []
