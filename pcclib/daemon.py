@@ -13,7 +13,7 @@ from typing import Optional
 
 from sqlalchemy import exc as sa_exc
 
-from .common import DAEMON_SIGNALS, __version__, first_line, log, start_thread, symlink_refusal
+from .common import DAEMON_SIGNALS, __version__, file_signature, first_line, log, start_thread, symlink_refusal
 from .config import ConfigError, Settings, load_settings
 from .dovecot import DovecotPolicyServer
 from .geoip import GeoIP, warn_about_geoip
@@ -240,7 +240,7 @@ def reload_geoip_if_replaced(service: PolicyService) -> bool:
     current = service.geoip
     if not current.changed_on_disk():
         return False
-    signature = GeoIP.signature_of(current.path)
+    signature = file_signature(current.path)
     try:
         fresh = GeoIP(current.path)
         if service.settings.max_travel_speed_kmh is not None and not fresh.has_places:

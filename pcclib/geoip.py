@@ -29,7 +29,7 @@ class GeoIP:
         self.ipv4_only = False
         self.database_type = "GeoLite2-Country"
         if path:
-            self.file_signature = self.signature_of(path)
+            self.file_signature = file_signature(path)  # geoipupdate renames a new file over the old one
             self._reader = open_maxmind(path)
             metadata = self._reader.metadata()
             try:
@@ -60,10 +60,9 @@ class GeoIP:
         if self.path:
             self._reader.close()
 
-    signature_of = staticmethod(file_signature)  # geoipupdate writes a new file and renames it over the old one
 
     def changed_on_disk(self) -> bool:
-        return bool(self.path) and self.signature_of(self.path) not in (None, self.file_signature)
+        return bool(self.path) and file_signature(self.path) not in (None, self.file_signature)
 
     def country(self, address) -> Country:
         """`address` is an ipaddress object or None.  Answers are cached per
