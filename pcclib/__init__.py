@@ -13,10 +13,12 @@ it in this list:
   mailqueue  Postfix's queues: an account's messages, held, released, deleted
   respond    what follows a block: sessions ended, webhooks, the owner told
   storage    the database: models, Store, what an error means
-  memory     histories kept in memory; sightings written behind the answer
+  writer     sightings written behind the answer; a new place committed before it
+  memory     histories and the blocked list kept in memory, the poll of changes
   outage     the spool of blocks decided while the database fails
   metrics    the Prometheus endpoint
-  service    one request's path, top to bottom (its late answer, the Watchdog)
+  late       the late answer: RequestTicket, the Watchdog, answer_in_time()
+  service    one request's path, top to bottom
   server     the Postfix port
   dovecot    the Dovecot auth policy port, an adapter onto the service
   logs       syslog/stderr, secrets masked, through a queue

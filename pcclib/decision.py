@@ -123,8 +123,9 @@ class Decision:
         return self.blocking_rule or ("travel" if self.journey is not None else "countries")
 
 
-def not_counted_reason(request: PolicyRequest, settings: Settings) -> Optional[str]:
-    """Why this request is no business of pcc's, before any database work."""
+def ignored_request_reason(request: PolicyRequest, settings: Settings) -> Optional[str]:
+    """Why this request is no business of pcc's (nothing about it is counted
+    or looked up), or None."""
     if request.request not in COUNTED_REQUESTS:
         return "not an smtpd_access_policy request"
     login = request.login
@@ -156,16 +157,9 @@ def decide(request: PolicyRequest, history: Optional[AccountHistory], settings: 
     blocked until an administrator unblocks it.  In monitor mode a new block is
     only flagged (recorded and notified) and the answer is DUNNO.
     """
-    skip = not_counted_reason(request, settings)
-    if skip is not None:
-        return Decision("DUNNO", skip)
-    return decide_counted(request, history, settings, now)
-
-
-def decide_counted(request: PolicyRequest, history: Optional[AccountHistory], settings: Settings,
-                   now: dt.datetime) -> Decision:
-    """decide() for a request that not_counted_reason() has let through (the
-    service asks that before any GeoIP or database work, and only once)."""
+    ignored = ignored_request_reason(request, settings)  # the service asked before its GeoIP work: microseconds
+    if ignored is not None:
+        return Decision("DUNNO", ignored)
     history = history or AccountHistory()
     if history.blocked_since is not None:
         since = f"{history.blocked_since:%Y-%m-%d %H:%M:%S} UTC"
@@ -227,7 +221,7 @@ def _codes(request: PolicyRequest, settings: Settings) -> tuple:
     return ((country,) if country is not None else ()) + markers
 
 
-def _not_counted_reason(request: PolicyRequest, history: AccountHistory, settings: Settings,
+def _uncounted_country_reason(request: PolicyRequest, history: AccountHistory, settings: Settings,
                         now: dt.datetime) -> Optional[str]:
     """Why this message's country does not count for the account."""
     country = request.client_country
@@ -254,7 +248,7 @@ def _window_with(request: PolicyRequest, history: AccountHistory, settings: Sett
 
 
 def _count(request: PolicyRequest, history: AccountHistory, settings: Settings, now: dt.datetime) -> Decision:
-    skip = _not_counted_reason(request, history, settings, now)
+    skip = _uncounted_country_reason(request, history, settings, now)
     codes = _codes(request, settings)
     if skip is not None:
         codes = codes[1:] if request.client_country is not None else codes  # the markers alone

@@ -24,7 +24,8 @@ from .common import json_nesting_within, log
 from .config import Settings
 from .ports import BoundedHttpHandler, BoundedHttpPort, RateLimitedWarning, connection_caps
 from .protocol import DOVECOT_DOORS, DOVECOT_LOGIN, PolicyRequest, clean_value, client_allowed
-from .service import LATE_ANSWER_WAIT, PolicyService, RequestTicket
+from .late import LATE_ANSWER_WAIT, RequestTicket, answer_in_time
+from .service import PolicyService
 
 # Dovecot's bodies are a few hundred bytes; anything much larger is not Dovecot.
 DOVECOT_MAX_BODY = 16384
@@ -176,31 +177,23 @@ class DovecotPolicyServer(BoundedHttpPort, http.server.ThreadingHTTPServer):
 
     def answer_login(self, request: PolicyRequest) -> bool:
         """Whether a Dovecot login is refused: decided like a Postfix request,
-        by a worker, and answered late like one (service.py) when the database
+        by a worker, and answered late like one (late.py) when the database
         keeps it: an account known to be blocked is refused, any other gets in.
         The HTTP thread only waits for whichever answer comes first."""
         service = self.service
-        ticket = RequestTicket(request)
-        answers: queue.SimpleQueue = queue.SimpleQueue()
-        service.watchdog.watch(ticket, answers.put)
+        ticket, answers = RequestTicket(request), queue.SimpleQueue()
+        service.watchdog.watch(ticket, answers.put)  # from now: a login waiting for a worker is watched too
         self._workers.submit(self._answer_in_worker, ticket, answers.put)
         try:
             action = answers.get(timeout=LATE_ANSWER_WAIT)
         except queue.Empty:  # neither answered: a fault of pcc's own; never an open door
             log.error("dovecot policy request of %r: no answer within %.0f s", request.login, LATE_ANSWER_WAIT)
-            action = service.settings.block_reply if service.memory.is_blocked(request.login) \
-                else service.settings.db_error_action
+            action = service.fallback_action(request)
         return action == service.settings.block_reply
 
     def _answer_in_worker(self, ticket: RequestTicket, deliver) -> None:
-        service = self.service
-        try:
-            action = service.answer(ticket.request, None, ticket)
-        except Exception:  # a bug costs one answer, never the listener, and never opens the blocked list
-            action = service.answer_after_error(ticket.request)
-        finally:
-            service.watchdog.unwatch(ticket)
-        if ticket.claim():
+        action = answer_in_time(self.service, ticket)
+        if action is not None:
             deliver(action)
 
     def verify_request(self, request, client_address) -> bool:

@@ -1,6 +1,7 @@
 """The Postfix port: a ThreadingTCPServer, one loop of requests per
 connection, and the limits on what a client may send.  Requests go to the
-PolicyService; a late answer (service.py) comes back through deliver_late().
+PolicyService through late.answer_in_time(); a late answer comes back through
+deliver_late().
 """
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from typing import Optional
 from .common import log, replaced
 from .config import Settings
 from .ports import BoundedPort, RateLimitedWarning, connection_caps
-from .protocol import HEALTH_REQUEST, client_allowed, format_reply, parse_request, peer_address
-from .service import LATE_ANSWER_WAIT, PolicyService, RequestTicket
+from .protocol import HEALTH_REQUEST, PolicyRequest, client_allowed, format_reply, parse_request, peer_address
+from .late import LATE_ANSWER_WAIT, RequestTicket, answer_in_time
+from .service import PolicyService
 
 # What the policy port answers: Postfix's requests and `pcc.py --health`'s.
 POLICY_PORT_REQUESTS = ("smtpd_access_policy", HEALTH_REQUEST)
@@ -80,8 +82,8 @@ class PolicyHandler(socketserver.BaseRequestHandler):
                 began = self._started or time.monotonic()
                 # This request's own: a successor thread replaces the attributes.
                 handover = self._handover = threading.Event()
-                reply, ticket = server.answer_request(lines, self)
-                if ticket is not None and not ticket.claim():
+                reply = server.answer_request(lines, self)
+                if reply is None:
                     handover.wait(LATE_ANSWER_WAIT)  # the Watchdog's answer is sent, a successor reads on
                     handed_on = True
                     return True
@@ -236,30 +238,28 @@ class PolicyServer(BoundedPort, socketserver.ThreadingTCPServer):
         self.address_family = infos[0][0]
         super().__init__(infos[0][4][:2], PolicyHandler)
 
-    def answer_request(self, lines: list, handler: Optional[PolicyHandler] = None) -> tuple:
-        """(the reply to one request, its ticket); with a handler, the Watchdog
-        may answer it first (see service.py, late answers): then the handler
-        must not send this reply (the ticket's claim says)."""
-        ticket = None
+    def answer_request(self, lines: list, handler: Optional[PolicyHandler] = None) -> Optional[bytes]:
+        """The reply to one request; with a handler, the Watchdog may answer it
+        first (late.py): then None, and the handler sends nothing (the
+        Watchdog delivered through handler.deliver_late)."""
         try:
-            request = parse_request(lines)
-            if request.request not in POLICY_PORT_REQUESTS:
-                # A dovecot_login here would count as a login (count_logins or not) and
-                # claim the Dovecot door: only the Dovecot port's adapter makes those.
-                request = replaced(request, request="")
-            elif request.request == HEALTH_REQUEST and handler is not None and not self.is_local(handler):
-                # What the daemon says of itself (an outage, its length) tells an
-                # attacker when protection is partly off: for this host only.
-                request = replaced(request, request="")
-            ticket = RequestTicket(request)
-            if handler is not None:
-                self.service.watchdog.watch(ticket, handler.deliver_late)
-            return format_reply(self.service.answer(ticket.request, ticket=ticket)), ticket
+            request = self._policy_request(parse_request(lines), handler)
         except Exception:  # a bug must cost one answer, never the daemon, and never open the blocked list
-            return format_reply(self.service.answer_after_error(ticket.request if ticket else None)), ticket
-        finally:
-            if handler is not None and ticket is not None:
-                self.service.watchdog.unwatch(ticket)
+            return format_reply(self.service.answer_after_error(None))
+        action = answer_in_time(self.service, RequestTicket(request), handler.deliver_late if handler else None)
+        return format_reply(action) if action is not None else None
+
+    def _policy_request(self, request: PolicyRequest, handler: Optional[PolicyHandler]) -> PolicyRequest:
+        """The request as this port serves it: one it does not answer is nobody's business."""
+        if request.request not in POLICY_PORT_REQUESTS:
+            # A dovecot_login here would count as a login (count_logins or not) and
+            # claim the Dovecot door: only the Dovecot port's adapter makes those.
+            return replaced(request, request="")
+        if request.request == HEALTH_REQUEST and handler is not None and not self.is_local(handler):
+            # What the daemon says of itself (an outage, its length) tells an
+            # attacker when protection is partly off: for this host only.
+            return replaced(request, request="")
+        return request
 
     def is_local(self, handler: PolicyHandler) -> bool:
         """Whether the peer is this host: loopback, or the address pcc listens on."""

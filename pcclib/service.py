@@ -1,12 +1,13 @@
 """One request's path, top to bottom: GeoIP, the account's history (memory or
 database), decide(), record (a block before the answer, a sighting behind
 it), the log line and the notice.  Then the two ways a request can leave that
-path: the late answer (the database kept it longer than DB_ANSWER_DEADLINE)
-and the answers while the database fails.
+path: the late answer (the database kept it longer than DB_ANSWER_DEADLINE;
+late.py has the protocol, answer_late() the answer) and the answers while the
+database fails.
 
 Both doors (the Postfix port in server.py, the Dovecot port in dovecot.py) hand
-their requests to PolicyService.answer() and register them with the Watchdog
-below; neither knows a rule.
+their requests to late.answer_in_time(), which calls PolicyService.answer();
+neither knows a rule.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import datetime as dt
 import ipaddress
 import threading
 import time
-from typing import Callable, Optional
+from typing import Optional
 
 from sqlalchemy import exc as sa_exc
 
@@ -25,30 +26,23 @@ from .decision import (
     AccountHistory,
     CountrySeen,
     Decision,
-    decide_counted,
+    decide,
     history_after,
     merge_sightings_by_country,
-    not_counted_reason,
+    ignored_request_reason,
 )
 from .geoip import GeoIP
+from .late import DB_ANSWER_DEADLINE, RequestTicket, Watchdog
 from .networks import Networks
-from .memory import BLOCKED_LIST_RELOAD, CHANGES_POLL_INTERVAL, AccountMemory, SightingWriter
+from .memory import BLOCKED_LIST_RELOAD, CHANGES_POLL_INTERVAL, AccountMemory
 from .metrics import Metrics
 from .notify import Notifier
 from .respond import Responder
 from .outage import OutageJournal, OutageState
 from .protocol import DOVECOT_LOGIN, HEALTH_REQUEST, PolicyRequest
 from .storage import DatabaseClock, Store, is_data_error, is_database_error, safe_url
+from .writer import SightingWriter
 
-# How long a request may wait for the database before pcc answers without it
-# (see Watchdog).  The database work goes on (a block still gets written).
-DB_ANSWER_DEADLINE = 0.8
-# How often the Watchdog looks for requests past their deadline (seconds).
-WATCHDOG_INTERVAL = 0.05
-# The longest a door's thread waits for a request's answer, on time or late
-# (from memory: milliseconds, a spool fsync included); past it, only a fault of
-# pcc's own, answered as one (never an open door for a blocked account).
-LATE_ANSWER_WAIT = 10.0
 # While the database fails, how often the probe thread looks whether a probe
 # is due (outage.DB_PROBE_INTERVAL: requests and this thread share it).
 PROBE_CHECK_INTERVAL = 0.25
@@ -131,7 +125,7 @@ class PolicyService:
         self._trim_failing = False
         self._lanes = AccountLanes()
         self.metrics = Metrics()  # off; the daemon turns it on for [server] metrics_port
-        self.watchdog = Watchdog(self)  # both doors' late answers
+        self.watchdog = Watchdog(self.answer_late, self.answer_after_error)  # both doors' late answers
         self.sightings = SightingWriter(store, on_written=lambda: self._database_ok(wrote=True),
                                         on_failed=lambda problem: self._database_failed(problem, on_write=True))
 
@@ -217,9 +211,9 @@ class PolicyService:
         (or, without it, in memory and the spool)."""
         if request.request == HEALTH_REQUEST:
             return request, Decision(f"DUNNO {self.health_report()}", "health check")
-        skip = not_counted_reason(request, self.settings)
-        if skip is not None:
-            return request, Decision("DUNNO", skip)
+        ignored = ignored_request_reason(request, self.settings)  # before any GeoIP or database work
+        if ignored is not None:
+            return request, Decision("DUNNO", ignored)
         found = self.geoip.country(request.client_ip)
         if found.code is None:
             self.metrics.no_country(found.missing)
@@ -239,7 +233,7 @@ class PolicyService:
         with self._lanes.enter(request.login):
             history, read_at, decision = self._current_history(request.login), None, None
             if history is not None:
-                decision = decide_counted(request, self._with_last_place(history), self.settings, now)
+                decision = decide(request, self._with_last_place(history), self.settings, now)
                 if decision.new_place and not decision.new_block:
                     # Memory may miss what another daemon answered a moment
                     # ago (the poll is up to a second behind, and a burst is
@@ -261,7 +255,7 @@ class PolicyService:
                 # let the account through meanwhile.
                 return Decision(self.settings.block_reply, "account blocked (its block waits in the spool)")
             if decision is None:
-                decision = decide_counted(request, self._with_last_place(history), self.settings, now)
+                decision = decide(request, self._with_last_place(history), self.settings, now)
             recorded = self._carry_out(request, history, read_at, decision, now, ticket)
             if decision.new_place and not decision.new_block and not self.outage.failing:
                 return self._decide_after_commit(request, recorded, now, ticket)
@@ -308,7 +302,7 @@ class PolicyService:
             if not is_data_error(error):
                 self._database_failed(first_line(error))
             return decision  # recorded already: it stands
-        again = decide_counted(request, history, self.settings, now)
+        again = decide(request, history, self.settings, now)
         if again.new_block:
             return self._carry_out(request, history, read_at, again, now, ticket)
         self._remember(request.login, history, again, now, read_at)  # the fresher view
@@ -458,11 +452,16 @@ class PolicyService:
         way nobody foresaw): what the blocked list in memory says, else
         db_error_action; never an open door for an account known to be blocked.
         Called from an exception handler: logs the traceback."""
-        login = request.login if request is not None else ""
-        blocked = bool(login) and self.memory.is_blocked(login)
-        action = self.settings.block_reply if blocked else self.settings.db_error_action
-        log.exception("internal error while answering %s; answering %s", login or "a request", action.split()[0])
+        action = self.fallback_action(request)
+        log.exception("internal error while answering %s; answering %s",
+                      request.login if request is not None and request.login else "a request", action.split()[0])
         return action
+
+    def fallback_action(self, request: Optional[PolicyRequest]) -> str:
+        """The answer without a decision: the blocked list in memory's, else
+        db_error_action."""
+        blocked = request is not None and bool(request.login) and self.memory.is_blocked(request.login)
+        return self.settings.block_reply if blocked else self.settings.db_error_action
 
     # --- while the database fails ------------------------------------------------
 
@@ -478,7 +477,7 @@ class PolicyService:
             # the database replaces it) and its sighting written when the
             # database takes it; so a thief who sends from new countries while
             # the database fails is blocked from memory all the same.
-            counted = decide_counted(request, AccountHistory(), self.settings, now)
+            counted = decide(request, AccountHistory(), self.settings, now)
             self._remember(login, AccountHistory(), counted, now)
             if counted.new_block:  # a rule that needs no history (a network list): it blocks as it would online
                 self.outage.count_answer("memory")
@@ -488,7 +487,7 @@ class PolicyService:
                 self._add_sightings(login, counted, now, str(request.client_ip))
             return Decision(self.settings.db_error_action, "database failing, account not in memory")
         self.outage.count_answer("memory")
-        decision = decide_counted(request, self._with_last_place(history), self.settings, now)
+        decision = decide(request, self._with_last_place(history), self.settings, now)
         self._remember(login, history, decision, now)
         decision = self._journal(request, decision, now)
         if decision.new_block:
@@ -703,85 +702,3 @@ def _network_text(request: PolicyRequest) -> str:
 def block_source(request: PolicyRequest) -> str:
     """Who made a block, as -l shows it: "policy" (Postfix) or "dovecot/<door>"."""
     return f"dovecot/{request.door}"[:16] if request.request == DOVECOT_LOGIN else "policy"
-
-
-# --- late answers ---------------------------------------------------------------
-#
-# Every request gets exactly one answer within DB_ANSWER_DEADLINE, whatever the
-# database does.  Its door runs PolicyService.answer() in the request's own
-# thread (no hand-over: that cost a quarter of the throughput) and registers
-# the request's ticket with the Watchdog, with a way to deliver a late answer.
-# Whoever claims the ticket first answers: the request's thread when it is
-# done in time, else the Watchdog, with PolicyService.answer_late(): the
-# decision if it is made (its recording goes on; a new block was put in the
-# spool before the decision was published), else one decided from memory.
-# A late answer takes no lock that database work holds and never waits for
-# the database: sightings go to memory without waiting for a batch; only a
-# block it decides from memory is synced to the spool (a local file) first.
-
-
-class RequestTicket:
-    """One request on its way through PolicyService, shared with the Watchdog.
-
-    Once the decision is made it is the answer, however long the database then
-    takes to record it: a late answer repeats it rather than guessing again."""
-
-    __slots__ = ("request", "decided", "reading_database", "lock", "spooled", "_claimed")
-
-    def __init__(self, request: PolicyRequest):
-        self.request = request
-        # (the request with its country, the Decision, now); set once a new
-        # block is in the spool, so that a late answer needs no I/O
-        self.decided: Optional[tuple] = None
-        self.reading_database = False  # waiting for the account's history
-        self.lock = threading.Lock()
-        self.spooled: Optional[dict] = None  # a decided new block's spool entry, until its commit
-        self._claimed = False
-
-    def claim(self) -> bool:
-        """True for the one of the request's thread and the Watchdog that answers."""
-        with self.lock:
-            if self._claimed:
-                return False
-            self._claimed = True
-            return True
-
-
-class Watchdog:
-    """Answers, through its door's `deliver`, every request whose ticket is
-    still unclaimed DB_ANSWER_DEADLINE seconds after it was watched."""
-
-    def __init__(self, service: PolicyService):
-        self.service = service
-        self._deadlines: dict = {}  # ticket -> (monotonic deadline, deliver)
-        self._lock = threading.Lock()
-        self._thread: Optional[threading.Thread] = None
-
-    def watch(self, ticket: RequestTicket, deliver: Callable[[str], None]) -> None:
-        with self._lock:
-            self._deadlines[ticket] = (time.monotonic() + DB_ANSWER_DEADLINE, deliver)
-            if self._thread is None:
-                self._thread = start_thread(self._run, "pcc-watchdog")
-
-    def unwatch(self, ticket: RequestTicket) -> None:
-        with self._lock:
-            self._deadlines.pop(ticket, None)
-
-    def _run(self) -> None:
-        while True:
-            time.sleep(WATCHDOG_INTERVAL)
-            now = time.monotonic()
-            with self._lock:
-                late = [(ticket, deliver) for ticket, (deadline, deliver) in self._deadlines.items()
-                        if deadline <= now]
-                for ticket, _deliver in late:
-                    del self._deadlines[ticket]
-            for ticket, deliver in late:
-                if ticket.claim():
-                    deliver(self.late_action(ticket))
-
-    def late_action(self, ticket: RequestTicket) -> str:
-        try:
-            return self.service.answer_late(ticket)
-        except Exception:  # never leave a door without an answer
-            return self.service.answer_after_error(ticket.request)

@@ -22,7 +22,7 @@ from conftest import (
     walk,
 )
 
-from pcclib.service import DB_ANSWER_DEADLINE
+from pcclib.late import DB_ANSWER_DEADLINE
 
 
 def decision_lines(daemon, login) -> list:

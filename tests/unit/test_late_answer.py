@@ -1,4 +1,4 @@
-"""The late answer (service.RequestTicket, the Watchdog), in the process: the
+"""The late answer (late.RequestTicket, the Watchdog), in the process: the
 Watchdog's answer and the database's, arriving together, make exactly one
 reply.  The doors' late answers under real faults are e2e/test_faults.py."""
 import threading
@@ -8,7 +8,7 @@ from conftest import free_port, ip_in
 
 from pcclib.metrics import Metrics
 from pcclib.server import PolicyServer
-from pcclib.service import DB_ANSWER_DEADLINE, Watchdog
+from pcclib.late import DB_ANSWER_DEADLINE, Watchdog
 
 
 def test_the_watchdogs_answer_arrives_when_the_database_returns_while_it_is_sent(make_settings):
@@ -26,7 +26,7 @@ def test_the_watchdogs_answer_arrives_when_the_database_returns_while_it_is_sent
         metrics = Metrics()
 
         def __init__(self):
-            self.watchdog = Watchdog(self)
+            self.watchdog = Watchdog(self.answer_late, self.answer_after_error)
 
         def answer(self, request, ticket=None):
             time.sleep(DB_ANSWER_DEADLINE + 0.4)  # the database answers after the Watchdog took over
@@ -34,6 +34,9 @@ def test_the_watchdogs_answer_arrives_when_the_database_returns_while_it_is_sent
 
         def answer_late(self, ticket):
             time.sleep(0.6)  # ...and before the Watchdog has sent its own answer
+            return "DEFER_IF_PERMIT"
+
+        def answer_after_error(self, request):
             return "DEFER_IF_PERMIT"
 
     settings = make_settings(**{"server.port": free_port()})

@@ -19,7 +19,8 @@ from conftest import (
 from pcclib.common import log, utcnow
 from pcclib.decision import AccountHistory, CountrySeen
 from pcclib.logs import queue_logging
-from pcclib.memory import CHANGES_SETTLE_EVERY, SightingWriter
+from pcclib.memory import CHANGES_SETTLE_EVERY
+from pcclib.writer import SightingWriter
 from pcclib.notify import Notifier
 from pcclib.service import PolicyService
 from pcclib.storage import BlockedAccount, Change, Store, UTCDateTime
