@@ -30,7 +30,7 @@ with atheris.instrument_imports():
     from pcclib.logs import setup_logging
     from pcclib.notify import Notifier
     from pcclib.server import InFlight, PolicyHandler, PolicyServer
-    from pcclib.service import PolicyService
+    from pcclib.daemon import build_parts
     from pcclib.storage import Store
     from pcclib.common import log
 
@@ -67,9 +67,8 @@ def build() -> PolicyServer:
     with open(config, "w") as out:
         out.write(text)
     settings = load_settings(config)
-    service = PolicyService(settings, Store(settings.dbcon), GeoIP(settings.geoip_database),
-                                Notifier(settings))
-    service.ensure_database()
+    service = build_parts(settings, Store(settings.dbcon), GeoIP(settings.geoip_database), Notifier(settings)).service
+    service.database.ensure()
     server = PolicyServer.__new__(PolicyServer)  # no listening socket needed
     server.settings, server.service = settings, service
     server.stopping = threading.Event()

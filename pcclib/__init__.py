@@ -15,14 +15,17 @@ it in this list:
   storage    the database: models, Store, what an error means
   writer     sightings written behind the answer; a new place committed before it
   memory     histories and the blocked list kept in memory, the poll of changes
-  outage     the spool of blocks decided while the database fails
+  outage     the outage state machine; the spool of blocks decided while the database fails
+  database   the Store, its tables, outage in and out, the spool written, the probe
+  upkeep     memory kept current: the blocked list, the poll of changes, the trim
   metrics    the Prometheus endpoint
   late       the late answer: RequestTicket, the Watchdog, answer_in_time()
   service    one request's path, top to bottom
+  report     what the daemon says of itself: the metrics' snapshot, --health's words
   server     the Postfix port
   dovecot    the Dovecot auth policy port, an adapter onto the service
   logs       syslog/stderr, secrets masked, through a queue
-  daemon     pcc.py -d: start, reload, housekeeping, stop
+  daemon     pcc.py -d: the parts built, start, reload, housekeeping, stop
   admin      -l -s -b -u -r -e -c --allow --only-from
   replay     --replay of Postfix and Dovecot logs
   update     --update-geoip, --update-lists: download, check, install

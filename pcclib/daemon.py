@@ -20,14 +20,18 @@ from .geoip import GeoIP, warn_about_geoip
 from .networks import Networks
 from .logs import MaskingFormatter, refuse_to_start, secrets_of
 from .mailqueue import PostfixQueue
-from .memory import CHANGES_TRIM_INTERVAL
+from .database import Database
+from .memory import CHANGES_TRIM_INTERVAL, AccountMemory
 from .metrics import Metrics
 from .notify import Notifier
 from .outage import OutageJournal
 from .ports import connection_caps
+from .report import SelfReport
+from .respond import Responder
 from .server import PolicyServer
 from .service import PolicyService
 from .storage import Store, permanent_database_fault, safe_url, sqlite_path
+from .upkeep import MemoryUpkeep
 
 # How often pcc looks whether the GeoIP file was replaced (a stat() call).
 GEOIP_CHECK_INTERVAL = 5.0
@@ -35,6 +39,32 @@ GEOIP_CHECK_INTERVAL = 5.0
 # supervisord or systemd, waits this long at most before the in-flight
 # requests are finished.
 STOP_POLL_INTERVAL = 0.05
+
+
+@dataclasses.dataclass(frozen=True)
+class Parts:
+    """A daemon's parts, built together by build_parts()."""
+
+    service: PolicyService  # the request path
+    database: Database  # the Store, the outage, the spool, the write-behind, the probe
+    upkeep: MemoryUpkeep  # the blocked list and the poll of changes
+    report: SelfReport  # the metrics' snapshot and --health's words
+
+
+def build_parts(settings: Settings, store: Store, geoip: GeoIP, notifier: Notifier,
+                journal: Optional[OutageJournal] = None, networks: Optional[Networks] = None,
+                metrics: Optional[Metrics] = None) -> Parts:
+    """The one place a daemon's parts are made and wired, each whole when made
+    (the daemon, --replay and the tests build theirs here)."""
+    metrics = metrics or Metrics()
+    journal = journal or OutageJournal()
+    memory = AccountMemory(blocked_file=f"{journal.spool_path}.blocked" if journal.spool_path else "")
+    # The responder names a client's network with the lists in force: the
+    # service's, which a reload replaces.
+    responder = Responder(settings, notifier, metrics.responded, lambda ip: service.network_of(ip))
+    database = Database(settings, store, journal, memory, metrics, responder)
+    service = PolicyService(settings, database, geoip, networks or Networks(settings), responder, metrics)
+    return Parts(service, database, MemoryUpkeep(memory, database), SelfReport(service))
 
 
 def run_daemon(settings: Settings) -> int:
@@ -49,30 +79,33 @@ def run_daemon(settings: Settings) -> int:
     geoip = GeoIP(settings.geoip_database)
     warn_about_geoip(geoip)
     networks = Networks(settings)
-    service = PolicyService(settings, Store(settings.dbcon), geoip, Notifier(settings),
-                            OutageJournal(settings.spool_file), networks)
-    if settings.metrics_port is not None:
-        service.metrics = Metrics(service.state, service.count_blocked)
+    metrics = Metrics(enabled=settings.metrics_port is not None)
+    parts = build_parts(settings, Store(settings.dbcon), geoip, Notifier(settings),
+                        OutageJournal(settings.spool_file), networks, metrics)
+    service, database = parts.service, parts.database
+    metrics.report_from(parts.report.state, parts.report.count_blocked)
     try:
-        service.ensure_database()
-        service.store.prove_writable()
+        database.ensure()
+        database.store.prove_writable()
     except sa_exc.SQLAlchemyError as error:
         fault = permanent_database_fault(settings, error)
         if fault is not None:  # it would protect nobody: refuse to run
             refuse_to_start(f"pcc: {fault}")
             return 1
-        service.database_unreachable_at_start(first_line(error))
-    service.load_blocked_list()  # whole before a port opens
+        database.unreachable_at_start(settings.dbcon, first_line(error))
+    parts.upkeep.load_blocked_list()  # whole before a port opens
     # A signal that comes as soon as a port is open (a reload, a stop) waits
     # until its handler is in place: by default SIGHUP would end the daemon.
     signal.pthread_sigmask(signal.SIG_BLOCK, DAEMON_SIGNALS)
-    listeners = open_listeners(settings, service)
+    listeners = open_listeners(settings, service, parts.report)
     if listeners is None:
         return 1
     server, dovecot = listeners
-    service.ports = [server] + ([dovecot] if dovecot is not None else [])
-    start_thread(housekeeping, "pcc-housekeeping", service, server.stopping)
-    service.start_background(server.stopping)
+    parts.report.ports = (server,) + ((dovecot,) if dovecot is not None else ())
+    start_thread(housekeeping, "pcc-housekeeping", parts, server.stopping)
+    database.sightings.start()
+    parts.upkeep.start(server.stopping)
+    start_thread(database.probe_while_failing, "pcc-probe", server.stopping)
 
     def on_stop(_signum, _frame):
         if not server.stopping.is_set():
@@ -101,12 +134,12 @@ def run_daemon(settings: Settings) -> int:
     server.socket.close()
     if not server.in_flight.wait_until_none(timeout=20):
         log.warning("stopping with requests still unanswered after 20 s")
-    service.stop_background()  # the sightings still in memory are written
-    unwritten = service.sightings.waiting()
+    database.sightings.stop()  # the sightings still in memory are written
+    unwritten = database.sightings.waiting()
     if unwritten:
         log.error("stopping with %d sightings the database did not take (they are not counted)", unwritten)
     log.info("pcc stopped")
-    service.store.dispose()
+    database.store.dispose()
     return 0
 
 
@@ -139,7 +172,7 @@ def files_refused(settings: Settings) -> str:
     return ""
 
 
-def open_listeners(settings: Settings, service: PolicyService) -> Optional[tuple]:
+def open_listeners(settings: Settings, service: PolicyService, report: SelfReport) -> Optional[tuple]:
     """(the policy server, the Dovecot server or None), or None when a port
     cannot be opened (logged).  The policy port opens last: a daemon that
     exits for want of another port never accepted a connection from Postfix."""
@@ -160,7 +193,7 @@ def open_listeners(settings: Settings, service: PolicyService) -> Optional[tuple
                       error.strerror or error)
             return None
     try:
-        server = PolicyServer(settings, service)
+        server = PolicyServer(settings, service, report)
     except OSError as error:
         log.error("cannot listen on %s:%s: %s", settings.host, settings.port, error.strerror or error)
         if dovecot is not None:
@@ -199,11 +232,38 @@ def reload_settings(server: PolicyServer) -> None:
     if queue_refusal:
         log.error("reload refused, the running configuration stays in force: %s", queue_refusal)
         return
-    service.reconfigure(new, geoip, networks)  # the Dovecot and metrics ports read allowed_clients from it
+    reconfigure(service, new, geoip, networks)  # the Dovecot and metrics ports read allowed_clients from it
     server.settings = new
     log.info("configuration %s reloaded; GeoIP %s; %s; %s", new.config_path, geoip.description, describe_rules(new),
              networks.describe())
     warn_about_geoip(geoip)
+
+
+def reconfigure(service: PolicyService, settings: Settings, geoip: GeoIP, networks: Networks) -> None:
+    """A reload: new settings, GeoIP data and lists for the next request, and
+    a new database when [db] dbcon changed (what the old one was to get, it gets)."""
+    old = service.settings
+    if settings.dbcon != old.dbcon:
+        service.database.replace_store(Store(settings.dbcon))
+    if _rule_of(settings) != _rule_of(old):
+        # The histories in memory were read for the old window; the next
+        # request of each account reads its own again (the accounts known
+        # to be blocked stay so).
+        service.memory.histories.clear()
+    service.geoip = geoip
+    service.networks = networks
+    service.responder.notifier.settings = settings
+    service.responder.reconfigure(settings)
+    service.database.outage.settings = settings
+    service.settings = settings
+
+
+def _rule_of(settings: Settings) -> tuple:
+    """What a reload may change of the rule and its lists."""
+    return (settings.how_many_different_countries, settings.in_how_much_time_in_days, settings.ignorecountries,
+            settings.whitelisted, settings.whitelistedips, settings.domains, settings.mode, settings.action,
+            settings.max_travel_speed_kmh, settings.travel_accuracy_radius_km, settings.impossible_travel_action,
+            settings.count_logins, settings.network_lists)
 
 
 def describe_rules(settings: Settings) -> str:
@@ -221,19 +281,19 @@ def describe_rules(settings: Settings) -> str:
     return text
 
 
-def housekeeping(service: PolicyService, stopping: threading.Event) -> None:
+def housekeeping(parts: Parts, stopping: threading.Event) -> None:
     """Every few seconds: use a replaced GeoIP file without a restart
     (geoipupdate renames a new file over the old one; a file that cannot be
     used is logged once and the data in use stays), say again that the
     database is failing, if it still is; every minute, trim the change log."""
     trimmed = time.monotonic()
     while not stopping.wait(GEOIP_CHECK_INTERVAL):
-        reload_geoip_if_replaced(service)
-        reload_lists_if_replaced(service)
-        service.report_outage()
+        reload_geoip_if_replaced(parts.service)
+        reload_lists_if_replaced(parts.service)
+        parts.database.report_outage()
         if time.monotonic() - trimmed >= CHANGES_TRIM_INTERVAL:
             trimmed = time.monotonic()
-            service.trim_changes()
+            parts.upkeep.trim_changes()
 
 
 def reload_geoip_if_replaced(service: PolicyService) -> bool:

@@ -21,13 +21,11 @@ class Metrics:
     """The Prometheus metrics ([server] metrics_port).  With metrics off every
     method returns at once and prometheus_client is not even imported."""
 
-    def __init__(self, state: Optional[Callable[[], dict]] = None,
-                 count_blocked: Optional[Callable[[], Optional[dict]]] = None):
-        """state: the service's snapshot (PolicyService.state); count_blocked:
-        the blocked list's size by mode, None when it cannot be had.  Without
-        them, metrics are off."""
-        self.enabled = state is not None
-        if not self.enabled:
+    def __init__(self, enabled: bool = False):
+        """Off unless enabled; the gauges read at scrape time come with
+        report_from(), once what they read exists."""
+        self.enabled = enabled
+        if not enabled:
             return
         from prometheus_client import CollectorRegistry, Counter, Histogram
 
@@ -57,7 +55,12 @@ class Metrics:
         self._network_blocks = Counter("pcc_network_list_blocks", "New blocks (or monitor-mode flags) whose "
                                        "request came from an address on a network list, by list", ["list"],
                                        registry=self.registry)
-        self.registry.register(_StateCollector(state, count_blocked or (lambda: None)))
+
+    def report_from(self, state: Callable[[], dict], count_blocked: Callable[[], Optional[dict]]) -> None:
+        """The gauges: state, the daemon's snapshot (report.SelfReport.state);
+        count_blocked, the blocked list's size by mode, None when it cannot be had."""
+        if self.enabled:
+            self.registry.register(_StateCollector(state, count_blocked))
 
     def serve(self, host: str, port: int, allowed_clients: Callable[[], tuple], cap: int) -> None:
         """Serve /metrics from a thread of its own to at most `cap` clients at

@@ -17,6 +17,7 @@ from typing import Optional
 from .admin import AdminError, on_admin_store
 from .common import UTC, escape_controls, utcnow, when
 from .config import MONITOR_ACTION, Settings
+from .daemon import build_parts
 from .decision import AccountHistory, CountrySeen, merge_seen
 from .geoip import GeoIP
 from .notify import Notifier
@@ -158,7 +159,7 @@ def replay_service(settings: Settings, geoip: GeoIP) -> PolicyService:
     # webhook, no Dovecot session ended.
     quiet = dataclasses.replace(settings, notice=(), webhook_urls=(), notify_account=False, doveadm_url="",
                                 doveadm_command="")
-    return PolicyService(quiet, MemoryStore(), geoip, Notifier(quiet))
+    return build_parts(quiet, MemoryStore(), geoip, Notifier(quiet)).service
 
 
 @dataclass
@@ -178,7 +179,7 @@ class ReplayResult:
     def blocks_by_rule(self) -> dict:
         """"countries", "travel", "only_from", "network list tor"... -> accounts it would have blocked."""
         counts: dict = {}
-        for block in self.service.store.blocks.values():
+        for block in self.service.database.store.blocks.values():
             why = block.get("rule", "countries")
             if why == "network":
                 why = f"network list {','.join(block.get('lists', ())) or '?'}"
@@ -208,7 +209,7 @@ class ReplayResult:
                 {"login": block["login"], "blocked_at": block["blocked_at"].isoformat(),
                  "countries": block["countries"], "log_line": block["log_line"], "rule": block.get("rule"),
                  "lists": list(block.get("lists", ())), "network": block.get("network") or None}
-                for block in self.service.store.blocks.values()
+                for block in self.service.database.store.blocks.values()
             ],
             "would_block_by_rule": self.blocks_by_rule(),
             "accounts_by_most_countries": self.country_buckets(),
@@ -272,7 +273,7 @@ def _note_network(result: ReplayResult, request: PolicyRequest, decision) -> Non
         result.accounts_by_list.setdefault(label, set()).add(request.login)
     if network.asn is not None:
         result.accounts_by_network.setdefault(network.describe(), set()).add(request.login)
-    block = result.service.store.blocks.get(request.login)
+    block = result.service.database.store.blocks.get(request.login)
     if decision.new_block and block is not None:
         block.update(rule=decision.rule, lists=network.labels, network=network.describe())
 
@@ -295,7 +296,7 @@ def print_replay_report(result: ReplayResult, out) -> None:
           f"submissions{logins}{span}; {result.unparseable} unparseable lines skipped.", file=out)
     print(f"Rule: more than {settings.how_many_different_countries} countries in "
           f"{settings.in_how_much_time_in_days:g} days -> {settings.action}.", file=out)
-    blocks = list(result.service.store.blocks.values())
+    blocks = list(result.service.database.store.blocks.values())
     by_rule = "; ".join(f"{count} for {_RULE_NAMES.get(rule, rule)}" for rule, count in result.blocks_by_rule().items())
     print(f"\nWould have blocked {len(blocks)} account{'s' if len(blocks) != 1 else ''}"
           f"{' (' + by_rule + ')' if by_rule else ''}:", file=out)
@@ -349,7 +350,7 @@ def run_replay(settings: Settings, arguments: argparse.Namespace) -> int:
 
 
 def record_replayed_sightings(settings: Settings, result: ReplayResult) -> int:
-    sightings = ((login, seen) for login, countries in result.service.store.sightings.items()
+    sightings = ((login, seen) for login, countries in result.service.database.store.sightings.items()
                  for seen in countries.values())
     written = []
 
@@ -359,7 +360,7 @@ def record_replayed_sightings(settings: Settings, result: ReplayResult) -> int:
 
     if on_admin_store(settings, record):
         return 1
-    print(f"recorded {written[0]} sightings of {len(result.service.store.sightings)} accounts from "
+    print(f"recorded {written[0]} sightings of {len(result.service.database.store.sightings)} accounts from "
           f"{result.submissions} submissions into {safe_url(settings.dbcon)} "
           f"({result.unparseable} unparseable lines skipped)")
     return 0

@@ -17,6 +17,7 @@ from .config import Settings
 from .ports import BoundedPort, RateLimitedWarning, connection_caps
 from .protocol import HEALTH_REQUEST, PolicyRequest, client_allowed, format_reply, parse_request, peer_address
 from .late import LATE_ANSWER_WAIT, RequestTicket, answer_in_time
+from .report import SelfReport
 from .service import PolicyService
 
 # What the policy port answers: Postfix's requests and `pcc.py --health`'s.
@@ -224,9 +225,10 @@ class PolicyServer(BoundedPort, socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     request_queue_size = 1024
 
-    def __init__(self, settings: Settings, service: PolicyService):
+    def __init__(self, settings: Settings, service: PolicyService, report: Optional[SelfReport] = None):
         self.settings = settings
         self.service = service
+        self.report = report  # answers `pcc.py --health` (without it, nobody does)
         self.stopping = threading.Event()
         self.in_flight = InFlight()
         cap = connection_caps(settings.max_connections)["postfix"]
@@ -244,6 +246,8 @@ class PolicyServer(BoundedPort, socketserver.ThreadingTCPServer):
         Watchdog delivered through handler.deliver_late)."""
         try:
             request = self._policy_request(parse_request(lines), handler)
+            if request.request == HEALTH_REQUEST:
+                return format_reply(f"DUNNO {self.report.health_report()}")
         except Exception:  # a bug must cost one answer, never the daemon, and never open the blocked list
             return format_reply(self.service.answer_after_error(None))
         action = answer_in_time(self.service, RequestTicket(request), handler.deliver_late if handler else None)
@@ -255,7 +259,8 @@ class PolicyServer(BoundedPort, socketserver.ThreadingTCPServer):
             # A dovecot_login here would count as a login (count_logins or not) and
             # claim the Dovecot door: only the Dovecot port's adapter makes those.
             return replaced(request, request="")
-        if request.request == HEALTH_REQUEST and handler is not None and not self.is_local(handler):
+        if request.request == HEALTH_REQUEST and (self.report is None or (handler is not None
+                                                                      and not self.is_local(handler))):
             # What the daemon says of itself (an outage, its length) tells an
             # attacker when protection is partly off: for this host only.
             return replaced(request, request="")

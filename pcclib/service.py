@@ -20,8 +20,8 @@ from typing import Optional
 
 from sqlalchemy import exc as sa_exc
 
-from .common import first_line, log, quoted, replaced, start_thread, utcnow
-from .config import MONITOR_ACTION, Settings
+from .common import first_line, log, quoted, replaced, utcnow
+from .config import Settings
 from .decision import (
     AccountHistory,
     CountrySeen,
@@ -31,22 +31,14 @@ from .decision import (
     merge_sightings_by_country,
     ignored_request_reason,
 )
+from .database import Database
 from .geoip import GeoIP
 from .late import DB_ANSWER_DEADLINE, RequestTicket, Watchdog
 from .networks import Networks
-from .memory import BLOCKED_LIST_RELOAD, CHANGES_POLL_INTERVAL, AccountMemory
 from .metrics import Metrics
-from .notify import Notifier
 from .respond import Responder
-from .outage import OutageJournal, OutageState
-from .protocol import DOVECOT_LOGIN, HEALTH_REQUEST, PolicyRequest
-from .storage import DatabaseClock, Store, is_data_error, is_database_error, safe_url
-from .writer import SightingWriter
-
-# While the database fails, how often the probe thread looks whether a probe
-# is due (outage.DB_PROBE_INTERVAL: requests and this thread share it).
-PROBE_CHECK_INTERVAL = 0.25
-
+from .protocol import DOVECOT_LOGIN, PolicyRequest
+from .storage import is_data_error, is_database_error
 
 class _Lane:
     __slots__ = ("lock", "users")
@@ -104,98 +96,21 @@ class PolicyService:
     `db_error_action`.
     """
 
-    def __init__(self, settings: Settings, store: Store, geoip: GeoIP, notifier: Notifier,
-                 journal: Optional[OutageJournal] = None, networks: Optional[Networks] = None):
-        self.settings = settings
-        self.store = store
+    def __init__(self, settings: Settings, database: Database, geoip: GeoIP, networks: Networks,
+                 responder: Responder, metrics: Metrics):
+        self.settings = settings  # these four are replaced whole by a reload (daemon.reconfigure)
+        self.database = database
         self.geoip = geoip
-        self.networks = networks or Networks(settings)
-        self.notifier = notifier
-        self.responder = Responder(settings, notifier, lambda channel, outcome: self.metrics.responded(channel,
-                                                                                                        outcome),
-                                   self.network_of)
-        self.journal = journal or OutageJournal()
-        self.tables_ready = False
-        self.memory = AccountMemory(blocked_file=f"{self.journal.spool_path}.blocked" if self.journal.spool_path
-                                    else "")
-        self.outage = OutageState(settings)
-        self.outage.on_change = self.responder.outage
-        self.clock = DatabaseClock()
-        self.ports: list = []  # the open ports (server.PolicyServer...), for their connections' states
-        self._trim_failing = False
-        self._lanes = AccountLanes()
-        self.metrics = Metrics()  # off; the daemon turns it on for [server] metrics_port
+        self.networks = networks
+        self.responder = responder
+        self.metrics = metrics
+        self.memory = database.memory
         self.watchdog = Watchdog(self.answer_late, self.answer_after_error)  # both doors' late answers
-        self.sightings = SightingWriter(store, on_written=lambda: self._database_ok(wrote=True),
-                                        on_failed=lambda problem: self._database_failed(problem, on_write=True))
+        self._lanes = AccountLanes()
 
     def network_of(self, ip: str) -> str:
         """An address's network for people ("AS3320 Deutsche Telekom AG"), "" when unknown."""
         return self.networks.facts_of(ip).describe()
-
-    def start_background(self, stopping: threading.Event) -> None:
-        """The daemon's helpers: the sighting writer, the poll of changes and
-        the blocked list's upkeep."""
-        self.sightings.start()
-        start_thread(self._poll_changes_until, "pcc-changes", stopping)
-        start_thread(self._keep_blocked_list, "pcc-blocked-list", stopping)
-        start_thread(self._probe_while_failing, "pcc-probe", stopping)
-
-    def load_blocked_list(self) -> None:
-        """Before the ports open: the whole blocked list, from the database or,
-        while it cannot be asked, from the copy on disk; and the blocks in the
-        spool either way."""
-        problem = "it failed at start" if self.outage.failing else ""
-        if not problem:
-            try:
-                self.ensure_database()
-                self.clock.follow(self.store)
-                self.memory.reload_blocked(self.store, self.journal.blocked_logins())
-            except sa_exc.SQLAlchemyError as error:
-                problem = first_line(error)
-        source = "the database"
-        if problem:
-            loaded = self.memory.load_blocked_copy()
-            source = (f"{self.memory.blocked_file or 'nowhere (no spool_file)'}, {loaded} accounts (the database "
-                      f"cannot be asked: {problem})")
-        for entry in self.journal.entries():
-            if entry["action"] != MONITOR_ACTION:
-                self.memory.set_blocked(entry["login"], True)
-        log.info("blocked list: %d accounts, from %s and the spool", self.memory.blocked_count(), source)
-        self.memory.save_blocked_copy()
-
-    def _keep_blocked_list(self, stopping: threading.Event) -> None:
-        reloaded = time.monotonic()
-        while not stopping.wait(1.0):
-            if time.monotonic() - reloaded >= BLOCKED_LIST_RELOAD and not self.outage.failing and self.tables_ready:
-                reloaded = time.monotonic()
-                try:
-                    self.memory.reload_blocked(self.store, self.journal.blocked_logins())
-                except sa_exc.SQLAlchemyError as error:
-                    log.debug("blocked list reload failed: %s", first_line(error))
-            self.memory.save_blocked_copy()
-
-    def stop_background(self) -> None:
-        self.sightings.stop()
-
-    def reconfigure(self, settings: Settings, geoip: GeoIP, networks: Optional[Networks] = None) -> None:
-        """A reload: new settings and GeoIP data for the next request, and a new
-        database when [db] dbcon changed (what the old one was to get, it gets)."""
-        if settings.dbcon != self.settings.dbcon:
-            self.sightings.flush()
-            self.store, self.tables_ready = Store(settings.dbcon), False
-            self.sightings.store = self.store
-        if _rule_of(settings) != _rule_of(self.settings):
-            # The histories in memory were read for the old window; the next
-            # request of each account reads its own again (the accounts known
-            # to be blocked stay so).
-            self.memory.histories.clear()
-        self.geoip = geoip
-        self.networks = networks or Networks(settings, self.networks)
-        self.notifier.settings = settings
-        self.responder.reconfigure(settings)
-        self.outage.settings = settings
-        self.settings = settings
 
     # --- one request, top to bottom -----------------------------------------
 
@@ -209,8 +124,6 @@ class PolicyService:
                        ticket: Optional[RequestTicket] = None) -> tuple:
         """(the request with its country, the decision), recorded in the database
         (or, without it, in memory and the spool)."""
-        if request.request == HEALTH_REQUEST:
-            return request, Decision(f"DUNNO {self.health_report()}", "health check")
         ignored = ignored_request_reason(request, self.settings)  # before any GeoIP or database work
         if ignored is not None:
             return request, Decision("DUNNO", ignored)
@@ -227,8 +140,8 @@ class PolicyService:
     def _decide_counted(self, request: PolicyRequest, now: dt.datetime, ticket: RequestTicket) -> Decision:
         if request.check_only:  # before the password: the blocked list alone, never the database
             return self._check_blocked(request)
-        probing = self.outage.failing
-        if probing and not self.outage.probe_due():
+        probing = self.database.outage.failing
+        if probing and not self.database.outage.probe_due():
             return self._decide_offline(request, now)
         with self._lanes.enter(request.login):
             history, read_at, decision = self._current_history(request.login), None, None
@@ -243,13 +156,13 @@ class PolicyService:
             if history is None:
                 # Queued behind a request that found the database failing: no
                 # second try, unless a probe is due.
-                if self.outage.failing and not probing and not self.outage.probe_due():
+                if self.database.outage.failing and not probing and not self.database.outage.probe_due():
                     return self._decide_offline(request, now)
                 read_at = time.monotonic()
                 history = self._read_or_answer(request, now, ticket)
                 if isinstance(history, Decision):
                     return history
-            if not history.enforced_block and self.journal.pending() and request.login in self.journal.blocked_logins():
+            if not history.enforced_block and self.database.journal.pending() and request.login in self.database.journal.blocked_logins():
                 # The database is back but this block is not in it yet (the
                 # spool is being written): the database's history must not
                 # let the account through meanwhile.
@@ -257,7 +170,7 @@ class PolicyService:
             if decision is None:
                 decision = decide(request, self._with_last_place(history), self.settings, now)
             recorded = self._carry_out(request, history, read_at, decision, now, ticket)
-            if decision.new_place and not decision.new_block and not self.outage.failing:
+            if decision.new_place and not decision.new_block and not self.database.outage.failing:
                 return self._decide_after_commit(request, recorded, now, ticket)
             return recorded
 
@@ -271,7 +184,7 @@ class PolicyService:
                 raise
             if is_data_error(error):
                 return self._refused_data(request, error)
-            self._database_failed(first_line(error))
+            self.database.failed(first_line(error))
             return self._decide_offline(request, now)
 
     def _carry_out(self, request: PolicyRequest, history: AccountHistory, read_at: Optional[float],
@@ -283,7 +196,7 @@ class PolicyService:
             # On disk before anyone can answer with it: a late answer then
             # needs no I/O, and a crash during the commit loses no block.
             ticket.spooled = self._block_entry(request, decision, now)
-            self.journal.add_block(ticket.spooled, in_flight=True)
+            self.database.journal.add_block(ticket.spooled, in_flight=True)
         ticket.decided = (request, decision, now)
         return self._record_decided(request, decision, now, ticket)
 
@@ -300,7 +213,7 @@ class PolicyService:
             if not is_database_error(error):
                 raise
             if not is_data_error(error):
-                self._database_failed(first_line(error))
+                self.database.failed(first_line(error))
             return decision  # recorded already: it stands
         again = decide(request, history, self.settings, now)
         if again.new_block:
@@ -317,16 +230,16 @@ class PolicyService:
 
     def _current_history(self, login: str) -> Optional[AccountHistory]:
         """The account's history from memory, if it is known to be current."""
-        if self.outage.failing:
+        if self.database.outage.failing:
             return None
         return self.memory.current(login)
 
     def _read_history(self, login: str, now: dt.datetime, ticket: RequestTicket) -> AccountHistory:
         ticket.reading_database = True
         try:
-            self.ensure_database()
-            unwritten = self.sightings.pending_for(login)  # before the read: none can slip between
-            history = self.store.load_history(login, now - self.settings.country_window)
+            self.database.ensure()
+            unwritten = self.database.sightings.pending_for(login)  # before the read: none can slip between
+            history = self.database.store.load_history(login, now - self.settings.country_window)
         finally:
             ticket.reading_database = False
         if not unwritten:
@@ -358,25 +271,25 @@ class PolicyService:
         wrote = decision.new_block  # a sighting is written behind the answer (SightingWriter)
         try:
             recorded = self._record(request, decision, now)
-            if not wrote and self.outage.failed_on_write():  # only a write proves it works again
-                self.store.prove_writable()
+            if not wrote and self.database.outage.failed_on_write():  # only a write proves it works again
+                self.database.store.prove_writable()
                 wrote = True
         except Exception as error:
             if not is_database_error(error):
                 raise
             if is_data_error(error):  # it would be refused again: no journal; the decision stands
                 if ticket.spooled is not None:
-                    self.journal.release_block(ticket.spooled)  # the replay sets it aside, with a line
+                    self.database.journal.release_block(ticket.spooled)  # the replay sets it aside, with a line
                 self._refused_data(request, error)
                 return decision
-            self._database_failed(first_line(error), on_write=True)
+            self.database.failed(first_line(error), on_write=True)
             if ticket.spooled is None:
                 return self._journal(request, decision, now)
-            self.journal.release_block(ticket.spooled)  # spooled before its transaction: the replay writes it
+            self.database.journal.release_block(ticket.spooled)  # spooled before its transaction: the replay writes it
             return replaced(decision, reason=decision.reason + " (database failing: block spooled)")
-        self._database_ok(wrote)
+        self.database.ok(wrote)
         if ticket.spooled is not None:  # the transaction did what the spool entry was kept for
-            self.journal.discard_block(ticket.spooled)
+            self.database.journal.discard_block(ticket.spooled)
         return recorded
 
     def _record(self, request: PolicyRequest, decision: Decision, now: dt.datetime) -> Decision:
@@ -388,7 +301,7 @@ class PolicyService:
                                         request.client_country, _network_text(request), now)
         if decision.new_block:
             action = self.settings.recorded_action
-            block_id = self.store.record_block(
+            block_id = self.database.store.record_block(
                 login, now, source=block_source(request), action=action, reason=decision.reason,
                 countries=[seen.as_json() for seen in decision.countries],
                 trigger=dict(request.attributes), sighting=(decision.sighted[0], ip) if decision.sighted else None,
@@ -398,7 +311,7 @@ class PolicyService:
                 return replaced(decision, new_block=False,
                                 reason=decision.reason + " (already blocked by a concurrent request)")
             for code in decision.sighted[1:]:  # the COUNT lists' markers, for -s and the next window
-                self.sightings.add(login, CountrySeen(code, now, now, ip))
+                self.database.sightings.add(login, CountrySeen(code, now, now, ip))
             self._count_block(request, decision, action)
             self.responder.blocked(login, decision.countries, decision.reason, block_source(request), action,
                                    decision.journey, _network_text(request))
@@ -409,7 +322,7 @@ class PolicyService:
             # next read holds it; the rest is written behind the answer.
             last = len(decision.sighted) - 1
             for n, code in enumerate(decision.sighted):
-                self.sightings.add(login, CountrySeen(code, now, now, ip), commit=decision.new_place and n == last)
+                self.database.sightings.add(login, CountrySeen(code, now, now, ip), commit=decision.new_place and n == last)
         if decision.journey is not None:
             self.responder.journey(login, decision.journey, now)
         return decision
@@ -442,7 +355,7 @@ class PolicyService:
                 decision, new_block=False, reason=decision.reason + " (answered while the database records it)"))
             return decision.action
         if ticket.reading_database:
-            self._database_failed(f"no answer within {DB_ANSWER_DEADLINE} s")
+            self.database.failed(f"no answer within {DB_ANSWER_DEADLINE} s")
         request, decision = self.decide_request(ticket.request, now or utcnow(), use_database=False)
         self._log_decision(request, decision)
         return decision.action
@@ -468,7 +381,7 @@ class PolicyService:
     def _decide_offline(self, request: PolicyRequest, now: dt.datetime) -> Decision:
         login = request.login
         if self.memory.is_blocked(login):
-            self.outage.count_answer("memory")
+            self.database.outage.count_answer("memory")
             return Decision(self.settings.block_reply, "account known to be blocked (database failing)")
         history = self.memory.last_known(login)
         if history is None:
@@ -480,13 +393,13 @@ class PolicyService:
             counted = decide(request, AccountHistory(), self.settings, now)
             self._remember(login, AccountHistory(), counted, now)
             if counted.new_block:  # a rule that needs no history (a network list): it blocks as it would online
-                self.outage.count_answer("memory")
+                self.database.outage.count_answer("memory")
                 return self._journal(request, counted, now)
-            self.outage.count_answer("db_error_action")
+            self.database.outage.count_answer("db_error_action")
             if counted.record_sighting:
                 self._add_sightings(login, counted, now, str(request.client_ip))
             return Decision(self.settings.db_error_action, "database failing, account not in memory")
-        self.outage.count_answer("memory")
+        self.database.outage.count_answer("memory")
         decision = decide(request, self._with_last_place(history), self.settings, now)
         self._remember(login, history, decision, now)
         decision = self._journal(request, decision, now)
@@ -498,7 +411,7 @@ class PolicyService:
         """Keep what `decision` changes for the database's return: a new block
         in the spool (on disk before the answer), a sighting in memory."""
         if decision.new_block:
-            self.journal.add_block(self._block_entry(request, decision, now))
+            self.database.journal.add_block(self._block_entry(request, decision, now))
             self.responder.end_sessions_soon(request.login, self.settings.recorded_action)
             return replaced(decision, reason=decision.reason + " (database failing: block spooled)")
         if decision.record_sighting:
@@ -508,7 +421,7 @@ class PolicyService:
     def _add_sightings(self, login: str, decision: Decision, now: dt.datetime, ip: str) -> None:
         """Without waiting for a batch: the database is failing."""
         for code in decision.sighted:
-            self.sightings.add(login, CountrySeen(code, now, now, ip), may_wait=False)
+            self.database.sightings.add(login, CountrySeen(code, now, now, ip), may_wait=False)
 
     def _block_entry(self, request: PolicyRequest, decision: Decision, now: dt.datetime) -> dict:
         """A new block as the spool keeps it."""
@@ -530,154 +443,6 @@ class PolicyService:
         if self.memory.is_blocked(request.login):
             return Decision(self.settings.block_reply, "account known to be blocked (database refused the request)")
         return Decision(self.settings.db_error_action, "database refused this request's values")
-
-    def _database_failed(self, problem: str, on_write: bool = False) -> None:
-        self.metrics.database_failed()
-        self.outage.failed(problem, on_write)
-
-    def _database_ok(self, wrote: bool = False) -> None:
-        """The database answered; a failure to write ends only with a write."""
-        if self.outage.ok(wrote):
-            start_thread(self._after_outage, "pcc-journal")
-
-    def _probe_while_failing(self, stopping: threading.Event) -> None:
-        """While the database fails, try it about once a second, whether or
-        not requests come: an outage ends when the database answers, not when
-        the next mail arrives (at night, on a standby MTA, hours later)."""
-        while not stopping.wait(PROBE_CHECK_INTERVAL):
-            if self.outage.failing and self.outage.probe_due():
-                self.probe_database()
-
-    def probe_database(self) -> bool:
-        """One try of what the daemon does with its database: the tables, the
-        spool's blocks, a write (rolled back).  True when it all worked."""
-        try:
-            self.ensure_database()
-            self.store.prove_writable()
-        except sa_exc.SQLAlchemyError as error:
-            self._database_failed(first_line(error))
-            return False
-        self._database_ok(wrote=True)
-        return True
-
-    def database_unreachable_at_start(self, problem: str) -> None:
-        """A server that is down or unreachable at boot is an outage, not a
-        misconfiguration: serve as in an outage, and say so."""
-        log.error("database %s is unreachable at start-up; pcc serves as in an outage until it answers: %s",
-                  safe_url(self.settings.dbcon), problem)
-        self._database_failed(problem)
-
-    def report_outage(self) -> None:
-        self.outage.report(self.journal.blocks_waiting())
-
-    def ensure_database(self) -> None:
-        """Create missing tables once; write what an outage left behind."""
-        if not self.tables_ready:
-            self.store.create_tables()
-            self.tables_ready = True
-        if self.journal.pending():
-            self.journal.replay(self.store, self._notify_spooled_block)
-
-    def _after_outage(self) -> None:
-        """The database is back: what was decided meanwhile is written, and the
-        blocked list read again (other daemons and administrators may have
-        blocked or unblocked accounts meanwhile)."""
-        try:
-            self.ensure_database()
-            self.memory.reload_blocked(self.store, self.journal.blocked_logins())
-        except sa_exc.SQLAlchemyError as error:
-            log.error("writing what was decided during the outage failed, will try again: %s", first_line(error))
-
-    def _notify_spooled_block(self, entry: dict) -> None:
-        countries = [CountrySeen(seen["country"], dt.datetime.fromisoformat(seen["first_seen"]),
-                                 dt.datetime.fromisoformat(seen["last_seen"]), seen["last_ip"])
-                     for seen in entry["countries"]]
-        self.metrics.new_block(entry.get("rule", "countries"), entry["action"])
-        self.responder.blocked(entry["login"], countries, entry["reason"], "policy", entry["action"])
-
-    # --- keeping memory current ---------------------------------------------------
-
-    def _poll_changes_until(self, stopping: threading.Event) -> None:
-        while not stopping.wait(CHANGES_POLL_INTERVAL):
-            self.poll_changes()
-
-    def poll_changes(self) -> bool:
-        """Forget the accounts in memory that the database knows more about;
-        keep the database's time."""
-        if not self.tables_ready:
-            return False
-        asked = time.time()
-        changes = self.memory.poll(self.store, self.journal.blocked_logins())
-        if changes is None:
-            return False
-        self.clock.measured(changes.database_now, asked, time.time())
-        return True
-
-    def trim_changes(self) -> None:
-        """Delete the change log's rows every daemon has long read."""
-        up_to = self.memory.trimmable_changes(time.monotonic())
-        if up_to is None or self.outage.failing:
-            return
-        try:
-            self.store.trim_changes(up_to)
-        except sa_exc.SQLAlchemyError as error:
-            (log.debug if self._trim_failing else log.warning)(
-                "cannot trim the change log pcc_changes, which grows until it is (GRANT DELETE ON pcc_changes "
-                "TO the daemon's user: see README, Databases): %s", first_line(error))
-            self._trim_failing = True
-            return
-        self._trim_failing = False
-
-    # --- what the daemon says of itself ---------------------------------------
-
-    def state(self) -> dict:
-        """A snapshot for the metrics and --health: the outage, what waits for
-        the database, what was asked of it, the GeoIP data in use."""
-        unsent, waited = self.notifier.backlog()
-        return dict(self.outage.snapshot(), spooled_blocks=self.journal.blocks_waiting(),
-                    clock_offset=self.clock.offset,
-                    unwritten_sightings=self.sightings.waiting(), operations=self.store.operation_counts(),
-                    geoip_built=self.geoip.built, unsent_notifications=unsent, oldest_unsent_seconds=waited,
-                    connections={port.port_name: port.connection_states() for port in self.ports},
-                    webhooks_waiting=self.responder.webhooks.waiting(),
-                    network_lists=self.networks.state())
-
-    def count_blocked(self) -> Optional[dict]:
-        """The blocked list's size by mode, or None when the database cannot say."""
-        try:
-            return self.store.count_blocked()
-        except sa_exc.SQLAlchemyError as error:
-            self.metrics.database_failed()
-            log.warning("metrics: cannot count blocked accounts: %s", first_line(error))
-            return None
-
-    def health_report(self) -> str:
-        """What `pcc.py --health` asks the running daemon: name=value words."""
-        state = self.outage.snapshot()
-        unsent, waited = self.notifier.backlog()
-        built = self.geoip.built.isoformat() if self.geoip.built else "unknown"
-        return (f"{HEALTH_REQUEST} database={'failing' if state['failing'] else 'ok'} "
-                f"failing_seconds={state['failing_seconds']:.0f} error_answers={state['error_answers']} "
-                f"spooled_blocks={self.journal.blocks_waiting()} unsent_notices={unsent} "
-                f"oldest_unsent_seconds={waited:.0f} geoip_built={built}{self._lists_report()}")
-
-    def _lists_report(self) -> str:
-        """ lists=tor:1342:0.40:ok,vpn:off:-:ok,hosting:120:3.00:refused (label:entries:age in
-        days:the file on disk, ok or refused or gone) for --health."""
-        state = self.networks.state()
-        if not state:
-            return ""
-        return " lists=" + ",".join(
-            f"{label}:{'off' if entries is None else entries}:{'-' if age is None else f'{age:.2f}'}:{problem or 'ok'}"
-            for label, (entries, age, _most, problem) in state.items())
-
-
-def _rule_of(settings: Settings) -> tuple:
-    """What a reload may change of the rule and its lists."""
-    return (settings.how_many_different_countries, settings.in_how_much_time_in_days, settings.ignorecountries,
-            settings.whitelisted, settings.whitelistedips, settings.domains, settings.mode, settings.action,
-            settings.max_travel_speed_kmh, settings.travel_accuracy_radius_km, settings.impossible_travel_action,
-            settings.count_logins, settings.network_lists)
 
 
 def _network_words(network) -> str:

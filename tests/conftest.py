@@ -356,6 +356,43 @@ def make_settings(tmp_path, geoip_path):
 # --- the policy protocol ----------------------------------------------------
 
 
+def daemon_parts(settings: Settings, store=None, geoip: Optional[GeoIP] = None, **options):
+    """A daemon's parts in the process, made as the daemon makes them
+    (daemon.build_parts; no thread started, no port opened): .service answers,
+    .database, .upkeep, .report.  store: a Store (default: settings.dbcon's)."""
+    from pcclib.daemon import build_parts
+    from pcclib.notify import Notifier
+    from pcclib.storage import Store
+
+    return build_parts(settings, store if store is not None else Store(settings.dbcon),
+                       geoip or GeoIP(settings.geoip_database), Notifier(settings), **options)
+
+
+def daemon_with_memory(settings: Settings, store, geoip: GeoIP):
+    """daemon_parts() with the blocked list loaded, as before a port opens:
+    the poll of changes starts where the list was read."""
+    parts = daemon_parts(settings, store, geoip)
+    parts.upkeep.load_blocked_list()
+    return parts
+
+
+@pytest.fixture
+def service_on(geoip):
+    """service_on(settings): the PolicyService of daemon_parts(settings), its
+    tables made; its store is disposed of after the test."""
+    made = []
+
+    def make(settings: Settings, **options):
+        parts = daemon_parts(settings, geoip=options.pop("geoip", geoip), **options)
+        parts.database.store.create_tables()
+        made.append(parts)
+        return parts.service
+
+    yield make
+    for parts in made:
+        parts.database.store.dispose()
+
+
 def policy_request(login: str = "", ip: str = "81.2.69.160", **extra) -> dict:
     """The attributes Postfix sends for one RCPT (see ../shared/postfix-e2e.md)."""
     attributes = {

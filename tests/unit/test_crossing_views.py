@@ -4,10 +4,8 @@ database before its answer; one decided from memory reads the rows first; two
 added on views read before each other's commit are caught after it."""
 import datetime as dt
 
-from conftest import counted_request, sightings_in_database
+from conftest import counted_request, daemon_with_memory, sightings_in_database
 
-from pcclib.notify import Notifier
-from pcclib.service import PolicyService
 from pcclib.storage import Store
 
 NOW = dt.datetime(2026, 12, 3, 13, 57, tzinfo=dt.timezone.utc)
@@ -16,10 +14,10 @@ LOGIN = "alice@example.com"
 
 def two_daemons(db_url, make_settings, geoip) -> tuple:
     settings = make_settings(**{"db.dbcon": db_url, "policy.action": "REJECT", "db.spool_file": ""})
-    services = tuple(PolicyService(settings, Store(db_url), geoip, Notifier(settings)) for _ in range(2))
+    daemons = tuple(daemon_with_memory(settings, Store(db_url), geoip) for _ in range(2))
+    services = tuple(parts.service for parts in daemons)
     for service in services:
-        service.sightings._thread = object()  # as if started: only a commit writes at once
-        service.load_blocked_list()
+        service.database.sightings._thread = object()  # as if started: only a commit writes at once
         service.memory._polled_at = float("inf")  # as if the poll were current: memory is trusted
     return services
 
@@ -30,7 +28,7 @@ def answer(service, country, minutes=0) -> str:
 
 def stop(*services) -> None:
     for service in services:
-        service.store.dispose()
+        service.database.store.dispose()
 
 
 def test_a_new_country_is_in_the_database_before_its_answer_a_known_one_waits_behind(db_url, make_settings, geoip):
@@ -38,7 +36,7 @@ def test_a_new_country_is_in_the_database_before_its_answer_a_known_one_waits_be
     assert answer(a, "GB") == "DUNNO"
     assert sightings_in_database(db_url, LOGIN) == {(LOGIN, "GB")}  # no batch ran: the request committed it
     assert answer(a, "GB", minutes=2) == "DUNNO"  # its refresh goes behind the answer
-    assert a.sightings.waiting() == 1
+    assert a.database.sightings.waiting() == 1
     stop(a, b)
 
 
@@ -57,7 +55,7 @@ def test_two_new_countries_on_views_read_before_each_others_commit(db_url, make_
     read again after its commit sees four countries and blocks."""
     a, b = two_daemons(db_url, make_settings, geoip)
     assert [answer(a, c, n) for n, c in enumerate(["GB", "US"])] == ["DUNNO"] * 2
-    real_load = b.store.load_history
+    real_load = b.database.store.load_history
     stale = real_load(LOGIN, NOW - dt.timedelta(days=3))
     reads = []
 
@@ -65,7 +63,7 @@ def test_two_new_countries_on_views_read_before_each_others_commit(db_url, make_
         reads.append(login)
         return stale if len(reads) == 1 else real_load(login, since)
 
-    b.store.load_history = load_before_a_commits
+    b.database.store.load_history = load_before_a_commits
     b.memory.histories.clear()
     assert answer(a, "FR", 3) == "DUNNO"
     assert answer(b, "DE", 3).startswith("REJECT")

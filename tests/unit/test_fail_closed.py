@@ -4,16 +4,12 @@ blocked account blocked, a block waiting in the spool refuses the account
 before the database has it.  The daemon's side is e2e/test_fail_closed_daemon.py."""
 import os
 
-from conftest import encode_request, ip_in, policy_request, spool_entry
+from conftest import daemon_parts, encode_request, ip_in, policy_request, spool_entry
 
 import pcclib.service
-from pcclib.geoip import GeoIP
-from pcclib.notify import Notifier
 from pcclib.outage import OutageJournal
 from pcclib.protocol import parse_request
 from pcclib.server import PolicyServer
-from pcclib.service import PolicyService
-from pcclib.storage import Store
 
 
 def test_rewriting_the_spool_never_follows_a_link(tmp_path):
@@ -31,8 +27,7 @@ def test_rewriting_the_spool_never_follows_a_link(tmp_path):
 
 def test_an_unforeseen_error_keeps_a_known_blocked_account_blocked(make_settings, monkeypatch):
     settings = make_settings(**{"policy.action": "REJECT", "db.db_error_action": "DEFER_IF_PERMIT"})
-    service = PolicyService(settings, Store(settings.dbcon), GeoIP(settings.geoip_database),
-                                Notifier(settings))
+    service = daemon_parts(settings).service
     server = PolicyServer.__new__(PolicyServer)  # answer() only: no socket
     server.service, server.settings = service, settings
 
@@ -56,10 +51,9 @@ def test_a_block_waiting_in_the_spool_refuses_the_account_while_the_database_has
     settings = make_settings(**{"policy.action": "REJECT"})
     journal = OutageJournal(str(tmp_path / "spool.jsonl"))
     journal.add_block(spool_entry("alice@example.com"))
-    service = PolicyService(settings, Store(settings.dbcon), GeoIP(settings.geoip_database), Notifier(settings),
-                            journal)
-    service.store.create_tables()
-    service.tables_ready = True
+    service = daemon_parts(settings, journal=journal).service
+    service.database.store.create_tables()
+    service.database.tables_ready = True
     request = parse_request(f"{k}={v}" for k, v in policy_request("alice@example.com", ip_in("GB")).items())
     with journal._replaying:  # another thread is writing the spool: a request does not wait for it
         assert service.answer(request).startswith("REJECT")

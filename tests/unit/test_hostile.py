@@ -12,12 +12,8 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from pcclib.config import load_settings
-from pcclib.geoip import GeoIP
-from pcclib.notify import Notifier
 from pcclib.protocol import MAX_ATTRIBUTE_VALUE, format_reply, parse_request
 from pcclib.server import PolicyServer
-from pcclib.service import PolicyService
-from pcclib.storage import Store
 
 text_lines = st.lists(st.text(max_size=300), max_size=60)
 
@@ -52,14 +48,13 @@ def test_the_whole_answer_path_never_raises(service_server, attributes, garbage)
 @pytest.fixture(scope="module")
 def service_server(tmp_path_factory, geoip_path):
     """PolicyServer.answer on a real service and SQLite file, without a socket."""
-    from conftest import write_config
+    from conftest import daemon_parts, write_config
 
     directory = tmp_path_factory.mktemp("hostile")
     settings = load_settings(write_config(directory, {
         "db.dbcon": f"sqlite:///{directory}/pcc.sqlite3", "geoip.database": geoip_path,
         "db.spool_file": "", "server.port": str(free_port())}))
-    service = PolicyService(settings, Store(settings.dbcon), GeoIP(geoip_path), Notifier(settings))
-    server = PolicyServer(settings, service)
+    server = PolicyServer(settings, daemon_parts(settings).service)
     yield server
     server.server_close()
 

@@ -13,6 +13,7 @@ import time
 import sqlalchemy as sa
 from conftest import (
     count_rows,
+    daemon_with_memory,
     sightings_in_database,
 )
 
@@ -21,8 +22,6 @@ from pcclib.decision import AccountHistory, CountrySeen
 from pcclib.logs import queue_logging
 from pcclib.memory import CHANGES_SETTLE_EVERY
 from pcclib.writer import SightingWriter
-from pcclib.notify import Notifier
-from pcclib.service import PolicyService
 from pcclib.storage import BlockedAccount, Change, Store, UTCDateTime
 
 
@@ -134,8 +133,8 @@ def test_unwritten_sightings_count_for_the_next_read(db_url):
 def test_the_poll_forgets_what_another_writer_changed_and_only_that(db_url, make_settings, geoip):
     settings = make_settings(**{"db.dbcon": db_url})
     mine, other = Store(db_url), Store(db_url)
-    service = PolicyService(settings, mine, geoip, Notifier(settings))
-    service.load_blocked_list()  # the poll starts where the blocked list was read
+    parts = daemon_with_memory(settings, mine, geoip)  # the poll starts where the blocked list was read
+    service = parts.service
     memory, now = service.memory, utcnow()
     history = AccountHistory(sightings=(CountrySeen("GB", now, now, "20.1.0.1"),))
 
@@ -145,19 +144,19 @@ def test_the_poll_forgets_what_another_writer_changed_and_only_that(db_url, make
 
     alice, bob = remembered("alice@example.com"), remembered("bob@example.com")
     mine.merge_sightings([(alice, CountrySeen("GB", now, now, "20.1.0.1"))])
-    assert service.poll_changes() and memory.histories.get(alice) is history  # its own write: nothing new
+    assert parts.upkeep.poll_changes() and memory.histories.get(alice) is history  # its own write: nothing new
     other.merge_sightings([(alice, CountrySeen("US", now, now, "20.2.0.1"))])
-    assert service.poll_changes() and memory.histories.get(alice) is None  # another daemon's: read again
+    assert parts.upkeep.poll_changes() and memory.histories.get(alice) is None  # another daemon's: read again
     assert memory.histories.get(bob) is history
     remembered(alice)
     other.record_block(alice, now, source="policy", action="REJECT", reason="test", countries=[])
-    service.poll_changes()
+    parts.upkeep.poll_changes()
     assert memory.histories.get(alice) is None and memory.is_blocked(alice)
     other.unblock(alice, now)
-    service.poll_changes()
+    parts.upkeep.poll_changes()
     assert not memory.is_blocked(alice)
     other.grant_travel_pass(bob, ["JP"], now, now + dt.timedelta(days=1), "test")
-    service.poll_changes()
+    parts.upkeep.poll_changes()
     assert memory.histories.get(bob) is None  # a new travel pass
     for store in (mine, other):
         store.dispose()
@@ -171,17 +170,17 @@ def test_a_change_committed_after_a_newer_one_still_reaches_the_poll(shared_db_u
     db_url = shared_db_url
     settings = make_settings(**{"db.dbcon": db_url})
     mine, other = Store(db_url), Store(db_url)
-    service = PolicyService(settings, mine, geoip, Notifier(settings))
-    service.load_blocked_list()
+    parts = daemon_with_memory(settings, mine, geoip)
+    service = parts.service
     now = utcnow()
     with other.engine.connect() as late:
         late.execute(sa.insert(BlockedAccount).values(login="carol@example.com", blocked_since=now))
         other._log_changes(late, ["carol@example.com"])  # its id, not yet committed
         other.merge_sightings([("dave@example.com", CountrySeen("US", now, now, "20.2.0.1"))])  # a higher id
-        assert service.poll_changes() and not service.memory.is_blocked("carol@example.com")
+        assert parts.upkeep.poll_changes() and not service.memory.is_blocked("carol@example.com")
         late.commit()
     for _ in range(CHANGES_SETTLE_EVERY):
-        service.poll_changes()
+        parts.upkeep.poll_changes()
     assert service.memory.is_blocked("carol@example.com")
     for store in (mine, other):
         store.dispose()
@@ -193,12 +192,12 @@ def test_a_read_that_began_before_a_change_is_not_remembered(db_url, make_settin
     history as current: it is dropped."""
     settings = make_settings(**{"db.dbcon": db_url})
     mine, other = Store(db_url), Store(db_url)
-    service = PolicyService(settings, mine, geoip, Notifier(settings))
-    service.load_blocked_list()
+    parts = daemon_with_memory(settings, mine, geoip)
+    service = parts.service
     now, read_at = utcnow(), time.monotonic()
     stale = mine.load_history("alice@example.com", now - dt.timedelta(days=1))
     other.merge_sightings([("alice@example.com", CountrySeen("US", now, now, "20.2.0.1"))])
-    assert service.poll_changes()
+    assert parts.upkeep.poll_changes()
     service.memory.remember("alice@example.com", stale, False, read_at)
     assert service.memory.histories.get("alice@example.com") is None
     for store in (mine, other):
@@ -210,16 +209,15 @@ def test_each_daemon_trims_the_change_log_it_read_long_ago(db_url, make_settings
 
     settings = make_settings(**{"db.dbcon": db_url})
     mine, other = Store(db_url), Store(db_url)
-    service = PolicyService(settings, mine, geoip, Notifier(settings))
-    service.load_blocked_list()
+    parts = daemon_with_memory(settings, mine, geoip)
     now = utcnow()
     other.merge_sightings([("alice@example.com", CountrySeen("US", now, now, "20.2.0.1"))])
-    assert service.poll_changes()
-    service.trim_changes()  # read just now: kept
+    assert parts.upkeep.poll_changes()
+    parts.upkeep.trim_changes()  # read just now: kept
     assert count_rows(db_url, Change) == 1
     monkeypatch.setattr(pcclib.memory, "CHANGES_KEPT", 0.0)
     other.merge_sightings([("bob@example.com", CountrySeen("US", now, now, "20.2.0.1"))])  # not read yet
-    service.trim_changes()
+    parts.upkeep.trim_changes()
     with mine.engine.connect() as connection:
         assert connection.execute(sa.select(Change.login)).scalars().all() == ["bob@example.com"]
     for store in (mine, other):
@@ -233,15 +231,15 @@ def test_a_daemon_that_could_not_poll_for_long_starts_over(db_url, make_settings
 
     settings = make_settings(**{"db.dbcon": db_url})
     mine, other = Store(db_url), Store(db_url)
-    service = PolicyService(settings, mine, geoip, Notifier(settings))
-    service.load_blocked_list()
+    parts = daemon_with_memory(settings, mine, geoip)
+    service = parts.service
     now = utcnow()
     service.memory.histories.put("alice@example.com", AccountHistory(), time.monotonic())
     other.record_block("bob@example.com", now, source="admin", action="REJECT", reason="test", countries=[])
     other.trim_changes(other.newest_change())  # as if another daemon had trimmed what this one missed
     monkeypatch.setattr(pcclib.memory, "CHANGES_RESYNC_AFTER", 0.0)
     with caplog.at_level(logging.WARNING, logger="pcc"):
-        assert service.poll_changes()
+        assert parts.upkeep.poll_changes()
     assert "reading the blocked list again" in caplog.text
     assert service.memory.is_blocked("bob@example.com")
     assert service.memory.histories.get("alice@example.com") is None

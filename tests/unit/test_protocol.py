@@ -67,13 +67,10 @@ def test_every_non_printable_character_is_escaped_the_same_way_everywhere(charac
 
 
 def test_a_value_cannot_pass_for_more_fields_of_the_decision_line(make_settings, caplog):
-    from pcclib.geoip import GeoIP
-    from pcclib.notify import Notifier
-    from pcclib.service import PolicyService
-    from pcclib.storage import Store
+    from conftest import daemon_parts
 
     settings = make_settings()
-    service = PolicyService(settings, Store(settings.dbcon), GeoIP(settings.geoip_database), Notifier(settings))
+    service = daemon_parts(settings).service
     forged = 'mallory x" client=198.51.100.7 country=RU decision=HOLD'
     caplog.set_level(logging.INFO, logger="pcc")
     service.answer(parse_request(["request=smtpd_access_policy", f"sasl_username={forged}",

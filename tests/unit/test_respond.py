@@ -129,10 +129,8 @@ def test_a_replay_tells_nobody_and_ends_no_session(make_settings, geoip, receive
 def test_a_block_decided_during_an_outage_ends_the_sessions_at_once(make_settings, geoip, tmp_path):
     """The mail and the webhook wait for the database (another daemon may have
     made the same block); the thief's sessions do not."""
-    from conftest import counted_request
+    from conftest import counted_request, daemon_parts
 
-    from pcclib.notify import Notifier
-    from pcclib.service import PolicyService
     from pcclib.storage import Store
 
     kicked = tmp_path / "kicked"
@@ -140,14 +138,14 @@ def test_a_block_decided_during_an_outage_ends_the_sessions_at_once(make_setting
     doveadm.write_text(f"#!/bin/sh\necho \"$@\" >> {kicked}\n")
     doveadm.chmod(0o755)
     settings = make_settings(**{"dovecot.doveadm_command": str(doveadm)})
-    service = PolicyService(settings, Store(settings.dbcon), geoip, Notifier(settings))
+    service = daemon_parts(settings, geoip=geoip).service
     now = dt.datetime(2026, 11, 30, 3, 0, tzinfo=dt.timezone.utc)
     for minute, country in enumerate(["GB", "US", "FR"]):
         assert service.answer(counted_request(country), now + dt.timedelta(minutes=minute)) == "DUNNO"
-    service.store.dispose()
-    service.store = Store(f"sqlite:///{tmp_path}/missing-directory/pcc.sqlite3", create_directory=False)
+    service.database.store.dispose()
+    service.database.store = Store(f"sqlite:///{tmp_path}/missing-directory/pcc.sqlite3", create_directory=False)
     assert service.answer(counted_request("DE"), now + dt.timedelta(minutes=5)).startswith("HOLD")
-    assert service.outage.failing
+    assert service.database.outage.failing
     deadline = time.monotonic() + 5
     while not kicked.exists():
         assert time.monotonic() < deadline, "no session was ended"

@@ -9,8 +9,7 @@ from conftest import all_at_once, ip_in, policy_request
 from pcclib.decision import CountrySeen
 from pcclib.notify import Notifier
 from pcclib.protocol import parse_request
-from pcclib.service import PolicyService
-from pcclib.storage import Block, Sighting, Store
+from pcclib.storage import Block, Sighting
 
 T0 = dt.datetime(2026, 11, 25, 8, 0, tzinfo=dt.timezone.utc)
 
@@ -21,11 +20,8 @@ def settings(make_settings, db_url):
 
 
 @pytest.fixture
-def service(settings, geoip):
-    store = Store(settings.dbcon)
-    store.create_tables()
-    yield PolicyService(settings, store, geoip, Notifier(settings))
-    store.dispose()
+def service(settings, service_on):
+    return service_on(settings)
 
 
 def ask(service, login, country, now, host=1, version=4):
@@ -52,8 +48,8 @@ def test_rows_grow_with_countries_not_messages(service):
         now += dt.timedelta(seconds=61)  # every message old enough to refresh last_seen
         assert ask(service, "alice@example.com", "GB", now, host=message % 7 + 1) == "DUNNO"
     assert ask(service, "alice@example.com", "US", now) == "DUNNO"
-    assert count(service.store, Sighting) == 2
-    history = service.store.load_history("alice@example.com", T0)
+    assert count(service.database.store, Sighting) == 2
+    history = service.database.store.load_history("alice@example.com", T0)
     gb = next(seen for seen in history.sightings if seen.country == "GB")
     assert gb.first_seen == T0 + dt.timedelta(seconds=61)
     assert gb.last_seen == now and gb.last_ip == ip_in("GB", 300 % 7 + 0)
@@ -61,16 +57,16 @@ def test_rows_grow_with_countries_not_messages(service):
 
 def test_timestamps_round_trip_in_utc_to_the_microsecond(service):
     moment = dt.datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=dt.timezone.utc)
-    record(service.store, "alice@example.com", "GB", "20.1.0.1", moment)
-    (seen,) = service.store.load_history("alice@example.com", moment).sightings
+    record(service.database.store, "alice@example.com", "GB", "20.1.0.1", moment)
+    (seen,) = service.database.store.load_history("alice@example.com", moment).sightings
     assert seen.last_seen == moment and seen.last_seen.tzinfo is not None
 
 
-def test_the_fourth_country_blocks_and_the_block_is_kept(service, settings, geoip):
+def test_the_fourth_country_blocks_and_the_block_is_kept(service, settings, service_on):
     answers = [ask(service, "alice@example.com", country, T0 + dt.timedelta(minutes=i))
                for i, country in enumerate(["GB", "US", "FR", "DE", "GB"])]
     assert answers == ["DUNNO"] * 3 + ["HOLD held by pcc"] * 2
-    ((login, since, block),) = service.store.blocked_accounts()
+    ((login, since, block),) = service.database.store.blocked_accounts()
     assert login == "alice@example.com" and since == T0 + dt.timedelta(minutes=3)
     assert [c["country"] for c in block.countries] == ["GB", "US", "FR", "DE"]
     assert block.countries[3]["last_ip"] == ip_in("DE")
@@ -78,10 +74,8 @@ def test_the_fourth_country_blocks_and_the_block_is_kept(service, settings, geoi
     assert block.trigger["client_address"] == ip_in("DE")
     assert block.action == "HOLD" and block.source == "policy"
     # a restarted daemon (new engine) still enforces it
-    store = Store(settings.dbcon)
-    restarted = PolicyService(settings, store, geoip, Notifier(settings))
+    restarted = service_on(settings)
     assert ask(restarted, "alice@example.com", "GB", T0 + dt.timedelta(days=30)) == "HOLD held by pcc"
-    store.dispose()
 
 
 def test_logins_sharing_a_local_part_are_separate_accounts(service):
@@ -90,8 +84,8 @@ def test_logins_sharing_a_local_part_are_separate_accounts(service):
     assert ask(service, "alice@example.com", "GB", T0 + dt.timedelta(hours=1)) == "HOLD held by pcc"
     assert ask(service, "alice@example.org", "GB", T0 + dt.timedelta(hours=1)) == "DUNNO"
     assert ask(service, "alice", "US", T0 + dt.timedelta(hours=1)) == "DUNNO"
-    assert [row.login for row in service.store.blocked_accounts()] == ["alice@example.com"]
-    assert count(service.store, Sighting, login="alice@example.org") == 1
+    assert [row.login for row in service.database.store.blocked_accounts()] == ["alice@example.com"]
+    assert count(service.database.store, Sighting, login="alice@example.org") == 1
 
 
 def test_the_window_expires(service):
@@ -105,14 +99,14 @@ def test_the_window_expires(service):
 def test_unblock_ends_the_block_and_starts_a_fresh_window(service):
     for i, country in enumerate(["GB", "US", "FR", "DE"]):
         ask(service, "alice@example.com", country, T0 + dt.timedelta(minutes=i))
-    block_id = service.store.unblock("alice@example.com", T0 + dt.timedelta(hours=1))
+    block_id = service.database.store.unblock("alice@example.com", T0 + dt.timedelta(hours=1))
     assert block_id is not None
-    assert service.store.unblock("alice@example.com", T0 + dt.timedelta(hours=1)) is None  # repeatable
-    assert service.store.blocked_accounts() == []
+    assert service.database.store.unblock("alice@example.com", T0 + dt.timedelta(hours=1)) is None  # repeatable
+    assert service.database.store.blocked_accounts() == []
     now = T0 + dt.timedelta(hours=2)
     assert [ask(service, "alice@example.com", c, now) for c in ["GB", "US", "FR"]] == ["DUNNO"] * 3
     assert ask(service, "alice@example.com", "SE", now) == "HOLD held by pcc"
-    account, sightings, blocks = service.store.account("alice@example.com")
+    account, sightings, blocks = service.database.store.account("alice@example.com")
     assert [b.unblocked_at is not None for b in blocks] == [True, False]  # history stays
 
 
@@ -122,7 +116,7 @@ def test_exactly_one_block_when_writers_race(service):
 
     def block():
         barrier.wait()
-        results.append(service.store.record_block(
+        results.append(service.database.store.record_block(
             "alice@example.com", T0, source="policy", action="HOLD", reason="race", countries=[],
             sighting=("GB", "20.1.0.1")))
 
@@ -133,8 +127,8 @@ def test_exactly_one_block_when_writers_race(service):
         thread.join()
     assert len([r for r in results if r is not None]) == 1
     assert len(results) == 16
-    assert count(service.store, Block) == 1
-    assert count(service.store, Sighting) == 1
+    assert count(service.database.store, Block) == 1
+    assert count(service.database.store, Sighting) == 1
 
 
 def test_concurrent_requests_crossing_the_threshold_make_one_block(service, smtp_sink, make_settings, db_url):
@@ -144,25 +138,25 @@ def test_concurrent_requests_crossing_the_threshold_make_one_block(service, smtp
                                 "mail.mailsrv": "127.0.0.1", "mail.mailport": smtp_sink.port,
                                 "policy.action": "HOLD", "policy.reason": "held by pcc"})
     service.settings = settings
-    service.notifier = service.responder.notifier = Notifier(settings)  # block mails go through the responder
+    service.responder.notifier = Notifier(settings)  # block mails go through the responder
     service.responder.reconfigure(settings)
     answers = all_at_once(32, lambda n: ask(service, "alice@example.com", ["DE", "SE", "JP", "BR"][n % 4],
                                             T0 + dt.timedelta(minutes=10), host=n + 1))
     assert answers == ["HOLD held by pcc"] * 32
-    assert count(service.store, Block) == 1
-    assert len(service.store.blocked_accounts()) == 1
+    assert count(service.database.store, Block) == 1
+    assert len(service.database.store.blocked_accounts()) == 1
     assert len(smtp_sink.wait_for(1)) == 1
     assert len(smtp_sink.wait_for(2, timeout=1)) == 1  # and no second email
 
 
 def test_manual_block_is_enforced(service):
-    assert service.store.record_block("mallory@example.com", T0, source="admin", action="HOLD",
+    assert service.database.store.record_block("mallory@example.com", T0, source="admin", action="HOLD",
                                       reason="reported", countries=[]) is not None
     assert ask(service, "Mallory@Example.com", "GB", T0) == "HOLD held by pcc"
 
 
 def test_old_sightings_can_be_deleted(service):
-    record(service.store, "alice@example.com", "GB", "20.1.0.1", T0 - dt.timedelta(days=40))
-    record(service.store, "alice@example.com", "US", "21.1.0.1", T0)
-    assert service.store.delete_sightings_before(T0 - dt.timedelta(days=30)) == 1
-    assert count(service.store, Sighting) == 1
+    record(service.database.store, "alice@example.com", "GB", "20.1.0.1", T0 - dt.timedelta(days=40))
+    record(service.database.store, "alice@example.com", "US", "21.1.0.1", T0)
+    assert service.database.store.delete_sightings_before(T0 - dt.timedelta(days=30)) == 1
+    assert count(service.database.store, Sighting) == 1

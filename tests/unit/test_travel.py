@@ -9,10 +9,7 @@ from conftest import PLACES, ip_at, ip_in, policy_request
 from pcclib.config import ConfigError
 from pcclib.decision import AccountHistory, CountrySeen, decide
 from pcclib.geoip import GeoIP, Place
-from pcclib.notify import Notifier
 from pcclib.protocol import PolicyRequest, parse_request
-from pcclib.service import PolicyService
-from pcclib.storage import Store
 
 NOW = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.timezone.utc)
 
@@ -176,20 +173,13 @@ def test_bad_travel_settings(settings, key, value, problem):
 
 
 @pytest.fixture
-def service_for(settings, db_url, city_geoip_path, smtp_sink):
-    made = []
-
+def service_for(settings, db_url, city_geoip_path, smtp_sink, service_on):
     def make(action):
         chosen = settings(action, **{"db.dbcon": db_url, "mail.notice": "admin@example.com",
                                      "mail.mailsrv": "127.0.0.1", "mail.mailport": smtp_sink.port})
-        store = Store(chosen.dbcon)
-        store.create_tables()
-        made.append(store)
-        return PolicyService(chosen, store, GeoIP(city_geoip_path), Notifier(chosen))
+        return service_on(chosen, geoip=GeoIP(city_geoip_path))
 
-    yield make
-    for store in made:
-        store.dispose()
+    return make
 
 
 def ask(service, name, now, login="alice@example.com"):
@@ -208,7 +198,7 @@ def test_notify_mails_once_and_judges_from_the_new_place(service_for, smtp_sink)
     # the account now is in New York: more mail from there is fine, and Boston-like
     # hops are judged from New York, not from London
     assert ask(service, "New York", NOW + 31 * MINUTE) == "DUNNO"
-    history = service.store.load_history("alice@example.com", NOW - HOUR)
+    history = service.database.store.load_history("alice@example.com", NOW - HOUR)
     assert history.latest_sighting.last_ip == ip_at("New York")
     assert len(smtp_sink.wait_for(2, timeout=1)) == 1
 
@@ -218,7 +208,7 @@ def test_block_writes_a_block_and_mails_the_journey(service_for, smtp_sink):
     assert ask(service, "Paris", NOW) == "DUNNO"
     assert ask(service, "Tokyo", NOW + HOUR) == "REJECT blocked"
     assert ask(service, "Paris", NOW + 2 * HOUR) == "REJECT blocked"
-    _account, _sightings, blocks = service.store.account("alice@example.com")
+    _account, _sightings, blocks = service.database.store.account("alice@example.com")
     (block,) = blocks
     assert block.reason.startswith("blocking: impossible travel: Paris, FR")
     (mail,) = [m for _r, m in smtp_sink.wait_for(1)]
@@ -231,6 +221,6 @@ def test_after_an_unblock_the_travel_rule_starts_afresh(service_for):
     service = service_for("block")
     assert ask(service, "Paris", NOW) == "DUNNO"
     assert ask(service, "Tokyo", NOW + HOUR) == "REJECT blocked"
-    service.store.unblock("alice@example.com", NOW + 2 * HOUR)
+    service.database.store.unblock("alice@example.com", NOW + 2 * HOUR)
     assert ask(service, "Paris", NOW + 2 * HOUR + MINUTE) == "DUNNO"
     assert ask(service, "Tokyo", NOW + 2 * HOUR + 2 * MINUTE) == "REJECT blocked"  # the rule still holds

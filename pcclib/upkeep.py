@@ -1,0 +1,98 @@
+"""Keeping the daemon's memory current: the blocked list loaded whole before
+the ports open and read again every BLOCKED_LIST_RELOAD seconds, its copy on
+disk, the poll of the change log every CHANGES_POLL_INTERVAL (which keeps the
+database's clock too), and the change log trimmed.  The timings are
+memory.py's, beside what they keep current.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+from sqlalchemy import exc as sa_exc
+
+from .common import first_line, log, start_thread
+from .config import MONITOR_ACTION
+from .database import Database
+from .memory import BLOCKED_LIST_RELOAD, CHANGES_POLL_INTERVAL, AccountMemory
+
+
+class MemoryUpkeep:
+    """The helpers that keep AccountMemory in step with the database."""
+
+    def __init__(self, memory: AccountMemory, database: Database):
+        self.memory = memory
+        self.database = database
+        self._trim_failing = False
+
+    def start(self, stopping: threading.Event) -> None:
+        start_thread(self._poll_changes_until, "pcc-changes", stopping)
+        start_thread(self._keep_blocked_list, "pcc-blocked-list", stopping)
+
+    def load_blocked_list(self) -> None:
+        """Before the ports open: the whole blocked list, from the database or,
+        while it cannot be asked, from the copy on disk; and the blocks in the
+        spool either way."""
+        database, memory = self.database, self.memory
+        problem = "it failed at start" if database.outage.failing else ""
+        if not problem:
+            try:
+                database.ensure()
+                database.clock.follow(database.store)
+                memory.reload_blocked(database.store, database.journal.blocked_logins())
+            except sa_exc.SQLAlchemyError as error:
+                problem = first_line(error)
+        source = "the database"
+        if problem:
+            loaded = memory.load_blocked_copy()
+            source = (f"{memory.blocked_file or 'nowhere (no spool_file)'}, {loaded} accounts (the database "
+                      f"cannot be asked: {problem})")
+        for entry in database.journal.entries():
+            if entry["action"] != MONITOR_ACTION:
+                memory.set_blocked(entry["login"], True)
+        log.info("blocked list: %d accounts, from %s and the spool", memory.blocked_count(), source)
+        memory.save_blocked_copy()
+
+    def _keep_blocked_list(self, stopping: threading.Event) -> None:
+        database, reloaded = self.database, time.monotonic()
+        while not stopping.wait(1.0):
+            if time.monotonic() - reloaded >= BLOCKED_LIST_RELOAD and not database.outage.failing \
+                    and database.tables_ready:
+                reloaded = time.monotonic()
+                try:
+                    self.memory.reload_blocked(database.store, database.journal.blocked_logins())
+                except sa_exc.SQLAlchemyError as error:
+                    log.debug("blocked list reload failed: %s", first_line(error))
+            self.memory.save_blocked_copy()
+
+    def _poll_changes_until(self, stopping: threading.Event) -> None:
+        while not stopping.wait(CHANGES_POLL_INTERVAL):
+            self.poll_changes()
+
+    def poll_changes(self) -> bool:
+        """Forget the accounts in memory that the database knows more about;
+        keep the database's time."""
+        database = self.database
+        if not database.tables_ready:
+            return False
+        asked = time.time()
+        changes = self.memory.poll(database.store, database.journal.blocked_logins())
+        if changes is None:
+            return False
+        database.clock.measured(changes.database_now, asked, time.time())
+        return True
+
+    def trim_changes(self) -> None:
+        """Delete the change log's rows every daemon has long read."""
+        up_to = self.memory.trimmable_changes(time.monotonic())
+        if up_to is None or self.database.outage.failing:
+            return
+        try:
+            self.database.store.trim_changes(up_to)
+        except sa_exc.SQLAlchemyError as error:
+            (log.debug if self._trim_failing else log.warning)(
+                "cannot trim the change log pcc_changes, which grows until it is (GRANT DELETE ON pcc_changes "
+                "TO the daemon's user: see README, Databases): %s", first_line(error))
+            self._trim_failing = True
+            return
+        self._trim_failing = False
