@@ -26,7 +26,7 @@ from .notify import Notifier
 from .protocol import MAX_LOGIN_LENGTH
 from .respond import Responder
 from .networks import Networks
-from .storage import Block, DatabaseClock, Store, TravelPass, safe_url, sqlite_path
+from .storage import AdminStore, Block, DatabaseClock, TravelPass, safe_url, sqlite_path
 
 # A travel pass is for a trip, not a standing exception (that is ignorecountries).
 MAX_TRAVEL_PASS_DAYS = 366
@@ -41,7 +41,7 @@ class Admin:
     state notify the `notice` addresses.  All are safe to run while the daemon
     serves, and safe to repeat."""
 
-    def __init__(self, settings: Settings, store: Store, notifier: Notifier, postfix: PostfixQueue,
+    def __init__(self, settings: Settings, store: AdminStore, notifier: Notifier, postfix: PostfixQueue,
                  out=None):
         self.settings = settings
         self.store = store
@@ -336,7 +336,7 @@ def admin_store(settings: Settings):
         raise AdminError(start_the_daemon_first(missing))
     if missing:
         create_as_directory_owner(missing)
-    store = Store(settings.dbcon, create_directory=False)
+    store = AdminStore(settings.dbcon, create_directory=False)
     try:
         yield store
     finally:
@@ -358,7 +358,7 @@ def _nothing_recorded_yet(arguments: argparse.Namespace) -> int:
     return 1
 
 
-def on_admin_store(settings: Settings, work: Callable[[Store], Optional[int]]) -> int:
+def on_admin_store(settings: Settings, work: Callable[[AdminStore], Optional[int]]) -> int:
     """work(store)'s exit status (None: 0), or 1 with one line on standard
     error when it fails (an AdminError, or the database's error)."""
     try:
@@ -377,7 +377,7 @@ def run_admin_command(settings: Settings, arguments: argparse.Namespace) -> int:
     if reading and missing_sqlite_file(settings):
         return _nothing_recorded_yet(arguments)
 
-    def run(store: Store) -> Optional[int]:
+    def run(store: AdminStore) -> Optional[int]:
         if reading and not store.has_tables():
             return _nothing_recorded_yet(arguments)
         if not reading:

@@ -23,7 +23,7 @@ from .geoip import GeoIP
 from .notify import Notifier
 from .protocol import DOVECOT_DOORS, DOVECOT_LOGIN, PolicyRequest
 from .service import PolicyService
-from .storage import Store, safe_url
+from .storage import AdminStore, safe_url
 
 # One authenticated submission as Postfix's smtpd logs it, e.g.
 #   Nov 25 18:43:13 mx postfix/submission/smtpd[1234]: 4F3A21C0: client=unknown[203.0.113.9],
@@ -354,7 +354,7 @@ def record_replayed_sightings(settings: Settings, result: ReplayResult) -> int:
                  for seen in countries.values())
     written = []
 
-    def record(store: Store) -> None:
+    def record(store: AdminStore) -> None:
         store.create_tables()
         written.append(store.merge_sightings(sightings))
 

@@ -367,9 +367,6 @@ class Store:
             "pool_recycle": 3600,
         }
 
-    def has_tables(self) -> bool:
-        return sa.inspect(self.engine).has_table(BlockedAccount.__tablename__)
-
     def create_tables(self) -> None:
         """CREATE TABLE for what is missing; needs no grant beyond CREATE."""
         Base.metadata.create_all(self.engine, checkfirst=True)
@@ -656,7 +653,36 @@ class Store:
             raise ConfigError(f"database {self.dialect!r} is not supported (use SQLite, MariaDB/MySQL or PostgreSQL)")
         return insert(model)
 
-    # --- the administrator's reads and writes ------------------------------
+    # --- what the daemon reads of the blocked list ------------------------------
+
+    def enforced_blocks(self) -> set:
+        """The logins of every account blocked for real (not only flagged by
+        monitor mode): what each daemon keeps whole in memory."""
+        with self.fast_engine.connect() as connection:
+            rows = connection.execute(
+                sa.select(BlockedAccount.login).join(Block, Block.id == BlockedAccount.block_id)
+                .where(BlockedAccount.blocked_since.is_not(None), Block.action != MONITOR_ACTION)
+            ).scalars().all()
+        return set(rows)
+
+    def count_blocked(self) -> dict:
+        """{"enforce": blocked accounts, "monitor": accounts only flagged}."""
+        monitor = sa.case((Block.action == MONITOR_ACTION, "monitor"), else_="enforce")
+        with self.fast_engine.connect() as connection:
+            rows = connection.execute(
+                sa.select(monitor, sa.func.count()).select_from(BlockedAccount)
+                .join(Block, Block.id == BlockedAccount.block_id)
+                .where(BlockedAccount.blocked_since.is_not(None)).group_by(monitor)
+            ).all()
+        return dict(rows)
+
+
+class AdminStore(Store):
+    """The Store with the administrator's reads and writes (admin.py, and
+    --replay --record's sightings): the daemon never needs them."""
+
+    def has_tables(self) -> bool:
+        return sa.inspect(self.engine).has_table(BlockedAccount.__tablename__)
 
     def blocked_accounts(self) -> list:
         """(BlockedAccount, Block) for every account on the blocked list, oldest first."""
@@ -681,27 +707,6 @@ class Store:
                 sa.select(Block).where(Block.login == login).order_by(Block.blocked_at, Block.id)
             ).scalars().all()
         return account, [CountrySeen(*row) for row in sightings], list(blocks)
-
-    def enforced_blocks(self) -> set:
-        """The logins of every account blocked for real (not only flagged by
-        monitor mode): what each daemon keeps whole in memory."""
-        with self.fast_engine.connect() as connection:
-            rows = connection.execute(
-                sa.select(BlockedAccount.login).join(Block, Block.id == BlockedAccount.block_id)
-                .where(BlockedAccount.blocked_since.is_not(None), Block.action != MONITOR_ACTION)
-            ).scalars().all()
-        return set(rows)
-
-    def count_blocked(self) -> dict:
-        """{"enforce": blocked accounts, "monitor": accounts only flagged}."""
-        monitor = sa.case((Block.action == MONITOR_ACTION, "monitor"), else_="enforce")
-        with self.fast_engine.connect() as connection:
-            rows = connection.execute(
-                sa.select(monitor, sa.func.count()).select_from(BlockedAccount)
-                .join(Block, Block.id == BlockedAccount.block_id)
-                .where(BlockedAccount.blocked_since.is_not(None)).group_by(monitor)
-            ).all()
-        return dict(rows)
 
     def travel_passes(self, login: str) -> list:
         """Every travel pass of `login` (expired ones too), by expiry."""

@@ -359,12 +359,13 @@ def make_settings(tmp_path, geoip_path):
 def daemon_parts(settings: Settings, store=None, geoip: Optional[GeoIP] = None, **options):
     """A daemon's parts in the process, made as the daemon makes them
     (daemon.build_parts; no thread started, no port opened): .service answers,
-    .database, .upkeep, .report.  store: a Store (default: settings.dbcon's)."""
+    .database, .upkeep, .report.  store: a Store (default: an AdminStore of
+    settings.dbcon, so that a test can read the blocked list as -l does)."""
     from pcclib.daemon import build_parts
     from pcclib.notify import Notifier
-    from pcclib.storage import Store
+    from pcclib.storage import AdminStore
 
-    return build_parts(settings, store if store is not None else Store(settings.dbcon),
+    return build_parts(settings, store if store is not None else AdminStore(settings.dbcon),
                        geoip or GeoIP(settings.geoip_database), Notifier(settings), **options)
 
 

@@ -22,7 +22,7 @@ from conftest import (
 )
 
 from pcclib.decision import CountrySeen
-from pcclib.storage import Store
+from pcclib.storage import AdminStore
 
 API_HEADER = "Authorization: Basic cGNjOm1lbW9yeQ=="
 
@@ -109,7 +109,7 @@ def test_a_reload_that_widens_the_window_counts_at_once(start_daemon, sqlite_url
     import datetime
 
     moment = datetime.datetime.fromtimestamp(five_days_ago, datetime.timezone.utc)
-    store = Store(sqlite_url)
+    store = AdminStore(sqlite_url)
     store.merge_sightings([("alice@example.com", CountrySeen(code, moment, moment, ip_in(code)))
                            for code in ("US", "FR", "DE")])
     store.dispose()

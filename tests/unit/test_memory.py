@@ -22,7 +22,7 @@ from pcclib.decision import AccountHistory, CountrySeen
 from pcclib.logs import queue_logging
 from pcclib.memory import CHANGES_SETTLE_EVERY
 from pcclib.writer import SightingWriter
-from pcclib.storage import BlockedAccount, Change, Store, UTCDateTime
+from pcclib.storage import AdminStore, BlockedAccount, Change, Store, UTCDateTime
 
 
 def test_the_log_line_takes_no_lock_the_other_threads_wait_on(caplog):
@@ -132,7 +132,7 @@ def test_unwritten_sightings_count_for_the_next_read(db_url):
 
 def test_the_poll_forgets_what_another_writer_changed_and_only_that(db_url, make_settings, geoip):
     settings = make_settings(**{"db.dbcon": db_url})
-    mine, other = Store(db_url), Store(db_url)
+    mine, other = AdminStore(db_url), AdminStore(db_url)
     parts = daemon_with_memory(settings, mine, geoip)  # the poll starts where the blocked list was read
     service = parts.service
     memory, now = service.memory, utcnow()
@@ -169,7 +169,7 @@ def test_a_change_committed_after_a_newer_one_still_reaches_the_poll(shared_db_u
     are committed in order.)"""
     db_url = shared_db_url
     settings = make_settings(**{"db.dbcon": db_url})
-    mine, other = Store(db_url), Store(db_url)
+    mine, other = AdminStore(db_url), AdminStore(db_url)
     parts = daemon_with_memory(settings, mine, geoip)
     service = parts.service
     now = utcnow()
@@ -191,7 +191,7 @@ def test_a_read_that_began_before_a_change_is_not_remembered(db_url, make_settin
     and remembers it after the poll saw that change, would keep the old
     history as current: it is dropped."""
     settings = make_settings(**{"db.dbcon": db_url})
-    mine, other = Store(db_url), Store(db_url)
+    mine, other = AdminStore(db_url), AdminStore(db_url)
     parts = daemon_with_memory(settings, mine, geoip)
     service = parts.service
     now, read_at = utcnow(), time.monotonic()
@@ -208,7 +208,7 @@ def test_each_daemon_trims_the_change_log_it_read_long_ago(db_url, make_settings
     import pcclib.memory
 
     settings = make_settings(**{"db.dbcon": db_url})
-    mine, other = Store(db_url), Store(db_url)
+    mine, other = AdminStore(db_url), AdminStore(db_url)
     parts = daemon_with_memory(settings, mine, geoip)
     now = utcnow()
     other.merge_sightings([("alice@example.com", CountrySeen("US", now, now, "20.2.0.1"))])
@@ -230,7 +230,7 @@ def test_a_daemon_that_could_not_poll_for_long_starts_over(db_url, make_settings
     import pcclib.memory
 
     settings = make_settings(**{"db.dbcon": db_url})
-    mine, other = Store(db_url), Store(db_url)
+    mine, other = AdminStore(db_url), AdminStore(db_url)
     parts = daemon_with_memory(settings, mine, geoip)
     service = parts.service
     now = utcnow()

@@ -9,7 +9,7 @@ from conftest import seen_an_hour_before
 
 from pcclib.config import MONITOR_ACTION, ConfigError
 from pcclib.decision import AccountHistory, decide
-from pcclib.storage import Store
+from pcclib.storage import AdminStore
 
 NOW = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.timezone.utc)
 
@@ -69,7 +69,7 @@ def test_mode_is_validated(settings):
 
 
 def test_a_real_block_replaces_a_monitor_flag_exactly_once(db_url):
-    store = Store(db_url)
+    store = AdminStore(db_url)
     store.create_tables()
     try:
         login = "alice@example.com"

@@ -8,7 +8,7 @@ from conftest import counted_request as request
 from conftest import seen_an_hour_before
 
 from pcclib.decision import AccountHistory, decide
-from pcclib.storage import Store
+from pcclib.storage import AdminStore
 
 NOW = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.timezone.utc)
 
@@ -50,7 +50,7 @@ def test_an_expired_pass_counts_again(settings):
 
 
 def test_passes_are_stored_replaced_and_ended(db_url):
-    store = Store(db_url)
+    store = AdminStore(db_url)
     store.create_tables()
     try:
         store.grant_travel_pass("alice@example.com", ["DE", "FR"], NOW, NOW + 14 * DAY, "root")
