@@ -27,6 +27,15 @@ UTC = dt.timezone.utc
 # measures the difference and sets it here.
 _clock_offset = dt.timedelta(0)
 
+# The signals the daemon acts on (stop, reload).  Only the main thread may
+# take them: the kernel hands a process-wide signal to any thread that does
+# not block it, and before pcc's handlers are set the default action of
+# SIGHUP is to end the process.
+DAEMON_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+
+# Control characters (CR, LF, NUL, DEL...) never belong in a value pcc reads.
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+
 
 def utcnow() -> dt.datetime:
     """The time pcc stamps and decides by: the database's, as last measured."""
@@ -36,13 +45,6 @@ def utcnow() -> dt.datetime:
 def set_clock_offset(seconds: float) -> None:
     global _clock_offset
     _clock_offset = dt.timedelta(seconds=seconds)
-
-
-# The signals the daemon acts on (stop, reload).  Only the main thread may
-# take them: the kernel hands a process-wide signal to any thread that does
-# not block it, and before pcc's handlers are set the default action of
-# SIGHUP is to end the process.
-DAEMON_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 
 
 @contextmanager
@@ -62,9 +64,6 @@ def start_thread(target: Callable, name: str, *args) -> threading.Thread:
         thread.start()
     return thread
 
-
-# Control characters (CR, LF, NUL, DEL...) never belong in a value pcc reads.
-CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 
 # Only ASCII letters are lower-cased: str.lower() would also turn the Kelvin
 # sign into "k" and make two different accounts one.

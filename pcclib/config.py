@@ -62,6 +62,10 @@ COUNTRY_CODES = frozenset(
     WF WS YE YT ZA ZM ZW XK EU AP""".split()
 )
 
+# configparser keeps "port = 9999  # the port" whole: the comment would become
+# part of the value (and of the reason sent to clients).
+INLINE_COMMENT = re.compile(r"\s[#;]")
+
 
 @dataclass(frozen=True)
 class NetworkList:
@@ -184,11 +188,6 @@ class Settings:
     def recorded_action(self) -> str:
         """The action a new block is recorded with: what pcc answers for it."""
         return MONITOR_ACTION if self.monitoring else self.action
-
-
-# configparser keeps "port = 9999  # the port" whole: the comment would become
-# part of the value (and of the reason sent to clients).
-INLINE_COMMENT = re.compile(r"\s[#;]")
 
 
 def is_city_level(database_type: str) -> bool:

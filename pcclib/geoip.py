@@ -13,6 +13,10 @@ from .common import UTC, file_signature, log, open_maxmind, utcnow
 from .config import is_city_level
 from .protocol import Country, Place
 
+# IP blocks change hands every week; country data older than this misplaces
+# enough addresses to matter.
+GEOIP_STALE_AFTER = dt.timedelta(days=60)
+
 
 class GeoIP:
     """Country (and, from City-level data, place) of an IP address.  Opened
@@ -111,11 +115,6 @@ class GeoIP:
     def _lookup_embedded(self, address) -> tuple:
         code = self._reader.lookup(str(address)).country_code
         return (code, None) if code and len(code) == 2 and code.isalpha() else (None, None)
-
-
-# IP blocks change hands every week; country data older than this misplaces
-# enough addresses to matter.
-GEOIP_STALE_AFTER = dt.timedelta(days=60)
 
 
 def warn_about_geoip(geoip: GeoIP) -> None:

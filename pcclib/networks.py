@@ -28,6 +28,8 @@ MAX_LIST_BYTES = 64 << 20
 MAX_ADDRESS_SHARE = 0.25
 # The answers kept per address: Postfix asks about the same few clients.
 LOOKUP_CACHE_SIZE = 16384
+# The facts of an address on no list, of no known AS.
+NO_FACTS = NetworkFacts()
 
 
 class ListError(ValueError):
@@ -189,9 +191,6 @@ def parse_list(data: bytes, min_entries: int = 1, source: str = "the list") -> A
         raise ListError(f"{source}: covers {share:.0%} of the {which} address space (at most "
                         f"{MAX_ADDRESS_SHARE:.0%}): not a list of networks to single out")
     return ranges
-
-
-NO_FACTS = NetworkFacts()
 
 
 class LoadedList:

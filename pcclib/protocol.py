@@ -32,6 +32,9 @@ HEALTH_REQUEST = "pcc_health"
 DOVECOT_DOORS = {"imap": "imap", "pop3": "pop3", "smtp": "smtp", "submission": "smtp", "lmtp": "lmtp",
                  "doveadm": "doveadm", "sieve": "sieve", "managesieve": "sieve"}
 
+# NAT64's well-known prefix (RFC 6052): the IPv4 client is the last 32 bits.
+NAT64_PREFIX = ipaddress.ip_network("64:ff9b::/96")
+
 
 @dataclass(frozen=True)
 class Place:
@@ -72,7 +75,6 @@ class NetworkFacts:
         if self.asn is None:
             return ""
         return f"AS{self.asn} {self.organisation}".strip()
-
 
 
 @dataclass(frozen=True)
@@ -135,10 +137,6 @@ def _client_ip(client_address: str):
     except ValueError:
         return None
     return unwrap_ipv4(address)
-
-
-# NAT64's well-known prefix (RFC 6052): the IPv4 client is the last 32 bits.
-NAT64_PREFIX = ipaddress.ip_network("64:ff9b::/96")
 
 
 def unwrap_ipv4(address):

@@ -26,6 +26,14 @@ from .config import MONITOR_ACTION, ConfigError, Settings
 from .decision import AccountHistory, CountrySeen
 from .protocol import MAX_LOGIN_LENGTH
 
+# Logins per IN (...) list: well under every database's limit on parameters.
+IN_LIST_SIZE = 500
+
+# The database's clock and this host's may differ by this much (seconds)
+# before pcc moves to the database's; from CLOCK_WARN_OFFSET on it says so.
+CLOCK_TOLERANCE = 0.2
+CLOCK_WARN_OFFSET = 2.0
+
 
 class UTCDateTime(sa.types.TypeDecorator):
     """Aware UTC datetimes in Python, naive UTC in every database.
@@ -242,15 +250,6 @@ class DatabaseChanges:
     changes: list  # (id, login) written by others
     accounts: list  # (login, blocked_since, action of the block in force) of those logins that have a row
     database_now: dt.datetime  # the database's clock when asked
-
-
-# Logins per IN (...) list: well under every database's limit on parameters.
-IN_LIST_SIZE = 500
-
-# The database's clock and this host's may differ by this much (seconds)
-# before pcc moves to the database's; from CLOCK_WARN_OFFSET on it says so.
-CLOCK_TOLERANCE = 0.2
-CLOCK_WARN_OFFSET = 2.0
 
 
 class DatabaseClock:

@@ -50,6 +50,13 @@ SAMPLED_IPV4, SAMPLED_IPV6 = 20000, 5000
 FEWEST_COUNTRIES = 100
 MOST_MOVED_SHARE = 0.03
 
+# What the lock and the temporary files of an update are called in the
+# target's directory.
+LOCK_NAME = ".pcc-geoip.lock"
+
+# Every real ASN file names the network of these.
+WELL_KNOWN_NETWORKS = {"8.8.8.8": 15169, "1.1.1.1": 13335, "9.9.9.9": 19281}
+
 
 class UpdateError(Exception):
     """Why a GeoIP update failed; the installed file is untouched."""
@@ -96,9 +103,6 @@ def _first_download(urls: list, directory: "InstallDirectory", timeout: float) -
     raise AssertionError("unreachable")
 
 
-# What the lock and the temporary files of an update are called in the
-# target's directory.
-LOCK_NAME = ".pcc-geoip.lock"
 TEMPORARY_PREFIX, TEMPORARY_SUFFIX = ".pcc-geoip-", ".mmdb"
 
 
@@ -388,9 +392,6 @@ def sample_addresses() -> list:
 
 
 # --- the ASN database -----------------------------------------------------------
-
-# Every real ASN file names the network of these.
-WELL_KNOWN_NETWORKS = {"8.8.8.8": 15169, "1.1.1.1": 13335, "9.9.9.9": 19281}
 
 
 def update_asn(settings: Settings, timeout: float, now: dt.datetime) -> str:

@@ -69,6 +69,31 @@ def test_every_module_says_what_it_is_for():
         assert docstring and len(docstring) > 60, module
 
 
+def test_every_modules_tunables_come_before_its_first_function_or_class():
+    """A module's constants are at its top, where its reader looks for them;
+    only a table computed by a helper of the module comes after that helper
+    (and what is derived from it)."""
+    late = []
+    for module in MODULE_ORDER:
+        tree = ast.parse((ROOT / "pcclib" / f"{module}.py").read_text())
+        defined = {node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+        seen_definition = False
+        for node in tree.body:
+            seen_definition = seen_definition or isinstance(node, (ast.FunctionDef, ast.ClassDef))
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target] \
+                if isinstance(node, ast.AnnAssign) else []
+            names = [target.id for target in targets if isinstance(target, ast.Name)
+                     and re.fullmatch(r"[A-Z][A-Z0-9_]+", target.id)]
+            if not names or not seen_definition:
+                continue
+            used = {name.id for name in ast.walk(node.value) if isinstance(name, ast.Name)}
+            if used & defined:
+                defined.update(names)  # a computed table: what is derived from it may follow it
+            else:
+                late.append(f"{module}.py:{node.lineno} {names[0]}")
+    assert late == []
+
+
 def test_pcc_py_is_the_thin_script():
     script = (ROOT / "pcc.py").read_text()
     assert len(script.splitlines()) <= 40
