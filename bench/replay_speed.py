@@ -70,7 +70,7 @@ def main():
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"{result.lines:,} lines ({result.submissions:,} submissions, {len(result.most_countries):,} "
           f"accounts) replayed in {seconds:.1f} s = {result.lines / seconds:,.0f} lines/s; "
-          f"would block {len(result.service.database.store.blocks)}; peak RSS {peak_mb:.0f} MB")
+          f"would block {len(result.store.blocks)}; peak RSS {peak_mb:.0f} MB")
     os.remove(path)
 
 

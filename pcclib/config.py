@@ -11,7 +11,7 @@ import os
 import re
 import urllib.parse
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, cast
 
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
@@ -243,7 +243,7 @@ class _ConfigReader:
     def integer(self, section: str, key: str, low: int, high: int, blank: Optional[int] = None) -> int:
         value = self.text(section, key, required=blank is None)
         if not value:
-            return blank
+            return cast(int, blank)  # None only when required, and text() refused the blank
         try:
             number = int(value)
         except ValueError:
@@ -252,13 +252,13 @@ class _ConfigReader:
             raise self.fail(section, key, f"must be between {low} and {high}, got {number}")
         return number
 
-    def number(self, section: str, key: str, low: float, high: float, *, required: bool = True,
-               blank: Optional[float] = None, low_inclusive: bool = False) -> Optional[float]:
+    def number(self, section: str, key: str, low: float, high: float, *, blank: Optional[float] = None,
+               low_inclusive: bool = False) -> float:
         """A number in (low, high], or [low, high] with low_inclusive; `blank`
-        when the value is blank and not required."""
-        value = self.text(section, key, required=required)
+        when the value is blank (without it, a blank is refused)."""
+        value = self.text(section, key, required=blank is None)
         if not value:
-            return blank
+            return cast(float, blank)  # None only when required, and text() refused the blank
         try:
             number = float(value)
         except ValueError:
@@ -269,8 +269,12 @@ class _ConfigReader:
             raise self.fail(section, key, f"must be {at_least} {low:g} and at most {high:g}, got {value}")
         return number
 
+    def optional_number(self, section: str, key: str, low: float, high: float) -> Optional[float]:
+        """number(), or None when the value is blank."""
+        return self.number(section, key, low, high) if self.text(section, key) else None
+
     def choice(self, section: str, key: str, choices: tuple, blank: Optional[str] = None) -> str:
-        value = self.text(section, key, required=blank is None).upper() or blank
+        value = self.text(section, key, required=blank is None).upper() or cast(str, blank)
         if value not in choices:
             raise self.fail(section, key, f"must be one of {', '.join(choices)}, got {value!r}")
         return value
@@ -331,8 +335,8 @@ def load_settings(path: str, geoip_file_needed: bool = True) -> Settings:
         whitelistedips=config.networks("policy", "whitelistedips"),
         reason=config.text("policy", "reason"),
         mode=config.choice("policy", "mode", MODES, blank="ENFORCE"),
-        max_travel_speed_kmh=config.number("policy", "max_travel_speed_kmh", 0, 100000, required=False),
-        travel_accuracy_radius_km=config.number("policy", "travel_accuracy_radius_km", 0, 20000, required=False,
+        max_travel_speed_kmh=config.optional_number("policy", "max_travel_speed_kmh", 0, 100000),
+        travel_accuracy_radius_km=config.number("policy", "travel_accuracy_radius_km", 0, 20000,
                                                 blank=0.0, low_inclusive=True),
         impossible_travel_action=config.choice("policy", "impossible_travel_action", TRAVEL_ACTIONS, blank="NOTIFY"),
         postfix_config_directory=config.text("postfix", "config_directory"),
@@ -468,7 +472,7 @@ def _require_places(config: _ConfigReader, path: str, kind: Optional[str]) -> No
     """The impossible-travel rule needs coordinates: a City-level database."""
     problem = "it has countries only" if path else "the embedded default data has countries only"
     if path:
-        if is_city_level(kind):
+        if is_city_level(kind or ""):
             return
         problem = f"{path} is a {kind} database"
     raise config.fail("policy", "max_travel_speed_kmh", f"needs City-level GeoIP data in [geoip] database, but "

@@ -18,7 +18,7 @@ import queue
 import re
 import socket
 import urllib.parse
-from typing import Optional
+from typing import Optional, cast
 
 from .common import json_nesting_within, log
 from .config import Settings
@@ -56,6 +56,7 @@ class DovecotPolicyHandler(BoundedHttpHandler, http.server.BaseHTTPRequestHandle
     """One HTTP request of Dovecot's auth policy client."""
 
     protocol_version = "HTTP/1.1"  # Dovecot keeps its connections alive
+    server: DovecotPolicyServer
     idle_timeout = DOVECOT_IDLE_TIMEOUT
     max_body = DOVECOT_MAX_BODY
 
@@ -164,7 +165,7 @@ class DovecotPolicyServer(BoundedHttpPort, http.server.ThreadingHTTPServer):
         self._refusals: dict = {}  # HTTP status -> its RateLimitedWarning: a flood of one hides no other
         infos = socket.getaddrinfo(settings.host, settings.dovecot_policy_port, type=socket.SOCK_STREAM)
         self.address_family = infos[0][0]
-        super().__init__(infos[0][4][:2], DovecotPolicyHandler)
+        super().__init__(cast(tuple, infos[0][4][:2]), DovecotPolicyHandler)  # (host, port) of an AF_INET(6) address
         self._workers = concurrent.futures.ThreadPoolExecutor(DOVECOT_WORKERS, "pcc-dovecot")
 
     def refused(self, code: int, detail: str) -> None:
@@ -181,7 +182,7 @@ class DovecotPolicyServer(BoundedHttpPort, http.server.ThreadingHTTPServer):
         keeps it: an account known to be blocked is refused, any other gets in.
         The HTTP thread only waits for whichever answer comes first."""
         service = self.service
-        ticket, answers = RequestTicket(request), queue.SimpleQueue()
+        ticket, answers = RequestTicket(request), queue.SimpleQueue[str]()
         service.watchdog.watch(ticket, answers.put)  # from now: a login waiting for a worker is watched too
         self._workers.submit(self._answer_in_worker, ticket, answers.put)
         try:

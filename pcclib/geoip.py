@@ -41,7 +41,7 @@ class GeoIP:
             except (OverflowError, OSError, ValueError, TypeError):
                 self._reader.close()
                 raise ValueError(f"{path}: its build_epoch {str(metadata.build_epoch)[:30]} is no date") from None
-            self.built = built.date()
+            self.built: Optional[dt.date] = built.date()
             self.database_type = metadata.database_type
             self.has_places = is_city_level(metadata.database_type)
             self.ipv4_only = metadata.ip_version == 4

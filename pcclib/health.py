@@ -88,7 +88,8 @@ def list_warnings(settings: Settings, reported: str) -> list:
     Tor list of last week misses this week's exits), or one whose file came
     and was refused."""
     warnings = []
-    ages, problems = {}, {}
+    ages: dict = {}
+    problems: dict = {}
     for item in filter(None, reported.split(",")):
         label, entries, age, problem = (item.split(":") + ["", "", ""])[:4]
         ages[label] = float(age) if entries != "off" and age not in ("", "-") else None
@@ -99,8 +100,8 @@ def list_warnings(settings: Settings, reported: str) -> list:
             warnings.append(f"network list {network_list.label}: its file {network_list.file} was {problem}; "
                             + ("the list is off" if entries == "off" else "the daemon uses the ranges it had")
                             + " (see its log)")
-        age = ages.get(network_list.label)
-        if age is not None and age > network_list.max_age_days:
-            warnings.append(f"network list {network_list.label} is {age:.1f} days old (at most "
+        days_old = ages.get(network_list.label)
+        if days_old is not None and days_old > network_list.max_age_days:
+            warnings.append(f"network list {network_list.label} is {days_old:.1f} days old (at most "
                             f"{network_list.max_age_days:g}): pcc.py --update-lists")
     return warnings

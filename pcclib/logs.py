@@ -39,6 +39,8 @@ class _QueueHandler(logging.handlers.QueueHandler):
     one, and formats the message under it), so the connection threads never
     queue behind each other for the line every decision writes."""
 
+    targets: tuple = ()  # where its records end up (refuse_to_start looks)
+
     def handle(self, record: logging.LogRecord) -> bool:
         if self.filter(record):
             self.enqueue(record)

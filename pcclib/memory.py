@@ -230,7 +230,7 @@ class AccountMemory:
             if self._cursor is None or started - self._cursor_moved_at > CHANGES_RESYNC_AFTER:
                 self._start_over(store, keep, started)
             settling = self._polls % CHANGES_SETTLE_EVERY == 0
-            changes = store.changes_after(self._settled_cursor(started) if settling else self._cursor)
+            changes = store.changes_after(self._settled_cursor(started) if settling else self._cursor or 0)
         except sa_exc.SQLAlchemyError as error:
             log.debug("poll of database changes failed: %s", first_line(error))
             return None
@@ -275,7 +275,7 @@ class AccountMemory:
 
     def _settled_cursor(self, now: float) -> int:
         """The newest id read CHANGES_SETTLE seconds ago (or the oldest known)."""
-        cursor = self._cursor_marks[0][1] if self._cursor_marks else self._cursor
+        cursor = self._cursor_marks[0][1] if self._cursor_marks else self._cursor or 0
         for marked_at, marked in self._cursor_marks:
             if marked_at > now - CHANGES_SETTLE:
                 break

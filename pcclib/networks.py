@@ -244,15 +244,15 @@ class Networks:
     def __init__(self, settings: Settings, previous: Optional["Networks"] = None):
         self.settings = settings
         before = {loaded.spec.label: loaded for loaded in previous.lists} if previous is not None else {}
-        self.lists = []
+        self.lists: list = []
         for spec in settings.network_lists:
             old = before.get(spec.label)
             if old is not None and old.spec == spec and old.signature == file_signature(spec.file):
                 self.lists.append(old)
             else:
                 self.lists.append(load_list(spec, old if old is not None and old.spec.file == spec.file else None))
-        self.asn = None
-        self.asn_signature = None
+        self.asn = None  # a maxminddb.Reader, opened by _open_asn
+        self.asn_signature: Optional[tuple] = None
         if settings.asn_database:
             self._open_asn(previous)
         self.lookup = functools.lru_cache(maxsize=LOOKUP_CACHE_SIZE)(self._lookup)

@@ -11,7 +11,7 @@ import errno
 import socket
 import threading
 import time
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from .common import log
 
@@ -55,6 +55,16 @@ def connection_caps(max_connections: int, limit: Optional[int] = None) -> dict:
             "metrics": metrics}
 
 
+if TYPE_CHECKING:  # what the mixins below are mixed into, for the type checker only
+    import http.server
+    import socketserver
+
+    _Server = socketserver.ThreadingTCPServer
+    _HttpHandler = http.server.BaseHTTPRequestHandler
+else:
+    _Server = _HttpHandler = object
+
+
 class RateLimitedWarning:
     """A warning that says once every WARNING_INTERVAL how often it happened."""
 
@@ -84,7 +94,7 @@ class _Slot:
         self.answering = False  # a whole request is being answered: never cut
 
 
-class BoundedPort:
+class BoundedPort(_Server):
     """Mixin for a socketserver TCP server: at most `cap` connections; when full,
     the connection that has waited longest for its client's bytes is cut to
     make room (a trickling client loses to a real one), and when none can be
@@ -251,7 +261,7 @@ class HttpRequestReader:
         pass  # the handler closes the socket
 
 
-class BoundedHttpHandler:
+class BoundedHttpHandler(_HttpHandler):
     """Mixin for an http.server handler on a BoundedPort: reads through an
     HttpRequestReader, tells the port while a whole request is answered, and
     turns what a client does wrong (too slow, too large, gone) into one
@@ -259,6 +269,8 @@ class BoundedHttpHandler:
 
     idle_timeout = 10.0  # seconds between two requests of one connection
     max_body = 0  # bytes of body a request may carry
+    server: BoundedHttpPort
+    rfile: HttpRequestReader  # type: ignore[assignment]  # read like the file http.server expects
 
     def setup(self) -> None:
         super().setup()

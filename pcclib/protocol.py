@@ -180,7 +180,7 @@ def parse_request(lines: Iterable[str]) -> PolicyRequest:
     if skipped:  # one line per request, however many it sent
         log.warning("policy request: skipped %d line%s that %s not name=value, the first: %r", skipped,
                     "s" if skipped != 1 else "", "are" if skipped != 1 else "is", first_skipped[:80])
-    known = {name: value for name, value in attributes.items() if name in _REQUEST_FIELDS}
+    known: dict = {name: value for name, value in attributes.items() if name in _REQUEST_FIELDS}  # all str
     return PolicyRequest(attributes=attributes, **known)
 
 

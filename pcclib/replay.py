@@ -12,7 +12,7 @@ import json
 import re
 import sys
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, cast
 
 from .admin import AdminError, on_admin_store
 from .common import UTC, escape_controls, utcnow, when
@@ -23,7 +23,7 @@ from .geoip import GeoIP
 from .notify import Notifier
 from .protocol import DOVECOT_DOORS, DOVECOT_LOGIN, PolicyRequest
 from .service import PolicyService
-from .storage import AdminStore, safe_url
+from .storage import AdminStore, Store, safe_url
 
 # One authenticated submission as Postfix's smtpd logs it, e.g.
 #   Nov 25 18:43:13 mx postfix/submission/smtpd[1234]: 4F3A21C0: client=unknown[203.0.113.9],
@@ -74,6 +74,7 @@ class LogClock:
         if iso:
             moment = dt.datetime.fromisoformat(iso)
         else:
+            classic = classic or ""  # neither stamp: KeyError, an unparseable line
             month, fields = _MONTHS[classic[:3]], (int(classic[4:6]), int(classic[7:9]), int(classic[10:12]),
                                                    int(classic[13:15]))
             if self.year is None:
@@ -111,7 +112,7 @@ class MemoryStore:
     the live database is never touched; it holds one entry per account and
     country, whatever the number of log lines."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.sightings: dict = {}  # login -> {country: CountrySeen}
         self.blocks: dict = {}  # login -> dict describing the block
 
@@ -143,7 +144,8 @@ class MemoryStore:
                      countries: list, trigger: Optional[dict] = None, sighting: Optional[tuple] = None,
                      replace_flag: bool = False) -> Optional[int]:
         if sighting is not None:
-            self.record_sighting(login, *sighting, now)
+            country, ip = sighting
+            self.record_sighting(login, country, ip, now)
         flagged = login in self.blocks and self.blocks[login]["action"] == MONITOR_ACTION
         if login in self.blocks and not (replace_flag and flagged and action != MONITOR_ACTION):
             return None
@@ -152,26 +154,28 @@ class MemoryStore:
         return len(self.blocks)
 
 
-def replay_service(settings: Settings, geoip: GeoIP) -> PolicyService:
-    """The daemon's own PolicyService, on a MemoryStore and mailing nobody;
-    it answers in the caller's thread (no helper threads are started)."""
+def replay_service(settings: Settings, geoip: GeoIP, store: Optional[MemoryStore] = None) -> PolicyService:
+    """The daemon's own PolicyService, on `store` (a new MemoryStore by
+    default) and mailing nobody; it answers in the caller's thread (no helper
+    threads are started)."""
     # A replay tells nobody and touches nothing outside itself: no mail, no
     # webhook, no Dovecot session ended.
     quiet = dataclasses.replace(settings, notice=(), webhook_urls=(), notify_account=False, doveadm_url="",
                                 doveadm_command="")
-    return build_parts(quiet, MemoryStore(), geoip, Notifier(quiet)).service
+    return build_parts(quiet, cast(Store, store or MemoryStore()), geoip, Notifier(quiet)).service  # Store's interface
 
 
 @dataclass
 class ReplayResult:
     settings: Settings
     files: list
+    store: MemoryStore  # what the replay wrote, instead of the database
+    service: PolicyService  # the daemon's own, on that store
     lines: int = 0
     submissions: int = 0
     unparseable: int = 0
     first: Optional[dt.datetime] = None
     last: Optional[dt.datetime] = None
-    service: Optional[PolicyService] = None
     most_countries: dict = field(default_factory=dict)  # login -> the most countries seen within the window
     accounts_by_list: dict = field(default_factory=dict)  # network list label -> logins seen from it
     accounts_by_network: dict = field(default_factory=dict)  # "AS3320 Deutsche Telekom AG" -> logins
@@ -179,7 +183,7 @@ class ReplayResult:
     def blocks_by_rule(self) -> dict:
         """"countries", "travel", "only_from", "network list tor"... -> accounts it would have blocked."""
         counts: dict = {}
-        for block in self.service.database.store.blocks.values():
+        for block in self.store.blocks.values():
             why = block.get("rule", "countries")
             if why == "network":
                 why = f"network list {','.join(block.get('lists', ())) or '?'}"
@@ -209,7 +213,7 @@ class ReplayResult:
                 {"login": block["login"], "blocked_at": block["blocked_at"].isoformat(),
                  "countries": block["countries"], "log_line": block["log_line"], "rule": block.get("rule"),
                  "lists": list(block.get("lists", ())), "network": block.get("network") or None}
-                for block in self.service.database.store.blocks.values()
+                for block in self.store.blocks.values()
             ],
             "would_block_by_rule": self.blocks_by_rule(),
             "accounts_by_most_countries": self.country_buckets(),
@@ -231,7 +235,8 @@ def _open_log(path: str):
 def replay_logs(paths: list, settings: Settings, geoip: GeoIP, today: Optional[dt.datetime] = None) -> ReplayResult:
     """Run every authenticated submission in `paths` (oldest first) through the
     daemon's decision, with the log's own time stamps as "now"."""
-    result = ReplayResult(settings, list(paths), service=replay_service(settings, geoip))
+    store = MemoryStore()
+    result = ReplayResult(settings, list(paths), store, replay_service(settings, geoip, store))
     decide_request, most_countries = result.service.decide_request, result.most_countries
     clock = LogClock(today or utcnow())
     for path in paths:
@@ -252,7 +257,7 @@ def replay_logs(paths: list, settings: Settings, geoip: GeoIP, today: Optional[d
                     when = clock.parse(found["classic"], found["iso"]) if found else None
                 except (ValueError, KeyError, OverflowError):
                     when = None
-                if when is None or not found["login"]:
+                if found is None or when is None or not found["login"]:
                     result.unparseable += 1
                     continue
                 result.submissions += 1
@@ -269,11 +274,13 @@ def replay_logs(paths: list, settings: Settings, geoip: GeoIP, today: Optional[d
 
 def _note_network(result: ReplayResult, request: PolicyRequest, decision) -> None:
     network = request.network
+    if network is None:
+        return
     for label in network.labels:
         result.accounts_by_list.setdefault(label, set()).add(request.login)
     if network.asn is not None:
         result.accounts_by_network.setdefault(network.describe(), set()).add(request.login)
-    block = result.service.database.store.blocks.get(request.login)
+    block = result.store.blocks.get(request.login)
     if decision.new_block and block is not None:
         block.update(rule=decision.rule, lists=network.labels, network=network.describe())
 
@@ -296,7 +303,7 @@ def print_replay_report(result: ReplayResult, out) -> None:
           f"submissions{logins}{span}; {result.unparseable} unparseable lines skipped.", file=out)
     print(f"Rule: more than {settings.how_many_different_countries} countries in "
           f"{settings.in_how_much_time_in_days:g} days -> {settings.action}.", file=out)
-    blocks = list(result.service.database.store.blocks.values())
+    blocks = list(result.store.blocks.values())
     by_rule = "; ".join(f"{count} for {_RULE_NAMES.get(rule, rule)}" for rule, count in result.blocks_by_rule().items())
     print(f"\nWould have blocked {len(blocks)} account{'s' if len(blocks) != 1 else ''}"
           f"{' (' + by_rule + ')' if by_rule else ''}:", file=out)
@@ -350,7 +357,7 @@ def run_replay(settings: Settings, arguments: argparse.Namespace) -> int:
 
 
 def record_replayed_sightings(settings: Settings, result: ReplayResult) -> int:
-    sightings = ((login, seen) for login, countries in result.service.database.store.sightings.items()
+    sightings = ((login, seen) for login, countries in result.store.sightings.items()
                  for seen in countries.values())
     written = []
 
@@ -360,7 +367,7 @@ def record_replayed_sightings(settings: Settings, result: ReplayResult) -> int:
 
     if on_admin_store(settings, record):
         return 1
-    print(f"recorded {written[0]} sightings of {len(result.service.database.store.sightings)} accounts from "
+    print(f"recorded {written[0]} sightings of {len(result.store.sightings)} accounts from "
           f"{result.submissions} submissions into {safe_url(settings.dbcon)} "
           f"({result.unparseable} unparseable lines skipped)")
     return 0

@@ -177,11 +177,12 @@ def post_within(url: str, body: bytes, headers: dict, seconds: float) -> bytes:
         credentials = f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}".encode()
         headers["Authorization"] = "Basic " + base64.b64encode(credentials).decode()
     # The port always given: http.client would read the last group of an IPv6 address as one.
+    connection: http.client.HTTPConnection
     if parts.scheme == "https":
-        connection = http.client.HTTPSConnection(parts.hostname, parts.port or 443, timeout=seconds,
+        connection = http.client.HTTPSConnection(parts.hostname or "", parts.port or 443, timeout=seconds,
                                                  context=ssl.create_default_context())
     else:
-        connection = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=seconds)
+        connection = http.client.HTTPConnection(parts.hostname or "", parts.port or 80, timeout=seconds)
     cut = threading.Event()
     timer = threading.Timer(seconds, _cut, (connection, cut))
     timer.daemon = True

@@ -10,7 +10,7 @@ import socket
 import socketserver
 import threading
 import time
-from typing import Optional
+from typing import Optional, cast
 
 from .common import log, replaced
 from .config import Settings
@@ -49,6 +49,8 @@ class PolicyHandler(socketserver.BaseRequestHandler):
     Reads the socket itself rather than through a buffered file, so that the
     time limits hold for a whole request, not for each recv().
     """
+
+    server: PolicyServer
 
     def setup(self) -> None:
         self._buffer = b""
@@ -193,7 +195,7 @@ class PolicyHandler(socketserver.BaseRequestHandler):
             self._started = None
             self.server.in_flight.leave()
 
-    def _abandon(self) -> None:
+    def _abandon(self) -> Optional[list]:
         self._finish_request()
         return None
 
@@ -238,7 +240,7 @@ class PolicyServer(BoundedPort, socketserver.ThreadingTCPServer):
         self._not_allowed = RateLimitedWarning("policy port: connection refused, not in [server] allowed_clients")
         infos = socket.getaddrinfo(settings.host, settings.port, type=socket.SOCK_STREAM)
         self.address_family = infos[0][0]
-        super().__init__(infos[0][4][:2], PolicyHandler)
+        super().__init__(cast(tuple, infos[0][4][:2]), PolicyHandler)  # (host, port) of an AF_INET(6) address
 
     def answer_request(self, lines: list, handler: Optional[PolicyHandler] = None) -> Optional[bytes]:
         """The reply to one request; with a handler, the Watchdog may answer it
@@ -246,7 +248,7 @@ class PolicyServer(BoundedPort, socketserver.ThreadingTCPServer):
         Watchdog delivered through handler.deliver_late)."""
         try:
             request = self._policy_request(parse_request(lines), handler)
-            if request.request == HEALTH_REQUEST:
+            if request.request == HEALTH_REQUEST and self.report is not None:
                 return format_reply(f"DUNNO {self.report.health_report()}")
         except Exception:  # a bug must cost one answer, never the daemon, and never open the blocked list
             return format_reply(self.service.answer_after_error(None))

@@ -18,7 +18,6 @@ import threading
 import time
 from typing import Optional
 
-from sqlalchemy import exc as sa_exc
 
 from .common import first_line, log, quoted, replaced, utcnow
 from .config import Settings
@@ -434,7 +433,7 @@ class PolicyService:
             "network": _network_text(request),
         }
 
-    def _refused_data(self, request: PolicyRequest, error: sa_exc.SQLAlchemyError) -> Decision:
+    def _refused_data(self, request: PolicyRequest, error: BaseException) -> Decision:
         """The database refused a value of this request: one ERROR line, and an
         answer from memory, without declaring the database down for everyone."""
         self.metrics.database_failed()

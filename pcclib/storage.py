@@ -15,7 +15,7 @@ import shlex
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Sequence, cast
 
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
@@ -232,6 +232,14 @@ def _retry_on_conflict(method):
     return retrying
 
 
+def _inserted_id(result) -> int:
+    """The id the database gave the row an INSERT wrote."""
+    key = result.inserted_primary_key
+    if key is None:
+        raise sa_exc.InvalidRequestError("the INSERT returned no primary key")
+    return key[0]
+
+
 def sighting_rows(sightings: Iterable[tuple]) -> list:
     """(login, CountrySeen) pairs as Store.write_sightings takes them: rows in
     (login, country) order, so that two daemons writing overlapping batches
@@ -247,8 +255,8 @@ class DatabaseChanges:
     """What other writers changed after a change id (Store.changes_after)."""
 
     newest: int  # the highest change id the database had when asked (0: none)
-    changes: list  # (id, login) written by others
-    accounts: list  # (login, blocked_since, action of the block in force) of those logins that have a row
+    changes: Sequence  # (id, login) written by others
+    accounts: Sequence  # (login, blocked_since, action of the block in force) of those logins that have a row
     database_now: dt.datetime  # the database's clock when asked
 
 
@@ -402,9 +410,9 @@ class Store:
         with self.engine.connect() as connection:
             self._merge_sighting(connection, probe, "ZZ", "::", now)
             connection.execute(self._upsert(BlockedAccount, {"login": probe}, ("login",)))
-            block_id = connection.execute(sa.insert(Block).values(
+            block_id = _inserted_id(connection.execute(sa.insert(Block).values(
                 login=probe, blocked_at=now, source="policy", action="HOLD", reason="start-up probe",
-                countries=[])).inserted_primary_key[0]
+                countries=[])))
             self._swap_block(connection, probe, BlockedAccount.blocked_since.is_(None), now, block_id)
             self._log_changes(connection, [probe])
             connection.rollback()  # nothing of it is ever seen
@@ -487,7 +495,7 @@ class Store:
 
     def load_history(self, login: str, since: dt.datetime) -> AccountHistory:
         self._count("history_read")
-        parameters = {"login": login, "since": self._time_to_db(since)}
+        parameters: Any = {"login": login, "since": self._time_to_db(since)}
         if self._history_positions is not None:
             parameters = [parameters[name] for name in self._history_positions]
         dbapi_error = self.fast_engine.dialect.loaded_dbapi.Error
@@ -509,8 +517,8 @@ class Store:
             connection.close()
         return self._history_from_rows(rows)
 
-    def _history_from_rows(self, rows: list) -> AccountHistory:
-        to_time = self._time_from_db
+    def _history_from_rows(self, rows: Sequence) -> AccountHistory:
+        to_time = cast(Callable[[Any], dt.datetime], self._time_from_db)  # a time column is never NULL here
         sightings = tuple(CountrySeen(country, to_time(first), to_time(last), ip)
                           for kind, country, first, last, ip in rows if kind == "s")
         passes = {country: to_time(expires) for kind, country, _granted, expires, _ip in rows if kind == "p"}
@@ -598,14 +606,15 @@ class Store:
         self._count("block_transaction")
         with self.engine.connect() as connection:
             if sighting is not None:
-                self._merge_sighting(connection, login, *sighting, now)
+                country, ip = sighting
+                self._merge_sighting(connection, login, country, ip, now)
             connection.execute(self._upsert(BlockedAccount, {"login": login}, ("login",)))
-            block_id = connection.execute(
+            block_id = _inserted_id(connection.execute(
                 sa.insert(Block).values(
                     login=login, blocked_at=now, source=source, action=action, reason=reason,
                     countries=countries, trigger=trigger,
                 )
-            ).inserted_primary_key[0]
+            ))
             # Compare-and-swap: of concurrent writers, only one moves the row.
             won = self._swap_block(connection, login, BlockedAccount.blocked_since.is_(None), now, block_id)
             if not won and replace_flag and action != MONITOR_ACTION:
@@ -683,7 +692,7 @@ class AdminStore(Store):
     def has_tables(self) -> bool:
         return sa.inspect(self.engine).has_table(BlockedAccount.__tablename__)
 
-    def blocked_accounts(self) -> list:
+    def blocked_accounts(self) -> Sequence:
         """(BlockedAccount, Block) for every account on the blocked list, oldest first."""
         with Session(self.engine) as session:
             rows = session.execute(

@@ -24,7 +24,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zlib
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 from .common import __version__, open_maxmind, open_regular_file, url_for_people
 from .config import Settings, is_loopback_url
@@ -123,7 +123,7 @@ class InstallDirectory:
         self._temporaries: list = []
 
     def __enter__(self) -> "InstallDirectory":
-        self._lock = None
+        self._lock: Optional[int] = None
         try:
             try:
                 mode = os.stat(self.name, dir_fd=self.descriptor, follow_symlinks=False).st_mode
@@ -152,7 +152,8 @@ class InstallDirectory:
     def __exit__(self, *_exc) -> None:
         for name in self._temporaries:
             self._unlink(name)
-        os.close(self._lock)  # releases the lock
+        if self._lock is not None:
+            os.close(self._lock)  # releases the lock
         os.close(self.descriptor)
 
     @contextlib.contextmanager
@@ -305,7 +306,8 @@ def _download_into(url: str, descriptor: int, timeout: float, outcome: dict, lim
 
 
 def _copy_uncompressed(response, out, limit: int) -> None:
-    inflate, written = None, 0
+    inflate: Any = None  # a zlib decompressor, or False for a plain file
+    written = 0
     while True:
         chunk = response.read(1 << 16)
         if not chunk:
@@ -380,7 +382,7 @@ def sample_addresses() -> list:
     """The same spread of public addresses every run, IPv4 and IPv6."""
     global _SAMPLE
     if _SAMPLE is None:
-        draw, found = random.Random(20261130), []
+        draw, found = random.Random(20261130), list[ipaddress.IPv4Address | ipaddress.IPv6Address]()
         while len(found) < SAMPLED_IPV4:
             address = ipaddress.IPv4Address(draw.getrandbits(32))
             if address.is_global:
