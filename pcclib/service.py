@@ -3,7 +3,7 @@ database), decide(), record (a block before the answer, a sighting behind
 it), the log line and the notice.  Then the two ways a request can leave that
 path: the late answer (the database kept it longer than DB_ANSWER_DEADLINE;
 late.py has the protocol, answer_late() the answer) and the answers while the
-database fails.
+database fails (OutageAnswers, below the path).
 
 Both doors (the Postfix port in server.py, the Dovecot port in dovecot.py) hand
 their requests to late.answer_in_time(), which calls PolicyService.answer();
@@ -89,10 +89,7 @@ class PolicyService:
     The database is asked in the caller's own thread, one request per account
     at a time (AccountLanes); the Watchdog answers for any request still there
     after DB_ANSWER_DEADLINE seconds (answer_late).  When the database fails
-    or is slow, pcc answers from memory: accounts known to be blocked get the
-    action, accounts it has seen recently are decided on what it remembers (a
-    new block is spooled and written later), and the rest get
-    `db_error_action`.
+    or is slow, OutageAnswers answers from memory.
     """
 
     def __init__(self, settings: Settings, database: Database, geoip: GeoIP, networks: Networks,
@@ -106,6 +103,7 @@ class PolicyService:
         self.memory = database.memory
         self.watchdog = Watchdog(self.answer_late, self.answer_after_error)  # both doors' late answers
         self._lanes = AccountLanes()
+        self.outage_answers = OutageAnswers(self)
 
     def network_of(self, ip: str) -> str:
         """An address's network for people ("AS3320 Deutsche Telekom AG"), "" when unknown."""
@@ -134,18 +132,18 @@ class PolicyService:
             self.metrics.on_network_list(label)
         if use_database:
             return request, self._decide_counted(request, now, ticket or RequestTicket(request))
-        return request, self._decide_offline(request, now)
+        return request, self.outage_answers.answer(request, now)
 
     def _decide_counted(self, request: PolicyRequest, now: dt.datetime, ticket: RequestTicket) -> Decision:
         if request.check_only:  # before the password: the blocked list alone, never the database
             return self._check_blocked(request)
         probing = self.database.outage.failing
         if probing and not self.database.outage.probe_due():
-            return self._decide_offline(request, now)
+            return self.outage_answers.answer(request, now)
         with self._lanes.enter(request.login):
             history, read_at, decision = self._current_history(request.login), None, None
             if history is not None:
-                decision = decide(request, self._with_last_place(history), self.settings, now)
+                decision = decide(request, self.with_last_place(history), self.settings, now)
                 if decision.new_place and not decision.new_block:
                     # Memory may miss what another daemon answered a moment
                     # ago (the poll is up to a second behind, and a burst is
@@ -156,7 +154,7 @@ class PolicyService:
                 # Queued behind a request that found the database failing: no
                 # second try, unless a probe is due.
                 if self.database.outage.failing and not probing and not self.database.outage.probe_due():
-                    return self._decide_offline(request, now)
+                    return self.outage_answers.answer(request, now)
                 read_at = time.monotonic()
                 history = self._read_or_answer(request, now, ticket)
                 if isinstance(history, Decision):
@@ -167,7 +165,7 @@ class PolicyService:
                 # let the account through meanwhile.
                 return Decision(self.settings.block_reply, "account blocked (its block waits in the spool)")
             if decision is None:
-                decision = decide(request, self._with_last_place(history), self.settings, now)
+                decision = decide(request, self.with_last_place(history), self.settings, now)
             recorded = self._carry_out(request, history, read_at, decision, now, ticket)
             if decision.new_place and not decision.new_block and not self.database.outage.failing:
                 return self._decide_after_commit(request, recorded, now, ticket)
@@ -182,19 +180,19 @@ class PolicyService:
             if not is_database_error(error):
                 raise
             if is_data_error(error):
-                return self._refused_data(request, error)
+                return self.outage_answers.refused_data(request, error)
             self.database.failed(first_line(error))
-            return self._decide_offline(request, now)
+            return self.outage_answers.answer(request, now)
 
     def _carry_out(self, request: PolicyRequest, history: AccountHistory, read_at: Optional[float],
                    decision: Decision, now: dt.datetime, ticket: RequestTicket) -> Decision:
         """Remember and record `decision`, made on `history` (read at read_at,
         None: from memory)."""
-        self._remember(request.login, history, decision, now, read_at)
+        self.remember(request.login, history, decision, now, read_at)
         if decision.new_block:
             # On disk before anyone can answer with it: a late answer then
             # needs no I/O, and a crash during the commit loses no block.
-            ticket.spooled = self._block_entry(request, decision, now)
+            ticket.spooled = spool_entry(request, decision, now, self.settings.recorded_action)
             self.database.journal.add_block(ticket.spooled, in_flight=True)
         ticket.decided = (request, decision, now)
         return self._record_decided(request, decision, now, ticket)
@@ -217,7 +215,7 @@ class PolicyService:
         again = decide(request, history, self.settings, now)
         if again.new_block:
             return self._carry_out(request, history, read_at, again, now, ticket)
-        self._remember(request.login, history, again, now, read_at)  # the fresher view
+        self.remember(request.login, history, again, now, read_at)  # the fresher view
         return again if again.blocks else decision  # blocked meanwhile by another daemon or an administrator
 
     def _check_blocked(self, request: PolicyRequest) -> Decision:
@@ -245,7 +243,7 @@ class PolicyService:
             return history
         return replaced(history, sightings=merge_sightings_by_country(history.sightings, unwritten))
 
-    def _with_last_place(self, history: AccountHistory) -> AccountHistory:
+    def with_last_place(self, history: AccountHistory) -> AccountHistory:
         """The place of the account's latest sighting, for the impossible-travel rule."""
         latest = history.latest_sighting
         if self.settings.max_travel_speed_kmh is None or latest is None:
@@ -256,7 +254,7 @@ class PolicyService:
             return history
         return replaced(history, last_place=self.geoip.country(address).place)
 
-    def _remember(self, login: str, history: AccountHistory, decision: Decision, now: dt.datetime,
+    def remember(self, login: str, history: AccountHistory, decision: Decision, now: dt.datetime,
                   read_at: Optional[float] = None) -> None:
         """Keep the account's history as `decision` leaves it, for the requests
         after it and for an outage.  read_at: when the database read of
@@ -279,11 +277,11 @@ class PolicyService:
             if is_data_error(error):  # it would be refused again: no journal; the decision stands
                 if ticket.spooled is not None:
                     self.database.journal.release_block(ticket.spooled)  # the replay sets it aside, with a line
-                self._refused_data(request, error)
+                self.outage_answers.refused_data(request, error)
                 return decision
             self.database.failed(first_line(error), on_write=True)
             if ticket.spooled is None:
-                return self._journal(request, decision, now)
+                return self.outage_answers.journal(request, decision, now)
             self.database.journal.release_block(ticket.spooled)  # spooled before its transaction: the replay writes it
             return replaced(decision, reason=decision.reason + " (database failing: block spooled)")
         self.database.ok(wrote)
@@ -375,43 +373,55 @@ class PolicyService:
         blocked = request is not None and bool(request.login) and self.memory.is_blocked(request.login)
         return self.settings.block_reply if blocked else self.settings.db_error_action
 
-    # --- while the database fails ------------------------------------------------
 
-    def _decide_offline(self, request: PolicyRequest, now: dt.datetime) -> Decision:
+class OutageAnswers:
+    """The answers while the database fails, or refuses a request's values:
+    from the blocked list and the histories in memory (the service's, with
+    its settings as reloaded).  A new block goes to the spool, on disk before
+    the answer, and is written when the database is back; a sighting waits
+    in the write-behind."""
+
+    def __init__(self, service: PolicyService):
+        self.service = service
+
+    def answer(self, request: PolicyRequest, now: dt.datetime) -> Decision:
+        """Decided from the blocked list and the account's history in memory."""
+        service = self.service
         login = request.login
-        if self.memory.is_blocked(login):
-            self.database.outage.count_answer("memory")
-            return Decision(self.settings.block_reply, "account known to be blocked (database failing)")
-        history = self.memory.last_known(login)
+        if service.memory.is_blocked(login):
+            service.database.outage.count_answer("memory")
+            return Decision(service.settings.block_reply, "account known to be blocked (database failing)")
+        history = service.memory.last_known(login)
         if history is None:
             # Not decided, but counted: what this outage shows of the account is
             # remembered (never taken for its whole history: the next read of
             # the database replaces it) and its sighting written when the
             # database takes it; so a thief who sends from new countries while
             # the database fails is blocked from memory all the same.
-            counted = decide(request, AccountHistory(), self.settings, now)
-            self._remember(login, AccountHistory(), counted, now)
+            counted = decide(request, AccountHistory(), service.settings, now)
+            service.remember(login, AccountHistory(), counted, now)
             if counted.new_block:  # a rule that needs no history (a network list): it blocks as it would online
-                self.database.outage.count_answer("memory")
-                return self._journal(request, counted, now)
-            self.database.outage.count_answer("db_error_action")
+                service.database.outage.count_answer("memory")
+                return self.journal(request, counted, now)
+            service.database.outage.count_answer("db_error_action")
             if counted.record_sighting:
                 self._add_sightings(login, counted, now, str(request.client_ip))
-            return Decision(self.settings.db_error_action, "database failing, account not in memory")
-        self.database.outage.count_answer("memory")
-        decision = decide(request, self._with_last_place(history), self.settings, now)
-        self._remember(login, history, decision, now)
-        decision = self._journal(request, decision, now)
+            return Decision(service.settings.db_error_action, "database failing, account not in memory")
+        service.database.outage.count_answer("memory")
+        decision = decide(request, service.with_last_place(history), service.settings, now)
+        service.remember(login, history, decision, now)
+        decision = self.journal(request, decision, now)
         if decision.new_block:
             return decision
-        return Decision(self.settings.db_error_action, f"database failing; {decision.reason}")
+        return Decision(service.settings.db_error_action, f"database failing; {decision.reason}")
 
-    def _journal(self, request: PolicyRequest, decision: Decision, now: dt.datetime) -> Decision:
+    def journal(self, request: PolicyRequest, decision: Decision, now: dt.datetime) -> Decision:
         """Keep what `decision` changes for the database's return: a new block
         in the spool (on disk before the answer), a sighting in memory."""
+        service = self.service
         if decision.new_block:
-            self.database.journal.add_block(self._block_entry(request, decision, now))
-            self.responder.end_sessions_soon(request.login, self.settings.recorded_action)
+            service.database.journal.add_block(spool_entry(request, decision, now, service.settings.recorded_action))
+            service.responder.end_sessions_soon(request.login, service.settings.recorded_action)
             return replaced(decision, reason=decision.reason + " (database failing: block spooled)")
         if decision.record_sighting:
             self._add_sightings(request.login, decision, now, str(request.client_ip))
@@ -419,29 +429,20 @@ class PolicyService:
 
     def _add_sightings(self, login: str, decision: Decision, now: dt.datetime, ip: str) -> None:
         """Without waiting for a batch: the database is failing."""
+        service = self.service
         for code in decision.sighted:
-            self.database.sightings.add(login, CountrySeen(code, now, now, ip), may_wait=False)
+            service.database.sightings.add(login, CountrySeen(code, now, now, ip), may_wait=False)
 
-    def _block_entry(self, request: PolicyRequest, decision: Decision, now: dt.datetime) -> dict:
-        """A new block as the spool keeps it."""
-        return {
-            "login": request.login, "at": now.isoformat(), "action": self.settings.recorded_action,
-            "source": block_source(request),
-            "rule": decision.rule, "replaces_flag": decision.replaces_flag,
-            "reason": decision.reason, "countries": [seen.as_json() for seen in decision.countries],
-            "trigger": dict(request.attributes), "sighting": [decision.sighted[0] if decision.sighted else None, str(request.client_ip)],
-            "network": _network_text(request),
-        }
-
-    def _refused_data(self, request: PolicyRequest, error: BaseException) -> Decision:
+    def refused_data(self, request: PolicyRequest, error: BaseException) -> Decision:
         """The database refused a value of this request: one ERROR line, and an
         answer from memory, without declaring the database down for everyone."""
-        self.metrics.database_failed()
+        service = self.service
+        service.metrics.database_failed()
         log.error("database refused the values of a request by %r from %s (not an outage; this request is "
                   "decided from memory): %s", request.login, request.client_address, first_line(error))
-        if self.memory.is_blocked(request.login):
-            return Decision(self.settings.block_reply, "account known to be blocked (database refused the request)")
-        return Decision(self.settings.db_error_action, "database refused this request's values")
+        if service.memory.is_blocked(request.login):
+            return Decision(service.settings.block_reply, "account known to be blocked (database refused the request)")
+        return Decision(service.settings.db_error_action, "database refused this request's values")
 
 
 def _network_words(network) -> str:
@@ -466,3 +467,15 @@ def _network_text(request: PolicyRequest) -> str:
 def block_source(request: PolicyRequest) -> str:
     """Who made a block, as -l shows it: "policy" (Postfix) or "dovecot/<door>"."""
     return f"dovecot/{request.door}"[:16] if request.request == DOVECOT_LOGIN else "policy"
+
+
+def spool_entry(request: PolicyRequest, decision: Decision, now: dt.datetime, action: str) -> dict:
+    """A new block as the spool keeps it."""
+    return {
+        "login": request.login, "at": now.isoformat(), "action": action,
+        "source": block_source(request),
+        "rule": decision.rule, "replaces_flag": decision.replaces_flag,
+        "reason": decision.reason, "countries": [seen.as_json() for seen in decision.countries],
+        "trigger": dict(request.attributes), "sighting": [decision.sighted[0] if decision.sighted else None, str(request.client_ip)],
+        "network": _network_text(request),
+    }
