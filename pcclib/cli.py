@@ -10,7 +10,7 @@ import signal
 import sys
 from typing import Optional
 
-from .common import log, utcnow
+from .common import first_line, log, utcnow
 from .config import DEFAULT_CONFIG_PATH, GEOIP_DOWNLOAD_TIMEOUT, ConfigError, Settings, load_settings
 from .health import HEALTH_UNKNOWN, check_health
 from .logs import queue_logging, secrets_of, setup_logging
@@ -80,6 +80,9 @@ def build_argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--record", action="store_true",
                         help="with --replay: write the sightings (not the blocks) into the configured "
                         "database, so a new pcc starts knowing each account's recent countries")
+    parser.add_argument("--connect", action="store_true",
+                        help="with --check-config: connect to the database too, and say which server answered "
+                        "and whether it takes writes (a standby does not)")
     parser.add_argument("--json", action="store_true", help="with -l, -s or --replay: print JSON for scripts")
     parser.add_argument("--force", action="store_true",
                         help="with --update-geoip: install a file even though it moves many addresses to other "
@@ -161,7 +164,7 @@ def run_mode(settings: Settings, arguments: argparse.Namespace) -> int:
         from .storage import safe_url
 
         print(f"{settings.config_path}: OK; database {safe_url(settings.dbcon)}; {describe_rules(settings)}")
-        return 0
+        return check_database(settings) if arguments.connect else 0
     if arguments.daemon:
         from .daemon import run_daemon
 
@@ -181,3 +184,37 @@ def run_mode(settings: Settings, arguments: argparse.Namespace) -> int:
     from .admin import run_admin_command
 
     return run_admin_command(settings, arguments)
+
+
+def check_database(settings: Settings) -> int:
+    """--check-config --connect: one line saying which server answered and
+    whether it takes writes (a write rolled back, when pcc's tables are there),
+    or why it cannot be used.  Creates nothing: not the tables, not an SQLite file."""
+    from sqlalchemy import exc as sa_exc
+
+    from .storage import AdminStore, permanent_database_fault, sqlite_path
+
+    path = sqlite_path(settings.dbcon)
+    if path and not os.path.exists(path):
+        print(f"{settings.config_path}: the SQLite file {path} is not there yet (the daemon makes it at its start)")
+        return 0
+    store = AdminStore(settings.dbcon, create_directory=False)
+    try:
+        server, writable = store.describe_server()
+        tables = store.has_tables()
+        if writable and tables:
+            store.prove_writable()
+    except sa_exc.SQLAlchemyError as error:
+        problem = permanent_database_fault(settings, error) or first_line(error)
+        print(f"{settings.config_path}: the database cannot be used as the daemon uses it: {problem}",
+              file=sys.stderr)
+        return 1
+    finally:
+        store.dispose()
+    if not writable:
+        print(f"{settings.config_path}: database reached: {server}; it takes no writes, so every block would "
+              "fail (with several hosts, add target_session_attrs=read-write)", file=sys.stderr)
+        return 1
+    print(f"{settings.config_path}: database reached: {server}; it takes writes"
+          + ("" if tables else " (pcc's tables are made at the daemon's first start)"))
+    return 0

@@ -380,11 +380,9 @@ def load_settings(path: str, geoip_file_needed: bool = True) -> Settings:
         raise config.fail("mail", "mailsrv", "must name an SMTP server when [notify] notify_account = yes")
     if settings.notice and not settings.mailsrv:
         raise config.fail("mail", "mailsrv", "must name an SMTP server when [mail] notice is set")
-    try:
-        sa.engine.make_url(settings.dbcon)
-    except sa_exc.ArgumentError:
-        raise config.fail("db", "dbcon", "is not an SQLAlchemy database URL "
-                          "(e.g. sqlite:////var/lib/pcc/pcc.sqlite3)") from None
+    problem = database_url_problem(settings.dbcon)
+    if problem:
+        raise config.fail("db", "dbcon", problem)
     for section, key, url in [("geoip", "update_url", settings.geoip_update_url),
                               ("networks", "asn_update_url", settings.asn_update_url)] + [
             (f"list {network_list.label}", "url", network_list.url) for network_list in settings.network_lists]:
@@ -466,6 +464,31 @@ def _geoip_database_type(config: _ConfigReader, path: str) -> str:
         raise config.fail("geoip", "database", f"{path}: its build_epoch {str(metadata.build_epoch)[:30]} "
                           f"is no date (a broken or forged file)") from None
     return metadata.database_type
+
+
+def database_url_problem(dbcon: str) -> str:
+    """Why [db] dbcon cannot be used as written, or "": what SQLAlchemy would
+    take and libpq then fail on (a host it cannot resolve), or take and
+    settle on a read-only standby with, is refused here, with the form to use."""
+    several = "several PostgreSQL hosts go in the query: ?host=a:5432&host=b:5432&target_session_attrs=read-write"
+    try:
+        url = sa.engine.make_url(dbcon)
+    except sa_exc.ArgumentError:
+        return "is not an SQLAlchemy database URL (e.g. sqlite:////var/lib/pcc/pcc.sqlite3)"
+    except ValueError:  # its port is no number: most often several hosts in the address
+        return f"has a port that is not a number; {several}" if "," in dbcon.partition("?")[0] \
+            else "has a port that is not a number"
+    if url.get_backend_name() != "postgresql":
+        return ""
+    given = url.query.get("host", ())
+    hosts = [given] if isinstance(given, str) else list(given)
+    if any("," in host and ":" in host for host in hosts):
+        return f"names its hosts as host=a:port,b:port, which libpq cannot resolve; {several}"
+    if len([name for host in hosts for name in host.split(",")]) > 1 \
+            and url.query.get("target_session_attrs") not in ("read-write", "primary"):
+        return ("names several hosts without target_session_attrs=read-write: pcc could settle on a standby, "
+                "where every write fails")
+    return ""
 
 
 def _require_places(config: _ConfigReader, path: str, kind: Optional[str]) -> None:

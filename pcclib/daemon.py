@@ -234,8 +234,9 @@ def reload_settings(server: PolicyServer) -> None:
         return
     reconfigure(service, new, geoip, networks)  # the Dovecot and metrics ports read allowed_clients from it
     server.settings = new
-    log.info("configuration %s reloaded; GeoIP %s; %s; %s", new.config_path, geoip.description, describe_rules(new),
-             networks.describe())
+    database = safe_url(new.dbcon) + ("" if new.dbcon == old.dbcon else f" (was {safe_url(old.dbcon)})")
+    log.info("configuration %s reloaded; database %s; GeoIP %s; %s; %s", new.config_path, database,
+             geoip.description, describe_rules(new), networks.describe())
     warn_about_geoip(geoip)
 
 

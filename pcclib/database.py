@@ -51,8 +51,9 @@ class Database:
         """A reload changed [db] dbcon: what the old database was to get, it
         gets; the next request uses the new one (its tables made on first use)."""
         self.sightings.flush()
-        self.store, self.tables_ready = store, False
+        old, self.store, self.tables_ready = self.store, store, False
         self.sightings.store = store
+        old.dispose()  # its idle connections closed; one a request still holds closes when it is given back
 
     def failed(self, problem: str, on_write: bool = False) -> None:
         self.metrics.database_failed()

@@ -14,8 +14,13 @@ from typing import Iterable
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 
-from .common import daemon_signals_blocked, log, url_secrets
+from .common import daemon_signals_blocked, first_line, log, url_secrets
 from .config import Settings
+
+# What the database drivers and SQLAlchemy say themselves (psycopg's "error
+# ignored terminating <psycopg.Pipeline [BAD]>" when a server goes away) goes
+# into pcc's log, masked like every line, never to standard error beside it.
+DRIVER_LOGGERS = ("psycopg", "pymysql", "sqlalchemy")
 
 
 class MaskingFormatter(logging.Formatter):
@@ -48,6 +53,18 @@ class _QueueHandler(logging.handlers.QueueHandler):
         return False
 
 
+class _IntoPccLog(logging.Handler):
+    """Hands a driver's record to pcc's logger as one line, named after its
+    source (an exception it carries: its first line, not its traceback)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = f"{record.name}: {record.getMessage()}"
+        if record.exc_info and record.exc_info[1] is not None:
+            text += f": {first_line(record.exc_info[1])}"
+        record.msg, record.args, record.exc_info, record.exc_text = text, None, None, None
+        log.handle(record)
+
+
 def queue_logging() -> logging.handlers.QueueListener:
     """The daemon's logging: records go through a queue to the handlers set up
     by setup_logging, in a thread of their own.  Stop the listener to flush."""
@@ -77,6 +94,10 @@ def setup_logging(verbose: bool, to_stderr: bool, secrets: Iterable[str] = ()) -
     log.handlers[:] = [handler]
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
     log.propagate = False
+    for name in DRIVER_LOGGERS:
+        driver = logging.getLogger(name)
+        driver.handlers[:] = [_IntoPccLog()]
+        driver.propagate = False
 
 
 def secrets_of(settings: Settings) -> list:

@@ -33,6 +33,12 @@ IN_LIST_SIZE = 500
 # before pcc moves to the database's; from CLOCK_WARN_OFFSET on it says so.
 CLOCK_TOLERANCE = 0.2
 CLOCK_WARN_OFFSET = 2.0
+# A reading of the database's clock is only as good as its round trip is
+# short: the answer may have waited anywhere in it (a pooler's queue, a busy
+# server, a thread kept from the interpreter).  The offset comes from the
+# fastest of the last CLOCK_SAMPLES readings, and none whose round trip is
+# over 2 * CLOCK_TOLERANCE moves it.
+CLOCK_SAMPLES = 8
 
 
 class UTCDateTime(sa.types.TypeDecorator):
@@ -266,16 +272,20 @@ class DatabaseClock:
     host clock minutes off changes no decision.  (With several database
     servers each daemon follows the one it uses: keep those in NTP.)"""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.offset = 0.0  # seconds the database's clock is ahead of this host's
         self._lock = threading.Lock()
+        self._readings: collections.deque = collections.deque(maxlen=CLOCK_SAMPLES)  # (round trip, offset)
 
     def measured(self, database_now: dt.datetime, asked: float, answered: float) -> None:
         """database_now: the database's clock, read between the host's times
         asked and answered (time.time())."""
-        offset = database_now.timestamp() - (asked + answered) / 2
+        if answered < asked:  # this host's clock was stepped back meanwhile: no reading
+            return
         with self._lock:
-            if abs(offset - self.offset) < CLOCK_TOLERANCE:
+            self._readings.append((answered - asked, database_now.timestamp() - (asked + answered) / 2))
+            round_trip, offset = min(self._readings)
+            if round_trip > 2 * CLOCK_TOLERANCE or abs(offset - self.offset) < CLOCK_TOLERANCE:
                 return
             was, self.offset = self.offset, offset
         set_clock_offset(offset)
@@ -691,6 +701,23 @@ class AdminStore(Store):
 
     def has_tables(self) -> bool:
         return sa.inspect(self.engine).has_table(BlockedAccount.__tablename__)
+
+    def describe_server(self) -> tuple:
+        """(the server that answered, for people; whether it takes writes: a
+        PostgreSQL standby or a read_only MariaDB does not)."""
+        with self.engine.connect() as connection:
+            if self.dialect == "postgresql":
+                address, port, standby, version = connection.execute(sa.text(
+                    "SELECT inet_server_addr(), inet_server_port(), pg_is_in_recovery(), "
+                    "current_setting('server_version')")).one()
+                where = f"{address}:{port}" if address is not None else "its local socket"
+                return f"PostgreSQL {version.split()[0]} at {where}{' (a standby)' if standby else ''}", not standby
+            if self.dialect in ("mysql", "mariadb"):
+                host, port, read_only, version = connection.execute(sa.text(
+                    "SELECT @@hostname, @@port, @@read_only, VERSION()")).one()
+                return f"MariaDB/MySQL {version} on {host}:{port}{' (read_only)' if read_only else ''}", \
+                    not read_only
+            return f"SQLite file {self.engine.url.database}", True
 
     def blocked_accounts(self) -> Sequence:
         """(BlockedAccount, Block) for every account on the blocked list, oldest first."""

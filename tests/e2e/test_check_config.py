@@ -1,6 +1,7 @@
 """Configuration: every key present, every value checked, one clear line on error."""
 
-from conftest import ROOT, config_without, run_pcc, write_config
+import sqlalchemy as sa
+from conftest import ROOT, config_without, free_port, run_pcc, write_config
 
 
 def test_missing_key_stops_the_daemon_with_one_line_and_non_zero_exit(tmp_path):
@@ -41,3 +42,48 @@ def test_help_explains_every_option():
     assert result.returncode == 0
     for option in ("-d", "--config", "-v", "--stderr", "--check-config", "--allow", "--country", "--days"):
         assert option in result.stdout
+
+
+# Several PostgreSQL hosts, as a standby's failover needs them: the forms
+# SQLAlchemy and libpq take, and those refused with the form to write instead.
+PG = "postgresql+psycopg://postgres@"
+FORMS_REFUSED = {
+    f"{PG}/test?host=127.0.0.1:5440,127.0.0.1:5432": "which libpq cannot resolve; several PostgreSQL hosts go in "
+                                                     "the query: ?host=a:5432&host=b:5432",
+    f"{PG}127.0.0.1:5440,127.0.0.1:5432/test": "has a port that is not a number; several PostgreSQL hosts go in "
+                                               "the query",
+    f"{PG}/test?host=127.0.0.1:5440&host=127.0.0.1:5432": "without target_session_attrs=read-write",
+    f"{PG}/test?host=127.0.0.1,127.0.0.1&port=5440,5432": "without target_session_attrs=read-write",
+}
+
+
+def test_every_database_url_form_is_taken_or_refused_in_one_line_by_check_config_and_the_daemon(tmp_path):
+    for n, (url, problem) in enumerate(FORMS_REFUSED.items()):
+        config = write_config(tmp_path, {"db.dbcon": url}, name=f"form{n}.conf")
+        for command in ("--check-config", "-d"):
+            result = run_pcc(command, "--config", config, timeout=30)
+            assert result.returncode == 2, (url, result.stdout, result.stderr)
+            assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr, result.stderr
+            assert "[db] dbcon: " in result.stderr and problem in result.stderr, result.stderr
+
+
+def test_check_config_connect_says_which_server_answered_and_whether_it_takes_writes(tmp_path, postgresql_url,
+                                                                                     shared_db_url):
+    """With a dead first host, libpq goes on to the next; --connect says which
+    one answered.  On each server database: reached, takes writes."""
+    url = sa.engine.make_url(postgresql_url)
+    several = (f"{url.drivername}://{url.username}@/{url.database}?host=127.0.0.1:{free_port()}"
+               f"&host=127.0.0.1:{url.port}&target_session_attrs=read-write")
+    config = write_config(tmp_path, {"db.dbcon": several}, name="several.conf")
+    result = run_pcc("--check-config", "--connect", "--config", config, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "database reached: PostgreSQL " in result.stdout and f" at 127.0.0.1:{url.port}; it takes writes" \
+        in result.stdout
+    config = write_config(tmp_path, {"db.dbcon": shared_db_url}, name="shared.conf")
+    result = run_pcc("--check-config", "--connect", "--config", config, timeout=60)
+    assert result.returncode == 0 and "database reached: " in result.stdout and "it takes writes" in result.stdout
+    down = write_config(tmp_path, {"db.dbcon": f"{url.drivername}://{url.username}@127.0.0.1:{free_port()}/x"},
+                        name="down.conf")
+    result = run_pcc("--check-config", "--connect", "--config", down, timeout=60)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert "the database cannot be used as the daemon uses it: OperationalError" in result.stderr

@@ -1,15 +1,16 @@
 """Faults injected for real: a database behind a TCP proxy the test cuts, an SMTP
 server that is down then up, kill -9 under load, SIGTERM and SIGHUP."""
 import os
+import re
 import signal
 import threading
 import time
 
 import pytest
 import sqlalchemy as sa
-from conftest import blocked_logins, free_port, ip_in, wait_for_log, walk
+from conftest import blocked_logins, free_port, ip_in, sightings_in_database, wait_for_log, walk
 
-from pcclib.storage import Block
+from pcclib.storage import Block, safe_url
 
 
 def timed(client, login, country):
@@ -247,3 +248,43 @@ def test_monitor_mode_flag_decided_during_an_outage_is_written_later(start_daemo
     (mail,) = [m for _r, m in smtp_sink.wait_for(1)]
     assert mail["Subject"] == "pcc: account alice@example.com would be blocked (monitor mode)"
     assert client.ask_like_postfix("alice@example.com", ip_in("SE")) == "DUNNO"
+
+
+def test_a_reload_that_changes_the_database_names_it_and_closes_the_old_pool(start_daemon, postgresql_url):
+    """SIGHUP with a new [db] dbcon: the log line names the new database (and
+    the old), the old database's connections are closed, the new one gets
+    the tables and the sightings."""
+    old = sa.engine.make_url(postgresql_url)
+    new = old.set(database=f"{old.database}_reloaded")
+    admin = sa.create_engine(old, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{new.database}" WITH (FORCE)'))
+            connection.execute(sa.text(f'CREATE DATABASE "{new.database}"'))
+
+        def connections_to(database: str) -> int:
+            with admin.connect() as connection:
+                return connection.execute(sa.text("SELECT count(*) FROM pg_stat_activity WHERE datname = :name "
+                                                  "AND pid <> pg_backend_pid()"), {"name": database}).scalar()
+
+        daemon = start_daemon(**{"db.dbcon": postgresql_url, "policy.action": "REJECT"})
+        client = daemon.client()
+        assert walk(client, "alice@example.com", ["GB", "US"]) == ["DUNNO", "DUNNO"]
+        assert connections_to(old.database) >= 1
+        new_url = new.render_as_string(hide_password=False)
+        text = open(daemon.config_path).read()
+        open(daemon.config_path, "w").write(re.sub(r"(?m)^dbcon = .*$", f"dbcon = {new_url}", text))
+        daemon.process.send_signal(signal.SIGHUP)
+        wait_for_log(daemon, "reloaded")
+        assert f"reloaded; database {safe_url(new_url)} (was {safe_url(postgresql_url)})" in daemon.log()
+        assert client.ask("bob@example.com", ip_in("FR")) == "DUNNO"  # the same connection, the new database
+        deadline = time.monotonic() + 5
+        while connections_to(old.database) > 0:
+            assert time.monotonic() < deadline, "the old database's pool is still open"
+            time.sleep(0.1)
+        assert ("bob@example.com", "FR") in sightings_in_database(new_url, "bob@example.com")
+        daemon.stop()
+        with admin.connect() as connection:
+            connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{new.database}" WITH (FORCE)'))
+    finally:
+        admin.dispose()

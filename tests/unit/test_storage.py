@@ -9,7 +9,7 @@ from conftest import all_at_once, ip_in, policy_request
 from pcclib.decision import CountrySeen
 from pcclib.notify import Notifier
 from pcclib.protocol import parse_request
-from pcclib.storage import Block, Sighting
+from pcclib.storage import CLOCK_SAMPLES, Block, Sighting
 
 T0 = dt.datetime(2026, 11, 25, 8, 0, tzinfo=dt.timezone.utc)
 
@@ -160,3 +160,52 @@ def test_old_sightings_can_be_deleted(service):
     record(service.database.store, "alice@example.com", "US", "21.1.0.1", T0)
     assert service.database.store.delete_sightings_before(T0 - dt.timedelta(days=30)) == 1
     assert count(service.database.store, Sighting) == 1
+
+
+# --- the database's clock (DatabaseClock), readings given by hand ----------------
+
+
+@pytest.fixture
+def clock(caplog):
+    from pcclib.common import set_clock_offset
+    from pcclib.storage import DatabaseClock
+
+    caplog.set_level("INFO", logger="pcc")
+    yield DatabaseClock()
+    set_clock_offset(0)  # the process's clock as it was
+
+
+def read_at(clock, host: float, offset: float, round_trip: float, answered_after: float = None) -> None:
+    """One reading: asked at `host` (this host's time), the database's clock
+    `offset` ahead, read `answered_after` seconds after the question (default:
+    half the round trip), the answer back `round_trip` seconds after it."""
+    answered_after = round_trip / 2 if answered_after is None else answered_after
+    database_now = dt.datetime.fromtimestamp(host + answered_after + offset, dt.timezone.utc)
+    clock.measured(database_now, host, host + round_trip)
+
+
+def test_a_reading_queued_in_front_of_the_database_moves_nothing_and_warns_of_nothing(clock, caplog):
+    """A pooler that queues a query 15 s: the database read its clock at once,
+    the answer waited.  The midpoint would say 7.5 s behind."""
+    read_at(clock, 1_000_000.0, 0.0, 15.0, answered_after=0.0)
+    assert clock.offset == 0.0
+    assert "clock" not in caplog.text
+
+
+def test_the_fastest_reading_gives_the_offset(clock, caplog):
+    read_at(clock, 1_000_000.0, 10.0, 0.002)
+    assert clock.offset == pytest.approx(10.0, abs=0.01)
+    assert "this host's clock is 10.0 s behind the database's" in caplog.text
+    read_at(clock, 1_000_001.0, 10.0, 3.0, answered_after=0.0)  # slow: the fast one still stands
+    assert clock.offset == pytest.approx(10.0, abs=0.01)
+    for n in range(CLOCK_SAMPLES - 2):  # the host's clock was put right; the old fast reading still counts...
+        read_at(clock, 1_000_002.0 + n, 0.0, 0.01)
+    assert clock.offset == pytest.approx(10.0, abs=0.01)
+    read_at(clock, 1_000_010.0, 0.0, 0.01)  # ...until the last CLOCK_SAMPLES readings no longer hold it
+    assert clock.offset == pytest.approx(0.0, abs=0.02)
+    assert "agrees with the database's again" in caplog.text
+
+
+def test_a_reading_across_a_step_of_this_hosts_clock_is_no_reading(clock):
+    read_at(clock, 1_000_000.0, 30.0, -5.0)
+    assert clock.offset == 0.0
