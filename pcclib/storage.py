@@ -34,10 +34,11 @@ IN_LIST_SIZE = 500
 CLOCK_TOLERANCE = 0.2
 CLOCK_WARN_OFFSET = 2.0
 # A reading of the database's clock is only as good as its round trip is
-# short: the answer may have waited anywhere in it (a pooler's queue, a busy
-# server, a thread kept from the interpreter).  The offset comes from the
-# fastest of the last CLOCK_SAMPLES readings, and none whose round trip is
-# over 2 * CLOCK_TOLERANCE moves it.
+# short: the database may have read its clock anywhere in it (the answer then
+# waiting in a pooler's queue, on a busy server, for a thread kept from the
+# interpreter), so the offset is known to half the round trip.  The fastest
+# of the last CLOCK_SAMPLES readings counts, and it moves the offset in force
+# only when that lies outside what the reading allows.
 CLOCK_SAMPLES = 8
 
 
@@ -285,7 +286,7 @@ class DatabaseClock:
         with self._lock:
             self._readings.append((answered - asked, database_now.timestamp() - (asked + answered) / 2))
             round_trip, offset = min(self._readings)
-            if round_trip > 2 * CLOCK_TOLERANCE or abs(offset - self.offset) < CLOCK_TOLERANCE:
+            if abs(offset - self.offset) < CLOCK_TOLERANCE + round_trip / 2:
                 return
             was, self.offset = self.offset, offset
         set_clock_offset(offset)

@@ -206,6 +206,16 @@ def test_the_fastest_reading_gives_the_offset(clock, caplog):
     assert "agrees with the database's again" in caplog.text
 
 
+def test_a_database_slow_to_answer_still_sets_the_time_to_within_half_its_round_trip(clock, caplog):
+    """Every reading takes a second, the host's clock is ten minutes behind:
+    pcc keeps the database's time all the same (never the host's), within
+    half a second."""
+    for n in range(3):
+        read_at(clock, 1_000_000.0 + 10 * n, 600.0, 1.0, answered_after=0.1 * n)
+    assert clock.offset == pytest.approx(600.0, abs=0.5)
+    assert "s behind the database's: pcc keeps the database's time" in caplog.text
+
+
 def test_a_reading_across_a_step_of_this_hosts_clock_is_no_reading(clock):
     read_at(clock, 1_000_000.0, 30.0, -5.0)
     assert clock.offset == 0.0
