@@ -16,9 +16,9 @@ it in this list:
   writer     sightings written behind the answer; a new place committed before it
   memory     histories and the blocked list kept in memory, the poll of changes
   outage     the outage state machine; the spool of blocks decided while the database fails
+  metrics    the Prometheus endpoint
   database   the Store, its tables, outage in and out, the spool written, the probe
   upkeep     memory kept current: the blocked list, the poll of changes, the trim
-  metrics    the Prometheus endpoint
   late       the late answer: RequestTicket, the Watchdog, answer_in_time()
   service    one request's path, top to bottom
   report     what the daemon says of itself: the metrics' snapshot, --health's words

@@ -15,6 +15,7 @@ from .common import first_line, log, start_thread
 from .config import Settings
 from .decision import CountrySeen
 from .memory import AccountMemory
+from .metrics import Metrics
 from .outage import OutageJournal, OutageState
 from .respond import Responder
 from .storage import DatabaseClock, Store, safe_url
@@ -34,7 +35,7 @@ class Database:
     list again."""
 
     def __init__(self, settings: Settings, store: Store, journal: OutageJournal, memory: AccountMemory,
-                 metrics, responder: Responder):
+                 metrics: Metrics, responder: Responder):
         self.store = store
         self.journal = journal
         self.memory = memory
