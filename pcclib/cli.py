@@ -192,8 +192,13 @@ def check_database(settings: Settings) -> int:
     or why it cannot be used.  Creates nothing: not the tables, not an SQLite file."""
     from sqlalchemy import exc as sa_exc
 
+    from .daemon import files_refused
     from .storage import AdminStore, permanent_database_fault, sqlite_path
 
+    refusal = files_refused(settings)  # root follows no link to a file pcc writes, here as in the daemon
+    if refusal:
+        print(f"{settings.config_path}: {refusal}", file=sys.stderr)
+        return 1
     path = sqlite_path(settings.dbcon)
     if path and not os.path.exists(path):
         print(f"{settings.config_path}: the SQLite file {path} is not there yet (the daemon makes it at its start)")

@@ -87,3 +87,13 @@ def test_check_config_connect_says_which_server_answered_and_whether_it_takes_wr
     result = run_pcc("--check-config", "--connect", "--config", down, timeout=60)
     assert result.returncode == 1 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert "the database cannot be used as the daemon uses it: OperationalError" in result.stderr
+
+
+def test_check_config_connect_follows_no_link_to_the_sqlite_file(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    (tmp_path / "pcc.sqlite3").symlink_to(victim)
+    config = write_config(tmp_path, {"db.dbcon": f"sqlite:///{tmp_path}/pcc.sqlite3"}, name="linked.conf")
+    result = run_pcc("--check-config", "--connect", "--config", config, timeout=60)
+    assert result.returncode == 1 and "is a symbolic link; pcc does not follow links" in result.stderr
+    assert victim.read_text() == "precious\n" and not (tmp_path / "pcc.sqlite3-wal").exists()
