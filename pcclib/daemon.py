@@ -64,7 +64,7 @@ def build_parts(settings: Settings, store: Store, geoip: GeoIP, notifier: Notifi
     responder = Responder(settings, notifier, metrics.responded, lambda ip: service.network_of(ip))
     database = Database(settings, store, journal, memory, metrics, responder)
     service = PolicyService(settings, database, geoip, networks or Networks(settings), responder, metrics)
-    return Parts(service, database, MemoryUpkeep(memory, database), SelfReport(service))
+    return Parts(service, database, MemoryUpkeep(memory, database, lambda: service.settings), SelfReport(service))
 
 
 def run_daemon(settings: Settings) -> int:

@@ -12,7 +12,7 @@ import threading
 from sqlalchemy import exc as sa_exc
 
 from .common import first_line, log, start_thread
-from .config import Settings
+from .config import MONITOR_ACTION, Settings
 from .decision import CountrySeen
 from .memory import AccountMemory
 from .metrics import Metrics
@@ -113,7 +113,9 @@ class Database:
         except sa_exc.SQLAlchemyError as error:
             log.error("writing what was decided during the outage failed, will try again: %s", first_line(error))
 
-    def _notify_spooled_block(self, entry: dict) -> None:
+    def _notify_spooled_block(self, entry: dict, block_id: int) -> None:
+        if entry["action"] != MONITOR_ACTION:
+            self.memory.set_blocked(entry["login"], True, block_id)
         countries = [CountrySeen(seen["country"], dt.datetime.fromisoformat(seen["first_seen"]),
                                  dt.datetime.fromisoformat(seen["last_seen"]), seen["last_ip"])
                      for seen in entry["countries"]]

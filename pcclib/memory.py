@@ -119,7 +119,14 @@ class AccountMemory:
     the copy on local disk beside the spool), fed by this daemon's blocks, the
     poll and a full reload every BLOCKED_LIST_RELOAD seconds, and written back
     to that copy, so that a blocked account stays refused whatever the
-    database does, a restart during an outage included."""
+    database does, a restart during an outage included.
+
+    Each blocked account is kept with the id of its block in the database
+    (where this daemon learnt it).  When the database stops listing one, the
+    account leaves the list only if the database also recorded the end of that
+    block (an unblock); otherwise the database lost it (a failover to a standby
+    that was behind, a restore from a backup): it stays refused, among
+    lost_blocks() until written again (upkeep.py)."""
 
     def __init__(self, size: int = HISTORY_CACHE_SIZE, blocked_file: str = ""):
         self.histories = HistoryCache(size)
@@ -127,6 +134,8 @@ class AccountMemory:
         self._blocked: set = set()
         self._blocked_lock = threading.Lock()
         self._blocked_changed = False  # since the copy on disk was written
+        self._block_ids: dict = {}  # login -> id of its block in the database, where learnt
+        self._lost: dict = {}  # login -> id of a block the database lost (None: unknown), until written again
         self._list_changed_at: dict = {}  # login -> (monotonic time, blocked?) of its latest change here
         self._cursor: Optional[int] = None  # the newest change id read
         self._cursor_moved_at = float("-inf")  # monotonic time of the read that moved it last
@@ -141,8 +150,15 @@ class AccountMemory:
     def blocked_count(self) -> int:
         return len(self._blocked)
 
-    def set_blocked(self, login: str, blocked: bool) -> None:
+    def set_blocked(self, login: str, blocked: bool, block_id: Optional[int] = None) -> None:
+        """block_id: the id of the block in the database, when known."""
         with self._blocked_lock:
+            if not blocked:
+                self._block_ids.pop(login, None)
+                self._lost.pop(login, None)
+            elif block_id is not None:
+                self._block_ids[login] = block_id
+                self._lost.pop(login, None)
             if blocked == (login in self._blocked):
                 return
             (self._blocked.add if blocked else self._blocked.discard)(login)
@@ -150,44 +166,82 @@ class AccountMemory:
             # When: a reload or a poll whose read began before does not undo it.
             self._list_changed_at[login] = (time.monotonic(), blocked)
 
-    def _unblock_unless_newer(self, login: str, read_at: float, keep: frozenset) -> None:
+    def lost_blocks(self) -> dict:
+        """login -> id of the block the database lost (None: unknown): still
+        refused, to be written again."""
+        with self._blocked_lock:
+            return dict(self._lost)
+
+    def written_again(self, login: str, block_id: Optional[int]) -> None:
+        """A lost block is in the database again (block_id None: the database
+        had it blocked already, by another daemon or an administrator)."""
+        with self._blocked_lock:
+            self._lost.pop(login, None)
+            if block_id is not None:
+                self._block_ids[login] = block_id
+
+    def _may_unblock(self, login: str, read_at: float, keep: frozenset) -> bool:
         """The database said `login` is not blocked, in a read that began at
-        read_at: believed unless a block came here since (or waits in the spool)."""
+        read_at: to be believed unless a block came here since (or waits in
+        the spool), and only once the database shows the block ended."""
         with self._blocked_lock:
             changed_at, blocked = self._list_changed_at.get(login, (float("-inf"), False))
-        if login not in keep and not (blocked and changed_at >= read_at):
-            self.set_blocked(login, False)
+        return login not in keep and not (blocked and changed_at >= read_at)
+
+    def _settle_unblocks(self, store: Store, unblocked: set, read_at: float, keep: frozenset) -> None:
+        """Of the blocked accounts the database no longer lists: off the list
+        if it recorded their block's end, else among the lost blocks."""
+        unblocked = {login for login in unblocked if login in self._blocked}
+        if not unblocked:
+            return
+        with self._blocked_lock:
+            blocks = {login: self._block_ids.get(login) for login in unblocked}
+        ended = store.ended_blocks(blocks)
+        for login, block_id in blocks.items():
+            if login not in ended:
+                with self._blocked_lock:
+                    if login in self._blocked:
+                        self._lost[login] = block_id
+            elif self._may_unblock(login, read_at, keep):
+                self.set_blocked(login, False)
 
     def reload_blocked(self, store: Store, keep: frozenset = frozenset()) -> None:
         """The whole blocked list from the database (raises its errors), plus
         `keep` (the blocks waiting in the spool).  What changed here while the
-        query ran stands.  The first reload also starts the change log's poll
-        where the list was read."""
+        query ran stands; an account missing from the database's list leaves
+        only if its block ended there.  The first reload also starts the
+        change log's poll where the list was read."""
         started = time.monotonic()
         newest = store.newest_change() if self._cursor is None else None
-        logins = store.enforced_blocks()
+        blocks = store.enforced_blocks()
         with self._blocked_lock:
-            fresh = logins | keep
+            fresh = set(blocks) | keep
             for login, (changed_at, blocked) in list(self._list_changed_at.items()):
                 if changed_at >= started:
                     (fresh.add if blocked else fresh.discard)(login)
                 elif changed_at < started - 2 * BLOCKED_LIST_RELOAD:
                     del self._list_changed_at[login]
+            missing = self._blocked - fresh
+            fresh |= missing  # until the database says why
+            self._block_ids.update(blocks)
+            for login in set(blocks) & set(self._lost):
+                del self._lost[login]
             if fresh != self._blocked:
                 self._blocked, self._blocked_changed = fresh, True
+        self._settle_unblocks(store, missing, started, keep)
         if newest is not None:
             self._move_cursor(newest, started)
 
     def load_blocked_copy(self) -> int:
-        """At start, when the database cannot be asked: the copy on disk."""
+        """At start: the copy on disk (login, a tab and its block's id, a line each)."""
         if not self.blocked_file or not os.path.lexists(self.blocked_file):
             return 0
         descriptor = os.open(self.blocked_file, os.O_RDONLY | os.O_NOFOLLOW)
         with open(descriptor, encoding="utf-8", errors="replace") as copy:
-            logins = {line.rstrip("\n") for line in copy if line.strip()}
-        with self._blocked_lock:
-            self._blocked |= logins
-        return len(logins)
+            blocks = dict(_copy_line(line.rstrip("\n")) for line in copy if line.strip())
+        for login, block_id in blocks.items():
+            self.set_blocked(login, True, block_id)
+        return len(blocks)
 
     def save_blocked_copy(self) -> None:
         """Rewrite the copy on disk if the list changed (a new file of pcc's
@@ -195,9 +249,11 @@ class AccountMemory:
         if not self.blocked_file or not self._blocked_changed:
             return
         with self._blocked_lock:
-            logins, self._blocked_changed = sorted(self._blocked), False
+            lines = [f"{login}\t{self._block_ids[login]}\n" if login in self._block_ids else f"{login}\n"
+                     for login in sorted(self._blocked)]
+            self._blocked_changed = False
         try:
-            replace_with_lines(self.blocked_file, (login + "\n" for login in logins), 0o640)
+            replace_with_lines(self.blocked_file, lines, 0o640)
         except OSError as error:
             self._blocked_changed = True  # try again next time
             log.error("the blocked list's copy %s cannot be written (%s): a restart while the database is down "
@@ -228,42 +284,54 @@ class AccountMemory:
         started = time.monotonic()
         try:
             if self._cursor is None or started - self._cursor_moved_at > CHANGES_RESYNC_AFTER:
-                self._start_over(store, keep, started)
+                self._start_over(store, keep, started, self._cursor is not None and
+                                 f"no poll of the database's changes for {started - self._cursor_moved_at:.0f} s")
             settling = self._polls % CHANGES_SETTLE_EVERY == 0
             changes = store.changes_after(self._settled_cursor(started) if settling else self._cursor or 0)
+            if 0 < changes.newest < (self._cursor or 0):
+                self._start_over(store, keep, started, (
+                    f"the database's change log went back from id {self._cursor} to {changes.newest}: it lost "
+                    "writes (a failover to a standby that was behind, or a restore from a backup?)"))
+                changes = store.changes_after(self._cursor or 0)
+            self._polls += 1
+            self._settle_unblocks(store, self.apply(changes, started, keep), started, keep)
         except sa_exc.SQLAlchemyError as error:
             log.debug("poll of database changes failed: %s", first_line(error))
             return None
-        self._polls += 1
-        self.apply(changes, started, keep)
         self._polled_at = started
         return changes
 
-    def _start_over(self, store: Store, keep: frozenset, started: float) -> None:
-        if self._cursor is not None:
-            log.warning("no poll of the database's changes for %.0f s: reading the blocked list again and "
-                        "forgetting the accounts' histories", started - self._cursor_moved_at)
+    def _start_over(self, store: Store, keep: frozenset, started: float, why) -> None:
+        """Read the blocked list whole and the change log from its newest id."""
+        if why:
+            log.warning("%s: reading the blocked list again and forgetting the accounts' histories", why)
         self._cursor = None
+        self._cursor_marks.clear()  # ids read before may be the database's again, for other rows
+        self._applied.clear()
         self.histories.clear()
         self.reload_blocked(store, keep)
 
-    def apply(self, changes: DatabaseChanges, read_at: float, keep: frozenset = frozenset()) -> None:
+    def apply(self, changes: DatabaseChanges, read_at: float, keep: frozenset = frozenset()) -> set:
         """Forget every account another writer changed; put it on the blocked
-        list or take it off as the database has it now."""
+        list as the database has it now.  Returns those the database no longer
+        lists as blocked, whose block's end is still to be seen."""
         fresh = [(change_id, login) for change_id, login in changes.changes if change_id not in self._applied]
         for change_id, _login in fresh:
             self._applied[change_id] = read_at
         changed = {login for _change_id, login in fresh}
-        states = {login: (blocked_since, action) for login, blocked_since, action in changes.accounts}
+        states = {login: (blocked_since, action, block_id)
+                  for login, blocked_since, action, block_id in changes.accounts}
+        unblocked = set()
         for login in changed:
             self.histories.forget(login)
-            blocked_since, action = states.get(login, (None, None))
+            blocked_since, action, block_id = states.get(login, (None, None, None))
             if blocked_since is not None and action != MONITOR_ACTION:
-                self.set_blocked(login, True)  # blocked by another daemon or an administrator
-            else:
-                self._unblock_unless_newer(login, read_at, keep)
+                self.set_blocked(login, True, block_id)  # blocked by another daemon or an administrator
+            elif self._may_unblock(login, read_at, keep):
+                unblocked.add(login)
         newest = max([changes.newest] + [change_id for change_id, _login in changes.changes])
         self._move_cursor(max(newest, self._cursor or 0), read_at)
+        return unblocked
 
     def _move_cursor(self, cursor: int, now: float) -> None:
         self._cursor, self._cursor_moved_at = cursor, now
@@ -292,3 +360,9 @@ class AccountMemory:
                 break
             trimmable = marked
         return trimmable
+
+
+def _copy_line(line: str) -> tuple:
+    """(login, block id or None) from a line of the blocked list's copy."""
+    login, _tab, block_id = line.rpartition("\t")
+    return (login, int(block_id)) if login and block_id.isdigit() else (line, None)

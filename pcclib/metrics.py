@@ -39,6 +39,9 @@ class Metrics:
         self._latency = Histogram("pcc_request_duration_seconds", "Time from a whole request to its answer",
                                   buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.8,
                                            1.0, 2.5), registry=self.registry)
+        self._restored = Counter("pcc_blocks_restored", "Blocks the database lost (no unblock recorded there: a "
+                                 "failover to a standby behind, a restore from a backup), written again",
+                                 registry=self.registry)
         self._database_errors = Counter("pcc_database_errors", "Database operations that failed",
                                         registry=self.registry)
         self._no_country = Counter("pcc_geoip_lookups_without_country", "Counted requests whose client address "
@@ -124,6 +127,10 @@ class Metrics:
         (delivered, failed, dropped)."""
         if self.enabled:
             self._responses.labels(channel, outcome).inc()
+
+    def block_restored(self) -> None:
+        if self.enabled:
+            self._restored.inc()
 
     def database_failed(self) -> None:
         if self.enabled:

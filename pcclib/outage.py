@@ -245,7 +245,7 @@ class OutageJournal:
             log.warning("block of %s decided during the database outage is now written%s", entry["login"],
                         "" if block_id else " (it was blocked already)")
             if block_id is not None:
-                on_new_block(entry)
+                on_new_block(entry, block_id)
 
     def release_block(self, entry: dict) -> None:
         """The block's own transaction failed: replay it like any other."""

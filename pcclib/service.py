@@ -307,6 +307,8 @@ class PolicyService:
             if block_id is None:
                 return replaced(decision, new_block=False,
                                 reason=decision.reason + " (already blocked by a concurrent request)")
+            if decision.blocks:  # its id: were the database to lose it, pcc would know which (upkeep.py)
+                self.memory.set_blocked(login, True, block_id)
             for code in decision.sighted[1:]:  # the COUNT lists' markers, for -s and the next window
                 self.database.sightings.add(login, CountrySeen(code, now, now, ip))
             self._count_block(request, decision, action)

@@ -263,7 +263,7 @@ class DatabaseChanges:
 
     newest: int  # the highest change id the database had when asked (0: none)
     changes: Sequence  # (id, login) written by others
-    accounts: Sequence  # (login, blocked_since, action of the block in force) of those logins that have a row
+    accounts: Sequence  # (login, blocked_since, action and id of the block in force) of those logins that have a row
     database_now: dt.datetime  # the database's clock when asked
 
 
@@ -595,7 +595,7 @@ class Store:
             accounts: list = []
             for start in range(0, len(logins), IN_LIST_SIZE):
                 accounts += connection.execute(
-                    sa.select(BlockedAccount.login, BlockedAccount.blocked_since, Block.action)
+                    sa.select(BlockedAccount.login, BlockedAccount.blocked_since, Block.action, BlockedAccount.block_id)
                     .outerjoin(Block, Block.id == BlockedAccount.block_id)
                     .where(BlockedAccount.login.in_(logins[start:start + IN_LIST_SIZE]))
                 ).all()
@@ -674,15 +674,34 @@ class Store:
 
     # --- what the daemon reads of the blocked list ------------------------------
 
-    def enforced_blocks(self) -> set:
-        """The logins of every account blocked for real (not only flagged by
-        monitor mode): what each daemon keeps whole in memory."""
+    def enforced_blocks(self) -> dict:
+        """The accounts blocked for real (not only flagged by monitor mode),
+        each with its block's id: what each daemon keeps whole in memory."""
         with self.fast_engine.connect() as connection:
             rows = connection.execute(
-                sa.select(BlockedAccount.login).join(Block, Block.id == BlockedAccount.block_id)
+                sa.select(BlockedAccount.login, BlockedAccount.block_id).join(Block, Block.id == BlockedAccount.block_id)
                 .where(BlockedAccount.blocked_since.is_not(None), Block.action != MONITOR_ACTION)
-            ).scalars().all()
-        return set(rows)
+            ).all()
+        return dict(rows)
+
+    def ended_blocks(self, blocks: dict) -> set:
+        """Of `blocks` (login -> the id of its block as a daemon learnt it, None
+        if it never did), the logins whose block the database has ended (an
+        unblock): that row, or for an unknown id the login's newest block.  A
+        login whose row is missing, or not ended, was lost by the database (a
+        failover to a standby behind, a restore from a backup)."""
+        logins = sorted(blocks)
+        rows: list = []
+        with self.fast_engine.connect() as connection:
+            for start in range(0, len(logins), IN_LIST_SIZE):
+                rows += connection.execute(
+                    sa.select(Block.login, Block.id, Block.unblocked_at)
+                    .where(Block.login.in_(logins[start:start + IN_LIST_SIZE])).order_by(Block.id)
+                ).all()
+        ended = {(login, block_id): unblocked_at is not None for login, block_id, unblocked_at in rows}
+        newest = {login: block_id for login, block_id, _unblocked_at in rows}  # rows in id order
+        return {login for login, block_id in blocks.items()
+                if ended.get((login, newest.get(login) if block_id is None else block_id), False)}
 
     def count_blocked(self) -> dict:
         """{"enforce": blocked accounts, "monitor": accounts only flagged}."""

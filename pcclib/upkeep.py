@@ -3,26 +3,36 @@ the ports open and read again every BLOCKED_LIST_RELOAD seconds, its copy on
 disk, the poll of the change log every CHANGES_POLL_INTERVAL (which keeps the
 database's clock too), and the change log trimmed.  The timings are
 memory.py's, beside what they keep current.
+
+And the other way: a block the database lost (memory.AccountMemory.lost_blocks:
+a failover to a standby that was behind, a restore from a backup) is written
+again, with an ERROR line and pcc_blocks_restored_total; refused meanwhile.
 """
 from __future__ import annotations
 
 import threading
 import time
+from typing import Callable
 
 from sqlalchemy import exc as sa_exc
 
-from .common import first_line, log, start_thread
-from .config import MONITOR_ACTION
+from .common import first_line, log, start_thread, utcnow
+from .config import MONITOR_ACTION, Settings
 from .database import Database
 from .memory import BLOCKED_LIST_RELOAD, CHANGES_POLL_INTERVAL, AccountMemory
+
+# Lost blocks written again named one ERROR line each, this many a round; the
+# rest in one line (a daemon pointed at an empty database restores them all).
+RESTORED_LINES_PER_ROUND = 20
 
 
 class MemoryUpkeep:
     """The helpers that keep AccountMemory in step with the database."""
 
-    def __init__(self, memory: AccountMemory, database: Database):
+    def __init__(self, memory: AccountMemory, database: Database, settings: Callable[[], Settings]):
         self.memory = memory
         self.database = database
+        self.settings = settings  # those in force: a reload replaces them
         self._trim_failing = False
 
     def start(self, stopping: threading.Event) -> None:
@@ -35,6 +45,9 @@ class MemoryUpkeep:
         spool either way."""
         database, memory = self.database, self.memory
         problem = "it failed at start" if database.outage.failing else ""
+        # The copy first: an account on it that the database lacks stays
+        # blocked unless the database ended its block while pcc was down.
+        loaded = memory.load_blocked_copy()
         if not problem:
             try:
                 database.ensure()
@@ -44,13 +57,14 @@ class MemoryUpkeep:
                 problem = first_line(error)
         source = "the database"
         if problem:
-            loaded = memory.load_blocked_copy()
             source = (f"{memory.blocked_file or 'nowhere (no spool_file)'}, {loaded} accounts (the database "
                       f"cannot be asked: {problem})")
         for entry in database.journal.entries():
             if entry["action"] != MONITOR_ACTION:
                 memory.set_blocked(entry["login"], True)
         log.info("blocked list: %d accounts, from %s and the spool", memory.blocked_count(), source)
+        if not problem:
+            self.restore_lost_blocks()
         memory.save_blocked_copy()
 
     def _keep_blocked_list(self, stopping: threading.Event) -> None:
@@ -63,6 +77,7 @@ class MemoryUpkeep:
                     self.memory.reload_blocked(database.store, database.journal.blocked_logins())
                 except sa_exc.SQLAlchemyError as error:
                     log.debug("blocked list reload failed: %s", first_line(error))
+            self.restore_lost_blocks()
             self.memory.save_blocked_copy()
 
     def _poll_changes_until(self, stopping: threading.Event) -> None:
@@ -80,7 +95,36 @@ class MemoryUpkeep:
         if changes is None:
             return False
         database.clock.measured(changes.database_now, asked, time.time())
+        self.restore_lost_blocks()
         return True
+
+    def restore_lost_blocks(self) -> None:
+        """Write again the blocks the database lost; what fails waits for the
+        next round (the accounts stay refused meanwhile)."""
+        lost = self.memory.lost_blocks()
+        if not lost or self.database.outage.failing:
+            return
+        restored: list = []  # (login, lost id, new id)
+        for login, block_id in sorted(lost.items()):
+            try:
+                new_id = self.database.store.record_block(
+                    login, utcnow(), source="restored", action=self.settings().action, countries=[],
+                    reason=f"written again: the database lost block #{block_id} (no unblock recorded there)")
+            except sa_exc.SQLAlchemyError as error:
+                log.error("%d blocks the database lost cannot be written again yet (the accounts stay refused): %s",
+                          len(lost) - len(restored), first_line(error))
+                break
+            self.memory.written_again(login, new_id)
+            restored.append((login, block_id, new_id))
+        for login, block_id, new_id in restored[:RESTORED_LINES_PER_ROUND]:
+            self.database.metrics.block_restored()
+            log.error("%s: the database lost its block (#%s; no unblock recorded there: a failover to a standby "
+                      "that was behind, or a restore from a backup?); %s", login, block_id,
+                      f"written again as block #{new_id}" if new_id else "blocked there again meanwhile")
+        for _restored in restored[RESTORED_LINES_PER_ROUND:]:
+            self.database.metrics.block_restored()
+        if len(restored) > RESTORED_LINES_PER_ROUND:
+            log.error("and %d more blocks the database lost, written again", len(restored) - RESTORED_LINES_PER_ROUND)
 
     def trim_changes(self) -> None:
         """Delete the change log's rows every daemon has long read."""

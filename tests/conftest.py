@@ -369,10 +369,10 @@ def daemon_parts(settings: Settings, store=None, geoip: Optional[GeoIP] = None, 
                        geoip or GeoIP(settings.geoip_database), Notifier(settings), **options)
 
 
-def daemon_with_memory(settings: Settings, store, geoip: GeoIP):
+def daemon_with_memory(settings: Settings, store, geoip: GeoIP, **options):
     """daemon_parts() with the blocked list loaded, as before a port opens:
     the poll of changes starts where the list was read."""
-    parts = daemon_parts(settings, store, geoip)
+    parts = daemon_parts(settings, store, geoip, **options)
     parts.upkeep.load_blocked_list()
     return parts
 
