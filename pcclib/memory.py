@@ -196,12 +196,14 @@ class AccountMemory:
             return
         with self._blocked_lock:
             blocks = {login: self._block_ids.get(login) for login in unblocked}
-        ended = store.ended_blocks(blocks)
+        known = store.ended_blocks(blocks)
         for login, block_id in blocks.items():
-            if login not in ended:
+            if login not in known:
                 with self._blocked_lock:
                     if login in self._blocked:
                         self._lost[login] = block_id
+            elif known[login] is not None:  # blocked after all (written since the list was read)
+                self.set_blocked(login, True, known[login])
             elif self._may_unblock(login, read_at, keep):
                 self.set_blocked(login, False)
 

@@ -26,6 +26,12 @@ DB_PROBE_INTERVAL = 1.0
 # While the database fails, an ERROR line this often (seconds).
 OUTAGE_REPORT_INTERVAL = 60.0
 
+# The replay rewrites the spool after this many blocks are written (and at its
+# end), not after each: a crash between costs writing some again (harmless,
+# they are blocked already); a rewrite per block made a spool of a thousand
+# blocks take half a minute.
+SPOOL_REWRITE_EVERY = 100
+
 # A spooled block's keys and their types: an entry without them is set aside.
 SPOOL_ENTRY_KEYS = {"login": str, "at": str, "action": str, "reason": str, "countries": list,
                     "trigger": dict, "sighting": list}
@@ -225,27 +231,44 @@ class OutageJournal:
             self._replaying.release()
 
     def _replay(self, store: "Store", on_new_block) -> None:
-        with self._lock:
-            blocks = [entry for entry in self._blocks if id(entry) not in self._in_flight]
-        for entry in blocks:
-            try:
-                block_id = store.record_block(
-                    entry["login"], dt.datetime.fromisoformat(entry["at"]), source=entry.get("source", "policy"),
-                    action=entry["action"], reason=entry["reason"], countries=entry["countries"],
-                    trigger=entry["trigger"],
-                    sighting=tuple(entry["sighting"]) if entry["sighting"][0] else None,
-                    replace_flag=entry.get("replaces_flag", False))
-            except sa_exc.SQLAlchemyError as error:
-                if not is_data_error(error):
-                    raise  # the database is down again: everything stays for the next try
-                self._set_aside(json.dumps(entry), f"refused by the database: {first_line(error)}")
-                self.discard_block(entry)
-                continue
-            self.discard_block(entry)
-            log.warning("block of %s decided during the database outage is now written%s", entry["login"],
-                        "" if block_id else " (it was blocked already)")
-            if block_id is not None:
-                on_new_block(entry, block_id)
+        """Until none is left: the blocks spooled while it ran too (no request
+        may come to start another replay)."""
+        while True:
+            with self._lock:
+                blocks = [entry for entry in self._blocks if id(entry) not in self._in_flight]
+            if not blocks:
+                return
+            self._replay_these(store, blocks, on_new_block)
+
+    def _replay_these(self, store: "Store", blocks: list, on_new_block) -> None:
+        written: list = []  # or set aside
+        try:
+            for entry in blocks:
+                self._replay_one(store, entry, on_new_block)
+                written.append(entry)
+                if len(written) >= SPOOL_REWRITE_EVERY:
+                    self.discard_blocks(written)
+                    written = []
+        finally:
+            self.discard_blocks(written)
+
+    def _replay_one(self, store: "Store", entry: dict, on_new_block) -> None:
+        try:
+            block_id = store.record_block(
+                entry["login"], dt.datetime.fromisoformat(entry["at"]), source=entry.get("source", "policy"),
+                action=entry["action"], reason=entry["reason"], countries=entry["countries"],
+                trigger=entry["trigger"],
+                sighting=tuple(entry["sighting"]) if entry["sighting"][0] else None,
+                replace_flag=entry.get("replaces_flag", False))
+        except sa_exc.SQLAlchemyError as error:
+            if not is_data_error(error):
+                raise  # the database is down again: everything stays for the next try
+            self._set_aside(json.dumps(entry), f"refused by the database: {first_line(error)}")
+            return
+        log.warning("block of %s decided during the database outage is now written%s", entry["login"],
+                    "" if block_id else " (it was blocked already)")
+        if block_id is not None:
+            on_new_block(entry, block_id)
 
     def release_block(self, entry: dict) -> None:
         """The block's own transaction failed: replay it like any other."""
@@ -254,9 +277,15 @@ class OutageJournal:
 
     def discard_block(self, entry: dict) -> None:
         """Forget a spooled block that is in the database now."""
+        self.discard_blocks([entry])
+
+    def discard_blocks(self, entries: list) -> None:
+        """Forget spooled blocks that are in the database now (or set aside):
+        the spool rewritten once."""
+        gone = {id(entry) for entry in entries}
         with self._lock:
-            self._in_flight.discard(id(entry))
-            kept = [block for block in self._blocks if block is not entry]
+            self._in_flight -= gone
+            kept = [block for block in self._blocks if id(block) not in gone]
             if len(kept) != len(self._blocks):
                 self._blocks = kept
                 self._rewrite_spool()

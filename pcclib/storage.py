@@ -684,24 +684,35 @@ class Store:
             ).all()
         return dict(rows)
 
-    def ended_blocks(self, blocks: dict) -> set:
+    def ended_blocks(self, blocks: dict) -> dict:
         """Of `blocks` (login -> the id of its block as a daemon learnt it, None
-        if it never did), the logins whose block the database has ended (an
-        unblock): that row, or for an unknown id the login's newest block.  A
-        login whose row is missing, or not ended, was lost by the database (a
-        failover to a standby behind, a restore from a backup)."""
+        if it never did), those the database (asked again) has blocked, login ->
+        the id, and those whose block it ended (an unblock), login -> None: that
+        row, or for an unknown id the login's newest block.  A login in neither
+        was lost by the database (a failover to a standby behind, a restore
+        from a backup)."""
         logins = sorted(blocks)
         rows: list = []
+        blocked: dict = {}
         with self.fast_engine.connect() as connection:
             for start in range(0, len(logins), IN_LIST_SIZE):
+                chunk = logins[start:start + IN_LIST_SIZE]
+                blocked.update(connection.execute(
+                    sa.select(BlockedAccount.login, BlockedAccount.block_id)
+                    .join(Block, Block.id == BlockedAccount.block_id)
+                    .where(BlockedAccount.login.in_(chunk), BlockedAccount.blocked_since.is_not(None),
+                           Block.action != MONITOR_ACTION)).all())
                 rows += connection.execute(
                     sa.select(Block.login, Block.id, Block.unblocked_at)
-                    .where(Block.login.in_(logins[start:start + IN_LIST_SIZE])).order_by(Block.id)
+                    .where(Block.login.in_(chunk)).order_by(Block.id)
                 ).all()
         ended = {(login, block_id): unblocked_at is not None for login, block_id, unblocked_at in rows}
         newest = {login: block_id for login, block_id, _unblocked_at in rows}  # rows in id order
-        return {login for login, block_id in blocks.items()
-                if ended.get((login, newest.get(login) if block_id is None else block_id), False)}
+        known = dict(blocked)
+        for login, block_id in blocks.items():
+            if login not in known and ended.get((login, newest.get(login) if block_id is None else block_id), False):
+                known[login] = None
+        return known
 
     def count_blocked(self) -> dict:
         """{"enforce": blocked accounts, "monitor": accounts only flagged}."""

@@ -21,8 +21,9 @@ from .config import MONITOR_ACTION, Settings
 from .database import Database
 from .memory import BLOCKED_LIST_RELOAD, CHANGES_POLL_INTERVAL, AccountMemory
 
-# Lost blocks written again named one ERROR line each, this many a round; the
-# rest in one line (a daemon pointed at an empty database restores them all).
+# Lost blocks written again: one ERROR line each for this many a round, the
+# rest named this many to a line (a daemon pointed at an empty database
+# restores them all).
 RESTORED_LINES_PER_ROUND = 20
 
 
@@ -34,6 +35,7 @@ class MemoryUpkeep:
         self.database = database
         self.settings = settings  # those in force: a reload replaces them
         self._trim_failing = False
+        self._restoring = threading.Lock()  # the poll's thread and the blocked list's both restore
 
     def start(self, stopping: threading.Event) -> None:
         start_thread(self._poll_changes_until, "pcc-changes", stopping)
@@ -101,9 +103,16 @@ class MemoryUpkeep:
     def restore_lost_blocks(self) -> None:
         """Write again the blocks the database lost; what fails waits for the
         next round (the accounts stay refused meanwhile)."""
-        lost = self.memory.lost_blocks()
-        if not lost or self.database.outage.failing:
+        if not self.memory.lost_blocks() or self.database.outage.failing:
             return
+        if not self._restoring.acquire(blocking=False):
+            return  # the other thread is at it
+        try:
+            self._restore(self.memory.lost_blocks())
+        finally:
+            self._restoring.release()
+
+    def _restore(self, lost: dict) -> None:
         restored: list = []  # (login, lost id, new id)
         for login, block_id in sorted(lost.items()):
             try:
@@ -115,16 +124,22 @@ class MemoryUpkeep:
                           len(lost) - len(restored), first_line(error))
                 break
             self.memory.written_again(login, new_id)
-            restored.append((login, block_id, new_id))
+            if new_id is None:
+                log.info("%s: its lost block is in the database again (another daemon or an administrator wrote "
+                         "it first)", login)
+            else:
+                restored.append((login, block_id, new_id))
         for login, block_id, new_id in restored[:RESTORED_LINES_PER_ROUND]:
             self.database.metrics.block_restored()
             log.error("%s: the database lost its block (#%s; no unblock recorded there: a failover to a standby "
-                      "that was behind, or a restore from a backup?); %s", login, block_id,
-                      f"written again as block #{new_id}" if new_id else "blocked there again meanwhile")
-        for _restored in restored[RESTORED_LINES_PER_ROUND:]:
+                      "that was behind, or a restore from a backup?); written again as block #%d", login, block_id,
+                      new_id)
+        rest = restored[RESTORED_LINES_PER_ROUND:]
+        for _restored in rest:
             self.database.metrics.block_restored()
-        if len(restored) > RESTORED_LINES_PER_ROUND:
-            log.error("and %d more blocks the database lost, written again", len(restored) - RESTORED_LINES_PER_ROUND)
+        for start in range(0, len(rest), RESTORED_LINES_PER_ROUND):
+            log.error("the database lost the blocks of these accounts too, written again: %s",
+                      ", ".join(login for login, _block_id, _new_id in rest[start:start + RESTORED_LINES_PER_ROUND]))
 
     def trim_changes(self) -> None:
         """Delete the change log's rows every daemon has long read."""

@@ -76,3 +76,35 @@ def test_one_probe_a_second_while_it_fails(outage):
     clock.now += DB_PROBE_INTERVAL
     assert state.probe_due()
     assert not state.probe_due()  # the next request within the second decides from memory
+
+
+def test_the_replay_writes_the_blocks_spooled_while_it_ran(tmp_path):
+    """No request may come after the database is back: a block spooled while
+    the replay wrote the others is written by the same replay, and the spool
+    is left empty."""
+    from conftest import blocked_logins, spool_entry
+
+    from pcclib.outage import SPOOL_REWRITE_EVERY, OutageJournal
+    from pcclib.storage import Store
+
+    url = f"sqlite:///{tmp_path}/pcc.sqlite3"
+    store = Store(url)
+    store.create_tables()
+    journal = OutageJournal(str(tmp_path / "spool.jsonl"))
+    first = [f"user{n}@example.com" for n in range(SPOOL_REWRITE_EVERY + 5)]
+    for login in first:
+        journal.add_block(spool_entry(login))
+    record_block = store.record_block
+
+    def spooled_meanwhile(login, *args, **kwargs):
+        if login == first[-1]:
+            journal.add_block(spool_entry("late@example.com"))
+        return record_block(login, *args, **kwargs)
+
+    store.record_block = spooled_meanwhile
+    written = []
+    journal.replay(store, lambda entry, block_id: written.append((entry["login"], block_id)))
+    assert blocked_logins(url) == set(first) | {"late@example.com"}
+    assert [login for login, _block_id in written] == first + ["late@example.com"]
+    assert not journal.pending() and (tmp_path / "spool.jsonl").read_text() == ""
+    store.dispose()
