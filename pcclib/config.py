@@ -466,6 +466,19 @@ def _geoip_database_type(config: _ConfigReader, path: str) -> str:
     return metadata.database_type
 
 
+def prepare_threshold_of(url: sa.engine.URL, default: Optional[int]) -> tuple:
+    """(the URL without pcc's ?prepare_threshold=, psycopg's prepare_threshold:
+    a count, or None for never; `default` when not given).  ValueError for a
+    value that is neither."""
+    given = url.query.get("prepare_threshold")
+    if given is None:
+        return url, default
+    value = (given if isinstance(given, str) else given[-1]).lower()
+    if value not in ("none", "off") and not value.isdigit():
+        raise ValueError(f"prepare_threshold={value} is neither none nor a count")
+    return url.difference_update_query(["prepare_threshold"]), None if value in ("none", "off") else int(value)
+
+
 def database_url_problem(dbcon: str) -> str:
     """Why [db] dbcon cannot be used as written, or "": what SQLAlchemy would
     take and libpq then fail on (a host it cannot resolve), or take and
@@ -478,6 +491,13 @@ def database_url_problem(dbcon: str) -> str:
     except ValueError:  # its port is no number: most often several hosts in the address
         return f"has a port that is not a number; {several}" if "," in dbcon.partition("?")[0] \
             else "has a port that is not a number"
+    if "prepare_threshold" in url.query:
+        if url.drivername != "postgresql+psycopg":
+            return "has prepare_threshold=, which only postgresql+psycopg:// takes"
+        try:
+            prepare_threshold_of(url, None)
+        except ValueError as error:
+            return f"has {error} (none: never prepare statements, as PgBouncer's transaction pooling needs)"
     if url.get_backend_name() != "postgresql":
         return ""
     given = url.query.get("host", ())

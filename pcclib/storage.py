@@ -22,7 +22,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from .common import UTC, first_line, log, set_clock_offset, utcnow
-from .config import MONITOR_ACTION, ConfigError, Settings
+from .config import MONITOR_ACTION, ConfigError, Settings, prepare_threshold_of
 from .decision import AccountHistory, CountrySeen
 from .protocol import MAX_LOGIN_LENGTH
 
@@ -40,6 +40,16 @@ CLOCK_WARN_OFFSET = 2.0
 # of the last CLOCK_SAMPLES readings counts, and it moves the offset in force
 # only when that lies outside what the reading allows.
 CLOCK_SAMPLES = 8
+
+# psycopg prepares a statement on the server once a connection has run it
+# this often (its default).  Behind PgBouncer in transaction pooling (before
+# its max_prepared_statements, 1.21) a client's statements run on whichever
+# server connection the pool hands it, and preparing fails ("prepared
+# statement ... already exists" / "does not exist"): dbcon's
+# ?prepare_threshold=none turns preparing off, and so does the first such
+# error (these SQLSTATEs), with a WARNING.
+PREPARE_THRESHOLD = 5
+PREPARED_STATEMENT_ERRORS = ("42P05", "26000")
 
 
 class UTCDateTime(sa.types.TypeDecorator):
@@ -326,6 +336,9 @@ class Store:
 
     def __init__(self, url: str, create_directory: bool = True):
         self.url = sa.engine.make_url(url)
+        # Whether psycopg may prepare statements: dbcon's ?prepare_threshold
+        # (pcc's to read, not libpq's), until the server shows it cannot.
+        self.url, self.prepare_threshold = prepare_threshold_of(self.url, PREPARE_THRESHOLD)
         options = self._engine_options(create_directory)
         self.engine = sa.create_engine(self.url, **options)
         # The hot path (one read, now and then one upsert) runs in autocommit on
@@ -336,6 +349,10 @@ class Store:
         else:
             self.fast_engine = sa.create_engine(self.url, isolation_level="AUTOCOMMIT",
                                                 pool_reset_on_return=None, **options)
+        if self.url.drivername == "postgresql+psycopg":
+            for engine in {self.engine, self.fast_engine}:
+                sa.event.listen(engine, "checkout", self._set_prepare_threshold)
+                sa.event.listen(engine, "handle_error", self._stop_preparing_if_pooled)
         if self.url.get_backend_name() == "sqlite":
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
             if self.fast_engine is not self.engine:
@@ -350,6 +367,21 @@ class Store:
         self._history_query = self._build_history_query()
         self._sighting_merge = self._build_sighting_merge()
         self._prepare_raw_history_query()
+
+    def _set_prepare_threshold(self, dbapi_connection, _record, _proxy) -> None:
+        dbapi_connection.prepare_threshold = self.prepare_threshold
+
+    def _stop_preparing_if_pooled(self, context) -> None:
+        """A statement the server does not hold as prepared, or holds twice:
+        statements are prepared no more, on any connection (each checkout
+        sets it), and the administrator is told once."""
+        if getattr(context.original_exception, "sqlstate", None) not in PREPARED_STATEMENT_ERRORS \
+                or self.prepare_threshold is None:
+            return
+        self.prepare_threshold = None
+        log.warning("database %s forgets or mixes up prepared statements (%s), as PgBouncer does in transaction "
+                    "pooling: pcc prepares none from now on (add ?prepare_threshold=none to [db] dbcon to say so "
+                    "from the start, or use session pooling)", safe_url(self.url), first_line(context.original_exception))
 
     def _engine_options(self, create_directory: bool) -> dict:
         backend = self.url.get_backend_name()

@@ -54,6 +54,8 @@ FORMS_REFUSED = {
                                                "the query",
     f"{PG}/test?host=127.0.0.1:5440&host=127.0.0.1:5432": "without target_session_attrs=read-write",
     f"{PG}/test?host=127.0.0.1,127.0.0.1&port=5440,5432": "without target_session_attrs=read-write",
+    f"{PG}127.0.0.1/test?prepare_threshold=never": "has prepare_threshold=never is neither none nor a count",
+    "mysql+pymysql://root@127.0.0.1/test?prepare_threshold=none": "which only postgresql+psycopg:// takes",
 }
 
 

@@ -21,7 +21,7 @@ import time
 
 import pytest
 import sqlalchemy as sa
-from conftest import IN_CI, TcpProxy, free_port, ip_in, scrape, unavailable
+from conftest import TcpProxy, free_port, ip_in, scrape, unavailable
 
 from pcclib.storage import BlockedAccount
 
@@ -35,11 +35,11 @@ TRAFFIC_AFTER_PROMOTE = 4.0
 
 
 def postgresql_binaries() -> str:
+    if os.environ.get("PCC_CI_ROOT") == "debian13":
+        pytest.skip("a failover is tried on the host only (the Debian 13 root has no PostgreSQL server)")
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
     if not found:
-        if IN_CI and os.path.exists("/usr/lib/postgresql"):
-            pytest.fail("PostgreSQL's binaries are not under /usr/lib/postgresql/*/bin, and CI must test a failover")
-        pytest.skip("PostgreSQL's server binaries are not on this machine (the Debian 13 root: host only)")
+        unavailable("PostgreSQL's server binaries (/usr/lib/postgresql/*/bin)")
     return os.path.dirname(found[-1])
 
 
