@@ -11,8 +11,10 @@ asynchronous one is under load), the blocks the new primary never received
 are written again by pcc, each with its ERROR line and counted, and go on
 being refused.  The timeline is printed (pytest -s) for the record.
 """
+import datetime as dt
 import glob
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -206,14 +208,15 @@ def failover(start_daemon, cluster, lagging: bool):
     if lagging:
         cluster.replication.cut("refuse")
         time.sleep(CUT_BEFORE_KILL)
-    killed = time.monotonic()
+    killed, killed_wall = time.monotonic(), time.time()
     cluster.kill_primary()
     time.sleep(PROMOTE_AFTER_KILL)
-    promoted = time.monotonic()
+    promoted, promoted_wall = time.monotonic(), time.time()  # pg_ctl promote asked (it returns once done)
     cluster.promote()
     time.sleep(TRAFFIC_AFTER_PROMOTE)
     traffic.stop()
-    return daemon, traffic, metrics_port, {"began": began, "killed": killed, "promoted": promoted}
+    return daemon, traffic, metrics_port, {"began": began, "killed": killed, "promoted": promoted,
+                                           "killed_wall": killed_wall, "promoted_wall": promoted_wall}
 
 
 def on_new_primary_within(cluster, refused: set, seconds: float) -> set:
@@ -224,6 +227,12 @@ def on_new_primary_within(cluster, refused: set, seconds: float) -> set:
         if not missing or time.monotonic() > deadline:
             return missing
         time.sleep(0.2)
+
+
+def foreign_lines(log: str) -> list:
+    """Lines on the daemon's stderr that are not pcc's log lines (a driver's
+    own message, a traceback)."""
+    return [line for line in log.splitlines() if not re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ pcc\[", line)]
 
 
 def unusual_lines(log: str) -> str:
@@ -243,13 +252,25 @@ def named_as_lost(log: str) -> set:
     return lost
 
 
+def logged_at(line: str) -> float:
+    """The wall-clock time of a log line of pcc's ("2026-12-06 22:59:46,346 pcc[...]")."""
+    stamp = dt.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+    return stamp.timestamp()
+
+
 def report(name: str, daemon, traffic, times: dict, extra: str = "") -> None:
-    log = daemon.log()
-    back = next((line for line in log.splitlines() if " is back; pcc answers from it again" in line), "")
+    """The timeline, from the kill: the outage's start, the promotion, pcc back on the new primary."""
+    lines = daemon.log().splitlines()
+    killed = times["killed_wall"]
+    failed = next((logged_at(line) for line in lines if " failed, answering from memory" in line
+                   and logged_at(line) >= killed - 1), None)
+    back = next((logged_at(line) for line in lines if " is back; pcc answers from it again" in line
+                 and logged_at(line) >= times["promoted_wall"] - 0.5), None)
     slowest, when = traffic.slowest
-    print(f"\n{name}: {traffic.answers} answers, {len(traffic.refused)} accounts refused; primary killed at "
-          f"{times['killed'] - times['began']:.1f} s, standby promoted at {times['promoted'] - times['began']:.1f} s; "
-          f"slowest answer {slowest:.3f} s at {when - times['began']:.1f} s{extra}\n  {back}")
+    print(f"\n{name}: {traffic.answers} answers, {len(traffic.refused)} accounts refused; from the kill: "
+          f"outage at {failed - killed if failed else float('nan'):+.2f} s, promoted at "
+          f"{times['promoted_wall'] - killed:+.2f} s, back at {back - killed if back else float('nan'):+.2f} s; "
+          f"slowest answer {slowest:.3f} s, at {when - times['killed']:+.1f} s{extra}")
 
 
 def test_a_failover_to_a_streaming_standby_loses_no_answer_and_no_block(start_daemon, cluster):
@@ -257,6 +278,7 @@ def test_a_failover_to_a_streaming_standby_loses_no_answer_and_no_block(start_da
     report("failover", daemon, traffic, times)
     assert not traffic.failures, traffic.failures[:5]
     assert traffic.slowest[0] < ANSWER_WITHIN, traffic.slowest
+    assert foreign_lines(daemon.log()) == []
     during = {login for login, at in traffic.refused.items() if times["killed"] <= at <= times["promoted"] + 1}
     assert len(traffic.refused) > 20 and during, "too little traffic to tell"
     missing = on_new_primary_within(cluster, set(traffic.refused), 20.0)
@@ -270,6 +292,7 @@ def test_a_standby_behind_loses_blocks_that_pcc_writes_again_and_refuses_through
     daemon, traffic, metrics_port, times = failover(start_daemon, cluster, lagging=True)
     assert not traffic.failures, traffic.failures[:5]
     assert traffic.slowest[0] < ANSWER_WITHIN, traffic.slowest
+    assert foreign_lines(daemon.log()) == []
     refused = set(traffic.refused)
     cut_at = times["killed"] - CUT_BEFORE_KILL
     behind = {login for login, at in traffic.refused.items() if cut_at + 0.5 <= at <= times["killed"] - 0.5}

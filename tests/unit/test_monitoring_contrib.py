@@ -53,6 +53,11 @@ SCENARIOS = {
         "quiet": [([series("pcc_spooled_blocks", "0 2 2 0x12")], "12m"), ([series("pcc_spooled_blocks", "0 2x15")],
                                                                          "5m")],
     },
+    "PccBlocksLostByTheDatabase": {
+        "fires": ([series("pcc_blocks_restored_total", "0 0 3 3 3 3")], "4m", MX1),
+        "quiet": [([series("pcc_blocks_restored_total", "0 0 3x20")], "20m"),  # long ago
+                  ([series("pcc_blocks_restored_total", "0x10")], "4m")],
+    },
     "PccUnwrittenSightingsGrowing": {
         "fires": ([series("pcc_unwritten_sightings", "0+500x20")], "12m", MX1),
         "quiet": [([series("pcc_unwritten_sightings", "5000x20")], "12m"),  # many, but not growing

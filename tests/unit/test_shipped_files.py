@@ -123,3 +123,18 @@ def test_every_test_file_says_what_it_tests_in_its_own_words():
         assert docstring, f"{path.name} does not say what it tests"
         openings.setdefault(docstring.splitlines()[0], []).append(f"{path.parent.name}/{path.name}")
     assert [files for files in openings.values() if len(files) > 1] == []
+
+
+def test_every_database_url_readme_shows_is_one_pcc_takes():
+    """The High availability section's forms (several hosts, PgBouncer) pass
+    the checks --check-config and the daemon make; the failover test uses
+    the first of them."""
+    from pcclib.config import database_url_problem
+
+    readme = (ROOT / "README.md").read_text()
+    urls = re.findall(r"^\s+dbcon = (\S+)$", readme, re.MULTILINE)
+    assert len(urls) >= 3 and any("prepare_threshold=none" in url for url in urls)
+    for url in urls:
+        assert database_url_problem(url) == "", url
+    failover = (ROOT / "tests" / "e2e" / "test_failover.py").read_text()
+    assert "?host=127.0.0.1:{self.primary_port}" in failover and "&target_session_attrs=read-write" in failover
