@@ -177,7 +177,9 @@ class AccountMemory:
         had it blocked already, by another daemon or an administrator)."""
         with self._blocked_lock:
             self._lost.pop(login, None)
-            if block_id is not None:
+            if block_id is None:  # which block it is now, the next poll or reload says
+                self._block_ids.pop(login, None)
+            else:
                 self._block_ids[login] = block_id
 
     def _may_unblock(self, login: str, read_at: float, keep: frozenset) -> bool:

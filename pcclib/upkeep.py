@@ -20,6 +20,7 @@ from .common import first_line, log, start_thread, utcnow
 from .config import MONITOR_ACTION, Settings
 from .database import Database
 from .memory import BLOCKED_LIST_RELOAD, CHANGES_POLL_INTERVAL, AccountMemory
+from .storage import is_data_error
 
 # Lost blocks written again: one ERROR line each for this many a round, the
 # rest named this many to a line (a daemon pointed at an empty database
@@ -114,14 +115,20 @@ class MemoryUpkeep:
 
     def _restore(self, lost: dict) -> None:
         restored: list = []  # (login, lost id, new id)
-        for login, block_id in sorted(lost.items()):
+        for done, (login, block_id) in enumerate(sorted(lost.items())):
             try:
                 new_id = self.database.store.record_block(
                     login, utcnow(), source="restored", action=self.settings().action, countries=[],
-                    reason=f"written again: the database lost block #{block_id} (no unblock recorded there)")
+                    reason=f"written again: the database lost block #{block_id} (no unblock recorded there)",
+                    replace_flag=True)  # a monitor-mode flag made since is no block: the block replaces it
             except sa_exc.SQLAlchemyError as error:
+                if is_data_error(error):  # refused for good: said once a reload (it stays refused here)
+                    log.error("%s: its block, lost by the database, is refused by it: %s", login, first_line(error))
+                    self.memory.written_again(login, None)
+                    continue
                 log.error("%d blocks the database lost cannot be written again yet (the accounts stay refused): %s",
-                          len(lost) - len(restored), first_line(error))
+                          len(lost) - done, first_line(error))
+                self.database.failed(first_line(error), on_write=True)  # tried again once it takes writes
                 break
             self.memory.written_again(login, new_id)
             if new_id is None:

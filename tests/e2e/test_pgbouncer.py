@@ -46,7 +46,7 @@ def pgbouncer(postgresql_url):
         shutil.chown(directory, "postgres", "postgres")
         for name in os.listdir(directory):
             shutil.chown(f"{directory}/{name}", "postgres", "postgres")
-        command = ["runuser", "-u", "postgres", "--", *command]
+        command.insert(1, "--user=postgres")  # pgbouncer itself (not runuser) gets the signal that stops it
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 15

@@ -10,6 +10,7 @@ import sqlalchemy as sa
 from conftest import blocked_logins, daemon_with_memory, query
 
 from pcclib.common import utcnow
+from pcclib.config import MONITOR_ACTION
 from pcclib.metrics import Metrics
 from pcclib.outage import OutageJournal
 from pcclib.storage import AdminStore, Block, BlockedAccount, Change
@@ -171,4 +172,57 @@ def test_while_the_database_fails_a_lost_block_waits_refused(sqlite_url, make_se
     parts.database.outage.ok(wrote=True)
     parts.upkeep.restore_lost_blocks()
     assert blocked_logins(sqlite_url) == {ALICE} and parts.service.memory.lost_blocks() == {}
+    parts.database.store.dispose()
+
+
+def test_a_lost_block_replaces_a_monitor_mode_flag_made_since(db_url, make_settings, geoip):
+    """Another daemon in monitor mode flagged the account on the database that
+    lost its block: the block written again is a block, not a second flag."""
+    parts = daemon(make_settings, db_url, geoip)
+    now = utcnow()
+    block_id = parts.database.store.record_block(ALICE, now, source="policy", action="REJECT", reason="t",
+                                                 countries=[])
+    parts.service.memory.set_blocked(ALICE, True, block_id)
+    lose(db_url, ALICE)
+    flagger = AdminStore(db_url)
+    flagger.record_block(ALICE, now, source="policy", action=MONITOR_ACTION, reason="t", countries=[])
+    reload_now(parts)
+    assert set(parts.database.store.enforced_blocks()) == {ALICE} and parts.service.memory.is_blocked(ALICE)
+    assert restored_count(parts) == 1
+    reload_now(parts)
+    assert restored_count(parts) == 1
+    flagger.dispose()
+    parts.database.store.dispose()
+
+
+def test_a_database_that_refuses_writes_is_an_outage_not_a_line_a_poll(postgresql_url, make_settings, geoip,
+                                                                        caplog):
+    """A promoted standby still read-only (or a pooler before the old primary):
+    the restore fails once, the outage begins, nothing is tried until the
+    database takes writes again; then it is written."""
+    parts = daemon(make_settings, postgresql_url, geoip)
+    now = utcnow()
+    block_id = parts.database.store.record_block(ALICE, now, source="policy", action="REJECT", reason="t",
+                                                 countries=[])
+    parts.service.memory.set_blocked(ALICE, True, block_id)
+    lose(postgresql_url, ALICE)
+    read_only = True
+
+    def maybe_read_only(dbapi_connection, _record, _proxy):
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute(f"SET default_transaction_read_only = {'on' if read_only else 'off'}")
+        dbapi_connection.commit()  # the transactions after this one
+
+    sa.event.listen(parts.database.store.engine, "checkout", maybe_read_only)
+    parts.service.memory.reload_blocked(parts.database.store, frozenset())
+    with caplog.at_level(logging.ERROR, logger="pcc"):
+        for _round in range(5):
+            parts.upkeep.restore_lost_blocks()
+    assert parts.database.outage.failing
+    assert caplog.text.count("cannot be written again yet") == 1 and "read-only transaction" in caplog.text
+    assert parts.service.memory.is_blocked(ALICE) and blocked_logins(postgresql_url) == set()
+    read_only = False
+    assert parts.database.probe()
+    parts.upkeep.restore_lost_blocks()
+    assert blocked_logins(postgresql_url) == {ALICE} and restored_count(parts) == 1
     parts.database.store.dispose()
