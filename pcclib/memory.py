@@ -198,14 +198,14 @@ class AccountMemory:
             return
         with self._blocked_lock:
             blocks = {login: self._block_ids.get(login) for login in unblocked}
-        known = store.ended_blocks(blocks)
+        fates = store.block_fates(blocks)
         for login, block_id in blocks.items():
-            if login not in known:
+            if login not in fates:
                 with self._blocked_lock:
                     if login in self._blocked:
                         self._lost[login] = block_id
-            elif known[login] is not None:  # blocked after all (written since the list was read)
-                self.set_blocked(login, True, known[login])
+            elif fates[login] is not None:  # blocked after all (written since the list was read)
+                self.set_blocked(login, True, fates[login])
             elif self._may_unblock(login, read_at, keep):
                 self.set_blocked(login, False)
 
@@ -288,7 +288,7 @@ class AccountMemory:
         started = time.monotonic()
         try:
             if self._cursor is None or started - self._cursor_moved_at > CHANGES_RESYNC_AFTER:
-                self._start_over(store, keep, started, self._cursor is not None and
+                self._start_over(store, keep, started, "" if self._cursor is None else
                                  f"no poll of the database's changes for {started - self._cursor_moved_at:.0f} s")
             settling = self._polls % CHANGES_SETTLE_EVERY == 0
             changes = store.changes_after(self._settled_cursor(started) if settling else self._cursor or 0)
@@ -305,8 +305,9 @@ class AccountMemory:
         self._polled_at = started
         return changes
 
-    def _start_over(self, store: Store, keep: frozenset, started: float, why) -> None:
-        """Read the blocked list whole and the change log from its newest id."""
+    def _start_over(self, store: Store, keep: frozenset, started: float, why: str) -> None:
+        """Read the blocked list whole and the change log from its newest id
+        (why: said in a WARNING; "" at the first poll)."""
         if why:
             log.warning("%s: reading the blocked list again and forgetting the accounts' histories", why)
         self._cursor = None

@@ -381,7 +381,8 @@ class Store:
         self.prepare_threshold = None
         log.warning("database %s forgets or mixes up prepared statements (%s), as PgBouncer does in transaction "
                     "pooling: pcc prepares none from now on (add ?prepare_threshold=none to [db] dbcon to say so "
-                    "from the start, or use session pooling)", safe_url(self.url), first_line(context.original_exception))
+                    "from the start, or use session pooling)", safe_url(self.url),
+                    first_line(context.original_exception))
 
     def _engine_options(self, create_directory: bool) -> dict:
         backend = self.url.get_backend_name()
@@ -627,7 +628,8 @@ class Store:
             accounts: list = []
             for start in range(0, len(logins), IN_LIST_SIZE):
                 accounts += connection.execute(
-                    sa.select(BlockedAccount.login, BlockedAccount.blocked_since, Block.action, BlockedAccount.block_id)
+                    sa.select(BlockedAccount.login, BlockedAccount.blocked_since, Block.action,
+                              BlockedAccount.block_id)
                     .outerjoin(Block, Block.id == BlockedAccount.block_id)
                     .where(BlockedAccount.login.in_(logins[start:start + IN_LIST_SIZE]))
                 ).all()
@@ -711,40 +713,46 @@ class Store:
         each with its block's id: what each daemon keeps whole in memory."""
         with self.fast_engine.connect() as connection:
             rows = connection.execute(
-                sa.select(BlockedAccount.login, BlockedAccount.block_id).join(Block, Block.id == BlockedAccount.block_id)
+                sa.select(BlockedAccount.login, BlockedAccount.block_id)
+                .join(Block, Block.id == BlockedAccount.block_id)
                 .where(BlockedAccount.blocked_since.is_not(None), Block.action != MONITOR_ACTION)
             ).all()
         return dict(rows)
 
-    def ended_blocks(self, blocks: dict) -> dict:
-        """Of `blocks` (login -> the id of its block as a daemon learnt it, None
-        if it never did), those the database (asked again) has blocked, login ->
-        the id, and those whose block it ended (an unblock), login -> None: that
-        row, or for an unknown id the login's newest block.  A login in neither
-        was lost by the database (a failover to a standby behind, a restore
-        from a backup)."""
-        logins = sorted(blocks)
-        rows: list = []
+    def block_fates(self, blocks: dict) -> dict:
+        """What became of `blocks` (login -> the id of its block as a daemon
+        learnt it, None if it never did), asked again: login -> the id of the
+        block in force for an account blocked now, login -> None for one whose
+        block the database ended (an unblock: that row, or for an unknown id
+        the login's newest block).  A login left out was lost by the database
+        (a failover to a standby behind, a restore from a backup)."""
+        logins, ids = sorted(blocks), [block_id for block_id in blocks.values() if block_id is not None]
+        unknown = sorted(login for login, block_id in blocks.items() if block_id is None)
         blocked: dict = {}
+        rows: list = []
         with self.fast_engine.connect() as connection:
             for start in range(0, len(logins), IN_LIST_SIZE):
-                chunk = logins[start:start + IN_LIST_SIZE]
                 blocked.update(connection.execute(
                     sa.select(BlockedAccount.login, BlockedAccount.block_id)
                     .join(Block, Block.id == BlockedAccount.block_id)
-                    .where(BlockedAccount.login.in_(chunk), BlockedAccount.blocked_since.is_not(None),
-                           Block.action != MONITOR_ACTION)).all())
-                rows += connection.execute(
-                    sa.select(Block.login, Block.id, Block.unblocked_at)
-                    .where(Block.login.in_(chunk)).order_by(Block.id)
-                ).all()
+                    .where(BlockedAccount.login.in_(logins[start:start + IN_LIST_SIZE]),
+                           BlockedAccount.blocked_since.is_not(None), Block.action != MONITOR_ACTION)).all())
+            for start in range(0, len(ids), IN_LIST_SIZE):  # by primary key: pcc_blocks keeps every block ever
+                rows += connection.execute(sa.select(Block.login, Block.id, Block.unblocked_at)
+                                           .where(Block.id.in_(ids[start:start + IN_LIST_SIZE]))).all()
+            for start in range(0, len(unknown), IN_LIST_SIZE):  # rare: a copy on disk written by pcc 1.5
+                rows += connection.execute(sa.select(Block.login, Block.id, Block.unblocked_at)
+                                           .where(Block.login.in_(unknown[start:start + IN_LIST_SIZE]))).all()
         ended = {(login, block_id): unblocked_at is not None for login, block_id, unblocked_at in rows}
-        newest = {login: block_id for login, block_id, _unblocked_at in rows}  # rows in id order
-        known = dict(blocked)
+        newest: dict = {}  # of the logins whose id is unknown
+        for login, block_id, _unblocked_at in rows:
+            if blocks.get(login, 0) is None and block_id > newest.get(login, 0):
+                newest[login] = block_id
+        fates = dict(blocked)
         for login, block_id in blocks.items():
-            if login not in known and ended.get((login, newest.get(login) if block_id is None else block_id), False):
-                known[login] = None
-        return known
+            if login not in fates and ended.get((login, newest.get(login) if block_id is None else block_id), False):
+                fates[login] = None
+        return fates
 
     def count_blocked(self) -> dict:
         """{"enforce": blocked accounts, "monitor": accounts only flagged}."""

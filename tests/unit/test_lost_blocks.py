@@ -226,3 +226,21 @@ def test_a_database_that_refuses_writes_is_an_outage_not_a_line_a_poll(postgresq
     parts.upkeep.restore_lost_blocks()
     assert blocked_logins(postgresql_url) == {ALICE} and restored_count(parts) == 1
     parts.database.store.dispose()
+
+
+def test_a_copy_written_by_pcc_1_5_without_ids_is_judged_by_each_accounts_newest_block(
+        db_url, make_settings, geoip, tmp_path):
+    """Lines of the copy without an id (pcc 1.5 wrote logins only): an account
+    whose newest block ended was unblocked while pcc was down; one the
+    database has no block of was lost."""
+    admin = AdminStore(db_url)
+    admin.create_tables()
+    now = utcnow()
+    admin.record_block(BOB, now, source="admin", action="REJECT", reason="t", countries=[])
+    admin.unblock(BOB, now)
+    admin.dispose()
+    (tmp_path / "spool.jsonl.blocked").write_text(f"{ALICE}\n{BOB}\n")
+    parts = daemon(make_settings, db_url, geoip)
+    assert parts.service.memory.is_blocked(ALICE) and not parts.service.memory.is_blocked(BOB)
+    assert blocked_logins(db_url) == {ALICE} and restored_count(parts) == 1
+    parts.database.store.dispose()
