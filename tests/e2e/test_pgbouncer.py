@@ -106,8 +106,12 @@ def test_transaction_pooling_works_when_asked_and_when_found_out(start_daemon, p
     first_round = len(daemon.log())
     again, more_problems = traffic(daemon.port, "second")  # what the first round found out holds
     assert not problems + more_problems, (problems + more_problems)[:3]
+    # Found out, the requests that met the error were answered as in an
+    # outage (an account not in memory gets db_error_action, uncounted): a
+    # few of the first round may lack a country.  None of the second.
+    assert len(again) == CLIENTS * ACCOUNTS
+    assert len(refused) == CLIENTS * ACCOUNTS if asked else len(refused) >= CLIENTS * ACCOUNTS - 2 * CLIENTS
     refused |= again
-    assert len(refused) == 2 * CLIENTS * ACCOUNTS
     deadline = time.monotonic() + 10
     while blocked_logins(postgresql_url) != refused and time.monotonic() < deadline:
         time.sleep(0.2)
