@@ -128,9 +128,9 @@ class Metrics:
         if self.enabled:
             self._responses.labels(channel, outcome).inc()
 
-    def block_restored(self) -> None:
-        if self.enabled:
-            self._restored.inc()
+    def blocks_restored(self, count: int) -> None:
+        if self.enabled and count:
+            self._restored.inc(count)
 
     def database_failed(self) -> None:
         if self.enabled:

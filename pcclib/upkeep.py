@@ -136,14 +136,12 @@ class MemoryUpkeep:
                          "it first)", login)
             else:
                 restored.append((login, block_id, new_id))
+        self.database.metrics.blocks_restored(len(restored))
         for login, block_id, new_id in restored[:RESTORED_LINES_PER_ROUND]:
-            self.database.metrics.block_restored()
             log.error("%s: the database lost its block (#%s; no unblock recorded there: a failover to a standby "
                       "that was behind, or a restore from a backup?); written again as block #%d", login, block_id,
                       new_id)
         rest = restored[RESTORED_LINES_PER_ROUND:]
-        for _restored in rest:
-            self.database.metrics.block_restored()
         for start in range(0, len(rest), RESTORED_LINES_PER_ROUND):
             log.error("the database lost the blocks of these accounts too, written again: %s",
                       ", ".join(login for login, _block_id, _new_id in rest[start:start + RESTORED_LINES_PER_ROUND]))

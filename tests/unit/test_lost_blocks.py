@@ -31,6 +31,18 @@ def restored_count(parts) -> float:
     return parts.database.metrics.registry.get_sample_value("pcc_blocks_restored_total")
 
 
+def block(store, login: str, action: str = "REJECT") -> int:
+    """A block as a daemon (or -b) records it: its id."""
+    return store.record_block(login, utcnow(), source="policy", action=action, reason="t", countries=[])
+
+
+def own_block(parts, login: str) -> int:
+    """A block of this daemon's, its id known to its memory (as service._record leaves it)."""
+    block_id = block(parts.database.store, login)
+    parts.service.memory.set_blocked(login, True, block_id)
+    return block_id
+
+
 def daemon(make_settings, url, geoip, **overrides):
     settings = make_settings(**{"db.dbcon": url, "policy.action": "REJECT", **overrides})
     return daemon_with_memory(settings, AdminStore(url), geoip, metrics=Metrics(enabled=True),
@@ -47,10 +59,8 @@ def reload_now(parts) -> None:
 def test_a_block_the_database_lost_is_refused_throughout_and_written_again(db_url, make_settings, geoip, caplog):
     parts = daemon(make_settings, db_url, geoip)
     other = AdminStore(db_url)  # another daemon
-    now = utcnow()
-    own = parts.database.store.record_block(ALICE, now, source="policy", action="REJECT", reason="t", countries=[])
-    parts.service.memory.set_blocked(ALICE, True, own)  # as service._record does
-    learnt = other.record_block(BOB, now, source="policy", action="REJECT", reason="t", countries=[])
+    own = own_block(parts, ALICE)
+    learnt = block(other, BOB)
     assert parts.upkeep.poll_changes() and parts.service.memory.is_blocked(BOB)
     lose(db_url, ALICE, BOB)
     assert blocked_logins(db_url) == set()
@@ -96,11 +106,10 @@ def test_a_change_that_shows_a_lost_block_unblocked_does_not_unblock_it(db_url, 
     lost: the poll sees it changed and not blocked, and asks why."""
     parts = daemon(make_settings, db_url, geoip)
     other = AdminStore(db_url)
-    now = utcnow()
-    other.record_block(ALICE, now, source="policy", action="REJECT", reason="t", countries=[])
+    block(other, ALICE)
     assert parts.upkeep.poll_changes() and parts.service.memory.is_blocked(ALICE)
     lose(db_url, ALICE)
-    other.record_block(BOB, now, source="policy", action="REJECT", reason="t", countries=[])
+    block(other, BOB)
     with other.engine.begin() as connection:
         connection.execute(sa.insert(Change), [{"login": ALICE, "writer": "other"}])
     assert parts.upkeep.poll_changes()
@@ -118,9 +127,7 @@ def test_a_restart_on_a_database_restored_from_a_backup_writes_the_lost_blocks_a
     parts = daemon(make_settings, db_url, geoip)
     now = utcnow()
     for login in (ALICE, BOB):
-        block_id = parts.database.store.record_block(login, now, source="policy", action="REJECT", reason="t",
-                                                     countries=[])
-        parts.service.memory.set_blocked(login, True, block_id)
+        own_block(parts, login)
     parts.service.memory.save_blocked_copy()
     parts.database.store.dispose()
     lose(db_url, ALICE)
@@ -141,9 +148,8 @@ def test_a_change_log_that_went_back_is_read_again_from_its_newest_id(db_url, ma
     other rows: it starts over instead of skipping them."""
     parts = daemon(make_settings, db_url, geoip)
     other = AdminStore(db_url)
-    now = utcnow()
     for login in (BOB, ALICE):
-        other.record_block(login, now, source="policy", action="REJECT", reason="t", countries=[])
+        block(other, login)
     assert parts.upkeep.poll_changes()
     newest = other.newest_change()
     lose(db_url, ALICE)
@@ -159,10 +165,7 @@ def test_a_change_log_that_went_back_is_read_again_from_its_newest_id(db_url, ma
 
 def test_while_the_database_fails_a_lost_block_waits_refused(sqlite_url, make_settings, geoip, caplog):
     parts = daemon(make_settings, sqlite_url, geoip)
-    now = utcnow()
-    block_id = parts.database.store.record_block(ALICE, now, source="policy", action="REJECT", reason="t",
-                                                 countries=[])
-    parts.service.memory.set_blocked(ALICE, True, block_id)
+    block_id = own_block(parts, ALICE)
     lose(sqlite_url, ALICE)
     parts.service.memory.reload_blocked(parts.database.store, frozenset())
     parts.database.failed("test: down")
@@ -179,13 +182,10 @@ def test_a_lost_block_replaces_a_monitor_mode_flag_made_since(db_url, make_setti
     """Another daemon in monitor mode flagged the account on the database that
     lost its block: the block written again is a block, not a second flag."""
     parts = daemon(make_settings, db_url, geoip)
-    now = utcnow()
-    block_id = parts.database.store.record_block(ALICE, now, source="policy", action="REJECT", reason="t",
-                                                 countries=[])
-    parts.service.memory.set_blocked(ALICE, True, block_id)
+    own_block(parts, ALICE)
     lose(db_url, ALICE)
     flagger = AdminStore(db_url)
-    flagger.record_block(ALICE, now, source="policy", action=MONITOR_ACTION, reason="t", countries=[])
+    block(flagger, ALICE, MONITOR_ACTION)
     reload_now(parts)
     assert set(parts.database.store.enforced_blocks()) == {ALICE} and parts.service.memory.is_blocked(ALICE)
     assert restored_count(parts) == 1
@@ -201,10 +201,7 @@ def test_a_database_that_refuses_writes_is_an_outage_not_a_line_a_poll(postgresq
     the restore fails once, the outage begins, nothing is tried until the
     database takes writes again; then it is written."""
     parts = daemon(make_settings, postgresql_url, geoip)
-    now = utcnow()
-    block_id = parts.database.store.record_block(ALICE, now, source="policy", action="REJECT", reason="t",
-                                                 countries=[])
-    parts.service.memory.set_blocked(ALICE, True, block_id)
+    own_block(parts, ALICE)
     lose(postgresql_url, ALICE)
     read_only = True
 
