@@ -10,7 +10,7 @@ import signal
 import sys
 from typing import Optional
 
-from .common import first_line, log, utcnow
+from .common import __version__, first_line, log, utcnow
 from .config import DEFAULT_CONFIG_PATH, GEOIP_DOWNLOAD_TIMEOUT, ConfigError, Settings, load_settings
 from .health import HEALTH_UNKNOWN, check_health
 from .logs import queue_logging, secrets_of, setup_logging
@@ -21,7 +21,6 @@ from .logs import queue_logging, secrets_of, setup_logging
 
 def build_argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="pcc.py",
         description="Postfix Country Control: a Postfix policy service that blocks accounts "
         "sending from more than X countries within Y days.",
         epilog="Postfix: smtpd_relay_restrictions = permit_mynetworks, "
@@ -30,6 +29,8 @@ def build_argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", default=DEFAULT_CONFIG_PATH, metavar="PATH",
                         help=f"configuration file (default {DEFAULT_CONFIG_PATH})")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages too")
+    parser.add_argument("-V", "--version", action="version", version=f"pcc {__version__}",
+                        help="print pcc's version and exit")
     parser.add_argument("--stderr", action="store_true",
                         help="log to standard error instead of syslog (mail facility)")
     commands = parser.add_mutually_exclusive_group(required=True)

@@ -18,7 +18,7 @@ import urllib.parse
 from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator, Optional
 
-__version__ = "1.5.0"
+__version__ = "1.6.0"
 log = logging.getLogger("pcc")
 UTC = dt.timezone.utc
 

@@ -5,13 +5,14 @@ key.  The constants the settings choose among live here too.
 from __future__ import annotations
 
 import configparser
+import difflib
 import datetime as dt
 import ipaddress
 import os
 import re
 import urllib.parse
 from dataclasses import dataclass
-from typing import Optional, cast
+from typing import Any, Optional, Union, cast
 
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
@@ -200,7 +201,6 @@ class _ConfigReader:
 
     def __init__(self, path: str):
         self.path = path
-        self.read_keys: set = set()  # (section, key) asked for: anything else in the file is unknown
         self.parser = configparser.ConfigParser(interpolation=None)
         try:
             with open(path, encoding="utf-8") as config_file:
@@ -211,15 +211,21 @@ class _ConfigReader:
             first_line = str(error).splitlines()[0]
             raise ConfigError(f"{path}: not a valid INI file: {first_line}") from None
 
-    def refuse_unknown_keys(self) -> None:
-        """A key pcc does not know is most likely a typo of one it does: say so."""
+    def refuse_unknown_keys(self, known: dict) -> None:
+        """A key pcc does not know is most likely a typo of one it does: say
+        which, before a key it replaces is reported missing.  `known`: each
+        section's keys ("list" for every [list <label>])."""
         for section in self.parser.sections():
+            names = known.get("list" if section.startswith("list") else section)
+            if names is None:
+                guess = difflib.get_close_matches(section, list(known), n=1)
+                raise ConfigError(f"{self.path}: unknown section [{section}]"
+                                  + (f"; did you mean [{guess[0]}]?" if guess else ""))
             for key in self.parser.options(section):
-                if (section, key) not in self.read_keys:
-                    known = sorted(k for s, k in self.read_keys if s == section)
-                    if not known:
-                        raise ConfigError(f"{self.path}: unknown section [{section}]")
-                    raise self.fail(section, key, f"unknown key (a typo? known keys: {', '.join(known)})")
+                if key not in names:
+                    guess = difflib.get_close_matches(key, names, n=1, cutoff=0.7)
+                    hint = f"did you mean {guess[0]}?" if guess else f"known keys: {', '.join(sorted(names))}"
+                    raise self.fail(section, key, f"unknown key (a typo? {hint})")
 
     def fail(self, section: str, key: str, problem: str) -> ConfigError:
         return ConfigError(f"{self.path}: [{section}] {key}: {problem}")
@@ -229,7 +235,6 @@ class _ConfigReader:
             raise ConfigError(f"{self.path}: section [{section}] is missing (it must hold '{key}')")
         if not self.parser.has_option(section, key):
             raise self.fail(section, key, "key is missing (every key must be present; leave it blank for none)")
-        self.read_keys.add((section, key))
         value = self.parser.get(section, key).strip()
         if INLINE_COMMENT.search(value):
             raise self.fail(section, key, "has a comment after the value; put comments on lines of their own "
@@ -306,55 +311,226 @@ class _ConfigReader:
         return addresses
 
 
+@dataclass(frozen=True)
+class Text:
+    """Any one line; `blank` says what an empty value means ("" = required)."""
+
+    blank: str = ""
+    values: str = "text"
+
+    def read(self, config: _ConfigReader, section: str, key: str) -> Any:
+        return config.text(section, key, required=not self.blank)
+
+
+@dataclass(frozen=True)
+class Whole:
+    """A whole number in [low, high]; a blank is `default`, or refused when None."""
+
+    low: int
+    high: int
+    default: Optional[int] = None
+    blank: str = ""
+
+    @property
+    def values(self) -> str:
+        return f"a whole number, {self.low} to {self.high}"
+
+    def read(self, config: _ConfigReader, section: str, key: str) -> Any:
+        number = config.integer(section, key, self.low, self.high, blank=self.default)
+        return number if self.default != 0 else (number or None)  # 0: "off", kept as None
+
+
+@dataclass(frozen=True)
+class Number:
+    """A number in (low, high] ([low, high] with low_inclusive)."""
+
+    low: float
+    high: float
+    default: Optional[float] = None
+    blank: str = ""
+    low_inclusive: bool = False
+    optional: bool = False  # a blank is None (the rule it sets is off)
+
+    @property
+    def values(self) -> str:
+        return f"a number, {'at least' if self.low_inclusive else 'more than'} {self.low:g}, at most {self.high:g}"
+
+    def read(self, config: _ConfigReader, section: str, key: str) -> Any:
+        if self.optional:
+            return config.optional_number(section, key, self.low, self.high)
+        return config.number(section, key, self.low, self.high, blank=self.default,
+                             low_inclusive=self.low_inclusive)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One of `choices` (any case); a blank is `default`, or refused when None."""
+
+    choices: tuple
+    default: Optional[str] = None
+    blank: str = ""
+    yes_no: bool = False  # read as a bool: YES is True
+
+    @property
+    def values(self) -> str:
+        return " or ".join(choice.lower() for choice in self.choices if choice)
+
+    def read(self, config: _ConfigReader, section: str, key: str) -> Any:
+        value = config.choice(section, key, self.choices, blank=self.default)
+        return value == "YES" if self.yes_no else value
+
+
+@dataclass(frozen=True)
+class ListOf:
+    """A comma-separated list of networks, countries, logins, addresses or URLs."""
+
+    item: str  # "network", "country", "login", "address", "url"
+    blank: str = "none"
+
+    @property
+    def values(self) -> str:
+        return {"network": "IP addresses and CIDR networks", "country": "ISO 3166 two-letter country codes",
+                "login": "logins (user@domain) or domains", "address": "email addresses",
+                "url": "URLs"}[self.item] + ", comma-separated"
+
+    def read(self, config: _ConfigReader, section: str, key: str) -> Any:
+        if self.item == "network":
+            return config.networks(section, key)
+        if self.item == "country":
+            return config.countries(section, key)
+        if self.item == "login":
+            return config.logins(section, key)
+        if self.item == "address":
+            return config.addresses(section, key)
+        return tuple(split_list(config.text(section, key)))
+
+
+Kind = Union[Text, Whole, Number, Choice, ListOf]
+
+
+@dataclass(frozen=True)
+class Key:
+    """One key of pcc.conf: where it is, what it takes, what it means.  The
+    daemon reads with these and pcc.conf(5) is written from them."""
+
+    section: str
+    name: str
+    field: str  # the Settings attribute it fills
+    kind: Kind
+    meaning: str
+
+
+YES_NO = ("YES", "NO")
+KEYS = (
+    Key("server", "host", "host", Text(values="an IP address or a host name"),
+        "The address the policy port listens on (Postfix: check_policy_service inet:127.0.0.1:9999)."),
+    Key("server", "port", "port", Whole(1, 65535), "The policy port."),
+    Key("server", "max_request_bytes", "max_request_bytes", Whole(1024, 16 * 1024 * 1024, 65536, "65536"),
+        "The largest request accepted; a bigger one closes its connection (Postfix's are about 1 KB)."),
+    Key("server", "idle_timeout", "idle_timeout", Whole(1, 86400, 600, "600"),
+        "Seconds a connection may stay idle; keep it above Postfix's smtpd_policy_service_max_idle (300)."),
+    Key("server", "max_connections", "max_connections", Whole(1, 100000, 4000, "4000"),
+        "Connections served at once; at the limit the one idle longest is closed, with a log line."),
+    Key("server", "allowed_clients", "allowed_clients", ListOf("network", "whoever can reach host:port"),
+        "The clients that may connect to the policy, Dovecot and metrics ports."),
+    Key("server", "metrics_port", "metrics_port", Whole(1, 65535, 0, "off"),
+        "A Prometheus endpoint, http://host:PORT/metrics, on the same address."),
+    Key("db", "dbcon", "dbcon", Text(values="an SQLAlchemy URL: sqlite:////path, mysql+pymysql://, "
+                                            "postgresql+psycopg://"),
+        "The database. The user needs SELECT, INSERT, UPDATE and CREATE; tables are made on first start."),
+    Key("db", "db_error_action", "db_error_action", Choice(DB_ERROR_ACTIONS),
+        "The answer for an account pcc cannot judge while the database fails (accounts known to be blocked "
+        "stay blocked): dunno lets mail flow, defer_if_permit makes clients retry."),
+    Key("db", "spool_file", "spool_file", Text(blank="blocks of an outage kept in memory only",
+                                               values="a file path"),
+        "Where a block decided while the database fails waits, synced to disk, until the database takes it."),
+    Key("geoip", "database", "geoip_database", Text(blank="the packaged country data", values="a .mmdb file"),
+        "A MaxMind-format country or city database (GeoLite2, DB-IP Lite)."),
+    Key("geoip", "update_url", "geoip_update_url", Text(blank="DB-IP's monthly Lite file", values="an https URL"),
+        "Where pcc --update-geoip downloads database from (gzip or plain .mmdb)."),
+    Key("mail", "domains", "domains", ListOf("login", "every authenticated account"),
+        "The domains whose accounts pcc counts."),
+    Key("mail", "mailsrv", "mailsrv", Text(blank="no mail", values="a host name or address"),
+        "The SMTP server that carries the notices to the administrators."),
+    Key("mail", "mailport", "mailport", Whole(1, 65535, 25, "25"), "Its port."),
+    Key("mail", "notice", "notice", ListOf("address", "nobody"),
+        "Who is told when an account is blocked."),
+    Key("policy", "action", "action", Choice(BLOCK_ACTIONS),
+        "What a blocked account's mail gets: reject (the client sees an error) or hold (accepted into "
+        "Postfix's hold queue)."),
+    Key("policy", "how_many_different_countries", "how_many_different_countries", Whole(1, 300),
+        "Block an account that sends from more than this many countries..."),
+    Key("policy", "in_how_much_time_in_days", "in_how_much_time_in_days", Number(0, 3650),
+        "...within this many days (fractions allowed)."),
+    Key("policy", "ignorecountries", "ignorecountries", ListOf("country"), "Countries that never count."),
+    Key("policy", "whitelisted", "whitelisted", ListOf("login"), "Logins never counted nor blocked."),
+    Key("policy", "whitelistedips", "whitelistedips", ListOf("network"),
+        "Client addresses never counted (a webmail host); a blocked account stays blocked from them."),
+    Key("policy", "reason", "reason", Text(blank="no text", values="text"),
+        "The text Postfix gives with the action (logged; sent to the client with reject)."),
+    Key("policy", "mode", "mode", Choice(MODES, "ENFORCE", "enforce"),
+        "monitor: count, record and notify as when enforcing, but answer DUNNO (to roll out and tune)."),
+    Key("policy", "max_travel_speed_kmh", "max_travel_speed_kmh",
+        Number(0, 100000, blank="the impossible-travel rule off", optional=True),
+        "The fastest believable journey between two messages of an account (needs City-level GeoIP data)."),
+    Key("policy", "travel_accuracy_radius_km", "travel_accuracy_radius_km",
+        Number(0, 20000, 0.0, "0", low_inclusive=True), "Journeys shorter than this are never judged."),
+    Key("policy", "impossible_travel_action", "impossible_travel_action",
+        Choice(TRAVEL_ACTIONS, "NOTIFY", "notify"), "What an impossible journey does: block, or notify only."),
+    Key("postfix", "config_directory", "postfix_config_directory",
+        Text(blank="Postfix's default", values="a directory"),
+        "The Postfix configuration directory of the queues pcc holds, releases and deletes mail in."),
+    Key("postfix", "hold_queued", "hold_queued", Choice(("YES", "NO", ""), "", "yes with action = hold"),
+        "yes: a new block also holds the account's mail already queued (-r releases it, -e deletes it)."),
+    Key("dovecot", "policy_port", "dovecot_policy_port", Whole(1, 65535, 0, "off"),
+        "Answer Dovecot's authentication policy (auth_policy_server_url) on this port."),
+    Key("dovecot", "count_logins", "count_logins", Choice(YES_NO, "NO", "no", yes_no=True),
+        "yes: a successful login counts its country like a message."),
+    Key("dovecot", "api_header", "dovecot_api_header", Text(blank="none; required with policy_port",
+                                                            values="Name: value"),
+        "The exact auth_policy_server_api_header of dovecot.conf; a request without it is refused."),
+    Key("dovecot", "doveadm_url", "doveadm_url", Text(blank="not used", values="an https URL"),
+        "Dovecot's doveadm HTTP API, through which a block ends the account's sessions."),
+    Key("dovecot", "doveadm_api_key", "doveadm_api_key", Text(blank="none", values="text"),
+        "dovecot.conf's doveadm_api_key, for doveadm_url."),
+    Key("dovecot", "doveadm_command", "doveadm_command", Text(blank="none", values="a command"),
+        "Else this doveadm on this host (\"kick <account>\" is added)."),
+    Key("notify", "webhook_urls", "webhook_urls", ListOf("url"),
+        "Each gets a JSON POST for every block, unblock, impossible journey and outage (https)."),
+    Key("notify", "webhook_secret", "webhook_secret", Text(blank="unsigned", values="text"),
+        "Signs each POST: X-Pcc-Signature: sha256=<HMAC-SHA256 of the body>."),
+    Key("notify", "notify_account", "notify_account", Choice(YES_NO, "NO", "no", yes_no=True),
+        "yes: a blocked account's owner gets one plain mail a day at most."),
+    Key("networks", "asn_database", "asn_database", Text(blank="networks unnamed", values="a .mmdb file"),
+        "An ASN database: log lines, mails and webhooks name the network beside the country."),
+    Key("networks", "asn_update_url", "asn_update_url", Text(blank="DB-IP's monthly ASN Lite",
+                                                              values="an https URL"),
+        "Where pcc --update-geoip downloads asn_database from."),
+)
+# The keys of each [list <label>] section (read by _network_lists).
+LIST_KEYS = (
+    Key("list <label>", "action", "action", Choice(LIST_ACTIONS),
+        "What a request from an address on the list does: ignore, notify the admins, count the list as one "
+        "more country, or block at once."),
+    Key("list <label>", "file", "file", Text(values="a file path"),
+        "One IP address or CIDR range a line; the list is off until the file is there."),
+    Key("list <label>", "url", "url", Text(blank="refreshed by hand", values="an https URL"),
+        "Where pcc --update-lists fetches the file from."),
+    Key("list <label>", "max_age_days", "max_age_days", Number(0, 3650), "--health warns when the file is older."),
+    Key("list <label>", "min_entries", "min_entries", Whole(1, 10_000_000),
+        "--update-lists refuses a download with fewer entries."),
+)
+
+
 def load_settings(path: str, geoip_file_needed: bool = True) -> Settings:
     """Read and validate the whole configuration, or raise ConfigError."""
     config = _ConfigReader(path)
-    settings = Settings(
-        config_path=path,
-        host=config.text("server", "host", required=True),
-        port=config.integer("server", "port", 1, 65535),
-        max_request_bytes=config.integer("server", "max_request_bytes", 1024, 16 * 1024 * 1024, blank=65536),
-        idle_timeout=float(config.integer("server", "idle_timeout", 1, 86400, blank=600)),
-        max_connections=config.integer("server", "max_connections", 1, 100000, blank=4000),
-        allowed_clients=config.networks("server", "allowed_clients"),
-        metrics_port=config.integer("server", "metrics_port", 1, 65535, blank=0) or None,
-        dbcon=config.text("db", "dbcon", required=True),
-        db_error_action=config.choice("db", "db_error_action", DB_ERROR_ACTIONS),
-        spool_file=config.text("db", "spool_file"),
-        geoip_database=config.text("geoip", "database"),
-        geoip_update_url=config.text("geoip", "update_url"),
-        domains=config.logins("mail", "domains"),
-        mailsrv=config.text("mail", "mailsrv"),
-        mailport=config.integer("mail", "mailport", 1, 65535, blank=25),
-        notice=config.addresses("mail", "notice"),
-        action=config.choice("policy", "action", BLOCK_ACTIONS),
-        how_many_different_countries=config.integer("policy", "how_many_different_countries", 1, 300),
-        in_how_much_time_in_days=config.number("policy", "in_how_much_time_in_days", 0, 3650),
-        ignorecountries=config.countries("policy", "ignorecountries"),
-        whitelisted=config.logins("policy", "whitelisted"),
-        whitelistedips=config.networks("policy", "whitelistedips"),
-        reason=config.text("policy", "reason"),
-        mode=config.choice("policy", "mode", MODES, blank="ENFORCE"),
-        max_travel_speed_kmh=config.optional_number("policy", "max_travel_speed_kmh", 0, 100000),
-        travel_accuracy_radius_km=config.number("policy", "travel_accuracy_radius_km", 0, 20000,
-                                                blank=0.0, low_inclusive=True),
-        impossible_travel_action=config.choice("policy", "impossible_travel_action", TRAVEL_ACTIONS, blank="NOTIFY"),
-        postfix_config_directory=config.text("postfix", "config_directory"),
-        hold_queued=config.choice("postfix", "hold_queued", ("YES", "NO", ""), blank=""),
-        dovecot_policy_port=config.integer("dovecot", "policy_port", 1, 65535, blank=0) or None,
-        count_logins=config.choice("dovecot", "count_logins", ("YES", "NO"), blank="NO") == "YES",
-        dovecot_api_header=config.text("dovecot", "api_header"),
-        doveadm_url=config.text("dovecot", "doveadm_url"),
-        doveadm_api_key=config.text("dovecot", "doveadm_api_key"),
-        doveadm_command=config.text("dovecot", "doveadm_command"),
-        webhook_urls=tuple(split_list(config.text("notify", "webhook_urls"))),
-        webhook_secret=config.text("notify", "webhook_secret"),
-        notify_account=config.choice("notify", "notify_account", ("YES", "NO"), blank="NO") == "YES",
-        asn_database=config.text("networks", "asn_database"),
-        asn_update_url=config.text("networks", "asn_update_url"),
-        network_lists=_network_lists(config),
-    )
-    config.refuse_unknown_keys()
+    known: dict = {"list": [key.name for key in LIST_KEYS]}
+    for key in KEYS:
+        known.setdefault(key.section, []).append(key.name)
+    config.refuse_unknown_keys(known)
+    values = {key.field: key.kind.read(config, key.section, key.name) for key in KEYS}
+    settings = Settings(config_path=path, network_lists=_network_lists(config), **values)
     _check_ports(config, settings)
     if settings.dovecot_api_header and not re.fullmatch(r"[!-9;-~]+:\s*\S.*", settings.dovecot_api_header):
         raise config.fail("dovecot", "api_header", "must be one HTTP header, 'Name: value' (as Dovecot's "
@@ -421,12 +597,9 @@ def _network_lists(config: _ConfigReader) -> tuple:
                 break
         else:
             raise ConfigError(f"{config.path}: more than {len(LIST_MARKER_CODES)} network lists")
-    return tuple(NetworkList(
-        label=label, action=config.choice(section, "action", LIST_ACTIONS),
-        file=config.text(section, "file", required=True), url=config.text(section, "url"),
-        max_age_days=config.number(section, "max_age_days", 0, 3650),
-        min_entries=config.integer(section, "min_entries", 1, 10_000_000), marker=markers[label],
-    ) for label, section in lists.items())
+    return tuple(NetworkList(label=label, marker=markers[label],
+                             **{key.field: key.kind.read(config, section, key.name) for key in LIST_KEYS})
+                 for label, section in lists.items())
 
 
 def is_loopback_url(url: str) -> bool:

@@ -2,12 +2,13 @@
 valid, every key is required, each bad value is refused with one line naming
 its section and key.  The command line's --check-config is e2e/test_check_config.py."""
 import configparser
+import dataclasses
 
 import pytest
 from conftest import ROOT, config_without, write_config
 
 from pcclib.cli import main
-from pcclib.config import ConfigError, load_settings
+from pcclib.config import KEYS, LIST_KEYS, ConfigError, NetworkList, Settings, load_settings
 
 
 def shipped_keys():
@@ -129,6 +130,25 @@ def test_a_1_0_config_names_the_first_missing_new_key(tmp_path):
 def test_a_comment_after_a_value_is_refused(tmp_path, dotted, value, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         load_settings(write_config(tmp_path, {dotted: value}))
+
+
+def test_a_typo_that_replaces_a_key_is_named_as_the_typo_not_as_the_missing_key(tmp_path):
+    path = config_without(tmp_path, "policy", "action")
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(path)
+    parser.set("policy", "actoin", "HOLD")
+    with open(path, "w") as config_file:
+        parser.write(config_file)
+    with pytest.raises(ConfigError, match=r"\[policy\] actoin: unknown key \(a typo\? did you mean action\?\)"):
+        load_settings(path)
+
+
+def test_every_setting_is_read_from_one_key_of_the_table():
+    """pcc.conf(5) is written from KEYS: a setting read any other way would be missing there."""
+    fields = {field.name for field in dataclasses.fields(Settings)} - {"config_path", "network_lists"}
+    assert sorted(key.field for key in KEYS) == sorted(fields)
+    assert {field.name for field in dataclasses.fields(NetworkList)} - {"label", "marker"} == \
+        {key.field for key in LIST_KEYS}
 
 
 def test_an_unknown_key_or_section_is_refused(tmp_path):
