@@ -92,6 +92,9 @@ class GeoIP:
         record = self._reader.get(address)
         if not isinstance(record, dict):
             return None, None
+        code = record.get("country_code")  # ip-location-db's layout (the Debian package's DB-IP data)
+        if isinstance(code, str) and code:
+            return code.upper(), None
         for key in ("country", "registered_country"):
             code = (record.get(key) or {}).get("iso_code")
             if code:

@@ -4,7 +4,7 @@ of the file.  Replacing the file under a running daemon is e2e/test_geoip_reload
 import ipaddress
 
 import pytest
-from conftest import NOT_IN_GEOIP, ip_in
+from conftest import NOT_IN_GEOIP, ROOT, ip_in
 
 from pcclib.geoip import GeoIP
 from pcclib.protocol import PolicyRequest
@@ -52,3 +52,19 @@ def test_embedded_default_data_works_offline():
     assert embedded.country(ipaddress.ip_address("8.8.8.8")).code == "US"
     assert embedded.country(ipaddress.ip_address("2001:4860:4860::8888")).code == "US"
     assert embedded.country(ipaddress.ip_address("10.0.0.1")).code is None
+
+
+def test_the_shipped_db_ip_country_data_is_read(tmp_path):
+    """data/dbip-country-lite.mmdb.xz, what the Debian package installs: ip-location-db's
+    layout (a top-level country_code), IPv4 and IPv6."""
+    import lzma
+
+    path = tmp_path / "dbip-country-lite.mmdb"
+    path.write_bytes(lzma.decompress((ROOT / "data" / "dbip-country-lite.mmdb.xz").read_bytes()))
+    shipped = GeoIP(str(path))
+    assert shipped.built is not None and shipped.built.year >= 2026 and not shipped.ipv4_only
+    assert shipped.country(ipaddress.ip_address("81.2.69.160")).code == "GB"
+    assert shipped.country(ipaddress.ip_address("8.8.8.8")).code == "US"
+    assert shipped.country(ipaddress.ip_address("2001:67c:2e8::1")).code == "NL"  # RIPE NCC
+    assert shipped.country(ipaddress.ip_address("2001:200::1")).code == "JP"  # WIDE
+    assert shipped.country(ipaddress.ip_address("10.0.0.1")).code is None
