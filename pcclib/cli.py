@@ -67,6 +67,9 @@ def build_argument_parser() -> argparse.ArgumentParser:
     commands.add_argument("--only-from", nargs="+", metavar=("LOGIN", "CC,CC"),
                           help="the countries LOGIN may send from (e.g. ES,PT): any other blocks it at once; "
                           "LOGIN alone shows them, '' clears them; notifies the admins")
+    commands.add_argument("--queue-helper", action="store_true",
+                          help="as root, answer one request of an unprivileged daemon on standard input and output "
+                          "(systemd's pcc-queue.socket runs it): hold a blocked account's queued mail")
     commands.add_argument("--replay", nargs="+", metavar="FILE",
                           help="replay Postfix logs (plain, .gz, or - for stdin; oldest first) through the "
                           "decision, against a throw-away in-memory database, and report whom pcc would "
@@ -175,6 +178,12 @@ def run_mode(settings: Settings, arguments: argparse.Namespace) -> int:
             return run_daemon(settings)
         finally:
             listener.stop()  # every line written before the exit
+    if arguments.queue_helper:
+        from .mailqueue import helper_peer, serve_helper
+
+        setup_logging(arguments.verbose, arguments.stderr, secrets_of(settings))
+        return serve_helper(settings.postfix_config_directory, sys.stdin.buffer, sys.stdout.buffer,
+                            helper_peer(sys.stdin.fileno()))
     # The commands print what they did; their log shows only problems (or all, with -v).
     setup_logging(arguments.verbose, True, secrets_of(settings))
     log.setLevel(logging.DEBUG if arguments.verbose else logging.WARNING)

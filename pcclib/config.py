@@ -33,6 +33,8 @@ DB_ERROR_ACTIONS = ("DUNNO", "DEFER_IF_PERMIT")
 # exactly as it would when enforcing, but answers DUNNO (to roll out and tune).
 MODES = ("ENFORCE", "MONITOR")
 
+YES_NO = ("YES", "NO")
+
 # What an impossible journey does: BLOCK the account, or only NOTIFY the admins.
 TRAVEL_ACTIONS = ("BLOCK", "NOTIFY")
 
@@ -126,6 +128,7 @@ class Settings:
     # [postfix]
     postfix_config_directory: str
     hold_queued: str = ""  # YES / NO: a block also holds the account's mail already queued; "" = with HOLD
+    queue_helper: str = ""  # the socket of pcc's root queue helper (pcc-queue.socket); "" = sudo when not root
     # [dovecot]
     dovecot_policy_port: Optional[int] = None  # Dovecot's authentication policy (HTTP); None = off
     count_logins: bool = False  # a successful Dovecot login counts its country like a submission
@@ -202,6 +205,7 @@ class _ConfigReader:
     def __init__(self, path: str):
         self.path = path
         self.parser = configparser.ConfigParser(interpolation=None)
+        self.may_be_absent: set = set()  # (section, key) of keys newer than 1.5: absent = blank
         try:
             with open(path, encoding="utf-8") as config_file:
                 self.parser.read_file(config_file)
@@ -234,6 +238,8 @@ class _ConfigReader:
         if not self.parser.has_section(section):
             raise ConfigError(f"{self.path}: section [{section}] is missing (it must hold '{key}')")
         if not self.parser.has_option(section, key):
+            if (section, key) in self.may_be_absent:
+                return ""
             raise self.fail(section, key, "key is missing (every key must be present; leave it blank for none)")
         value = self.parser.get(section, key).strip()
         if INLINE_COMMENT.search(value):
@@ -418,9 +424,9 @@ class Key:
     field: str  # the Settings attribute it fills
     kind: Kind
     meaning: str
+    since: str = ""  # a key newer than 1.5 may be absent (blank): configurations of 1.5 still start
 
 
-YES_NO = ("YES", "NO")
 KEYS = (
     Key("server", "host", "host", Text(values="an IP address or a host name"),
         "The address the policy port listens on (Postfix: check_policy_service inet:127.0.0.1:9999)."),
@@ -482,6 +488,10 @@ KEYS = (
         "The Postfix configuration directory of the queues pcc holds, releases and deletes mail in."),
     Key("postfix", "hold_queued", "hold_queued", Choice(("YES", "NO", ""), "", "yes with action = hold"),
         "yes: a new block also holds the account's mail already queued (-r releases it, -e deletes it)."),
+    Key("postfix", "queue_helper", "queue_helper",
+        Text(blank="sudo -n with README's sudoers lines, when pcc does not run as root", values="a socket path"),
+        "The socket of pcc's queue helper (the Debian package's pcc-queue.socket, /run/pcc-queue.sock), "
+        "which holds the queued mail for a daemon without root's rights.", since="1.6"),
     Key("dovecot", "policy_port", "dovecot_policy_port", Whole(1, 65535, 0, "off"),
         "Answer Dovecot's authentication policy (auth_policy_server_url) on this port."),
     Key("dovecot", "count_logins", "count_logins", Choice(YES_NO, "NO", "no", yes_no=True),
@@ -529,6 +539,7 @@ def load_settings(path: str, geoip_file_needed: bool = True) -> Settings:
     for key in KEYS:
         known.setdefault(key.section, []).append(key.name)
     config.refuse_unknown_keys(known)
+    config.may_be_absent = {(key.section, key.name) for key in KEYS if key.since}
     values = {key.field: key.kind.read(config, key.section, key.name) for key in KEYS}
     settings = Settings(config_path=path, network_lists=_network_lists(config), **values)
     _check_ports(config, settings)

@@ -150,7 +150,7 @@ def queue_holding(settings: Settings) -> tuple:
     it starts without it, saying so."""
     if not settings.holds_queued_mail or settings.monitoring:
         return settings, ""
-    problem = PostfixQueue(settings.postfix_config_directory).check_sudo()
+    problem = PostfixQueue(settings.postfix_config_directory, settings.queue_helper).check_access()
     if not problem:
         return settings, ""
     if settings.hold_queued == "YES":

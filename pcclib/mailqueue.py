@@ -16,10 +16,12 @@ import json
 import os
 import re
 import shutil
+import socket
+import struct
 import subprocess
-from typing import Callable, Optional
+from typing import BinaryIO, Callable, Optional
 
-from .common import normalise_login
+from .common import log, normalise_login
 
 # A held message whose arrival is this much older than the block was held by
 # something else (the clocks of the database and Postfix hosts may differ a little).
@@ -35,6 +37,14 @@ SASL_LOGIN_RECORD = b"named_attribute: sasl_username="
 # What a Postfix queue ID looks like (short: hex; long: letters and digits):
 # nothing else reaches postcat or postsuper as an argument.
 QUEUE_ID = re.compile(r"[0-9A-Za-z]{6,32}")
+# The queue helper (pcc --queue-helper, started as root by systemd for each
+# connection to pcc-queue.socket): how a daemon without root's rights holds a
+# blocked account's queued mail without sudo, so its own unit keeps
+# NoNewPrivileges.  It takes one line, "hold LOGIN" (or "ping"), and answers
+# one: "held N", "pong" or "error WHY".
+HELPER_REQUEST_BYTES = 1024
+HELPER_READ_TIMEOUT = 10.0  # seconds for the request line
+HELPER_ANSWER_TIMEOUT = 300.0  # postqueue, a postcat a queued message, postsuper
 
 
 class QueueError(Exception):
@@ -46,9 +56,33 @@ class PostfixQueue:
     through `sudo -n` when pcc does not run as root (README gives the sudoers
     lines, check_sudo() that they are there)."""
 
-    def __init__(self, config_directory: str = ""):
+    def __init__(self, config_directory: str = "", helper: str = ""):
         self.config_directory = config_directory
         self.sudo = os.geteuid() != 0
+        self.helper = helper if self.sudo else ""  # root holds mail itself
+
+    def hold_queued_of(self, login: str) -> int:
+        """Put `login`'s queued mail on hold (see queued_by); how many messages."""
+        if self.helper:
+            return int(self._ask_helper(f"hold {login}", "held"))
+        return self.hold(self.queued_by(login))
+
+    def _ask_helper(self, request: str, expected: str) -> str:
+        """The queue helper's answer to one request line, after `expected`."""
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+                connection.settimeout(HELPER_ANSWER_TIMEOUT)
+                connection.connect(self.helper)
+                connection.sendall(request.encode() + b"\n")
+                answer = connection.makefile("rb").readline(HELPER_REQUEST_BYTES).decode("utf-8", "replace").strip()
+        except OSError as error:
+            raise QueueError(f"the queue helper at {self.helper} cannot be asked: {error.strerror or error} "
+                             "(systemctl enable --now pcc-queue.socket)") from None
+        word, _, rest = answer.partition(" ")
+        if word == expected and (expected == "pong" or rest.isdigit()):
+            return rest
+        raise QueueError(f"the queue helper at {self.helper} answered {answer[:200]!r}" if word != "error"
+                         else f"the queue helper: {rest}")
 
     def queued_by(self, login: str) -> list:
         """Queue IDs of `login`'s messages not yet delivered nor held (incoming,
@@ -58,10 +92,16 @@ class PostfixQueue:
     def hold(self, queue_ids: list) -> int:
         return self._postsuper("-h", queue_ids, r"Placed on hold: (\d+)")
 
-    def check_sudo(self) -> str:
+    def check_access(self) -> str:
         """What is missing for an unprivileged pcc to read and hold queued
-        mail (a sudoers line), or ""."""
+        mail (the queue helper, a sudoers line), or ""."""
         if not self.sudo:
+            return ""
+        if self.helper:
+            try:
+                self._ask_helper("ping", "pong")
+            except QueueError as error:
+                return f"[postfix] queue_helper: {error}"
             return ""
         needed = [("postcat", ["-e", "-q", "ID"]), ("postsuper", ["-h", "-"])]
         if self.config_directory:
@@ -164,3 +204,40 @@ def recorded_sasl_login(envelope: bytes) -> Optional[str]:
     if len(logins) != 1:
         return None
     return normalise_login(logins[0].decode("utf-8", "replace"))
+
+
+def serve_helper(config_directory: str, requests: BinaryIO, answers: BinaryIO, peer: str) -> int:
+    """pcc --queue-helper: one request of an unprivileged daemon, read from
+    `requests` (systemd's accepted connection), answered on `answers`, as
+    root.  It can only hold a login's queued mail; the socket's mode (0660,
+    group pcc) says who may ask."""
+    line = requests.readline(HELPER_REQUEST_BYTES).decode("utf-8", "replace").strip()
+    command, _, login = line.partition(" ")
+    if command == "ping" and not login:
+        answer = "pong"
+    elif command == "hold" and login and not re.search(r"[\s\x00-\x1f\x7f]", login):
+        login = normalise_login(login)
+        try:
+            held = PostfixQueue(config_directory).hold_queued_of(login)
+            answer = f"held {held}"
+            log.info("queue helper: %d queued messages of %s put on hold, asked by %s", held, login, peer)
+        except QueueError as error:
+            answer = f"error {error}"
+            log.error("queue helper: holding the queued mail of %s failed: %s", login, error)
+    else:
+        answer = "error the request is neither 'ping' nor 'hold LOGIN'"
+        log.warning("queue helper: a request that is neither ping nor hold LOGIN, from %s", peer)
+    answers.write(answer.encode() + b"\n")
+    answers.flush()
+    return 0 if not answer.startswith("error") else 1
+
+
+def helper_peer(descriptor: int) -> str:
+    """Who is on the other end of the helper's connection, for its log line."""
+    try:
+        with socket.socket(fileno=os.dup(descriptor)) as connection:
+            pid, uid, _gid = struct.unpack("3i", connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                                       struct.calcsize("3i")))
+        return f"uid {uid} (pid {pid})"
+    except OSError:  # not a UNIX socket: run by hand
+        return "an unknown peer"

@@ -337,7 +337,7 @@ class Responder:
         self.on_outcome = on_outcome
         self.webhooks = Webhooks(settings, lambda outcome: on_outcome("webhook", outcome))
         self.sessions = SessionEnder(settings)
-        self.queue = PostfixQueue(settings.postfix_config_directory)
+        self.queue = PostfixQueue(settings.postfix_config_directory, settings.queue_helper)
         self._blocks: queue.Queue = queue.Queue(RESPONDER_QUEUE_SIZE)
         self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
@@ -484,8 +484,7 @@ class Responder:
         if action == MONITOR_ACTION:
             return None, "monitor mode: its queued mail would have been held"
         try:
-            queue_ids = self.queue.queued_by(login)
-            held = self.queue.hold(queue_ids)
+            held = self.queue.hold_queued_of(login)
         except QueueError as error:
             log.error("holding the queued mail of %s failed: %s", login, error)
             self.on_outcome("queue", "failed")

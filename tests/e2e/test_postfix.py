@@ -257,8 +257,8 @@ def test_monitor_mode_holds_nothing(postfix, pcc_for, smtp_sink):
 
 
 def readme_sudoers_lines(user: str, config_directory: str) -> str:
-    """README's sudoers lines, for `user` and Postfix's `config_directory`."""
-    readme = (ROOT / "README.md").read_text()
+    """The sudoers lines of docs/operations.md, for `user` and Postfix's `config_directory`."""
+    readme = (ROOT / "docs" / "operations.md").read_text()
     lines = re.findall(r"^\s+(pcc ALL=\(root\) NOPASSWD: .*)$", readme, re.MULTILINE)
     assert len(lines) == 3, lines  # postcat, postsuper; postqueue with a config directory
     lines = [line.replace(" -c DIR", "") for line in lines]
@@ -358,5 +358,69 @@ def test_an_unprivileged_daemon_holds_the_queued_mail_through_readmes_sudoers_li
         sudoers.unlink(missing_ok=True)
         daemon.stop()
         by_default.stop()
+        shutil.rmtree(home, ignore_errors=True)
+        postfix.empty_queue()
+
+
+def test_an_unprivileged_daemon_holds_the_queued_mail_through_the_queue_helper(postfix, geoip_path, as_nobody):
+    """The Debian package's way, without sudo: systemd's own socket activation
+    (systemd-socket-activate --accept --inetd, as pcc-queue.socket with
+    Accept=yes) runs `pcc.py --queue-helper` as root for each request of the
+    daemon (user nobody, the socket 0660 and of nobody's group, as the unit
+    makes it).  Without the helper listening, the daemon refuses to start with
+    one line; with it, a block holds the account's queued mail and nothing of
+    another account, and the helper logs who asked."""
+    activate = shutil.which("systemd-socket-activate")
+    if activate is None:
+        unavailable("systemd-socket-activate (Debian package systemd)")
+    postfix.empty_queue()
+    os.chmod(postfix.directory, 0o755)  # as /etc/postfix: postqueue -j runs as the daemon's user
+    home = pathlib.Path(tempfile.mkdtemp(prefix="pcc-helper-"))
+    nobody = pwd.getpwnam("nobody")
+    os.chmod(home, 0o755)
+    os.chown(home, nobody.pw_uid, nobody.pw_gid)
+    shutil.copy(geoip_path, home / "country.mmdb")
+    socket_path = home / "queue.sock"
+    values = {"server.port": postfix.pcc_port, "db.dbcon": f"sqlite:///{home}/pcc.sqlite3",
+              "db.spool_file": str(home / "spool.jsonl"), "geoip.database": home / "country.mmdb",
+              "postfix.config_directory": postfix.directory, "policy.action": "REJECT",
+              "postfix.hold_queued": "yes", "postfix.queue_helper": socket_path}
+    config = write_config(home, values)
+    os.chmod(config, 0o644)
+    helper_config = write_config(home, values, name="helper.conf")  # root's, 0600
+    daemon = Daemon(config, home / "pcc.log", postfix.pcc_port)
+    helper_log = open(home / "helper.log", "wb")
+    helper = None
+    try:
+        as_daemon = as_nobody(["--config", config, "-d", "--stderr"], str(home))
+        with pytest.raises(RuntimeError, match=r"\[postfix\] queue_helper: the queue helper at .* cannot be asked"):
+            daemon.start(command=as_daemon)
+        helper = subprocess.Popen([activate, "-l", str(socket_path), "--accept", "--inetd", "--",
+                                   sys.executable, str(ROOT / "pcc.py"), "--config", helper_config,
+                                   "--queue-helper", "--stderr"], stdout=subprocess.DEVNULL, stderr=helper_log)
+        deadline = time.monotonic() + 10
+        while not socket_path.exists():
+            assert time.monotonic() < deadline and helper.poll() is None, "systemd-socket-activate never listened"
+            time.sleep(0.05)
+        os.chown(socket_path, 0, nobody.pw_gid)
+        os.chmod(socket_path, 0o660)
+        daemon.start(command=as_daemon)
+        queued = [queue_id for _c, _t, queue_id in walk(postfix, ALICE, ["GB", "US", "FR"])]
+        _code, _text, bobs = postfix.send(BOB, ip_in("GB"))
+        assert postfix.send(ALICE, ip_in("DE"))[0] == 554  # REJECT: the crossing message is refused
+        wait_until_held(postfix, queued)
+        assert postfix.queue()[bobs] != "hold"
+        assert "queued mail of alice@example.com: 3 messages put on hold" in daemon.log()
+        deadline = time.monotonic() + 10
+        while f"3 queued messages of {ALICE} put on hold, asked by uid {nobody.pw_uid}" \
+                not in (home / "helper.log").read_text():
+            assert time.monotonic() < deadline, (home / "helper.log").read_text()
+            time.sleep(0.1)
+    finally:
+        daemon.stop()
+        if helper is not None:
+            helper.terminate()
+            helper.wait(timeout=10)
+        helper_log.close()
         shutil.rmtree(home, ignore_errors=True)
         postfix.empty_queue()

@@ -26,12 +26,21 @@ def test_shipped_config_is_valid_and_runs_on_embedded_defaults():
     assert settings.how_many_different_countries == 3
 
 
-@pytest.mark.parametrize("section, key", shipped_keys())
+NEW_KEYS = {(key.section, key.name) for key in KEYS if key.since}
+
+
+@pytest.mark.parametrize("section, key", [pair for pair in shipped_keys() if pair not in NEW_KEYS])
 def test_every_key_is_required(tmp_path, section, key):
     with pytest.raises(ConfigError) as error:
         load_settings(config_without(tmp_path, section, key))
     assert f"[{section}] {key}: key is missing" in str(error.value)
     assert "broken.conf" in str(error.value)
+
+
+@pytest.mark.parametrize("section, key", sorted(NEW_KEYS))
+def test_a_configuration_of_1_5_without_the_keys_added_since_still_starts(tmp_path, section, key):
+    assert NEW_KEYS == {("postfix", "queue_helper")}
+    assert getattr(load_settings(config_without(tmp_path, section, key)), key) == ""
 
 
 def test_missing_section(tmp_path):
