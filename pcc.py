@@ -18,7 +18,14 @@ import os
 import sys
 
 # pcclib sits beside this script, wherever it was installed or linked from.
-sys.path.insert(0, os.path.dirname(os.path.realpath(__file__)))
+HERE = os.path.dirname(os.path.realpath(__file__))
+# In a checkout, the packages pcc needs are in the venv beside it: the command
+# lines pcc prints (`/opt/pcc/pcc.py --config /etc/pcc.conf -u ...`) run as
+# printed, whichever python3 the #! line finds first.
+VENV_PYTHON = os.path.join(HERE, ".venv", "bin", "python")
+if os.path.exists(VENV_PYTHON) and os.path.realpath(sys.prefix) != os.path.realpath(os.path.join(HERE, ".venv")):
+    os.execv(VENV_PYTHON, [VENV_PYTHON, os.path.realpath(__file__), *sys.argv[1:]])
+sys.path.insert(0, HERE)
 
 from pcclib.cli import main  # noqa: E402
 

@@ -153,7 +153,8 @@ def header_safe(text: str) -> str:
 def pcc_command(settings: Settings, option: str, login: str) -> str:
     """The admin command line an email tells the reader to run, quoted for a
     shell: a login with `...` or $(...) must not run when pasted."""
-    program = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0].endswith("pcc.py") else "pcc.py"
+    ran_as = sys.argv[0] if sys.argv else ""
+    program = os.path.abspath(ran_as) if os.path.basename(ran_as) in ("pcc", "pcc.py") else "pcc"
     return shlex.join([program, "--config", settings.config_path, option, login])
 
 

@@ -1,11 +1,12 @@
 """The daemon end to end: real processes, real databases, a real SMTP listener."""
 import os
 import stat
+import subprocess
 import time
 
 import pytest
 import sqlalchemy as sa
-from conftest import SERVER_DATABASES, blocked_logins, free_port, ip_in, pcc_command, wait_until_visible, walk
+from conftest import ROOT, SERVER_DATABASES, blocked_logins, free_port, ip_in, pcc_command, wait_until_visible, walk
 
 from pcclib.common import first_line
 from pcclib.storage import Base
@@ -32,6 +33,14 @@ def test_block_notification_reaches_the_admins(start_daemon, smtp_sink):
     assert f"--config {daemon.config_path} -u alice@example.com" in body
     time.sleep(0.5)
     assert len(smtp_sink.messages) == 1
+    # The undo line runs as printed, from a shell whose python3 lacks pcc's packages.
+    (undo,) = [line.strip() for line in body.splitlines() if line.strip().endswith("-u alice@example.com")]
+    assert undo.startswith(str(ROOT / "pcc.py"))
+    ran = subprocess.run(undo, shell=True, capture_output=True, text=True, timeout=60,
+                         env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
+    assert ran.returncode == 0, ran.stderr
+    assert "unblocked" in ran.stdout
+    assert walk(client, "alice@example.com", ["SE"]) == ["DUNNO"]
 
 
 def test_a_dead_smtp_server_never_delays_the_answer(start_daemon):
