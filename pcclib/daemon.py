@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shlex
 import signal
 import threading
 import time
@@ -68,8 +69,9 @@ def build_parts(settings: Settings, store: Store, geoip: GeoIP, notifier: Notifi
 
 
 def run_daemon(settings: Settings) -> int:
-    settings, queue_refusal = queue_holding(settings)
-    refusal = files_refused(settings) or queue_refusal
+    refusal = files_refused(settings)
+    if not refusal:
+        settings, refusal = queue_holding(settings)
     if refusal:
         refuse_to_start(f"pcc: {refusal}")
         return 1
@@ -145,7 +147,8 @@ def run_daemon(settings: Settings) -> int:
 
 def queue_holding(settings: Settings) -> tuple:
     """(the settings to run with, a refusal or ""): holding a blocked account's
-    queued mail needs root or README's sudoers lines.  Asked for (hold_queued
+    queued mail needs root, the queue helper or the sudoers lines of
+    docs/operations.md.  Asked for (hold_queued
     = yes) without them, pcc refuses to start; on by default (action = HOLD),
     it starts without it, saying so."""
     if not settings.holds_queued_mail or settings.monitoring:
@@ -161,14 +164,38 @@ def queue_holding(settings: Settings) -> tuple:
 
 
 def files_refused(settings: Settings) -> str:
-    """A symbolic link where pcc writes a file of its own, if there is one."""
+    """A symbolic link where pcc writes a file of its own, or a file or
+    directory of its state this user cannot write (most often left by a run
+    as root, the quick start's): one line with the command that fixes it."""
     database = sqlite_path(settings.dbcon)
-    for path, what in ((database, "the SQLite database"), (database and database + "-wal", "the SQLite database"),
-                       (settings.spool_file, "[db] spool_file"),
-                       (settings.spool_file and settings.spool_file + ".blocked", "the blocked list's copy")):
+    state = ((database, "the SQLite database"), (database and database + "-wal", "the SQLite database"),
+             (database and database + "-shm", "the SQLite database"), (settings.spool_file, "[db] spool_file"),
+             (settings.spool_file and settings.spool_file + ".blocked", "the blocked list's copy"))
+    for path, what in state:
         refusal = path and symlink_refusal(path, what)
         if refusal:
             return refusal
+    for path, _what in state:
+        refusal = path and not_writable(path)
+        if refusal:
+            return refusal
+    return ""
+
+
+def not_writable(path: str) -> str:
+    """Why this user cannot write `path` (or the directory it goes in), with
+    the fix, or ""."""
+    import grp
+    import pwd
+
+    directory = os.path.dirname(os.path.abspath(path))
+    for name in (path, directory):
+        if not os.path.exists(name) or os.access(name, os.R_OK | os.W_OK | (os.X_OK if name == directory else 0)):
+            continue
+        user, group = pwd.getpwuid(os.geteuid()).pw_name, grp.getgrgid(os.getegid()).gr_name
+        owner = pwd.getpwuid(os.stat(name).st_uid).pw_name
+        return (f"{name} is owned by {owner} and not writable by user {user} (left by a run as {owner}?): "
+                f"chown -R {user}:{group} {shlex.quote(directory)}")
     return ""
 
 

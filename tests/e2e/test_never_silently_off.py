@@ -57,8 +57,47 @@ def test_the_daemon_refuses_a_database_file_it_cannot_write(shared_dir, as_nobod
     result = subprocess.run(as_nobody(["--config", nobody_config(shared_dir), "-d", "--stderr"], shared_dir),
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1, result
-    assert f"pcc: {path} is owned by root and not writable by user nobody: chown nobody:nogroup {path}" \
-        in result.stderr.splitlines()
+    assert f"pcc: {path} is owned by root and not writable by user nobody (left by a run as root?): " \
+        f"chown -R nobody:nogroup {state}" in result.stderr.splitlines()
+
+
+@pytest.mark.parametrize("left_by_root", ["spool", "spool.blocked", "pcc.sqlite3-wal", "."])
+def test_state_the_quick_start_left_as_root_gets_one_line_whose_command_fixes_it(shared_dir, as_nobody,
+                                                                                  left_by_root):
+    """README's quick start runs as root; an admin then runs the daemon as its
+    own user after a `chown` without -R: never a traceback, one line, and
+    the command in it is all it takes."""
+    state = os.path.join(shared_dir, "state")
+    os.makedirs(state)
+    os.chmod(state, 0o750)
+    for name in ("spool", "spool.blocked", "pcc.sqlite3-wal"):
+        with open(os.path.join(state, name), "w") as left:
+            left.write("" if name != "spool.blocked" else "alice@example.com\t1\n")
+        os.chmod(os.path.join(state, name), 0o600)
+    if left_by_root != ".":
+        shutil.chown(state, "nobody", "nogroup")
+        for name in ("spool", "spool.blocked", "pcc.sqlite3-wal"):
+            if name != left_by_root:
+                shutil.chown(os.path.join(state, name), "nobody", "nogroup")
+    config = nobody_config(shared_dir)
+    result = subprocess.run(as_nobody(["--config", config, "-d", "--stderr"], shared_dir),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("pcc: ")]
+    culprit = os.path.normpath(os.path.join(state, left_by_root))
+    assert line.startswith(f"pcc: {culprit} is owned by root and not writable by user nobody")
+    fix = line.rpartition(": ")[2]
+    assert fix == f"chown -R nobody:nogroup {state}"
+    subprocess.run(fix, shell=True, check=True)
+    daemon = subprocess.Popen(as_nobody(["--config", config, "-d", "--stderr"], shared_dir),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while "listening on" not in (line := daemon.stderr.readline()):
+            assert line and time.monotonic() < deadline, "the daemon did not start after the fix"
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=30)
 
 
 def test_list_on_a_missing_database_creates_nothing(shared_dir):
