@@ -32,5 +32,5 @@ it in this list:
   health     --health, in the monitoring-plugin conventions
   cli        the options, and which of the above each runs
 
-README's "How pcc is built" walks a request through them.
+docs/architecture.md walks a request through them.
 """

@@ -489,7 +489,7 @@ KEYS = (
     Key("postfix", "hold_queued", "hold_queued", Choice(("YES", "NO", ""), "", "yes with action = hold"),
         "yes: a new block also holds the account's mail already queued (-r releases it, -e deletes it)."),
     Key("postfix", "queue_helper", "queue_helper",
-        Text(blank="sudo -n with README's sudoers lines, when pcc does not run as root", values="a socket path"),
+        Text(blank="sudo -n with the sudoers lines of docs/operations.md, when pcc does not run as root", values="a socket path"),
         "The socket of pcc's queue helper (the Debian package's pcc-queue.socket, /run/pcc-queue.sock), "
         "which holds the queued mail for a daemon without root's rights.", since="1.6"),
     Key("dovecot", "policy_port", "dovecot_policy_port", Whole(1, 65535, 0, "off"),

@@ -53,8 +53,8 @@ class QueueError(Exception):
 
 class PostfixQueue:
     """Postfix's queues, through postqueue, postcat and postsuper; the last two
-    through `sudo -n` when pcc does not run as root (README gives the sudoers
-    lines, check_sudo() that they are there)."""
+    through `sudo -n` when pcc does not run as root (docs/operations.md gives
+    the sudoers lines, check_access() that they are there), or the queue helper."""
 
     def __init__(self, config_directory: str = "", helper: str = ""):
         self.config_directory = config_directory
@@ -114,7 +114,7 @@ class PostfixQueue:
                 allowed = False
             if not allowed:
                 return (f"[postfix] hold_queued: this user may not run `sudo -n {' '.join(command[3:])}`: add the "
-                        "sudoers lines of README (When an account is blocked)")
+                        "sudoers lines of docs/operations.md (When an account is blocked), or use the queue helper")
         return ""
 
     def _entries(self) -> list:

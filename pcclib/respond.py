@@ -466,7 +466,7 @@ class Responder:
             return ("monitor mode: its Dovecot sessions would have been ended" if self.sessions.configured
                     else "monitor mode: nothing was done")
         if not self.sessions.configured:
-            return f"its Dovecot sessions were not ended (pcc is not set up to: see README); {manual}"
+            return f"its Dovecot sessions were not ended (pcc is not set up to: see docs/operations.md); {manual}"
         ended, what = self.sessions.end(login, try_for)
         if ended:
             log.info("Dovecot sessions of %s: %s", login, what)

@@ -891,11 +891,11 @@ _PERMANENT_FAULTS = {
     1044: "grant the database to the user in [db] dbcon",
     1045: "check the user and password in [db] dbcon",
     1049: "create the database (CREATE DATABASE ...) or correct its name in [db] dbcon",
-    1142: "GRANT SELECT, INSERT, UPDATE, CREATE ON <database>.* TO <user> (see README, Databases)",
+    1142: "GRANT SELECT, INSERT, UPDATE, CREATE ON <database>.* TO <user> (see docs/administration.md, Databases)",
     "28P01": "check the user and password in [db] dbcon",
     "28000": "allow the user in pg_hba.conf, or correct it in [db] dbcon",
     "3D000": "create the database (CREATE DATABASE ...) or correct its name in [db] dbcon",
-    "42501": "GRANT SELECT, INSERT, UPDATE ON pcc's tables (and CREATE) TO the user (see README, Databases)",
+    "42501": "GRANT SELECT, INSERT, UPDATE ON pcc's tables (and CREATE) TO the user (see docs/administration.md, Databases)",
 }
 _POSTGRESQL_CONNECTION_FAULTS = (
     ("password authentication failed", "28P01"),

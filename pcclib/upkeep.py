@@ -156,7 +156,7 @@ class MemoryUpkeep:
         except sa_exc.SQLAlchemyError as error:
             (log.debug if self._trim_failing else log.warning)(
                 "cannot trim the change log pcc_changes, which grows until it is (GRANT DELETE ON pcc_changes "
-                "TO the daemon's user: see README, Databases): %s", first_line(error))
+                "TO the daemon's user: see docs/administration.md, Databases): %s", first_line(error))
             self._trim_failing = True
             return
         self._trim_failing = False

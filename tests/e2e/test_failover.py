@@ -1,6 +1,6 @@
 """PostgreSQL as sites run it (#36): a primary and a streaming standby built
 from this machine's PostgreSQL binaries (temporary directories, free ports),
-pcc on the multi-host URL README gives, traffic from several Postfix-like
+pcc on the multi-host URL docs/administration.md gives, traffic from several Postfix-like
 clients, the primary killed (pg_ctl stop -m immediate) and the standby
 promoted two seconds later, as Patroni or an administrator would.
 
@@ -85,7 +85,7 @@ class Cluster:
         self.run("pg_ctl", "-D", data, "-l", f"{data}.log", "-w", "start")
 
     def url(self) -> str:
-        """README's form: both hosts, and only a primary will do."""
+        """The documented form: both hosts, and only a primary will do."""
         return (f"postgresql+psycopg://postgres@/postgres?host=127.0.0.1:{self.primary_port}"
                 f"&host=127.0.0.1:{self.standby_port}&target_session_attrs=read-write")
 

@@ -1,6 +1,6 @@
 """The fault matrix (#19): what every kind of account gets on both doors while
 the database fails in each way, from a daemon that keeps running and from
-one restarted in the middle of the fault.  README's table ("What each fault
+one restarted in the middle of the fault.  docs/operations.md's table ("What each fault
 answers") is this test's expectations.
 
 Daemon A reaches the database through a TCP proxy the test controls, as a
@@ -46,7 +46,7 @@ API_HEADER = "Authorization: Basic cGNjOm1hdHJpeA=="
 BLOCKED = ("before", "this", "other", "crossing")
 LOCK_SECONDS = 10.0
 # From the fault's end, with no request: the spool written, the outage over.
-# README says "within 2 s" (a probe a second); the rest is this test's margin
+# docs/operations.md says "within 2 s" (a probe a second); the rest is this test's margin
 # on a machine whose both cores are busy.
 OUTAGE_ENDS_WITHIN = 5.0
 FAULTS = ["refused", "black hole", "reset mid-query", "lock held 10 s", "grants revoked", "restarted"]
@@ -181,7 +181,7 @@ def ask_timed(client, name: str, country: str) -> str:
 
 
 def assert_cell(daemon, dovecot_port: int, fault: str, state: str) -> None:
-    """What README's table says: the block action for every blocked account
+    """What the table of docs/operations.md says: the block action for every blocked account
     (the crossing one included), db_error_action (DUNNO here) for the one never
     seen, on the Postfix port; -1 and 0 on the Dovecot port."""
     client = daemon.client()

@@ -270,7 +270,7 @@ def readme_sudoers_lines(user: str, config_directory: str) -> str:
 
 
 def test_readmes_sudoers_lines_allow_holding_and_reading_one_envelope_only(postfix, tmp_path):
-    """What README asks of root is what pcc needs: the envelope of one queue ID
+    """What docs/operations.md asks of root is what pcc needs: the envelope of one queue ID
     and holding (postqueue -j with a configuration directory); no other
     option, no second argument, another configuration directory, a message's
     headers or body."""
@@ -310,7 +310,7 @@ def test_readmes_sudoers_lines_allow_holding_and_reading_one_envelope_only(postf
 
 
 def test_an_unprivileged_daemon_holds_the_queued_mail_through_readmes_sudoers_lines(postfix, geoip_path, as_nobody):
-    """pcc as an unprivileged user, with hold_queued = yes: without README's
+    """pcc as an unprivileged user, with hold_queued = yes: without the docs'
     sudoers lines it refuses to start; with them, a block holds what the
     account had queued (deferred: the relay is down), and nothing of another
     account."""

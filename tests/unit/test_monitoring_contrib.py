@@ -1,6 +1,6 @@
 """contrib/: the Prometheus alert rules pass the real promtool's checks and
 its unit tests (each alert fires when it should and stays quiet otherwise),
-and the Grafana dashboard is one importable dashboard whose panels README
+and the Grafana dashboard is one importable dashboard whose panels docs/operations.md
 lists.  (That every metric they use is one pcc exports is tested against a
 running daemon in tests/e2e/test_metrics.py.)"""
 import json
@@ -190,8 +190,8 @@ def test_the_dashboard_is_one_importable_dashboard():
         assert panel["description"], panel["title"]
 
 
-def test_readme_lists_the_panels_and_the_alerts():
-    readme = (ROOT / "README.md").read_text()
+def test_the_operations_guide_lists_the_panels_and_the_alerts():
+    readme = (ROOT / "docs" / "operations.md").read_text()
     dashboard = json.loads(DASHBOARD.read_text())
     for panel in dashboard["panels"]:
         if panel["type"] != "row":

@@ -1,7 +1,7 @@
 """The files pcc ships say what the code does: the package's modules import
 one way and keep to their own names, pcc.py is the thin script, the systemd
-unit is hardened, README and pcc.conf give one rule for the configuration
-file's mode, and README names every option."""
+unit is hardened, the docs and pcc.conf give one rule for the configuration
+file's mode, README stays a newcomer's page, and the docs name every option."""
 import ast
 import re
 import shutil
@@ -12,16 +12,31 @@ from conftest import ROOT, unavailable
 from pcclib.cli import build_argument_parser
 
 
+ADMINISTRATION = ROOT / "docs" / "administration.md"
+
+
 def test_one_rule_for_the_config_files_mode():
-    readme, shipped = (ROOT / "README.md").read_text(), (ROOT / "pcc.conf").read_text()
-    for text in (readme, shipped):
+    docs, shipped = (ADMINISTRATION.read_text() + (ROOT / "README.md").read_text(), (ROOT / "pcc.conf").read_text())
+    for text in (docs, shipped):
         assert "mode 600" not in text and "chmod 600" not in text
     assert "chown root:pcc /etc/pcc.conf; chmod 640 /etc/pcc.conf" in shipped
-    assert "`chown root:pcc`" in readme and "`chmod 640`" in readme
+    assert "`chown root:pcc`" in docs and "`chmod 640`" in docs
+    postinst = (ROOT / "debian" / "postfix-country-control.postinst").read_text()
+    assert "chown root:pcc /etc/pcc.conf\n        chmod 0640 /etc/pcc.conf" in postinst
 
 
-def test_readme_names_every_long_option():
+def test_readme_is_a_newcomers_page_with_two_commands_and_the_way_on():
     readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 300
+    commands = re.findall(r"^\d\. [^\n]*(?:\n[^\n]+)*\n\n {7}(\S[^\n]*)$", readme, re.M)
+    assert commands[:2] == ["python3 -m venv .venv && .venv/bin/pip install -r requisites.txt && "
+                            ".venv/bin/python pcc.py -d --stderr --config pcc.conf", "bash .ci/run"]
+    for linked in re.findall(r"\]\(([\w/.]+\.md)\)", readme):
+        assert (ROOT / linked).is_file(), linked
+
+
+def test_the_administrators_docs_name_every_long_option():
+    readme = ADMINISTRATION.read_text()
     options = [option for action in build_argument_parser()._actions for option in action.option_strings
                if option.startswith("--") and option != "--help"]
     assert len(options) > 15
@@ -30,7 +45,7 @@ def test_readme_names_every_long_option():
 
 
 # The modules of pcclib, each importing only those before it: written once, in
-# the package's map (pcclib/__init__.py); README's table must say the same.
+# the package's map (pcclib/__init__.py); docs/architecture.md's table must say the same.
 MODULE_ORDER = re.findall(r"^  (\w+) ", (ROOT / "pcclib" / "__init__.py").read_text(), re.M)
 
 
@@ -48,9 +63,8 @@ def test_every_module_is_in_the_map_and_imports_only_those_above_it():
         above = set(MODULE_ORDER[:position])
         assert imports_of(module) <= above, (module, imports_of(module) - above)
     assert len(MODULE_ORDER) > 20
-    readme = (ROOT / "README.md").read_text()
-    assert re.findall(r"^\| `(\w+)` \|", readme.split("## How pcc is built", 1)[1], re.M)[:len(MODULE_ORDER)] \
-        == MODULE_ORDER
+    architecture = (ROOT / "docs" / "architecture.md").read_text()
+    assert re.findall(r"^\| `(\w+)` \|", architecture, re.M)[:len(MODULE_ORDER)] == MODULE_ORDER
 
 
 def test_no_module_reaches_into_another_modules_private_names():
@@ -125,13 +139,13 @@ def test_every_test_file_says_what_it_tests_in_its_own_words():
     assert [files for files in openings.values() if len(files) > 1] == []
 
 
-def test_every_database_url_readme_shows_is_one_pcc_takes():
+def test_every_database_url_the_docs_show_is_one_pcc_takes():
     """The High availability section's forms (several hosts, PgBouncer) pass
     the checks --check-config and the daemon make; the failover test uses
     the first of them."""
     from pcclib.config import database_url_problem
 
-    readme = (ROOT / "README.md").read_text()
+    readme = ADMINISTRATION.read_text()
     urls = re.findall(r"^\s+dbcon = (\S+)$", readme, re.MULTILINE)
     assert len(urls) >= 3 and any("prepare_threshold=none" in url for url in urls)
     for url in urls:
