@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import stat
+import sys
 import tempfile
 import threading
 import urllib.parse
@@ -19,6 +20,9 @@ from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator, Optional
 
 __version__ = "1.6.0"
+# The name administrators run pcc by, for the commands its messages name:
+# pcc from the Debian package (/usr/sbin/pcc), pcc.py from a checkout.
+PROGRAM = "pcc" if os.path.basename(sys.argv[0] if sys.argv else "") == "pcc" else "pcc.py"
 log = logging.getLogger("pcc")
 UTC = dt.timezone.utc
 

@@ -9,7 +9,7 @@ import functools
 import re
 from typing import Optional
 
-from .common import UTC, file_signature, log, open_maxmind, utcnow
+from .common import PROGRAM, UTC, file_signature, log, open_maxmind, utcnow
 from .config import is_city_level
 from .protocol import Country, Place
 
@@ -133,5 +133,5 @@ def _warn_if_stale(geoip: GeoIP) -> None:
         log.warning("GeoIP %s: its build date is unknown; keep it current", geoip.description)
     elif utcnow().date() - geoip.built > GEOIP_STALE_AFTER:
         log.warning("GeoIP data is %d days old (built %s): countries of moved IP blocks will be wrong; "
-                    "set [geoip] database and run pcc.py --update-geoip monthly (docs/administration.md, GeoIP data)",
-                    (utcnow().date() - geoip.built).days, geoip.built.isoformat())
+                    "set [geoip] database and run %s --update-geoip monthly (docs/administration.md, GeoIP data)",
+                    PROGRAM, (utcnow().date() - geoip.built).days, geoip.built.isoformat())

@@ -8,7 +8,7 @@ import datetime as dt
 import socket
 import time
 
-from .common import utcnow
+from .common import PROGRAM, utcnow
 from .config import Settings
 from .geoip import GEOIP_STALE_AFTER
 from .protocol import HEALTH_REQUEST
@@ -64,10 +64,10 @@ def check_health(settings: Settings) -> tuple:
     built = report.get("geoip_built", "unknown")
     age = (utcnow().date() - dt.date.fromisoformat(built)).days if built != "unknown" else None
     if age is None or age > GEOIP_STALE_AFTER.days:
-        warnings.append(f"GeoIP data is {age if age is not None else 'of unknown'} days old: pcc.py --update-geoip")
+        warnings.append(f"GeoIP data is {age if age is not None else 'of unknown'} days old: {PROGRAM} --update-geoip")
     elif age < -GEOIP_FUTURE_DAYS:
         warnings.append(f"GeoIP data claims to be built {-age} days from now: a broken or forged file; reinstall "
-                        f"it from a trusted source (pcc.py --update-geoip --force)")
+                        f"it from a trusted source ({PROGRAM} --update-geoip --force)")
     spooled = int(report.get("spooled_blocks", 0))
     if spooled:
         warnings.append(f"{spooled} blocks wait in the spool for the database")
@@ -103,5 +103,5 @@ def list_warnings(settings: Settings, reported: str) -> list:
         days_old = ages.get(network_list.label)
         if days_old is not None and days_old > network_list.max_age_days:
             warnings.append(f"network list {network_list.label} is {days_old:.1f} days old (at most "
-                            f"{network_list.max_age_days:g}): pcc.py --update-lists")
+                            f"{network_list.max_age_days:g}): {PROGRAM} --update-lists")
     return warnings

@@ -16,7 +16,7 @@ import socket
 import time
 from typing import Optional
 
-from .common import file_signature, log, open_maxmind, open_regular_file
+from .common import PROGRAM, file_signature, log, open_maxmind, open_regular_file
 from .config import NetworkList, Settings
 from .protocol import NetworkFacts, unwrap_ipv4
 
@@ -219,8 +219,8 @@ def load_list(spec: NetworkList, previous: Optional[LoadedList] = None) -> Loade
     signature = file_signature(spec.file)
     if signature is None:
         if previous is not None and previous.ranges is not None:
-            log.error("network list %s: %s is gone; still using the %d ranges loaded before (run pcc.py "
-                      "--update-lists)", spec.label, spec.file, previous.ranges.ranges)
+            log.error("network list %s: %s is gone; still using the %d ranges loaded before (run %s "
+                      "--update-lists)", spec.label, spec.file, previous.ranges.ranges, PROGRAM)
             return LoadedList(spec, previous.ranges, None, previous.written, "gone")
         return LoadedList(spec, None, None, None)
     try:
@@ -265,8 +265,8 @@ class Networks:
             self.asn, self.asn_signature = previous.asn, signature
             return
         if signature is None:
-            log.warning("[networks] asn_database %s is missing: networks are not named (pcc.py --update-geoip "
-                        "fetches it)", path)
+            log.warning("[networks] asn_database %s is missing: networks are not named (%s --update-geoip "
+                        "fetches it)", path, PROGRAM)
             return
         self.asn_signature = signature  # a broken file is reported once, not at every look
         try:
@@ -283,7 +283,7 @@ class Networks:
         for loaded in self.lists:
             state = (f"{loaded.ranges.ranges} ranges" if loaded.ranges is not None
                      else f"off: its file was {loaded.problem}" if loaded.problem
-                     else "off until pcc.py --update-lists installs its file")
+                     else f"off until {PROGRAM} --update-lists installs its file")
             parts.append(f"{loaded.spec.label} ({loaded.spec.action.lower()}, {state})")
         if self.settings.asn_database:
             parts.append(f"ASN {'from ' + self.settings.asn_database if self.asn else 'off'}")

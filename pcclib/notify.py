@@ -18,7 +18,7 @@ import threading
 import time
 from typing import Callable, Iterable, Optional
 
-from .common import log, start_thread
+from .common import PROGRAM, log, start_thread
 from .config import MONITOR_ACTION, Settings
 from .decision import CountrySeen, Journey
 
@@ -154,7 +154,7 @@ def pcc_command(settings: Settings, option: str, login: str) -> str:
     """The admin command line an email tells the reader to run, quoted for a
     shell: a login with `...` or $(...) must not run when pasted."""
     ran_as = sys.argv[0] if sys.argv else ""
-    program = os.path.abspath(ran_as) if os.path.basename(ran_as) in ("pcc", "pcc.py") else "pcc"
+    program = os.path.abspath(ran_as) if os.path.basename(ran_as) in ("pcc", "pcc.py") else PROGRAM
     return shlex.join([program, "--config", settings.config_path, option, login])
 
 
