@@ -134,4 +134,4 @@ def _warn_if_stale(geoip: GeoIP) -> None:
     elif utcnow().date() - geoip.built > GEOIP_STALE_AFTER:
         log.warning("GeoIP data is %d days old (built %s): countries of moved IP blocks will be wrong; "
                     "set [geoip] database and run %s --update-geoip monthly (docs/administration.md, GeoIP data)",
-                    PROGRAM, (utcnow().date() - geoip.built).days, geoip.built.isoformat())
+                    (utcnow().date() - geoip.built).days, geoip.built.isoformat(), PROGRAM)
