@@ -8,6 +8,7 @@ import dataclasses
 import os
 import shlex
 import signal
+import stat
 import threading
 import time
 from typing import Optional
@@ -189,11 +190,19 @@ def not_writable(path: str) -> str:
     import pwd
 
     directory = os.path.dirname(os.path.abspath(path))
-    for name in (path, directory):
-        if not os.path.exists(name) or os.access(name, os.R_OK | os.W_OK | (os.X_OK if name == directory else 0)):
-            continue
+    for name, kind, needed in ((path, stat.S_ISREG, os.R_OK | os.W_OK),
+                               (directory, stat.S_ISDIR, os.R_OK | os.W_OK | os.X_OK)):
+        try:
+            status = os.stat(name)
+        except OSError:
+            continue  # not there (yet), or not reachable: the directory's turn says why
+        if not kind(status.st_mode) or status.st_uid == os.geteuid() or os.access(name, needed):
+            continue  # another problem than another user's file: the code that opens it says which
         user, group = pwd.getpwuid(os.geteuid()).pw_name, grp.getgrgid(os.getegid()).gr_name
-        owner = pwd.getpwuid(os.stat(name).st_uid).pw_name
+        try:
+            owner = pwd.getpwuid(status.st_uid).pw_name
+        except KeyError:
+            owner = f"uid {status.st_uid}"
         return (f"{name} is owned by {owner} and not writable by user {user} (left by a run as {owner}?): "
                 f"chown -R {user}:{group} {shlex.quote(directory)}")
     return ""
