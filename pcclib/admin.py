@@ -20,7 +20,7 @@ from sqlalchemy import exc as sa_exc
 from .common import first_line, normalise_login, split_list, symlink_refusal, when
 from .config import COUNTRY_CODES, MONITOR_ACTION, Settings
 from .decision import AccountHistory, countries_in_window, exempt_login_reason
-from .logs import mask_secrets, secrets_of
+from .logs import audit, mask_secrets, secrets_of, who_ran_it
 from .mailqueue import PostfixQueue, QueueError
 from .notify import Notifier
 from .protocol import MAX_LOGIN_LENGTH
@@ -49,6 +49,8 @@ class Admin:
         self.responder = Responder(settings, notifier, network_of=self.network_of)
         self.postfix = postfix
         self.out = out or sys.stdout
+        self.force = False  # --force: a bare login on a site of user@domain logins is meant
+        self.said: list = []  # what the command printed: its result, for the audit line
 
     @functools.cached_property
     def networks(self) -> Networks:
@@ -65,6 +67,7 @@ class Admin:
         return text
 
     def say(self, text: str = "") -> None:
+        self.said.append(text)
         print(text, file=self.out)
 
     def list_blocked(self, as_json: bool) -> None:
@@ -239,6 +242,21 @@ class Admin:
         _check_login(login)
         return self.store.account(login)
 
+    def check_domain(self, login: str) -> None:
+        """A login without a domain, on a site whose logins have one, is most
+        likely a slip (`-b root`): refused, unless --force."""
+        if "@" in login or self.force:
+            return
+        if self.settings.domains:
+            example = f"{login}@{sorted(self.settings.domains)[0]}"
+        else:
+            known = self.store.a_login_with_a_domain()
+            if known is None:
+                return  # a site of bare names, or nothing recorded yet
+            example = f"{login}@{known.rpartition('@')[2]}"
+        raise AdminError(f"{login} has no domain, but this site's logins have one: write it whole (e.g. {example}), "
+                         "or add --force to mean the bare name")
+
     def _known_account(self, login: str):
         """(its blocked-list row, sightings, blocks, travel passes) of an account
         pcc knows anything about."""
@@ -278,12 +296,7 @@ def _pass_json(travel_pass: TravelPass, now: dt.datetime) -> dict:
 
 
 def _who() -> str:
-    try:
-        import pwd
-
-        return pwd.getpwuid(os.getuid()).pw_name
-    except (ImportError, KeyError):
-        return f"uid {os.getuid()}"
+    return who_ran_it()
 
 
 def country_codes(text: str) -> tuple:
@@ -383,13 +396,49 @@ def run_admin_command(settings: Settings, arguments: argparse.Namespace) -> int:
         if not reading:
             store.create_tables()
         admin = Admin(settings, store, Notifier(settings), PostfixQueue(settings.postfix_config_directory))
+        admin.force = arguments.force
         _run_one(admin, arguments, DatabaseClock().follow(store))  # the database's time, not this host's
         return 0
 
     return on_admin_store(settings, run)
 
 
+def changed_by_command(arguments: argparse.Namespace) -> Optional[tuple]:
+    """(what the command does, to whom) for the commands that change
+    something, None for those that only read."""
+    if arguments.only_from and len(arguments.only_from) > 1:
+        return "only-from " + (arguments.only_from[1] or "''"), arguments.only_from[0]
+    for option, what in (("block", "block"), ("unblock", "unblock"), ("release", "unblock and release"),
+                         ("erase", "unblock and erase"), ("allow", "travel pass")):
+        if getattr(arguments, option):
+            return what, getattr(arguments, option)
+    if arguments.cleanup is not None:
+        return f"cleanup of sightings older than {arguments.cleanup:g} days", None
+    return None
+
+
 def _run_one(admin: Admin, arguments: argparse.Namespace, now: dt.datetime) -> None:
+    """The command; one syslog line for each that changes something (what,
+    to which account, who ran it, the result), refused or done."""
+    changing = changed_by_command(arguments)
+    if changing is None:
+        _run_command(admin, arguments, now)
+        return
+    what, target = changing
+    subject = f"{what} of {normalise_login(target)}" if target is not None else what
+    if what == "travel pass":
+        subject += f" ({arguments.country}, {arguments.days:g} days)"
+    try:
+        if target is not None:
+            admin.check_domain(normalise_login(target))
+        _run_command(admin, arguments, now)
+    except AdminError as error:
+        audit(f"admin: {subject} by {who_ran_it()}: refused: {error}")
+        raise
+    audit(f"admin: {subject} by {who_ran_it()}: {'; '.join(line for line in admin.said if line) or 'done'}")
+
+
+def _run_command(admin: Admin, arguments: argparse.Namespace, now: dt.datetime) -> None:
     login = normalise_login
     if arguments.list:
         admin.list_blocked(arguments.json)

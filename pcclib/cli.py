@@ -13,7 +13,7 @@ from typing import Optional
 from .common import __version__, first_line, log, utcnow
 from .config import DEFAULT_CONFIG_PATH, GEOIP_DOWNLOAD_TIMEOUT, ConfigError, Settings, load_settings
 from .health import HEALTH_UNKNOWN, check_health
-from .logs import queue_logging, secrets_of, setup_logging
+from .logs import queue_logging, secrets_of, setup_audit, setup_logging
 
 # What a mode needs is imported when that mode runs: an admin command does not
 # pay for the daemon's modules (each run of pcc.py is a new process).
@@ -32,7 +32,8 @@ def build_argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("-V", "--version", action="version", version=f"pcc {__version__}",
                         help="print pcc's version and exit")
     parser.add_argument("--stderr", action="store_true",
-                        help="log to standard error instead of syslog (mail facility)")
+                        help="log to standard error instead of syslog (mail facility); with an admin command, "
+                        "its audit line goes to standard error too")
     commands = parser.add_mutually_exclusive_group(required=True)
     commands.add_argument("-d", "--daemon", action="store_true",
                           help="run the policy service (in the foreground, as supervisord expects)")
@@ -59,7 +60,7 @@ def build_argument_parser() -> argparse.ArgumentParser:
                           help="unblock, and release the account's held mail from the Postfix hold queue")
     commands.add_argument("-e", "--erase", metavar="LOGIN",
                           help="unblock, and delete the account's held mail from the Postfix hold queue")
-    commands.add_argument("-c", "--cleanup", metavar="DAYS", type=float,
+    commands.add_argument("-c", "--cleanup", metavar="DAYS", type=cleanup_days,
                           help="delete sightings older than DAYS days (needs the DELETE grant)")
     commands.add_argument("--allow", metavar="LOGIN",
                           help="grant a travel pass: with --country and --days, those countries do not count "
@@ -90,11 +91,22 @@ def build_argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="with -l, -s or --replay: print JSON for scripts")
     parser.add_argument("--force", action="store_true",
                         help="with --update-geoip: install a file even though it moves many addresses to other "
-                        "countries than the installed file, or is older (after a person looked at it)")
+                        "countries than the installed file, or is older (after a person looked at it); with -b, "
+                        "-u, -r, -e, --allow, --only-from: take a login without a domain on a site whose logins "
+                        "have one")
     parser.add_argument("--timeout", type=float, metavar="SECONDS",
                         help=f"with --update-geoip: give up a download after this long (default "
                         f"{GEOIP_DOWNLOAD_TIMEOUT:g})")
     return parser
+
+
+def cleanup_days(text: str) -> float:
+    """-c's DAYS; -c is not the configuration file (many tools' -c is)."""
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of days (-c is --cleanup DAYS; the "
+                                         "configuration file goes with --config PATH)") from None
 
 
 def main(argv: Optional[list] = None) -> int:
@@ -136,8 +148,10 @@ def check_arguments(parser: argparse.ArgumentParser, arguments: argparse.Namespa
     if arguments.timeout is not None and not ((arguments.update_geoip or arguments.update_lists)
                                               and arguments.timeout > 0):
         parser.error("--timeout takes a number of seconds above 0 and goes with --update-geoip or --update-lists")
-    if arguments.force and not arguments.update_geoip:
-        parser.error("--force goes with --update-geoip")
+    if arguments.force and not (arguments.update_geoip or arguments.block or arguments.unblock or arguments.release
+                                or arguments.erase or arguments.allow or arguments.only_from):
+        parser.error("--force goes with --update-geoip, or with -b, -u, -r, -e, --allow, --only-from "
+                     "(a login without a domain)")
 
 
 def run_mode(settings: Settings, arguments: argparse.Namespace) -> int:
@@ -187,6 +201,7 @@ def run_mode(settings: Settings, arguments: argparse.Namespace) -> int:
     # The commands print what they did; their log shows only problems (or all, with -v).
     setup_logging(arguments.verbose, True, secrets_of(settings))
     log.setLevel(logging.DEBUG if arguments.verbose else logging.WARNING)
+    setup_audit(arguments.stderr, secrets_of(settings))
     if arguments.replay:
         from .replay import run_replay
 

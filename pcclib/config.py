@@ -35,6 +35,13 @@ MODES = ("ENFORCE", "MONITOR")
 
 YES_NO = ("YES", "NO")
 
+# The database drivers pcc installs, and the schemes other tools write for
+# them ([db] dbcon postgres://... is taken as postgresql+psycopg://...).
+DATABASE_DRIVERS = ("sqlite", "postgresql+psycopg", "mysql+pymysql")
+DATABASE_SCHEMES = {"sqlite+pysqlite": "sqlite", "postgres": "postgresql+psycopg", "postgresql": "postgresql+psycopg",
+                    "postgres+psycopg": "postgresql+psycopg", "mysql": "mysql+pymysql", "mariadb": "mysql+pymysql",
+                    "mariadb+pymysql": "mysql+pymysql"}
+
 # What an impossible journey does: BLOCK the account, or only NOTIFY the admins.
 TRAVEL_ACTIONS = ("BLOCK", "NOTIFY")
 
@@ -144,6 +151,12 @@ class Settings:
     asn_database: str = ""  # an ASN .mmdb (DB-IP ASN Lite, GeoLite2-ASN); "" = no networks named
     asn_update_url: str = ""  # where --update-geoip fetches it from; "" = DB-IP's monthly ASN Lite
     network_lists: tuple = ()  # of NetworkList
+    # [mail], since 1.6
+    sender: str = ""  # From: of pcc's mail; "" = pcc@<this host's FQDN>
+    mail_starttls: bool = False  # STARTTLS before anything is sent, the certificate verified
+    mail_tls_ca_file: str = ""  # the CA certificates that verify the SMTP server's; "" = the system's
+    mail_user: str = ""  # SMTP AUTH login; "" = no AUTH
+    mail_password: str = ""
 
     @property
     def not_counted_codes(self) -> frozenset:
@@ -461,6 +474,18 @@ KEYS = (
     Key("mail", "mailport", "mailport", Whole(1, 65535, 25, "25"), "Its port."),
     Key("mail", "notice", "notice", ListOf("address", "nobody"),
         "Who is told when an account is blocked."),
+    Key("mail", "from", "sender", Text(blank="pcc@ and this host's full name", values="an email address"),
+        "The sender of pcc's mail (its From: and the envelope's).", since="1.6"),
+    Key("mail", "starttls", "mail_starttls", Choice(YES_NO, "NO", "no", yes_no=True),
+        "yes: STARTTLS before anything is sent, the server's certificate verified (a submission port, an "
+        "authenticated smarthost); a server that does not offer it gets nothing.", since="1.6"),
+    Key("mail", "tls_ca_file", "mail_tls_ca_file", Text(blank="the system's certificate authorities",
+                                                        values="a PEM file"),
+        "The certificate authorities that verify the SMTP server's certificate.", since="1.6"),
+    Key("mail", "user", "mail_user", Text(blank="no SMTP AUTH", values="a login"),
+        "The SMTP AUTH login (with starttls = yes, unless mailsrv is this host).", since="1.6"),
+    Key("mail", "password", "mail_password", Text(blank="none", values="text"),
+        "Its password (keep pcc.conf mode 640, group pcc; never logged).", since="1.6"),
     Key("policy", "action", "action", Choice(BLOCK_ACTIONS),
         "What a blocked account's mail gets: reject (the client sees an error) or hold (accepted into "
         "Postfix's hold queue)."),
@@ -541,6 +566,7 @@ def load_settings(path: str, geoip_file_needed: bool = True) -> Settings:
     config.refuse_unknown_keys(known)
     config.may_be_absent = {(key.section, key.name) for key in KEYS if key.since}
     values = {key.field: key.kind.read(config, key.section, key.name) for key in KEYS}
+    values["dbcon"] = canonical_database_url(values["dbcon"])
     settings = Settings(config_path=path, network_lists=_network_lists(config), **values)
     _check_ports(config, settings)
     if settings.dovecot_api_header and not re.fullmatch(r"[!-9;-~]+:\s*\S.*", settings.dovecot_api_header):
@@ -567,6 +593,7 @@ def load_settings(path: str, geoip_file_needed: bool = True) -> Settings:
         raise config.fail("mail", "mailsrv", "must name an SMTP server when [notify] notify_account = yes")
     if settings.notice and not settings.mailsrv:
         raise config.fail("mail", "mailsrv", "must name an SMTP server when [mail] notice is set")
+    _check_mail_sending(config, settings)
     problem = database_url_problem(settings.dbcon)
     if problem:
         raise config.fail("db", "dbcon", problem)
@@ -582,6 +609,21 @@ def load_settings(path: str, geoip_file_needed: bool = True) -> Settings:
     if settings.max_travel_speed_kmh is not None:
         _require_places(config, settings.geoip_database, kind)
     return settings
+
+
+def _check_mail_sending(config: _ConfigReader, settings: Settings) -> None:
+    """[mail] from, starttls, tls_ca_file, user, password make sense together."""
+    if settings.sender and (not re.fullmatch(r"[^@\s<>]+@[^@\s<>]+", settings.sender)):
+        raise config.fail("mail", "from", f"{settings.sender!r} is not an email address")
+    if bool(settings.mail_user) != bool(settings.mail_password):
+        raise config.fail("mail", "user" if settings.mail_password else "password",
+                          "user and password go together (SMTP AUTH), or are both blank")
+    loopback = settings.mailsrv in ("localhost", "127.0.0.1", "::1")
+    if settings.mail_user and not settings.mail_starttls and not loopback:
+        raise config.fail("mail", "starttls", f"must be yes with [mail] user: the password would cross the "
+                          f"network to {settings.mailsrv} in clear")
+    if settings.mail_tls_ca_file and not os.access(settings.mail_tls_ca_file, os.R_OK):
+        raise config.fail("mail", "tls_ca_file", f"cannot read {settings.mail_tls_ca_file}")
 
 
 def _network_lists(config: _ConfigReader) -> tuple:
@@ -663,18 +705,30 @@ def prepare_threshold_of(url: sa.engine.URL, default: Optional[int]) -> tuple:
     return url.difference_update_query(["prepare_threshold"]), None if value in ("none", "off") else int(value)
 
 
+def canonical_database_url(dbcon: str) -> str:
+    """[db] dbcon with the scheme admins copy from other tools (postgres://,
+    mysql://, mariadb://) written as the driver pcc installs for it."""
+    scheme, separator, rest = dbcon.partition("://")
+    taken = DATABASE_SCHEMES.get(scheme.lower())
+    return f"{taken}{separator}{rest}" if separator and taken else dbcon
+
+
 def database_url_problem(dbcon: str) -> str:
     """Why [db] dbcon cannot be used as written, or "": what SQLAlchemy would
     take and libpq then fail on (a host it cannot resolve), or take and
     settle on a read-only standby with, is refused here, with the form to use."""
     several = "several PostgreSQL hosts go in the query: ?host=a:5432&host=b:5432&target_session_attrs=read-write"
     try:
-        url = sa.engine.make_url(dbcon)
+        url = sa.engine.make_url(canonical_database_url(dbcon))
     except sa_exc.ArgumentError:
         return "is not an SQLAlchemy database URL (e.g. sqlite:////var/lib/pcc/pcc.sqlite3)"
     except ValueError:  # its port is no number: most often several hosts in the address
         return f"has a port that is not a number; {several}" if "," in dbcon.partition("?")[0] \
             else "has a port that is not a number"
+    if url.drivername not in DATABASE_DRIVERS:
+        return (f"uses {url.drivername}://, which pcc has no driver for: write sqlite:////path, "
+                "postgresql+psycopg://user:password@host/database or mysql+pymysql://user:password@host/database "
+                "(MariaDB too)")
     if "prepare_threshold" in url.query:
         if url.drivername != "postgresql+psycopg":
             return "has prepare_threshold=, which only postgresql+psycopg:// takes"

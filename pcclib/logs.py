@@ -14,13 +14,16 @@ from typing import Iterable
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 
-from .common import daemon_signals_blocked, first_line, log, url_secrets
+from .common import daemon_signals_blocked, escape_controls, first_line, log, url_secrets
 from .config import Settings
 
 # What the database drivers and SQLAlchemy say themselves (psycopg's "error
 # ignored terminating <psycopg.Pipeline [BAD]>" when a server goes away) goes
 # into pcc's log, masked like every line, never to standard error beside it.
 DRIVER_LOGGERS = ("psycopg", "pymysql", "sqlalchemy")
+# The administrators' trail: what each admin command changed, to which
+# account, who ran it, and the result, in the mail log beside the daemon's lines.
+AUDIT_LOGGER = "pcc-audit"
 
 
 class MaskingFormatter(logging.Formatter):
@@ -101,11 +104,11 @@ def setup_logging(verbose: bool, to_stderr: bool, secrets: Iterable[str] = ()) -
 
 
 def secrets_of(settings: Settings) -> list:
-    """What must never reach a log line: the database password, the
+    """What must never reach a log line: the database and SMTP passwords, the
     credentials in the Dovecot api_header, the doveadm API key, the webhooks'
     secret and what a URL holds of a credential (user, password, query,
     tokens in its path)."""
-    secrets = []
+    secrets = [settings.mail_password] if settings.mail_password else []  # any length: it is only ever one
     credentials = settings.dovecot_api_header.partition(":")[2].strip()
     urls = (*settings.webhook_urls, settings.doveadm_url, settings.geoip_update_url, settings.asn_update_url,
             *(network_list.url for network_list in settings.network_lists))
@@ -128,3 +131,37 @@ def refuse_to_start(line: str) -> None:
     if not any(isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) is sys.stderr
                for handler in handlers):
         log.critical("%s", line)
+
+
+def setup_audit(to_stderr: bool, secrets: Iterable[str] = ()) -> None:
+    """The trail goes to syslog (facility mail) where there is one, and to
+    standard error too with --stderr."""
+    handlers: list = []
+    if os.path.exists("/dev/log"):
+        handlers.append(logging.handlers.SysLogHandler(address="/dev/log",
+                                                       facility=logging.handlers.SysLogHandler.LOG_MAIL))
+        handlers[-1].setFormatter(MaskingFormatter("pcc[%(process)d]: INFO %(message)s"))
+    if to_stderr:
+        handlers.append(logging.StreamHandler(sys.stderr))
+        handlers[-1].setFormatter(MaskingFormatter("%(asctime)s pcc[%(process)d]: INFO %(message)s"))
+    MaskingFormatter.secrets |= {secret for secret in secrets if secret}
+    audit_log = logging.getLogger(AUDIT_LOGGER)
+    audit_log.handlers[:] = handlers
+    audit_log.setLevel(logging.INFO)
+    audit_log.propagate = False
+
+
+def audit(line: str) -> None:
+    logging.getLogger(AUDIT_LOGGER).info("%s", escape_controls(line))
+
+
+def who_ran_it() -> str:
+    """The user running an admin command, and the one behind sudo."""
+    import pwd
+
+    try:
+        name = pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        name = f"uid {os.getuid()}"
+    behind = os.environ.get("SUDO_USER", "") if os.getuid() == 0 else ""
+    return f"{name} (sudo from {escape_controls(behind)[:64]})" if behind and behind != name else name

@@ -814,6 +814,16 @@ class AdminStore(Store):
             ).scalars().all()
         return account, [CountrySeen(*row) for row in sightings], list(blocks)
 
+    def a_login_with_a_domain(self) -> Optional[str]:
+        """One login with a domain pcc has counted or blocked, or None: whether
+        this site's logins are user@domain or bare names."""
+        with Session(self.engine) as session:
+            for column in (Sighting.login, Block.login):
+                login = session.execute(sa.select(column).where(column.contains("@")).limit(1)).scalar()
+                if login is not None:
+                    return login
+        return None
+
     def travel_passes(self, login: str) -> list:
         """Every travel pass of `login` (expired ones too), by expiry."""
         with Session(self.engine) as session:
@@ -894,13 +904,15 @@ _PERMANENT_FAULTS = {
     1142: "GRANT SELECT, INSERT, UPDATE, CREATE ON <database>.* TO <user> (see docs/administration.md, Databases)",
     "28P01": "check the user and password in [db] dbcon",
     "28000": "allow the user in pg_hba.conf, or correct it in [db] dbcon",
+    "no role": "create it, as PostgreSQL's superuser: CREATE ROLE <user> LOGIN PASSWORD '...'; then GRANT as "
+               "docs/administration.md, Databases, says (or correct the user in [db] dbcon)",
     "3D000": "create the database (CREATE DATABASE ...) or correct its name in [db] dbcon",
     "42501": "GRANT SELECT, INSERT, UPDATE ON pcc's tables (and CREATE) TO the user (see docs/administration.md, Databases)",
 }
 _POSTGRESQL_CONNECTION_FAULTS = (
     ("password authentication failed", "28P01"),
     ("no pg_hba.conf entry", "28000"),
-    ("role \"", "28000"),  # role "x" does not exist
+    ("role \"", "no role"),  # role "x" does not exist
     ("database \"", "3D000"),  # database "x" does not exist
 )
 
@@ -915,8 +927,8 @@ def permanent_database_fault(settings: Settings, error: sa_exc.SQLAlchemyError) 
     arguments = getattr(original, "args", None) or [None]
     # MariaDB's error number first (PyMySQL also sets a vague SQLSTATE such as 42000)
     code = arguments[0] if isinstance(arguments[0], int) else getattr(original, "sqlstate", None)
-    if code is None:  # libpq reports a refused connection in words only
-        code = next((state for words, state in _POSTGRESQL_CONNECTION_FAULTS if words in str(original)), None)
+    if code in (None, "28000"):  # libpq reports a refused connection in words only
+        code = next((state for words, state in _POSTGRESQL_CONNECTION_FAULTS if words in str(original)), code)
     fix = _PERMANENT_FAULTS.get(code)
     if fix is None:
         return None

@@ -306,6 +306,11 @@ def postgresql_url() -> str:
     return fresh_database(SERVER_DATABASES["postgresql"])
 
 
+@pytest.fixture
+def mariadb_url() -> str:
+    return fresh_database(SERVER_DATABASES["mariadb"])
+
+
 # --- configuration ----------------------------------------------------------
 
 

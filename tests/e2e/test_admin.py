@@ -1,9 +1,11 @@
 """The admin command line (without Postfix; the held-mail commands are proven
 against a real Postfix in test_postfix_e2e.py)."""
 import json
+import os
+import re
 
 import pytest
-from conftest import free_port, ip_in, pcc_command, wait_until_visible, walk, write_config
+from conftest import free_port, ip_in, pcc_command, run_pcc, wait_until_visible, walk, write_config
 
 
 @pytest.fixture
@@ -76,7 +78,9 @@ def test_unknown_login_and_bad_arguments(setup):
     result = pcc(daemon.config_path, "-u", "nobody@example.com", expect=1)
     assert result.stderr.strip() == "pcc: unknown login nobody@example.com: pcc has never counted nor blocked it"
     assert pcc(daemon.config_path, "-s", "nobody@example.com", expect=1).stderr.startswith("pcc: unknown login")
-    assert "invalid float value" in pcc(daemon.config_path, "-c", "many", expect=2).stderr
+    assert "'many' is not a number of days (-c is --cleanup DAYS; the configuration file goes with --config" \
+        in pcc(daemon.config_path, "-c", "many", expect=2).stderr
+    assert "is not a number of days" in pcc("/etc/pcc.conf", "-c", daemon.config_path, expect=2).stderr
     assert "not allowed with argument" in pcc(daemon.config_path, "-l", "-u", "x", expect=2).stderr
     assert "--record go with --replay" in pcc(daemon.config_path, "-l", "--record", expect=2).stderr
 
@@ -122,3 +126,50 @@ def test_a_login_cannot_add_mail_headers_nor_run_from_a_pasted_command(start_dae
     assert message["Bcc"] is None and message["X-Evil"] is None
     unblock_line = next(line for line in message.get_content().splitlines() if " -u " in line)
     assert unblock_line.strip().endswith(f"-u '{evil.lower()}'")
+
+
+def audit_lines(result) -> list:
+    return [line.split(": INFO ", 1)[1] for line in result.stderr.splitlines() if ": INFO admin: " in line]
+
+
+def test_every_change_an_admin_makes_leaves_one_line_saying_what_whom_who_and_the_result(setup):
+    """The trail in the mail log (syslog; --stderr shows it on standard error
+    too): each command that changes something, refused or done, with the
+    user behind sudo; reading commands leave none."""
+    daemon, _client, _sink = setup
+    as_sudo = {"env": {**os.environ, "SUDO_USER": "bob"}}
+    config = daemon.config_path
+    unblocked = run_pcc("--config", config, "--stderr", "-u", "alice@example.com", expect=0, **as_sudo)
+    (line,) = audit_lines(unblocked)
+    assert re.fullmatch(r"admin: unblock of alice@example.com by root \(sudo from bob\): alice@example.com unblocked "
+                        r"\(block #\d+\); its earlier countries no longer count", line), line
+    assert audit_lines(run_pcc("--config", config, "--stderr", "-s", "alice@example.com", expect=0)) == []
+    assert audit_lines(run_pcc("--config", config, "--stderr", "-l", expect=0)) == []
+    refused = run_pcc("--config", config, "--stderr", "-u", "nobody@example.com", expect=1)
+    assert audit_lines(refused) == ["admin: unblock of nobody@example.com by root: refused: unknown login "
+                                    "nobody@example.com: pcc has never counted nor blocked it"]
+    passed = run_pcc("--config", config, "--stderr", "--allow", "bob@example.com", "--country", "FR", "--days", "2",
+                     expect=0)
+    (line,) = audit_lines(passed)
+    assert line.startswith("admin: travel pass of bob@example.com (FR, 2 days) by root: travel pass for "
+                           "bob@example.com: FR does not count until ")
+    blocked = run_pcc("--config", config, "--stderr", "-b", "Bob@Example.com", expect=0)
+    assert audit_lines(blocked) == ["admin: block of bob@example.com by root: bob@example.com blocked: its "
+                                    "messages now get REJECT"]
+
+
+def test_a_login_without_a_domain_is_refused_where_the_sites_logins_have_one(setup, start_daemon, tmp_path):
+    """-b root on a site of user@domain logins is most likely a slip; a site
+    whose logins are bare names (its own database) is never asked."""
+    daemon, client, _sink = setup
+    for option in ("-b", "-u", "--allow"):
+        extra = ["--country", "FR", "--days", "1"] if option == "--allow" else []
+        result = pcc(daemon.config_path, option, "root", *extra, expect=1)
+        assert result.stderr.strip() == ("pcc: root has no domain, but this site's logins have one: write it whole "
+                                         "(e.g. root@example.com), or add --force to mean the bare name")
+    assert pcc(daemon.config_path, "-b", "root", "--force").stdout.startswith("root blocked")
+    wait_until_visible()
+    assert client.ask("root", ip_in("GB")).startswith("REJECT")
+    bare = start_daemon(**{"policy.action": "REJECT", "db.dbcon": f"sqlite:///{tmp_path}/bare.sqlite3"})
+    assert bare.client().ask("carol", ip_in("GB")) == "DUNNO"  # a first country is written before the answer
+    assert pcc(bare.config_path, "-b", "dave").stdout.startswith("dave blocked")

@@ -56,7 +56,14 @@ FORMS_REFUSED = {
     f"{PG}/test?host=127.0.0.1,127.0.0.1&port=5440,5432": "without target_session_attrs=read-write",
     f"{PG}127.0.0.1/test?prepare_threshold=never": "has prepare_threshold=never is neither none nor a count",
     "mysql+pymysql://root@127.0.0.1/test?prepare_threshold=none": "which only postgresql+psycopg:// takes",
+    # Drivers pcc does not install: named, with the forms to write (was a traceback at the daemon's start).
+    "mysql+mysqldb://root@127.0.0.1/test": "uses mysql+mysqldb://, which pcc has no driver for: write sqlite:",
+    "postgresql+psycopg2://postgres@127.0.0.1/test": "uses postgresql+psycopg2://, which pcc has no driver for",
+    "oracle://scott@127.0.0.1/orcl": "uses oracle://, which pcc has no driver for",
 }
+# The schemes admins copy from other tools, taken as the drivers pcc installs.
+FORMS_TAKEN = {"postgres": "postgresql+psycopg", "postgresql": "postgresql+psycopg", "mysql": "mysql+pymysql",
+               "mariadb": "mysql+pymysql"}
 
 
 def test_every_database_url_form_is_taken_or_refused_in_one_line_by_check_config_and_the_daemon(tmp_path):
@@ -99,3 +106,13 @@ def test_check_config_connect_follows_no_link_to_the_sqlite_file(tmp_path):
     result = run_pcc("--check-config", "--connect", "--config", config, timeout=60)
     assert result.returncode == 1 and "is a symbolic link; pcc does not follow links" in result.stderr
     assert victim.read_text() == "precious\n" and not (tmp_path / "pcc.sqlite3-wal").exists()
+
+
+def test_the_database_url_schemes_of_other_tools_are_taken_as_pccs_drivers(tmp_path, postgresql_url, mariadb_url):
+    for n, (scheme, driver) in enumerate(FORMS_TAKEN.items()):
+        url = postgresql_url if driver.startswith("postgresql") else mariadb_url
+        written = scheme + "://" + url.partition("://")[2]
+        config = write_config(tmp_path, {"db.dbcon": written}, name=f"taken{n}.conf")
+        result = run_pcc("--check-config", "--connect", "--config", config, timeout=60)
+        assert result.returncode == 0, (written, result.stderr)
+        assert f"database {driver}://" in result.stdout and "it takes writes" in result.stdout, result.stdout
