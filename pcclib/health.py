@@ -77,9 +77,10 @@ def check_health(settings: Settings) -> tuple:
     warnings += list_warnings(settings, report.get("lists", ""))
     status = HEALTH_CRITICAL if critical else HEALTH_WARNING if warnings else HEALTH_OK
     summary = "; ".join(critical + warnings) or "answering, database in use"
-    perfdata = (f"response_time={seconds:.3f}s;;{HEALTH_TIMEOUT:g} database_failing_seconds={failing}s "
-                f"spooled_blocks={spooled};1 unsent_notices={unsent} geoip_age_days={age if age is not None else 'U'};"
-                f"{GEOIP_STALE_AFTER.days}")
+    # Named as the metrics are (pcc_spooled_blocks...), so a graph of either reads the same.
+    perfdata = (f"response_time={seconds:.3f}s;;{HEALTH_TIMEOUT:g} pcc_database_failing_seconds={failing}s "
+                f"pcc_spooled_blocks={spooled};1 pcc_unsent_notifications={unsent} "
+                f"pcc_geoip_age_days={age if age is not None else 'U'};{GEOIP_STALE_AFTER.days}")
     return status, f"PCC {HEALTH_LABELS[status]} - {summary} | {perfdata}"
 
 

@@ -8,13 +8,16 @@ import socket
 import socketserver
 from typing import Callable, Optional
 
-from .common import UTC, start_thread
+from .common import UTC, __version__, start_thread
 from .config import MONITOR_ACTION
 from .ports import BoundedHttpHandler, BoundedHttpPort, RateLimitedWarning, RequestTooLarge
 from .protocol import client_allowed
 
 # A scraper that sends nothing for this long (seconds) is disconnected.
 METRICS_TIMEOUT = 10.0
+
+# The ports as the label of pcc_connections names them: words, no spaces.
+PORT_LABELS = {"policy port": "policy", "dovecot policy port": "dovecot", "metrics port": "metrics"}
 
 
 class Metrics:
@@ -27,8 +30,9 @@ class Metrics:
         self.enabled = enabled
         if not enabled:
             return
-        from prometheus_client import CollectorRegistry, Counter, Histogram
+        from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 
+        disable_created_metrics()  # a counter's _created series tells nothing its process_start_time does not
         self.registry = CollectorRegistry()
         self._decisions = Counter("pcc_decisions", "Answers given to Postfix, by action", ["action"],
                                   registry=self.registry)
@@ -138,7 +142,7 @@ class Metrics:
 
     def no_country(self, why: str) -> None:
         if self.enabled:
-            self._no_country.labels(why).inc()
+            self._no_country.labels(why.replace(" ", "_")).inc()  # a label value is a word: not_in_database
 
     def on_network_list(self, label: str) -> None:
         if self.enabled:
@@ -184,11 +188,15 @@ class _StateCollector:
                                 "while the daemon runs)", value=state["unsent_notifications"])
         yield GaugeMetricFamily("pcc_oldest_unsent_notification_seconds", "How long the oldest unsent mail to the "
                                 "administrators has waited (0 when none waits)", value=state["oldest_unsent_seconds"])
-        family = GaugeMetricFamily("pcc_connections", "Open connections of each port, being answered (never "
-                                   "cut) or waiting for their client", labels=["port", "state"])
+        family = GaugeMetricFamily("pcc_connections", "Open connections of each port (policy, dovecot), being "
+                                   "answered (never cut) or waiting for their client", labels=["port", "state"])
         for port, states in state.get("connections", {}).items():
             for name, count in states.items():
-                family.add_metric([port, name], count)
+                family.add_metric([PORT_LABELS.get(port, port), name], count)
+        yield family
+        family = GaugeMetricFamily("pcc_build_info", "Always 1: the version of pcc that answers",
+                                   labels=["version"])
+        family.add_metric([__version__], 1)
         yield family
         operations = state["operations"]
         family = CounterMetricFamily("pcc_database_operations", "What the daemon asked of the database: "

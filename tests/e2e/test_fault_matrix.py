@@ -246,7 +246,7 @@ def test_every_account_on_both_doors_in_every_fault(start_daemon, tmp_path, back
             wait_for_log(daemon, "is back; pcc answers from it again",
                          timeout=max(ended + OUTAGE_ENDS_WITHIN - time.monotonic(), 0.5))
         health = run_pcc("--config", daemon.config_path, "--health")
-        assert "cannot use its database" not in health.stdout and "spooled_blocks=0;" in health.stdout, (
+        assert "cannot use its database" not in health.stdout and "pcc_spooled_blocks=0;" in health.stdout, (
             health.stdout, daemon.log()[-2000:])
         assert "still failing" not in daemon.log()
     for daemon in survivors:

@@ -26,12 +26,32 @@ def test_decisions_latency_blocks_and_geoip(start_daemon, db_url, geoip_path):
     assert metrics[("pcc_new_blocks_total", (("mode", "enforce"), ("rule", "countries")))] == 1
     assert metrics[("pcc_blocked_accounts", (("mode", "enforce"),))] == 1
     assert metrics[("pcc_blocked_accounts", (("mode", "monitor"),))] == 0
-    assert metrics[("pcc_geoip_lookups_without_country_total", (("why", "not in database"),))] == 1
+    assert metrics[("pcc_geoip_lookups_without_country_total", (("why", "not_in_database"),))] == 1
     assert metrics[("pcc_database_errors_total", ())] == 0
     built = GeoIP(geoip_path).built
     assert metrics[("pcc_geoip_build_timestamp_seconds", ())] == dt.datetime(
         built.year, built.month, built.day, tzinfo=dt.timezone.utc).timestamp()
     assert f"(metrics on port {metrics_port})" in daemon.log()
+
+
+def test_the_metrics_follow_prometheus_conventions(start_daemon):
+    """No _created series, label values that are words, and a build_info."""
+    import urllib.request
+
+    from pcclib.common import __version__
+
+    metrics_port = free_port()
+    daemon = start_daemon(**{"server.metrics_port": metrics_port})
+    daemon.client().ask("alice@example.com", ip_in("GB"))
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    assert "_created" not in text
+    metrics = scrape(metrics_port)
+    assert metrics[("pcc_build_info", (("version", __version__),))] == 1
+    ports = {dict(labels)["port"] for (name, labels) in metrics if name == "pcc_connections"}
+    assert ports == {"policy"}
+    assert all(" " not in value for (_name, labels) in metrics for _label, value in labels), \
+        [labels for (_name, labels) in metrics if any(" " in value for _label, value in labels)]
 
 
 def test_database_errors_are_counted(start_daemon):

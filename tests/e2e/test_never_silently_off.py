@@ -228,7 +228,7 @@ def test_health_up_down_and_with_its_database_cut(start_daemon, shared_db_url, t
         daemon.client().ask_like_postfix("alice@example.com", ip_in("DE"))  # decided from memory, spooled
         status, line = health(daemon.config_path)
         assert status == 2 and line.startswith("PCC CRITICAL - the daemon cannot use its database"), line
-        assert "1 blocks wait in the spool" in line and "spooled_blocks=1" in line
+        assert "1 blocks wait in the spool" in line and "pcc_spooled_blocks=1" in line
         proxy.restore()
         deadline = time.monotonic() + 15
         while health(daemon.config_path)[0] != 0:

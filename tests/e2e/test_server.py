@@ -116,7 +116,7 @@ def test_max_connections(start_daemon):
         deadline = time.monotonic() + 10
         while True:
             samples = scrape(metrics_port)
-            states = {state: samples.get(("pcc_connections", (("port", "policy port"), ("state", state))))
+            states = {state: samples.get(("pcc_connections", (("port", "policy"), ("state", state))))
                       for state in ("answering", "waiting")}
             if states == {"answering": 0, "waiting": waiting}:
                 return
