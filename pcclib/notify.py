@@ -12,6 +12,7 @@ import os
 import queue
 import shlex
 import smtplib
+import ssl
 import socket
 import sys
 import threading
@@ -43,7 +44,7 @@ class Notifier:
         self.settings = settings
         self.first_backoff = first_backoff
         self.max_backoff = max_backoff
-        self.sender = f"pcc@{socket.gethostname()}"
+        self.sender = settings.sender or f"pcc@{socket.getfqdn()}"
         self._outbox: queue.Queue = queue.Queue()
         self._thread: Optional[threading.Thread] = None
         self._start_lock = threading.Lock()
@@ -139,7 +140,12 @@ class Notifier:
                     backoff = min(backoff * 2, self.max_backoff)
 
     def _deliver(self, message: email.message.EmailMessage) -> None:
-        with smtplib.SMTP(self.settings.mailsrv, self.settings.mailport, timeout=30) as smtp:
+        settings = self.settings
+        with smtplib.SMTP(settings.mailsrv, settings.mailport, timeout=30) as smtp:
+            if settings.mail_starttls:  # refused (SMTPNotSupportedError) by a server that does not offer it
+                smtp.starttls(context=ssl.create_default_context(cafile=settings.mail_tls_ca_file or None))
+            if settings.mail_user:
+                smtp.login(settings.mail_user, settings.mail_password)
             smtp.send_message(message)  # to its To: the administrators, or an account's owner
 
 

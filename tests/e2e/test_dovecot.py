@@ -315,6 +315,60 @@ def test_postfix_auth_through_dovecot_is_refused_for_a_blocked_account(dovecot_p
         postfix.stop()
 
 
+def test_the_admin_mail_goes_through_a_submission_port_with_starttls_and_smtp_auth(dovecot_pcc, tmp_path):
+    """[mail] starttls, tls_ca_file, user, password, from: a real Postfix that
+    offers AUTH (Dovecot SASL) only after STARTTLS and relays only what is
+    authenticated takes the block mail; its queue file records the SASL
+    login.  A wrong password is one line a try, and the password none."""
+    from conftest import PostfixInstance
+
+    if shutil.which("postfix") is None or shutil.which("openssl") is None:
+        unavailable("Postfix and openssl (Debian packages postfix, openssl)")
+    certificate, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key),
+                    "-out", str(certificate)], check=True, capture_output=True, timeout=60)
+    os.chmod(tmp_path, 0o755)
+    os.chmod(key, 0o644)  # Postfix's smtpd reads it as postfix
+    postfix = PostfixInstance(free_port())
+    postfix.extra_settings = ["smtpd_sasl_auth_enable=yes", "smtpd_sasl_type=dovecot",
+                              "smtpd_sasl_path=private/dovecot-auth", f"smtpd_tls_cert_file={certificate}",
+                              f"smtpd_tls_key_file={key}", "smtpd_tls_security_level=may", "smtpd_tls_auth_only=yes",
+                              "mynetworks=", "smtpd_relay_restrictions=permit_sasl_authenticated, reject"]
+    postfix.start()
+    try:
+        mail = {"mail.mailsrv": "localhost", "mail.mailport": postfix.smtp_port, "mail.notice": "admin@example.com",
+                "mail.from": "pcc-notices@example.com", "mail.starttls": "yes", "mail.tls_ca_file": str(certificate),
+                "mail.user": "bob@example.com"}
+        daemon, dovecot = dovecot_pcc(auth_socket=f"{postfix.directory}/queue/private/dovecot-auth",
+                                      **{**mail, "mail.password": PASSWORD, "server.port": free_port()})
+        for country in ("GB", "US", "FR", "DE"):
+            dovecot.auth("alice@example.com", ip_in(country))
+        deadline = time.monotonic() + 30
+        while not postfix.queue():
+            assert time.monotonic() < deadline, daemon.log()[-2000:]
+            time.sleep(0.2)
+        (queue_id,) = postfix.queue()
+        envelope = subprocess.run(["postcat", "-c", postfix.directory, "-q", queue_id], capture_output=True,
+                                  text=True, timeout=60).stdout
+        assert "named_attribute: sasl_username=bob@example.com" in envelope
+        assert "From: pcc-notices@example.com" in envelope and "account alice@example.com blocked" in envelope
+        assert "sender: pcc-notices@example.com" in envelope
+        postfix.empty_queue()
+
+        wrong, _dovecot = dovecot_pcc(**{**mail, "mail.password": "wrong-password-1", "server.port": free_port(),
+                                         "db.dbcon": f"sqlite:///{tmp_path}/wrong.sqlite3"})
+        wrong_client = wrong.client()
+        for country in ("GB", "US", "FR", "DE"):
+            wrong_client.ask("carol@example.com", ip_in(country))
+        wait_for_log(wrong, "not sent (retrying in")
+        line = next(line for line in wrong.log().splitlines() if "not sent (retrying in" in line)
+        assert "Authentication" in line or "535" in line, line
+        assert "wrong-password-1" not in wrong.log() and not postfix.queue()
+    finally:
+        postfix.stop()
+
+
 def swaks_auth(port: int, login: str, ip: str) -> int:
     """swaks: XCLIENT ADDR=ip, then AUTH PLAIN as `login`; its exit code (0: authenticated and sent)."""
     result = subprocess.run(["swaks", "--server", f"127.0.0.1:{port}", "--xclient-addr", ip, "--auth", "PLAIN",

@@ -3,6 +3,7 @@ valid, every key is required, each bad value is refused with one line naming
 its section and key.  The command line's --check-config is e2e/test_check_config.py."""
 import configparser
 import dataclasses
+import re
 
 import pytest
 from conftest import ROOT, config_without, write_config
@@ -39,8 +40,23 @@ def test_every_key_is_required(tmp_path, section, key):
 
 @pytest.mark.parametrize("section, key", sorted(NEW_KEYS))
 def test_a_configuration_of_1_5_without_the_keys_added_since_still_starts(tmp_path, section, key):
-    assert NEW_KEYS == {("postfix", "queue_helper")}
-    assert getattr(load_settings(config_without(tmp_path, section, key)), key) == ""
+    assert NEW_KEYS == {("postfix", "queue_helper"), ("mail", "from"), ("mail", "starttls"), ("mail", "tls_ca_file"),
+                        ("mail", "user"), ("mail", "password")}
+    (field,) = [entry.field for entry in KEYS if (entry.section, entry.name) == (section, key)]
+    assert getattr(load_settings(config_without(tmp_path, section, key)), field) in ("", False)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"mail.from": "pcc at example.com"}, "[mail] from: 'pcc at example.com' is not an email address"),
+    ({"mail.user": "pcc@example.com"}, "[mail] password: user and password go together"),
+    ({"mail.password": "secret-1"}, "[mail] user: user and password go together"),
+    ({"mail.mailsrv": "smtp.example.com", "mail.user": "pcc@example.com", "mail.password": "secret-1"},
+     "[mail] starttls: must be yes with [mail] user: the password would cross the network to smtp.example.com"),
+    ({"mail.tls_ca_file": "/nonexistent/ca.pem"}, "[mail] tls_ca_file: cannot read /nonexistent/ca.pem"),
+])
+def test_the_mail_settings_are_refused_in_one_line_when_they_do_not_go_together(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_settings(write_config(tmp_path, overrides))
 
 
 def test_missing_section(tmp_path):
