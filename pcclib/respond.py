@@ -18,6 +18,7 @@ import json
 import queue
 import re
 import shlex
+import shutil
 import socket
 import ssl
 import subprocess
@@ -35,6 +36,8 @@ from .notify import Notifier, block_notice, pcc_command
 # A webhook receiver gets this long (seconds) for all of one POST: connecting,
 # taking the body, answering (one that trickles its answer is cut there).
 WEBHOOK_TIMEOUT = 10.0
+# Dovecot's admin command: on this host's PATH, the site has Dovecot.
+DOVEADM = "doveadm"
 # Of an answer, pcc reads this much at most.
 ANSWER_READ_LIMIT = 65536
 # An event it could not take is tried again after this pause, doubled each
@@ -462,6 +465,8 @@ class Responder:
         """One line for the mail and the webhook: what happened to the account's sessions."""
         manual = (f"run: doveadm kick -- {shlex.quote(login)}" if not doveadm_mask_problem(login)
                   else "doveadm kick cannot name it alone: see doveadm who")
+        if not self.sessions.configured and not site_has_dovecot(self.settings):
+            return ""  # a site without Dovecot: the mail and the webhook's text say nothing of sessions
         if action == MONITOR_ACTION:
             return ("monitor mode: its Dovecot sessions would have been ended" if self.sessions.configured
                     else "monitor mode: nothing was done")
@@ -499,7 +504,8 @@ class Responder:
                                      self.network_of)
         queued = f"Queued mail: {held[1]}\n" if held[1] else ""
         network = f"Network of the request that crossed the line: {network}\n" if network else ""
-        return subject, body.replace("\n\n", f"\n\n{network}Sessions: {sessions}\n{queued}\n", 1)
+        sessions = f"Sessions: {sessions}\n" if sessions else ""
+        return subject, body.replace("\n\n", f"\n\n{network}{sessions}{queued}\n", 1)
 
     def _tell_owner(self, login: str, countries: Iterable[CountrySeen], action: str, now: dt.datetime,
                     now_please: bool = False) -> None:
@@ -533,6 +539,14 @@ def event(settings: Settings, kind: str, at: dt.datetime, **fields) -> dict:
             "mode": "monitor" if settings.monitoring else "enforce", **fields}
 
 
+def site_has_dovecot(settings: Settings) -> bool:
+    """Whether the site has Dovecot: pcc answers its policy or may end its
+    sessions, or its doveadm is on this host.  Else the block's mail and
+    webhook name no Dovecot sessions."""
+    return bool(settings.dovecot_policy_port or settings.doveadm_url or settings.doveadm_command
+                or shutil.which(DOVEADM))
+
+
 def block_event(settings: Settings, login: str, countries: Iterable[CountrySeen], reason: str, source: str,
                 action: str, sessions: str, at: dt.datetime, journey: Optional[Journey] = None,
                 held: tuple = (None, ""), network_of: Callable[[str], str] = lambda ip: "",
@@ -541,8 +555,8 @@ def block_event(settings: Settings, login: str, countries: Iterable[CountrySeen]
     countries = list(countries)
     names = ", ".join(settings.place_name(seen.country) for seen in countries)
     text = (f"pcc {'would have blocked' if monitor else 'blocked'} {login}"
-            f"{'' if monitor else f' ({action})'}: {reason}. Countries: {names}. Sessions: {sessions}. "
-            f"Undo: {pcc_command(settings, '-u', login)}")
+            f"{'' if monitor else f' ({action})'}: {reason}. Countries: {names}. "
+            f"{f'Sessions: {sessions}. ' if sessions else ''}Undo: {pcc_command(settings, '-u', login)}")
     return event(settings, "block", at, account=login, action=None if monitor else action,
                  would_have=monitor, reason=reason, door=source,
                  countries=[{"country": seen.country, "place": settings.place_name(seen.country),

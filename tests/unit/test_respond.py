@@ -302,3 +302,29 @@ def test_what_a_url_shows_and_what_it_hides():
     assert {"p@ss", "p%40ss", "key=abc123", "frag-secret", "x9ZkQ3hV7tL2mN8pR4sW6yB1"} <= set(url_secrets(url))
     public = "https://raw.githubusercontent.com/X4BNet/lists_vpn/main/output/datacenter/ipv4.txt"
     assert url_for_people(public) == public and url_secrets(public) == []
+
+
+@pytest.mark.parametrize("doveadm_here, dovecot_settings, named", [
+    (False, {}, False),  # no Dovecot anywhere: the mail names no sessions
+    (True, {}, True),  # Dovecot on this host, pcc not set up to end sessions: the mail says how
+    (False, {"dovecot.doveadm_command": "doveadm"}, True),
+])
+def test_the_block_mail_names_dovecot_sessions_only_on_a_site_with_dovecot(make_settings, monkeypatch,
+                                                                           doveadm_here, dovecot_settings, named):
+    import pcclib.respond
+    from pcclib.decision import CountrySeen
+    from pcclib.notify import Notifier
+
+    monkeypatch.setattr(pcclib.respond, "DOVEADM", "doveadm" if doveadm_here else "no-such-doveadm-here")
+    monkeypatch.setattr(pcclib.respond.SessionEnder, "end", lambda _self, _login, _try_for: (True, "ended"))
+    settings = make_settings(**dovecot_settings)
+    responder = pcclib.respond.Responder(settings, Notifier(settings), lambda *outcome: None)
+    sessions = responder._end_sessions("alice@example.com", "REJECT")
+    seen = CountrySeen("GB", dt.datetime(2026, 12, 1), dt.datetime(2026, 12, 1), "81.2.69.160")
+    _subject, body = responder._block_mail("alice@example.com", [seen], "4 of at most 3 countries", "policy",
+                                           "REJECT", None, sessions)
+    text = pcclib.respond.block_event(settings, "alice@example.com", [seen], "4 of at most 3 countries", "policy",
+                                      "REJECT", sessions, dt.datetime(2026, 12, 1))["text"]
+    assert ("Sessions:" in body) is named and ("Sessions:" in text) is named
+    if not named:
+        assert "Dovecot" not in body and "doveadm" not in body + text and sessions == ""
