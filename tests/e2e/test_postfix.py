@@ -309,6 +309,19 @@ def test_readmes_sudoers_lines_allow_holding_and_reading_one_envelope_only(postf
         sudoers.unlink(missing_ok=True)
 
 
+def home_of_nobody(postfix, geoip_path, prefix: str) -> tuple:
+    """(a directory for a daemon of the user nobody, with the GeoIP file; nobody's
+    passwd entry), Postfix's queue empty and its configuration readable to nobody."""
+    postfix.empty_queue()
+    os.chmod(postfix.directory, 0o755)  # as /etc/postfix: postqueue -j runs as the daemon's user
+    home = pathlib.Path(tempfile.mkdtemp(prefix=prefix))
+    nobody = pwd.getpwnam("nobody")
+    os.chmod(home, 0o755)
+    os.chown(home, nobody.pw_uid, nobody.pw_gid)
+    shutil.copy(geoip_path, home / "country.mmdb")
+    return home, nobody
+
+
 def test_an_unprivileged_daemon_holds_the_queued_mail_through_readmes_sudoers_lines(postfix, geoip_path, as_nobody):
     """pcc as an unprivileged user, with hold_queued = yes: without the docs'
     sudoers lines it refuses to start; with them, a block holds what the
@@ -316,13 +329,7 @@ def test_an_unprivileged_daemon_holds_the_queued_mail_through_readmes_sudoers_li
     account."""
     if shutil.which("sudo") is None or shutil.which("visudo") is None:
         unavailable("sudo (Debian package sudo)")
-    postfix.empty_queue()
-    os.chmod(postfix.directory, 0o755)  # as /etc/postfix: postqueue -j runs as the daemon's user
-    home = pathlib.Path(tempfile.mkdtemp(prefix="pcc-unprivileged-"))
-    nobody = pwd.getpwnam("nobody")
-    os.chmod(home, 0o755)
-    os.chown(home, nobody.pw_uid, nobody.pw_gid)
-    shutil.copy(geoip_path, home / "country.mmdb")
+    home, nobody = home_of_nobody(postfix, geoip_path, "pcc-unprivileged-")
     values = {"server.port": postfix.pcc_port, "db.dbcon": f"sqlite:///{home}/pcc.sqlite3",
               "db.spool_file": str(home / "spool.jsonl"), "geoip.database": home / "country.mmdb",
               "postfix.config_directory": postfix.directory, "policy.action": "REJECT", "postfix.hold_queued": "yes"}
@@ -373,13 +380,7 @@ def test_an_unprivileged_daemon_holds_the_queued_mail_through_the_queue_helper(p
     activate = shutil.which("systemd-socket-activate")
     if activate is None:
         unavailable("systemd-socket-activate (Debian package systemd)")
-    postfix.empty_queue()
-    os.chmod(postfix.directory, 0o755)  # as /etc/postfix: postqueue -j runs as the daemon's user
-    home = pathlib.Path(tempfile.mkdtemp(prefix="pcc-helper-"))
-    nobody = pwd.getpwnam("nobody")
-    os.chmod(home, 0o755)
-    os.chown(home, nobody.pw_uid, nobody.pw_gid)
-    shutil.copy(geoip_path, home / "country.mmdb")
+    home, nobody = home_of_nobody(postfix, geoip_path, "pcc-helper-")
     socket_path = home / "queue.sock"
     values = {"server.port": postfix.pcc_port, "db.dbcon": f"sqlite:///{home}/pcc.sqlite3",
               "db.spool_file": str(home / "spool.jsonl"), "geoip.database": home / "country.mmdb",
