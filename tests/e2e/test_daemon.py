@@ -40,6 +40,7 @@ def test_block_notification_reaches_the_admins(start_daemon, smtp_sink):
                          env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
     assert ran.returncode == 0, ran.stderr
     assert "unblocked" in ran.stdout
+    wait_until_visible()  # the daemon had alice in memory, blocked; the unblock comes by its poll
     assert walk(client, "alice@example.com", ["SE"]) == ["DUNNO"]
 
 
