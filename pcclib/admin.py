@@ -124,6 +124,7 @@ class Admin:
                 "threshold": limit, "window_days": self.settings.in_how_much_time_in_days,
                 "travel_passes": [_pass_json(travel_pass, now) for travel_pass in passes],
                 "blocks": [_block_json(block) for block in blocks],
+                "last_admin_action": _admin_action_json(self.store.last_admin_action(login)),
             }, indent=2))
             return
         self.say(f"{login}: {state}")
@@ -145,6 +146,10 @@ class Admin:
             ended = f", ended {when(block.unblocked_at)}" if block.unblocked_at else " (in force)"
             self.say(f"block #{block.id}: {when(block.blocked_at)} by {block.source}, {block.action}{ended}: "
                      f"{block.reason}")
+        action = self.store.last_admin_action(login)
+        if action is not None:
+            self.say(f"last admin action: {action.action}, {when(action.done_at)} UTC by {action.done_by}: "
+                     f"{action.result}")
 
     def allow(self, login: str, countries: list, days: float, now: dt.datetime) -> None:
         """A travel pass: `countries` do not count for `login` for `days` days
@@ -417,25 +422,35 @@ def changed_by_command(arguments: argparse.Namespace) -> Optional[tuple]:
     return None
 
 
+def _admin_action_json(action) -> Optional[dict]:
+    if action is None:
+        return None
+    return {"action": action.action, "at": action.done_at.isoformat(), "by": action.done_by, "result": action.result}
+
+
 def _run_one(admin: Admin, arguments: argparse.Namespace, now: dt.datetime) -> None:
     """The command; one syslog line for each that changes something (what,
-    to which account, who ran it, the result), refused or done."""
+    to which account, who ran it, the result), refused or done; what was done
+    to an account is also kept for its -s."""
     changing = changed_by_command(arguments)
     if changing is None:
         _run_command(admin, arguments, now)
         return
     what, target = changing
-    subject = f"{what} of {normalise_login(target)}" if target is not None else what
-    if what == "travel pass":
-        subject += f" ({arguments.country}, {arguments.days:g} days)"
+    detail = f" ({arguments.country}, {arguments.days:g} days)" if what == "travel pass" else ""
+    login = normalise_login(target) if target is not None else None
+    subject = f"{what} of {login}{detail}" if login is not None else what
     try:
-        if target is not None:
-            admin.check_domain(normalise_login(target))
+        if login is not None:
+            admin.check_domain(login)
         _run_command(admin, arguments, now)
     except AdminError as error:
         audit(f"admin: {subject} by {who_ran_it()}: refused: {error}")
         raise
-    audit(f"admin: {subject} by {who_ran_it()}: {'; '.join(line for line in admin.said if line) or 'done'}")
+    result = "; ".join(line for line in admin.said if line) or "done"
+    audit(f"admin: {subject} by {who_ran_it()}: {result}")
+    if login is not None:
+        admin.store.record_admin_action(login, now, what + detail, who_ran_it(), result)
 
 
 def _run_command(admin: Admin, arguments: argparse.Namespace, now: dt.datetime) -> None:

@@ -191,6 +191,21 @@ class AllowedCountries(Base):
     set_by: Mapped[str] = mapped_column(sa.String(64))
 
 
+class AdminAction(Base):
+    """What an administrator did to an account (-b, -u, -r, -e, --allow,
+    --only-from): who, when, and what pcc answered; -s shows the last.  The
+    same line goes to syslog (mail.info)."""
+
+    __tablename__ = "pcc_admin_actions"
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
+    login: Mapped[str] = mapped_column(_login_type())
+    done_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    action: Mapped[str] = mapped_column(sa.String(255))  # "unblock and release", "travel pass (FR, 3 days)"
+    done_by: Mapped[str] = mapped_column(sa.String(255))  # "root (sudo from bob)"
+    result: Mapped[str] = mapped_column(sa.Text)
+
+
 def sqlite_path(dbcon: str) -> str:
     """The SQLite file of a database URL, or "" for any other database."""
     url = sa.engine.make_url(dbcon)
@@ -843,6 +858,21 @@ class AdminStore(Store):
         with self.engine.begin() as connection:
             connection.execute(statement)
             self._log_changes(connection, [login])
+
+    def record_admin_action(self, login: str, now: dt.datetime, action: str, done_by: str, result: str) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(sa.insert(AdminAction).values(login=login, done_at=now, action=action[:255],
+                                                              done_by=done_by[:255], result=result))
+
+    def last_admin_action(self, login: str) -> Optional[AdminAction]:
+        """The latest administrator's action on `login`; None before any (or
+        on a database of pcc 1.5, which has no such table until a command
+        that changes something makes it)."""
+        if not sa.inspect(self.engine).has_table(AdminAction.__tablename__):
+            return None
+        with Session(self.engine) as session:
+            return session.execute(sa.select(AdminAction).where(AdminAction.login == login)
+                                   .order_by(AdminAction.id.desc()).limit(1)).scalar()
 
     def allowed_countries(self, login: str) -> Optional[AllowedCountries]:
         with Session(self.engine) as session:

@@ -173,3 +173,24 @@ def test_a_login_without_a_domain_is_refused_where_the_sites_logins_have_one(set
     bare = start_daemon(**{"policy.action": "REJECT", "db.dbcon": f"sqlite:///{tmp_path}/bare.sqlite3"})
     assert bare.client().ask("carol", ip_in("GB")) == "DUNNO"  # a first country is written before the answer
     assert pcc(bare.config_path, "-b", "dave").stdout.startswith("dave blocked")
+
+
+def test_show_names_the_last_thing_an_administrator_did_to_the_account(setup):
+    daemon, _client, _sink = setup
+    config = daemon.config_path
+    as_sudo = {"env": {**os.environ, "SUDO_USER": "bob"}}
+    assert "last admin action" not in run_pcc("--config", config, "-s", "alice@example.com", expect=0).stdout
+    run_pcc("--config", config, "-u", "alice@example.com", expect=0, **as_sudo)
+    shown = run_pcc("--config", config, "-s", "alice@example.com", expect=0).stdout
+    assert re.search(r"^last admin action: unblock, \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC by root \(sudo from bob\): "
+                     r"alice@example.com unblocked \(block #\d+\); its earlier countries no longer count$",
+                     shown, re.MULTILINE), shown
+    run_pcc("--config", config, "--allow", "alice@example.com", "--country", "FR", "--days", "2", expect=0)
+    as_json = json.loads(run_pcc("--config", config, "-s", "alice@example.com", "--json", expect=0).stdout)
+    last = as_json["last_admin_action"]
+    assert (last["action"], last["by"]) == ("travel pass (FR, 2 days)", "root")
+    assert last["result"].startswith("travel pass for alice@example.com: FR does not count until ")
+    # a refused command changed nothing: the last action stays the travel pass
+    run_pcc("--config", config, "--allow", "alice@example.com", "--country", "FR", "--days", "99999", expect=1)
+    assert "last admin action: travel pass (FR, 2 days)" in run_pcc("--config", config, "-s", "alice@example.com",
+                                                                    expect=0).stdout
