@@ -7,8 +7,10 @@ from __future__ import annotations
 import configparser
 import difflib
 import datetime as dt
+import grp
 import ipaddress
 import os
+import pwd
 import re
 import urllib.parse
 from dataclasses import dataclass
@@ -32,6 +34,10 @@ DB_ERROR_ACTIONS = ("DUNNO", "DEFER_IF_PERMIT")
 # enforce: blocked accounts get `action`.  monitor: pcc records and notifies
 # exactly as it would when enforcing, but answers DUNNO (to roll out and tune).
 MODES = ("ENFORCE", "MONITOR")
+# What monitor mode tells Postfix of a message it would have stopped: DUNNO
+# (nothing), or WARN, which Postfix logs with the message's client, sender and
+# recipient (its access(5) action for exactly this).
+MONITOR_ANSWERS = ("DUNNO", "WARN")
 
 YES_NO = ("YES", "NO")
 
@@ -102,7 +108,7 @@ class Settings:
     config_path: str
     # [server]
     host: str
-    port: int
+    port: int  # 0: none (the policy socket only)
     max_request_bytes: int
     idle_timeout: float
     max_connections: int
@@ -157,6 +163,13 @@ class Settings:
     mail_tls_ca_file: str = ""  # the CA certificates that verify the SMTP server's; "" = the system's
     mail_user: str = ""  # SMTP AUTH login; "" = no AUTH
     mail_password: str = ""
+    # [server], since 1.6
+    socket: str = ""  # a UNIX-domain policy socket beside the port; "" = none
+    socket_owner: str = ""  # its owner; "" = the daemon's user
+    socket_group: str = ""  # its group; "" = the daemon's group
+    socket_mode: int = 0o660
+    # [policy], since 1.6
+    monitor_answer: str = "DUNNO"  # DUNNO or WARN: monitor mode's answer for what it would have stopped
 
     @property
     def not_counted_codes(self) -> frozenset:
@@ -168,6 +181,16 @@ class Settings:
             counting = {network_list.marker for network_list in self.network_lists if network_list.action == "COUNT"}
             codes = self.__dict__["_not_counted_codes"] = self.ignorecountries | (set(LIST_MARKER_CODES) - counting)
         return codes
+
+    @property
+    def socket_uid(self) -> int:
+        """socket_owner's uid, -1 (unchanged) when blank."""
+        return pwd.getpwnam(self.socket_owner).pw_uid if self.socket_owner else -1
+
+    @property
+    def socket_gid(self) -> int:
+        """socket_group's gid, -1 (unchanged) when blank."""
+        return grp.getgrnam(self.socket_group).gr_gid if self.socket_group else -1
 
     def list_action(self, label: str) -> str:
         for network_list in self.network_lists:
@@ -424,7 +447,24 @@ class ListOf:
         return tuple(split_list(config.text(section, key)))
 
 
-Kind = Union[Text, Whole, Number, Choice, ListOf]
+@dataclass(frozen=True)
+class FileMode:
+    """A file mode in octal (0660); a blank is `default`."""
+
+    default: int
+    blank: str = ""
+    values: str = "an octal file mode, e.g. 0660"
+
+    def read(self, config: _ConfigReader, section: str, key: str) -> Any:
+        text = config.text(section, key)
+        if not text:
+            return self.default
+        if not re.fullmatch(r"0?[0-7]{3}", text):
+            raise config.fail(section, key, f"must be an octal file mode such as 0660, got {text!r}")
+        return int(text, 8)
+
+
+Kind = Union[Text, Whole, Number, Choice, ListOf, FileMode]
 
 
 @dataclass(frozen=True)
@@ -443,7 +483,8 @@ class Key:
 KEYS = (
     Key("server", "host", "host", Text(values="an IP address or a host name"),
         "The address the policy port listens on (Postfix: check_policy_service inet:127.0.0.1:9999)."),
-    Key("server", "port", "port", Whole(1, 65535), "The policy port."),
+    Key("server", "port", "port", Whole(0, 65535),
+        "The policy port; 0: none, the policy socket only ([server] socket)."),
     Key("server", "max_request_bytes", "max_request_bytes", Whole(1024, 16 * 1024 * 1024, 65536, "65536"),
         "The largest request accepted; a bigger one closes its connection (Postfix's are about 1 KB)."),
     Key("server", "idle_timeout", "idle_timeout", Whole(1, 86400, 600, "600"),
@@ -454,6 +495,15 @@ KEYS = (
         "The clients that may connect to the policy, Dovecot and metrics ports."),
     Key("server", "metrics_port", "metrics_port", Whole(1, 65535, 0, "off"),
         "A Prometheus endpoint, http://host:PORT/metrics, on the same address."),
+    Key("server", "socket", "socket", Text(blank="none", values="a file path"),
+        "Also listen on this UNIX-domain socket (Postfix: check_policy_service unix:NAME, NAME relative to "
+        "its queue directory, e.g. /var/spool/postfix/pcc/policy as unix:pcc/policy).", since="1.6"),
+    Key("server", "socket_owner", "socket_owner", Text(blank="the daemon's user", values="a user name"),
+        "The socket's owner (another user than the daemon's only when it runs as root).", since="1.6"),
+    Key("server", "socket_group", "socket_group", Text(blank="the daemon's group", values="a group name"),
+        "The socket's group: Postfix's (postfix) with mode 0660; the daemon's user must be in it.", since="1.6"),
+    Key("server", "socket_mode", "socket_mode", FileMode(0o660, "0660"),
+        "The socket's mode: who may connect (write permission).", since="1.6"),
     Key("db", "dbcon", "dbcon", Text(values="an SQLAlchemy URL: sqlite:////path, mysql+pymysql://, "
                                             "postgresql+psycopg://"),
         "The database. The user needs SELECT, INSERT, UPDATE and CREATE; tables are made on first start."),
@@ -501,6 +551,10 @@ KEYS = (
         "The text Postfix gives with the action (logged; sent to the client with reject)."),
     Key("policy", "mode", "mode", Choice(MODES, "ENFORCE", "enforce"),
         "monitor: count, record and notify as when enforcing, but answer DUNNO (to roll out and tune)."),
+    Key("policy", "monitor_answer", "monitor_answer", Choice(MONITOR_ANSWERS, "DUNNO", "dunno"),
+        "In monitor mode, Postfix's answer for a message pcc would have stopped: dunno, or warn (Postfix "
+        "logs \"warn: ... pcc would reject: <why>\" with the client, sender and recipient; mail flows).",
+        since="1.6"),
     Key("policy", "max_travel_speed_kmh", "max_travel_speed_kmh",
         Number(0, 100000, blank="the impossible-travel rule off", optional=True),
         "The fastest believable journey between two messages of an account (needs City-level GeoIP data)."),
@@ -667,6 +721,7 @@ def is_loopback_url(url: str) -> bool:
 
 
 def _check_ports(config: _ConfigReader, settings: Settings) -> None:
+    _check_socket(config, settings)
     if settings.metrics_port is not None and settings.metrics_port == settings.port:
         raise config.fail("server", "metrics_port", f"must differ from [server] port ({settings.port})")
     if settings.dovecot_policy_port is not None and settings.dovecot_policy_port in (settings.port,
@@ -758,3 +813,25 @@ def _require_places(config: _ConfigReader, path: str, kind: Optional[str]) -> No
         problem = f"{path} is a {kind} database"
     raise config.fail("policy", "max_travel_speed_kmh", f"needs City-level GeoIP data in [geoip] database, but "
                       f"{problem} (use GeoLite2-City or DB-IP City Lite, or leave this blank)")
+
+
+def _check_socket(config: _ConfigReader, settings: Settings) -> None:
+    if settings.port == 0 and not settings.socket:
+        raise config.fail("server", "port", "0 (no TCP port) needs a [server] socket to listen on")
+    if (settings.socket_owner or settings.socket_group) and not settings.socket:
+        raise config.fail("server", "socket", "must be set with socket_owner or socket_group")
+    if settings.socket and not os.path.isabs(settings.socket):
+        raise config.fail("server", "socket", f"must be an absolute path (Postfix's unix:NAME is relative to its "
+                                             f"queue directory, pcc's is not), got {settings.socket!r}")
+    if len(os.fsencode(settings.socket)) > 107:
+        raise config.fail("server", "socket", "is longer than the 107 bytes a UNIX-domain socket's path may have")
+    if settings.socket_owner:
+        try:
+            pwd.getpwnam(settings.socket_owner)
+        except KeyError:
+            raise config.fail("server", "socket_owner", f"no user {settings.socket_owner!r} on this host") from None
+    if settings.socket_group:
+        try:
+            grp.getgrnam(settings.socket_group)
+        except KeyError:
+            raise config.fail("server", "socket_group", f"no group {settings.socket_group!r} on this host") from None

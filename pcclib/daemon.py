@@ -30,7 +30,7 @@ from .outage import OutageJournal
 from .ports import connection_caps
 from .report import SelfReport
 from .respond import Responder
-from .server import PolicyServer
+from .server import PolicyListener, PolicyServer, PolicySocketServer
 from .service import PolicyService
 from .storage import Store, permanent_database_fault, safe_url, sqlite_path
 from .upkeep import MemoryUpkeep
@@ -103,8 +103,10 @@ def run_daemon(settings: Settings) -> int:
     listeners = open_listeners(settings, service, parts.report)
     if listeners is None:
         return 1
-    server, dovecot = listeners
-    parts.report.ports = (server,) + ((dovecot,) if dovecot is not None else ())
+    # server: the listener served in this thread (the port; the socket
+    # when there is no port); policy_socket: the socket beside the port.
+    server, dovecot, policy_socket = listeners
+    parts.report.ports = tuple(port for port in (server, policy_socket, dovecot) if port is not None)
     start_thread(housekeeping, "pcc-housekeeping", parts, server.stopping)
     database.sightings.start()
     parts.upkeep.start(server.stopping)
@@ -116,9 +118,11 @@ def run_daemon(settings: Settings) -> int:
             start_thread(server.shutdown, "pcc-stop")
             if dovecot is not None:
                 start_thread(dovecot.shutdown, "pcc-stop-dovecot")
+            if policy_socket is not None:
+                start_thread(policy_socket.shutdown, "pcc-stop-socket")
 
     def on_reload(_signum, _frame):
-        start_thread(reload_settings, "pcc-reload", server)
+        start_thread(reload_settings, "pcc-reload", server, policy_socket)
 
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
@@ -128,13 +132,15 @@ def run_daemon(settings: Settings) -> int:
     if settings.dovecot_policy_port:
         extra_ports.append(f"Dovecot auth policy on port {settings.dovecot_policy_port}, logins "
                            f"{'counted' if settings.count_logins else 'checked against the blocked list only'}")
-    log.info("pcc %s listening on %s port %d%s; database %s; GeoIP %s; %s", __version__, settings.host,
-             settings.port, f" ({'; '.join(extra_ports)})" if extra_ports else "",
+    log.info("pcc %s listening on %s%s; database %s; GeoIP %s; %s", __version__, listening_on(settings),
+             f" ({'; '.join(extra_ports)})" if extra_ports else "",
              safe_url(settings.dbcon), geoip.description, describe_rules(settings))
     log.info("%s", networks.describe())
     server.serve_forever(poll_interval=STOP_POLL_INTERVAL)
     # Stopped: accept nothing new, answer the requests in flight, then exit.
-    server.socket.close()
+    for listener in (server, policy_socket):
+        if listener is not None:
+            listener.stop_listening()
     if not server.in_flight.wait_until_none(timeout=20):
         log.warning("stopping with requests still unanswered after 20 s")
     database.sightings.stop()  # the sightings still in memory are written
@@ -209,9 +215,10 @@ def not_writable(path: str) -> str:
 
 
 def open_listeners(settings: Settings, service: PolicyService, report: SelfReport) -> Optional[tuple]:
-    """(the policy server, the Dovecot server or None), or None when a port
-    cannot be opened (logged).  The policy port opens last: a daemon that
-    exits for want of another port never accepted a connection from Postfix."""
+    """(the policy server, the Dovecot server or None, the policy socket or
+    None), or None when one cannot be opened (logged).  The policy port
+    opens last: a daemon that exits for want of another port never accepted
+    a connection from Postfix."""
     if settings.metrics_port is not None:
         try:
             service.metrics.serve(settings.host, settings.metrics_port, lambda: service.settings.allowed_clients,
@@ -228,19 +235,37 @@ def open_listeners(settings: Settings, service: PolicyService, report: SelfRepor
             log.error("cannot listen for Dovecot on %s:%s: %s", settings.host, settings.dovecot_policy_port,
                       error.strerror or error)
             return None
+    policy_socket, listeners = None, bool(settings.socket) + bool(settings.port)
+    server: Optional[PolicyListener] = None
     try:
-        server = PolicyServer(settings, service, report)
+        if settings.socket:
+            policy_socket = PolicySocketServer(settings, service, report, listeners)
+        if not settings.port:
+            server, policy_socket = policy_socket, None  # the socket alone, served in the main thread
+        else:
+            server = PolicyServer(settings, service, report, listeners, sibling=policy_socket)
     except OSError as error:
-        log.error("cannot listen on %s:%s: %s", settings.host, settings.port, error.strerror or error)
+        where = settings.socket if settings.socket and policy_socket is None else f"{settings.host}:{settings.port}"
+        log.error("cannot listen on %s: %s", where, error.strerror or error)
         if dovecot is not None:
             dovecot.server_close()
+        if policy_socket is not None:
+            policy_socket.remove()
         return None
     if dovecot is not None:
         start_thread(dovecot.serve_forever, "pcc-dovecot")
-    return server, dovecot
+    if policy_socket is not None:
+        start_thread(policy_socket.serve_forever, "pcc-policy-socket", STOP_POLL_INTERVAL)
+    return server, dovecot, policy_socket
 
 
-def reload_settings(server: PolicyServer) -> None:
+def listening_on(settings: Settings) -> str:
+    """Where Postfix reaches the daemon, for its first log line."""
+    port = f"{settings.host} port {settings.port}" if settings.port else ""
+    return " and ".join(where for where in (port, settings.socket and f"socket {settings.socket}") if where)
+
+
+def reload_settings(server: PolicyListener, policy_socket: Optional[PolicySocketServer] = None) -> None:
     """SIGHUP: re-read the configuration and the GeoIP data.  Open connections
     stay; a broken new configuration is refused and the old one stays in force."""
     old = server.settings
@@ -255,6 +280,11 @@ def reload_settings(server: PolicyServer) -> None:
     if (new.host, new.port) != (old.host, old.port):
         log.warning("reload: a new host/port needs a restart; still listening on %s port %d", old.host, old.port)
         new = dataclasses.replace(new, host=old.host, port=old.port)
+    if _socket_of(new) != _socket_of(old):
+        log.warning("reload: a new [server] socket, socket_owner, socket_group or socket_mode needs a restart; "
+                    "the socket stays %s", old.socket or "off")
+        new = dataclasses.replace(new, socket=old.socket, socket_owner=old.socket_owner,
+                                  socket_group=old.socket_group, socket_mode=old.socket_mode)
     if new.spool_file != old.spool_file:
         log.warning("reload: a new spool_file needs a restart; still using %s", old.spool_file or "memory")
     if new.metrics_port != old.metrics_port:
@@ -270,10 +300,16 @@ def reload_settings(server: PolicyServer) -> None:
         return
     reconfigure(service, new, geoip, networks)  # the Dovecot and metrics ports read allowed_clients from it
     server.settings = new
+    if policy_socket is not None:
+        policy_socket.settings = new
     database = safe_url(new.dbcon) + ("" if new.dbcon == old.dbcon else f" (was {safe_url(old.dbcon)})")
     log.info("configuration %s reloaded; database %s; GeoIP %s; %s; %s", new.config_path, database,
              geoip.description, describe_rules(new), networks.describe())
     warn_about_geoip(geoip)
+
+
+def _socket_of(settings: Settings) -> tuple:
+    return settings.socket, settings.socket_owner, settings.socket_group, settings.socket_mode
 
 
 def reconfigure(service: PolicyService, settings: Settings, geoip: GeoIP, networks: Networks) -> None:

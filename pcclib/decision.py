@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 from .common import replaced
-from .config import MONITOR_ACTION, Settings
+from .config import BLOCK_ACTIONS, MONITOR_ACTION, Settings
 from .protocol import DOVECOT_LOGIN, MAX_LOGIN_LENGTH, Place, PolicyRequest
 
 COUNTED_REQUESTS = ("smtpd_access_policy", DOVECOT_LOGIN)
@@ -95,7 +95,7 @@ class Journey:
 
 @dataclass(frozen=True)
 class Decision:
-    action: str  # "DUNNO", or the configured block action
+    action: str  # "DUNNO", the configured block action, or monitor mode's "WARN ..." (monitor_answer)
     reason: str  # for the log line and, when blocking, the admins
     counted: bool = False  # the request's country counts for the account
     record_sighting: bool = False  # the database must learn about this sighting
@@ -114,7 +114,8 @@ class Decision:
 
     @property
     def blocks(self) -> bool:
-        return self.action != "DUNNO"
+        """Postfix is told to stop the mail (not DUNNO, not monitor mode's WARN)."""
+        return self.action.split(" ", 1)[0] in BLOCK_ACTIONS
 
     @property
     def rule(self) -> str:
@@ -166,7 +167,8 @@ def decide(request: PolicyRequest, history: Optional[AccountHistory], settings: 
         if history.enforced_block:  # blocks in force stay enforced in monitor mode too
             return Decision(settings.block_reply, f"account blocked since {since}")
         if settings.monitoring:
-            return Decision("DUNNO", f"would be blocked since {since} (monitor mode)")
+            return Decision(monitor_answer(settings, f"flagged since {since}"),
+                            f"would be blocked since {since} (monitor mode)")
         # enforce mode and only a monitor-mode flag: the account is judged afresh
     if request.check_only:
         return Decision("DUNNO", "not blocked (asked before the password is checked)")
@@ -288,11 +290,19 @@ def _moved(request: PolicyRequest, history: AccountHistory) -> bool:
 def _new_block(settings: Settings, reason: str, countries: tuple, journey: Optional[Journey] = None,
                rule: str = "") -> Decision:
     if settings.monitoring:
-        action, reason = "DUNNO", f"would block (monitor mode): {reason}"
+        action, reason = monitor_answer(settings, reason), f"would block (monitor mode): {reason}"
     else:
         action, reason = settings.block_reply, f"blocking: {reason}"
     return Decision(action, reason, counted=True, record_sighting=True, new_block=True, countries=countries,
                     journey=journey, blocking_rule=rule)
+
+
+def monitor_answer(settings: Settings, why: str) -> str:
+    """Monitor mode's answer for a message it would have stopped: DUNNO, or
+    the WARN line Postfix logs beside the message's client, sender and recipient."""
+    if settings.monitor_answer != "WARN":
+        return "DUNNO"
+    return f"WARN pcc would {settings.action.lower()}: {why} (monitor mode)"
 
 
 def impossible_journey(request: PolicyRequest, history: AccountHistory, settings: Settings,

@@ -26,11 +26,11 @@ UNSENT_NOTICE_WARNING = 600
 
 
 def ask_daemon_health(settings: Settings) -> dict:
-    """Send the health request to the daemon on host:port; its name=value words.
-    Raises OSError (TimeoutError included) when no whole answer comes in time."""
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(settings.host, settings.host)
+    """Send the health request to the daemon on host:port (its socket, when it
+    has no port); its name=value words.  Raises OSError (TimeoutError
+    included) when no whole answer comes in time."""
     deadline = time.monotonic() + HEALTH_TIMEOUT
-    with socket.create_connection((host, settings.port), timeout=HEALTH_TIMEOUT) as connection:
+    with _connect(settings) as connection:
         connection.sendall(f"request={HEALTH_REQUEST}\n\n".encode())
         reply = b""
         while not reply.endswith(b"\n\n"):
@@ -42,18 +42,36 @@ def ask_daemon_health(settings: Settings) -> dict:
     return dict(word.split("=", 1) for word in reply.decode("utf-8", "replace").split() if "=" in word)
 
 
+def _connect(settings: Settings) -> socket.socket:
+    if settings.port:
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(settings.host, settings.host)
+        return socket.create_connection((host, settings.port), timeout=HEALTH_TIMEOUT)
+    connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        connection.settimeout(HEALTH_TIMEOUT)
+        connection.connect(settings.socket)
+    except OSError:
+        connection.close()
+        raise
+    return connection
+
+
+def daemon_address(settings: Settings) -> str:
+    return f"{settings.host}:{settings.port}" if settings.port else settings.socket
+
+
 def check_health(settings: Settings) -> tuple:
     """(exit status, the one line) of `pcc.py --health`."""
     started = time.monotonic()
     try:
         report = ask_daemon_health(settings)
     except OSError as error:
-        return HEALTH_CRITICAL, (f"PCC CRITICAL - no answer from {settings.host}:{settings.port} within "
+        return HEALTH_CRITICAL, (f"PCC CRITICAL - no answer from {daemon_address(settings)} within "
                                  f"{HEALTH_TIMEOUT:g} s: {error.strerror or error or 'timed out'} | "
                                  f"response_time={time.monotonic() - started:.3f}s;;{HEALTH_TIMEOUT:g}")
     seconds = time.monotonic() - started
     if "database" not in report:
-        return HEALTH_UNKNOWN, (f"PCC UNKNOWN - {settings.host}:{settings.port} answered, but not with a "
+        return HEALTH_UNKNOWN, (f"PCC UNKNOWN - {daemon_address(settings)} answered, but not with a "
                                 f"pcc health report (another service, or a pcc older than 1.2) | "
                                 f"response_time={seconds:.3f}s;;{HEALTH_TIMEOUT:g}")
     critical, warnings = [], []

@@ -17,7 +17,8 @@ from .protocol import client_allowed
 METRICS_TIMEOUT = 10.0
 
 # The ports as the label of pcc_connections names them: words, no spaces.
-PORT_LABELS = {"policy port": "policy", "dovecot policy port": "dovecot", "metrics port": "metrics"}
+PORT_LABELS = {"policy port": "policy", "policy socket": "policy_socket", "dovecot policy port": "dovecot",
+               "metrics port": "metrics"}
 
 
 class Metrics:

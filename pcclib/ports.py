@@ -45,13 +45,14 @@ def open_file_limit() -> int:
     return 1 << 20 if soft == resource.RLIM_INFINITY else soft
 
 
-def connection_caps(max_connections: int, limit: Optional[int] = None) -> dict:
+def connection_caps(max_connections: int, limit: Optional[int] = None, listeners: int = 1) -> dict:
     """How many connections each port may hold under the open-file limit:
-    {"postfix": n, "dovecot": n, "metrics": n}; every port gets at least a few."""
+    {"postfix": n, "dovecot": n, "metrics": n}; every port gets at least a few.
+    Postfix's share is split between its `listeners` (the port, the socket)."""
     spare = max(16, (limit or open_file_limit()) - RESERVED_DESCRIPTORS)
     http = max(4, int(spare * HTTP_PORTS_SHARE))
     metrics = max(2, min(8, http // 4))
-    return {"postfix": min(max_connections, max(8, spare - http)), "dovecot": max(2, http - metrics),
+    return {"postfix": min(max_connections, max(8, (spare - http) // listeners)), "dovecot": max(2, http - metrics),
             "metrics": metrics}
 
 

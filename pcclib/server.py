@@ -5,9 +5,12 @@ deliver_late().
 """
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import socket
 import socketserver
+import stat
 import threading
 import time
 from typing import Optional, cast
@@ -57,7 +60,8 @@ class PolicyHandler(socketserver.BaseRequestHandler):
         self._started: Optional[float] = None  # when the request being read began
         self._handover = threading.Event()  # set once a late answer was sent and the reading handed on
         self._successors: list = []  # threads that took the connection over, in order (None: it ended)
-        self._peer = f"{self.client_address[0]}:{self.client_address[1]}"
+        host, port = self.client_address[:2]  # an IPv6 peer has four
+        self._peer = f"{host}:{port}" if port else host  # a UNIX socket's peer: the socket (port 0)
 
     def handle(self) -> None:
         """Serve the connection; when the Watchdog answered a request whose
@@ -221,26 +225,31 @@ class InFlight:
             return self._changed.wait_for(lambda: self._count <= 0, timeout=timeout)
 
 
-class PolicyServer(BoundedPort, socketserver.ThreadingTCPServer):
+class PolicyListener(BoundedPort):
+    """What the TCP port and the UNIX-domain socket share: the limits, the
+    requests they answer and how (the rest is the address)."""
+
     port_name = "policy port"
     daemon_threads = True
-    allow_reuse_address = True
     request_queue_size = 1024
+    settings: Settings
+    service: PolicyService
+    stopping: threading.Event
+    in_flight: InFlight
 
-    def __init__(self, settings: Settings, service: PolicyService, report: Optional[SelfReport] = None):
+    def init_policy_port(self, settings: Settings, service: PolicyService, report: Optional[SelfReport],
+                         listeners: int, sibling: Optional[PolicyListener]) -> None:
+        """sibling: the daemon's other policy listener, whose stop and count of
+        requests in flight this one shares (one daemon, one stop)."""
         self.settings = settings
         self.service = service
         self.report = report  # answers `pcc.py --health` (without it, nobody does)
-        self.stopping = threading.Event()
-        self.in_flight = InFlight()
-        cap = connection_caps(settings.max_connections)["postfix"]
+        self.stopping = sibling.stopping if sibling else threading.Event()
+        self.in_flight = sibling.in_flight if sibling else InFlight()
+        cap = connection_caps(settings.max_connections, listeners=listeners)["postfix"]
         limit = f"max_connections ({settings.max_connections})"
         self.init_bounds(cap, limit if cap == settings.max_connections else f"{cap} connections (max_connections "
                          f"{settings.max_connections}, cut to fit the open-file limit)")
-        self._not_allowed = RateLimitedWarning("policy port: connection refused, not in [server] allowed_clients")
-        infos = socket.getaddrinfo(settings.host, settings.port, type=socket.SOCK_STREAM)
-        self.address_family = infos[0][0]
-        super().__init__(cast(tuple, infos[0][4][:2]), PolicyHandler)  # (host, port) of an AF_INET(6) address
 
     def answer_request(self, lines: list, handler: Optional[PolicyHandler] = None) -> Optional[bytes]:
         """The reply to one request; with a handler, the Watchdog may answer it
@@ -269,10 +278,37 @@ class PolicyServer(BoundedPort, socketserver.ThreadingTCPServer):
         return request
 
     def is_local(self, handler: PolicyHandler) -> bool:
+        raise NotImplementedError
+
+    def stop_listening(self) -> None:
+        """After the stop: accept nothing more (the requests in flight go on)."""
+        raise NotImplementedError
+
+    def handle_error(self, request, client_address) -> None:
+        log.exception("connection from %s: internal error", client_address[0])
+
+
+class PolicyServer(PolicyListener, socketserver.ThreadingTCPServer):
+    """The policy port: check_policy_service inet:HOST:PORT."""
+
+    allow_reuse_address = True
+
+    def __init__(self, settings: Settings, service: PolicyService, report: Optional[SelfReport] = None,
+                 listeners: int = 1, sibling: Optional[PolicyListener] = None):
+        self.init_policy_port(settings, service, report, listeners, sibling)
+        self._not_allowed = RateLimitedWarning("policy port: connection refused, not in [server] allowed_clients")
+        infos = socket.getaddrinfo(settings.host, settings.port, type=socket.SOCK_STREAM)
+        self.address_family = infos[0][0]
+        super().__init__(cast(tuple, infos[0][4][:2]), PolicyHandler)  # (host, port) of an AF_INET(6) address
+
+    def is_local(self, handler: PolicyHandler) -> bool:
         """Whether the peer is this host: loopback, or the address pcc listens on."""
         peer = handler.client_address[0].split("%")[0]
         address = peer_address(peer)
         return address is not None and (address.is_loopback or peer == self.server_address[0])
+
+    def stop_listening(self) -> None:
+        self.socket.close()
 
     def verify_request(self, request, client_address) -> bool:
         if client_allowed(client_address[0], self.settings.allowed_clients):
@@ -280,5 +316,80 @@ class PolicyServer(BoundedPort, socketserver.ThreadingTCPServer):
         self._not_allowed(client_address[0])
         return False
 
-    def handle_error(self, request, client_address) -> None:
-        log.exception("connection from %s: internal error", client_address[0])
+
+class PolicySocketServer(PolicyListener, socketserver.ThreadingUnixStreamServer):
+    """The policy socket, beside the port: check_policy_service unix:NAME
+    ([server] socket).  Who may connect is the socket's owner, group and mode
+    (allowed_clients is for addresses); its peers are this host."""
+
+    port_name = "policy socket"
+
+    def __init__(self, settings: Settings, service: PolicyService, report: Optional[SelfReport] = None,
+                 listeners: int = 2):
+        self.init_policy_port(settings, service, report, listeners, None)
+        self.path = settings.socket
+        self.peer_name = f"unix:{self.path}"
+        clear_the_way(self.path)
+        # bind() makes the file with the mode the umask leaves: the one given,
+        # from the start (a chmod after it would follow a link swapped in).
+        previous = os.umask(0o777 & ~settings.socket_mode)
+        try:
+            super().__init__(self.path, PolicyHandler)
+        finally:
+            os.umask(previous)
+        self._made = os.lstat(self.path).st_ino  # what remove() may unlink: this socket, not a successor's
+        try:
+            os.chown(self.path, settings.socket_uid, settings.socket_gid, follow_symlinks=False)
+        except OSError as error:
+            self.remove()
+            raise OSError(error.errno, f"cannot give it owner {settings.socket_owner or '(unchanged)'}, group "
+                                       f"{settings.socket_group or '(unchanged)'}: {error.strerror} (pcc runs as "
+                                       f"uid {os.geteuid()}: only root gives a socket to another owner, or to a "
+                                       f"group it is not in)") from None
+
+    def get_request(self):
+        connection, _address = super().get_request()
+        return connection, (self.peer_name, 0)  # a UNIX peer has no address: the socket stands for it
+
+    def is_local(self, handler: PolicyHandler) -> bool:
+        return True
+
+    def stop_listening(self) -> None:
+        self.shutdown()  # its accept loop, in a thread of its own beside the port, ended (at once if it has)
+        self.remove()
+
+    def remove(self) -> None:
+        """Close, and remove the socket file if it is still the one this daemon made."""
+        self.server_close()
+        try:
+            status = os.lstat(self.path)
+            if stat.S_ISSOCK(status.st_mode) and status.st_ino == self._made:
+                os.unlink(self.path)
+        except OSError:
+            pass
+
+
+def clear_the_way(path: str) -> None:
+    """Remove a socket a stopped pcc left at `path`; raise OSError when a
+    live one answers there, or when the path is anything but a socket (never
+    removed: a file, a directory or a link pcc did not make)."""
+    directory = os.path.dirname(path) or "."
+    if not os.path.isdir(directory):
+        raise OSError(errno.ENOENT, f"the directory {directory} does not exist (make it, owned by pcc's user "
+                                    f"and reachable by Postfix: install -d -o pcc -g postfix -m 0750 {directory})")
+    try:
+        status = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(status.st_mode):
+        raise OSError(errno.EEXIST, f"{path} exists and is not a socket; pcc removes nothing it did not make")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)  # nobody answers: a socket left by a pcc that did not stop cleanly
+        return
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, f"another process answers on {path} (a pcc still running?)")

@@ -445,18 +445,27 @@ class PolicyClient:
     """A Postfix-like client: one connection, many requests.  Like Postfix, it
     can reconnect and ask again once when pcc has closed the connection."""
 
-    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 10.0):
-        self.address = (host, port)
+    def __init__(self, port: int = 0, host: str = "127.0.0.1", timeout: float = 10.0, path: str = ""):
+        """host:port, or with `path` the UNIX-domain socket there."""
+        self.address = path or (host, port)
         self.timeout = timeout
-        self.sock = socket.create_connection(self.address, timeout=timeout)
+        self.sock = self._connect()
         self.pending = b""
+
+    def _connect(self) -> socket.socket:
+        if isinstance(self.address, tuple):
+            return socket.create_connection(self.address, timeout=self.timeout)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self.address)
+        return sock
 
     def ask_like_postfix(self, login: str = "", ip: str = "81.2.69.160", **extra) -> str:
         try:
             return self.ask(login, ip, **extra)
         except (ConnectionError, OSError):
             self.sock.close()
-            self.sock = socket.create_connection(self.address, timeout=self.timeout)
+            self.sock = self._connect()
             self.pending = b""
             return self.ask(login, ip, **extra)
 
@@ -937,6 +946,7 @@ class PostfixInstance:
         self.smtp_port = free_port()
         self.directory = tempfile.mkdtemp(prefix="pcc-postfix-")
         self.extra_settings: list = []  # more main.cf settings ("name=value")
+        self.policy_service = f"inet:127.0.0.1:{pcc_port}"  # check_policy_service's argument
 
     def start(self) -> None:
         d = self.directory
@@ -958,7 +968,7 @@ class PostfixInstance:
             # each test starts its own pcc: do not keep policy connections long
             "smtpd_policy_service_max_idle=1s", "smtpd_policy_service_max_ttl=2s",
             "smtpd_relay_restrictions=permit_mynetworks, "
-            f"check_policy_service inet:127.0.0.1:{self.pcc_port}, reject_unauth_destination",
+            f"check_policy_service {self.policy_service}, reject_unauth_destination",
             *self.extra_settings,
         )
         for command in (["set-permissions"], ["check"], ["start"]):

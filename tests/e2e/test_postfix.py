@@ -1,6 +1,7 @@
 """The whole loop on a real Postfix: XCLIENT makes one machine send "from" any
 country as any SASL login (see ../shared/postfix-e2e.md); pcc answers; Postfix
 queues, holds or rejects; the admin commands release or delete held mail."""
+import grp
 import json
 import os
 import pathlib
@@ -254,6 +255,50 @@ def test_monitor_mode_holds_nothing(postfix, pcc_for, smtp_sink):
     (mail,) = [m for _rcpt, m in smtp_sink.wait_for(1)]
     assert mail["Subject"] == f"pcc: account {ALICE} would be blocked (monitor mode)"
     assert "would be blocked" in admin(daemon, "-l")
+
+
+def test_monitor_mode_with_warn_puts_what_pcc_would_do_in_postfixs_log(postfix, pcc_for):
+    pcc_for("REJECT", **{"policy.mode": "monitor", "policy.monitor_answer": "warn"})
+    sent = walk(postfix, ALICE, ["GB", "US", "FR", "DE", "SE"], sender="sender@example.com")
+    assert [code for code, _text, _id in sent] == [250] * 5  # every message accepted
+    maillog = pathlib.Path(postfix.directory) / "maillog"
+    expected = ["pcc would reject: 4 of at most 3 countries in 3 days (GB, US, FR, DE) (monitor mode); "
+                "from=<sender@example.com> to=<bob@remote.test>",
+                "pcc would reject: flagged since "]
+    deadline = time.monotonic() + 15  # postlogd writes behind smtpd
+    while not all(text in maillog.read_text() for text in expected) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    warnings = [line for line in maillog.read_text().splitlines() if "pcc would" in line]
+    assert len(warnings) == 2, warnings  # the fourth message (flagged) and the fifth (flagged already)
+    for line, country, text in zip(warnings, ("DE", "SE"), expected):
+        assert re.search(r"warn: RCPT from \S*\[" + re.escape(ip_in(country)) + r"\]: " + re.escape(text), line), line
+
+
+def test_postfix_asks_through_the_unix_socket_in_its_queue_directory(start_daemon, smtp_sink):
+    """check_policy_service unix:pcc/policy, as pcc.conf says: the socket in
+    a directory of Postfix's queue directory (smtpd may be chrooted there),
+    group postfix, mode 0660."""
+    if shutil.which("postfix") is None:
+        unavailable("Postfix (Debian package postfix)")
+    if os.geteuid() != 0:
+        pytest.skip("a private Postfix needs root")
+    instance = PostfixInstance(free_port())
+    instance.policy_service = "unix:pcc/policy"
+    instance.start()
+    try:
+        directory = pathlib.Path(instance.directory, "queue", "pcc")
+        directory.mkdir(mode=0o750)
+        os.chown(directory, 0, grp.getgrnam("postfix").gr_gid)  # install -d -o pcc -g postfix -m 0750
+        daemon = start_daemon(**{"server.socket": str(directory / "policy"), "server.socket_group": "postfix",
+                                 "postfix.config_directory": instance.directory, "policy.action": "REJECT",
+                                 "policy.reason": "Too many countries, contact support"})
+        sent = walk(instance, ALICE, ["GB", "US", "FR", "DE"])
+        assert [code for code, _text, _id in sent] == [250, 250, 250, 554], sent
+        assert "Too many countries, contact support" in sent[-1][1]
+        assert "decision=REJECT" in daemon.log() and f"login={ALICE}" in daemon.log()
+        assert "problem talking to server" not in (pathlib.Path(instance.directory) / "maillog").read_text()
+    finally:
+        instance.stop()
 
 
 def readme_sudoers_lines(user: str, config_directory: str) -> str:

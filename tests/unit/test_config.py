@@ -40,10 +40,14 @@ def test_every_key_is_required(tmp_path, section, key):
 
 @pytest.mark.parametrize("section, key", sorted(NEW_KEYS))
 def test_a_configuration_of_1_5_without_the_keys_added_since_still_starts(tmp_path, section, key):
-    assert NEW_KEYS == {("postfix", "queue_helper"), ("mail", "from"), ("mail", "starttls"), ("mail", "tls_ca_file"),
-                        ("mail", "user"), ("mail", "password")}
+    # each absent key means what pcc 1.5 did: nothing new
+    as_in_1_5 = {("postfix", "queue_helper"): "", ("mail", "from"): "", ("mail", "starttls"): False,
+                 ("mail", "tls_ca_file"): "", ("mail", "user"): "", ("mail", "password"): "", ("server", "socket"): "",
+                 ("server", "socket_owner"): "", ("server", "socket_group"): "", ("server", "socket_mode"): 0o660,
+                 ("policy", "monitor_answer"): "DUNNO"}
+    assert NEW_KEYS == set(as_in_1_5)
     (field,) = [entry.field for entry in KEYS if (entry.section, entry.name) == (section, key)]
-    assert getattr(load_settings(config_without(tmp_path, section, key)), field) in ("", False)
+    assert getattr(load_settings(config_without(tmp_path, section, key)), field) == as_in_1_5[section, key]
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -71,7 +75,8 @@ def test_missing_section(tmp_path):
 
 @pytest.mark.parametrize("dotted, value, message", [
     ("server.port", "abc", "[server] port: must be a whole number, got 'abc'"),
-    ("server.port", "70000", "[server] port: must be between 1 and 65535"),
+    ("server.port", "70000", "[server] port: must be between 0 and 65535"),
+    ("server.port", "0", "[server] port: 0 (no TCP port) needs a [server] socket to listen on"),
     ("server.port", "", "[server] port: must not be blank"),
     ("server.host", "", "[server] host: must not be blank"),
     ("server.allowed_clients", "10.0.0.0/33", "[server] allowed_clients: '10.0.0.0/33' is not an IP"),

@@ -65,6 +65,24 @@ def test_mode_is_validated(settings):
         settings("audit")
 
 
+def test_monitor_answer_warn_tells_postfix_what_pcc_would_have_done(make_settings):
+    warn = make_settings(**{"policy.mode": "monitor", "policy.action": "HOLD", "policy.reason": "blocked",
+                            "policy.monitor_answer": "warn"})
+    past = AccountHistory(sightings=seen_an_hour_before(NOW, "US", "FR", "DE"))
+    new_flag = decide(request("GB"), past, warn, NOW)
+    assert new_flag.action == "WARN pcc would hold: 4 of at most 3 countries in 3 days (US, FR, DE, GB) (monitor mode)"
+    assert new_flag.new_block and not new_flag.blocks  # flagged, recorded, notified; the mail flows
+    flagged = AccountHistory(blocked_since=NOW - HOUR, block_action=MONITOR_ACTION,
+                             sightings=seen_an_hour_before(NOW, "US", "FR", "DE", "GB"))
+    again = decide(request("SE"), flagged, warn, NOW)
+    assert again.action == "WARN pcc would hold: flagged since 2026-11-25 11:00:00 UTC (monitor mode)"
+    assert not again.blocks and not again.new_block
+    # what pcc would let through is DUNNO; blocks in force stay enforced
+    assert decide(request("GB"), AccountHistory(), warn, NOW).action == "DUNNO"
+    blocked = AccountHistory(blocked_since=NOW - HOUR, block_action="HOLD")
+    assert decide(request("GB"), blocked, warn, NOW).action == "HOLD blocked"
+
+
 # --- storage, on each database ------------------------------------------------------
 
 
