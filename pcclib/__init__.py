@@ -30,6 +30,7 @@ it in this list:
   replay     --replay of Postfix and Dovecot logs
   update     --update-geoip, --update-lists: download, check, install
   health     --health, in the monitoring-plugin conventions
+  checkup    --check-config: what the daemon checks at start, as its user
   cli        the options, and which of the above each runs
 
 docs/architecture.md walks a request through them.

@@ -10,7 +10,7 @@ import signal
 import sys
 from typing import Optional
 
-from .common import __version__, first_line, log, utcnow
+from .common import __version__, log, utcnow
 from .config import DEFAULT_CONFIG_PATH, GEOIP_DOWNLOAD_TIMEOUT, ConfigError, Settings, load_settings
 from .health import HEALTH_UNKNOWN, check_health
 from .logs import queue_logging, secrets_of, setup_audit, setup_logging
@@ -88,6 +88,9 @@ def build_argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--connect", action="store_true",
                         help="with --check-config: connect to the database too, and say which server answered "
                         "and whether it takes writes (a standby does not)")
+    parser.add_argument("--user", metavar="NAME",
+                        help="with --check-config run as root: check as this user (default: the owner of pcc's "
+                        "state files), the one the daemon runs as")
     parser.add_argument("--json", action="store_true", help="with -l, -s or --replay: print JSON for scripts")
     parser.add_argument("--force", action="store_true",
                         help="with --update-geoip: install a file even though it moves many addresses to other "
@@ -143,6 +146,8 @@ def check_arguments(parser: argparse.ArgumentParser, arguments: argparse.Namespa
     elif not arguments.replay and (arguments.threshold is not None or arguments.days is not None
                                    or arguments.record):
         parser.error("--threshold, --days and --record go with --replay")
+    if (arguments.user or arguments.connect) and not arguments.check_config:
+        parser.error("--user and --connect go with --check-config")
     if arguments.only_from is not None and len(arguments.only_from) > 2:
         parser.error("--only-from takes a login and at most one list of countries (ES,PT; '' clears)")
     if arguments.timeout is not None and not ((arguments.update_geoip or arguments.update_lists)
@@ -178,11 +183,9 @@ def run_mode(settings: Settings, arguments: argparse.Namespace) -> int:
 
         return update_lists(settings, arguments.timeout or GEOIP_DOWNLOAD_TIMEOUT)
     if arguments.check_config:
-        from .daemon import describe_rules
-        from .storage import safe_url
+        from .checkup import check_config
 
-        print(f"{settings.config_path}: OK; database {safe_url(settings.dbcon)}; {describe_rules(settings)}")
-        return check_database(settings) if arguments.connect else 0
+        return check_config(settings, arguments.user, arguments.connect)
     if arguments.daemon:
         from .daemon import run_daemon
 
@@ -209,42 +212,3 @@ def run_mode(settings: Settings, arguments: argparse.Namespace) -> int:
     from .admin import run_admin_command
 
     return run_admin_command(settings, arguments)
-
-
-def check_database(settings: Settings) -> int:
-    """--check-config --connect: one line saying which server answered and
-    whether it takes writes (a write rolled back, when pcc's tables are there),
-    or why it cannot be used.  Creates nothing: not the tables, not an SQLite file."""
-    from sqlalchemy import exc as sa_exc
-
-    from .daemon import files_refused
-    from .storage import AdminStore, permanent_database_fault, sqlite_path
-
-    refusal = files_refused(settings)  # root follows no link to a file pcc writes, here as in the daemon
-    if refusal:
-        print(f"{settings.config_path}: {refusal}", file=sys.stderr)
-        return 1
-    path = sqlite_path(settings.dbcon)
-    if path and not os.path.exists(path):
-        print(f"{settings.config_path}: the SQLite file {path} is not there yet (the daemon makes it at its start)")
-        return 0
-    store = AdminStore(settings.dbcon, create_directory=False)
-    try:
-        server, writable = store.describe_server()
-        tables = store.has_tables()
-        if writable and tables:
-            store.prove_writable()
-    except sa_exc.SQLAlchemyError as error:
-        problem = permanent_database_fault(settings, error) or first_line(error)
-        print(f"{settings.config_path}: the database cannot be used as the daemon uses it: {problem}",
-              file=sys.stderr)
-        return 1
-    finally:
-        store.dispose()
-    if not writable:
-        print(f"{settings.config_path}: database reached: {server}; it takes no writes, so every block would "
-              "fail (with several hosts, add target_session_attrs=read-write)", file=sys.stderr)
-        return 1
-    print(f"{settings.config_path}: database reached: {server}; it takes writes"
-          + ("" if tables else " (pcc's tables are made at the daemon's first start)"))
-    return 0
