@@ -245,8 +245,8 @@ def open_directory(path: str, what: str) -> int:
                                       "not follow links to the files it writes: point the configuration at the "
                                       "real file") from None
                 if error.errno == errno.ENOENT:
-                    raise UpdateError(f"the directory {path} does not exist (create it, owned by root, readable "
-                                      "by pcc)") from None
+                    raise UpdateError(f"the directory {path} does not exist (create it, writable by {_me()}, who "
+                                      "runs the update, and readable by the daemon's user)") from None
                 raise UpdateError(f"{path}: {error.strerror}") from None
             os.close(descriptor)
             descriptor = child
@@ -254,6 +254,15 @@ def open_directory(path: str, what: str) -> int:
         os.close(descriptor)
         raise
     return descriptor
+
+
+def _me() -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return f"uid {os.geteuid()}"
 
 
 class _SameSchemeRedirects(urllib.request.HTTPRedirectHandler):
