@@ -11,6 +11,7 @@ import time
 from .common import PROGRAM, utcnow
 from .config import Settings
 from .geoip import GEOIP_STALE_AFTER
+from .ports import connect_unix
 from .protocol import HEALTH_REQUEST
 
 HEALTH_OK, HEALTH_WARNING, HEALTH_CRITICAL, HEALTH_UNKNOWN = 0, 1, 2, 3
@@ -46,14 +47,7 @@ def _connect(settings: Settings) -> socket.socket:
     if settings.port:
         host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(settings.host, settings.host)
         return socket.create_connection((host, settings.port), timeout=HEALTH_TIMEOUT)
-    connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        connection.settimeout(HEALTH_TIMEOUT)
-        connection.connect(settings.socket)
-    except OSError:
-        connection.close()
-        raise
-    return connection
+    return connect_unix(settings.socket, HEALTH_TIMEOUT)
 
 
 def daemon_address(settings: Settings) -> str:

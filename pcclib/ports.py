@@ -56,6 +56,18 @@ def connection_caps(max_connections: int, limit: Optional[int] = None, listeners
             "metrics": metrics}
 
 
+def connect_unix(path: str, timeout: float) -> socket.socket:
+    """A connection to the UNIX-domain socket at `path` (a pcc's policy socket)."""
+    connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        connection.settimeout(timeout)
+        connection.connect(path)
+    except OSError:
+        connection.close()
+        raise
+    return connection
+
+
 if TYPE_CHECKING:  # what the mixins below are mixed into, for the type checker only
     import http.server
     import socketserver

@@ -17,7 +17,7 @@ from typing import Optional, cast
 
 from .common import log, replaced
 from .config import Settings
-from .ports import BoundedPort, RateLimitedWarning, connection_caps
+from .ports import BoundedPort, RateLimitedWarning, connect_unix, connection_caps
 from .protocol import HEALTH_REQUEST, PolicyRequest, client_allowed, format_reply, parse_request, peer_address
 from .late import LATE_ANSWER_WAIT, RequestTicket, answer_in_time
 from .report import SelfReport
@@ -383,13 +383,9 @@ def clear_the_way(path: str) -> None:
         return
     if not stat.S_ISSOCK(status.st_mode):
         raise OSError(errno.EEXIST, f"{path} exists and is not a socket; pcc removes nothing it did not make")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        probe.settimeout(1.0)
-        probe.connect(path)
+        connect_unix(path, 1.0).close()
     except OSError:
         os.unlink(path)  # nobody answers: a socket left by a pcc that did not stop cleanly
         return
-    finally:
-        probe.close()
     raise OSError(errno.EADDRINUSE, f"another process answers on {path} (a pcc still running?)")

@@ -652,6 +652,15 @@ def readable_packages(tmp_path_factory) -> str:
 
 
 @pytest.fixture
+def shared_dir():
+    """A directory every user can reach (pytest's own tmp_path is root's alone)."""
+    directory = tempfile.mkdtemp(prefix="pcc-test-")
+    os.chmod(directory, 0o755)
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
 def as_nobody(readable_packages):
     """as_nobody(arguments, directory): the command line to run pcc.py as the
     user nobody, with Debian's python3 and a readable copy of the packages;

@@ -7,7 +7,6 @@ import pathlib
 import shutil
 import socket
 import subprocess
-import tempfile
 import time
 
 import pytest
@@ -27,15 +26,6 @@ from conftest import (
 from pcclib.storage import Base
 
 # --- running as an unprivileged user ------------------------------------------------
-
-
-@pytest.fixture
-def shared_dir():
-    """A directory every user can reach (pytest's own tmp_path is root's alone)."""
-    directory = tempfile.mkdtemp(prefix="pcc-test-")
-    os.chmod(directory, 0o755)
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 def nobody_config(directory: str, **overrides) -> str:

@@ -6,12 +6,10 @@ and a stop."""
 import grp
 import os
 import pathlib
-import shutil
 import signal
 import stat
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
@@ -92,24 +90,21 @@ def test_what_is_at_the_path_is_never_removed_unless_it_is_a_dead_socket(start_d
         tmp_path, {**settings, "server.socket": missing})
 
 
-def test_an_unprivileged_daemon_cannot_give_its_socket_away(as_nobody):
-    shared = tempfile.mkdtemp(prefix="pcc-test-")  # pytest's tmp_path is root's alone
-    try:
-        os.chmod(shared, 0o777)
-        config = write_config(pathlib.Path(shared), {
-            "server.port": free_port(), "server.socket": f"{shared}/policy", "server.socket_owner": "root",
-            "db.dbcon": f"sqlite:///{shared}/pcc.sqlite3", "db.spool_file": ""})
-        os.chmod(config, 0o644)
-        result = subprocess.run(as_nobody(["-d", "--stderr", "--config", config], shared),
-                                capture_output=True, text=True, timeout=60)
-        assert result.returncode == 1, result.stderr
-        assert f"cannot listen on {shared}/policy: cannot give it owner root, group (unchanged): " \
-               "Operation not permitted (pcc runs as uid 65534: only root gives a socket to another owner" \
-               in result.stderr
-        assert "Traceback" not in result.stderr
-        assert not os.path.lexists(f"{shared}/policy")  # nothing left half made
-    finally:
-        shutil.rmtree(shared, ignore_errors=True)
+def test_an_unprivileged_daemon_cannot_give_its_socket_away(as_nobody, shared_dir):
+    shared = shared_dir
+    os.chmod(shared, 0o777)
+    config = write_config(pathlib.Path(shared), {
+        "server.port": free_port(), "server.socket": f"{shared}/policy", "server.socket_owner": "root",
+        "db.dbcon": f"sqlite:///{shared}/pcc.sqlite3", "db.spool_file": ""})
+    os.chmod(config, 0o644)
+    result = subprocess.run(as_nobody(["-d", "--stderr", "--config", config], shared),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert f"cannot listen on {shared}/policy: cannot give it owner root, group (unchanged): " \
+           "Operation not permitted (pcc runs as uid 65534: only root gives a socket to another owner" \
+           in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not os.path.lexists(f"{shared}/policy")  # nothing left half made
 
 
 @pytest.mark.parametrize("key, value, message", [
