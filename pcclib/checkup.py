@@ -17,47 +17,50 @@ from typing import Optional
 
 import sqlalchemy as sa
 
-from .common import first_line
+from .common import first_line, user_name
 from .config import Settings
 from .storage import AdminStore, permanent_database_fault, safe_url, sqlite_path
 from .daemon import describe_rules, files_refused
 
 
-def check_config(settings: Settings, user_name: Optional[str], connect: bool) -> int:
+def check_config(settings: Settings, named_user: Optional[str], connect: bool) -> int:
     """0 when the daemon would start with this configuration as its user, 1
     with a line for each problem (the configuration itself was valid: 2 is
     load_settings').  A server database is asked as this process (its user is
     in dbcon); everything on this host's disk as the daemon's user."""
     print(f"{settings.config_path}: OK; database {safe_url(settings.dbcon)}; {describe_rules(settings)}")
-    user, found_how = daemon_user(settings, user_name)
-    if user is None:
-        print(f"{settings.config_path}: no user {user_name!r} on this host", file=sys.stderr)
-        return 1
     me = os.geteuid()
-    if user.pw_uid != me and me != 0:
-        print(f"{settings.config_path}: checked as {pwd.getpwuid(me).pw_name}, not as {user.pw_name} "
-              f"(only root can check as another user)")
-        user, found_how = pwd.getpwuid(me), "this user"
-    on_disk = _as_user(user, settings, connect) if user.pw_uid != me else _report(settings, connect)
+    user, found_how = daemon_user(settings, named_user) if me == 0 or named_user else (None, "this user")
+    if named_user and user is None:
+        print(f"{settings.config_path}: no user {named_user!r} on this host", file=sys.stderr)
+        return 1
+    if me == 0:
+        name = user.pw_name
+        on_disk = _as_user(user, settings, connect) if user.pw_uid != 0 else _report(settings, connect)
+    else:  # only root can check as another user (and this one may have no passwd entry)
+        name, found_how = user_name(me), "this user"
+        if user is not None and user.pw_uid != me:
+            print(f"{settings.config_path}: checked as {name}, not as {user.pw_name} "
+                  f"(only root can check as another user)")
+        on_disk = _report(settings, connect)
     if on_disk != 0:
         return on_disk
     status = check_database(settings) if connect and not sqlite_path(settings.dbcon) else 0
     if status == 0:
-        print(f"{settings.config_path}: checked as user {user.pw_name} ({found_how}): configuration readable, "
+        print(f"{settings.config_path}: checked as user {name} ({found_how}): configuration readable, "
               "names resolve, files readable, state writable"
               + ("" if connect else "; the database was not asked (add --connect)"))
     return status
 
 
-def daemon_user(settings: Settings, user_name: Optional[str]) -> tuple:
-    """(the daemon's passwd entry or None, how it was found)."""
-    if user_name:
+def daemon_user(settings: Settings, named_user: Optional[str]) -> tuple:
+    """(the daemon's passwd entry or None, how it was found): --user, else
+    (for root) the owner of pcc's state files, else root."""
+    if named_user:
         try:
-            return pwd.getpwnam(user_name), "--user"
+            return pwd.getpwnam(named_user), "--user"
         except KeyError:
             return None, ""
-    if os.geteuid() != 0:
-        return pwd.getpwuid(os.geteuid()), "this user"
     database = sqlite_path(settings.dbcon)
     for path in (database, database and os.path.dirname(database), settings.spool_file,
                  settings.spool_file and os.path.dirname(settings.spool_file)):

@@ -238,6 +238,17 @@ def symlink_refusal(path: str, what: str) -> str:
             f"point the configuration at the real file")
 
 
+def user_name(uid: int) -> str:
+    """A user's name for a message; "uid N" for a uid without a passwd entry
+    (a container's)."""
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
 def split_list(value: str) -> list:
     return [item for item in re.split(r"[\s,]+", value) if item]
 

@@ -15,7 +15,8 @@ from typing import Optional
 
 from sqlalchemy import exc as sa_exc
 
-from .common import DAEMON_SIGNALS, __version__, file_signature, first_line, log, start_thread, symlink_refusal
+from .common import (DAEMON_SIGNALS, __version__, file_signature, first_line, log, start_thread, symlink_refusal,
+                     user_name)
 from .config import ConfigError, Settings, load_settings
 from .dovecot import DovecotPolicyServer
 from .geoip import GeoIP, warn_about_geoip
@@ -193,7 +194,6 @@ def not_writable(path: str) -> str:
     """Why this user cannot write `path` (or the directory it goes in), with
     the fix, or ""."""
     import grp
-    import pwd
 
     directory = os.path.dirname(os.path.abspath(path))
     for name, kind, needed in ((path, stat.S_ISREG, os.R_OK | os.W_OK),
@@ -204,11 +204,7 @@ def not_writable(path: str) -> str:
             continue  # not there (yet), or not reachable: the directory's turn says why
         if not kind(status.st_mode) or status.st_uid == os.geteuid() or os.access(name, needed):
             continue  # another problem than another user's file: the code that opens it says which
-        user, group = pwd.getpwuid(os.geteuid()).pw_name, grp.getgrgid(os.getegid()).gr_name
-        try:
-            owner = pwd.getpwuid(status.st_uid).pw_name
-        except KeyError:
-            owner = f"uid {status.st_uid}"
+        user, group, owner = user_name(os.geteuid()), grp.getgrgid(os.getegid()).gr_name, user_name(status.st_uid)
         return (f"{name} is owned by {owner} and not writable by user {user} (left by a run as {owner}?): "
                 f"chown -R {user}:{group} {shlex.quote(directory)}")
     return ""

@@ -14,7 +14,7 @@ from typing import Iterable
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 
-from .common import daemon_signals_blocked, escape_controls, first_line, log, url_secrets
+from .common import daemon_signals_blocked, escape_controls, first_line, log, url_secrets, user_name
 from .config import Settings
 
 # What the database drivers and SQLAlchemy say themselves (psycopg's "error
@@ -157,11 +157,6 @@ def audit(line: str) -> None:
 
 def who_ran_it() -> str:
     """The user running an admin command, and the one behind sudo."""
-    import pwd
-
-    try:
-        name = pwd.getpwuid(os.getuid()).pw_name
-    except KeyError:
-        name = f"uid {os.getuid()}"
+    name = user_name(os.getuid())
     behind = os.environ.get("SUDO_USER", "") if os.getuid() == 0 else ""
     return f"{name} (sudo from {escape_controls(behind)[:64]})" if behind and behind != name else name

@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from .common import UTC, first_line, log, set_clock_offset, utcnow
+from .common import UTC, first_line, log, set_clock_offset, user_name, utcnow
 from .config import MONITOR_ACTION, ConfigError, Settings, prepare_threshold_of
 from .decision import AccountHistory, CountrySeen
 from .protocol import MAX_LOGIN_LENGTH
@@ -967,14 +967,13 @@ def permanent_database_fault(settings: Settings, error: sa_exc.SQLAlchemyError) 
 
 def _sqlite_fault(path: str, error: BaseException) -> Optional[str]:
     import grp
-    import pwd
 
     text = str(error)
     if not any(word in text for word in ("readonly", "read-only", "unable to open", "disk I/O")):
         return None
     path = os.path.abspath(path)
     directory = os.path.dirname(path)
-    user = pwd.getpwuid(os.geteuid()).pw_name
+    user = user_name(os.geteuid())
     group = grp.getgrgid(os.getegid()).gr_name
     try:
         if os.statvfs(directory).f_flag & os.ST_RDONLY:
@@ -983,11 +982,11 @@ def _sqlite_fault(path: str, error: BaseException) -> Optional[str]:
         pass
     for name in (path, path + "-wal", path + "-shm"):
         if os.path.exists(name) and not os.access(name, os.R_OK | os.W_OK):
-            owner = pwd.getpwuid(os.stat(name).st_uid).pw_name
+            owner = user_name(os.stat(name).st_uid)
             return (f"{name} is owned by {owner} and not writable by user {user}: "
                     f"chown {user}:{group} {shlex.quote(name)}")
     if not os.access(directory, os.W_OK | os.X_OK):
-        owner = pwd.getpwuid(os.stat(directory).st_uid).pw_name if os.path.exists(directory) else "nobody"
+        owner = user_name(os.stat(directory).st_uid) if os.path.exists(directory) else "nobody"
         return (f"{directory} is owned by {owner} and not writable by user {user} (SQLite writes its -wal and "
                 f"-shm files there): chown {user}:{group} {shlex.quote(directory)}")
     return f"{path} cannot be written by user {user}: {text}"

@@ -26,7 +26,7 @@ import urllib.request
 import zlib
 from typing import Any, Iterator, Optional
 
-from .common import __version__, open_maxmind, open_regular_file, url_for_people
+from .common import __version__, open_maxmind, open_regular_file, url_for_people, user_name
 from .config import Settings, is_loopback_url
 from .geoip import GeoIP
 from .networks import MAX_LIST_BYTES, ListError, parse_list
@@ -245,7 +245,8 @@ def open_directory(path: str, what: str) -> int:
                                       "not follow links to the files it writes: point the configuration at the "
                                       "real file") from None
                 if error.errno == errno.ENOENT:
-                    raise UpdateError(f"the directory {path} does not exist (create it, writable by {_me()}, who "
+                    raise UpdateError(f"the directory {path} does not exist (create it, writable by "
+                                      f"{user_name(os.geteuid())}, who "
                                       "runs the update, and readable by the daemon's user)") from None
                 raise UpdateError(f"{path}: {error.strerror}") from None
             os.close(descriptor)
@@ -254,15 +255,6 @@ def open_directory(path: str, what: str) -> int:
         os.close(descriptor)
         raise
     return descriptor
-
-
-def _me() -> str:
-    import pwd
-
-    try:
-        return pwd.getpwuid(os.geteuid()).pw_name
-    except KeyError:
-        return f"uid {os.geteuid()}"
 
 
 class _SameSchemeRedirects(urllib.request.HTTPRedirectHandler):

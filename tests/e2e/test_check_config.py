@@ -3,7 +3,7 @@ import os
 import pathlib
 import pwd
 import shutil
-import tempfile
+import subprocess
 
 import pytest
 import sqlalchemy as sa
@@ -124,62 +124,85 @@ def test_the_database_url_schemes_of_other_tools_are_taken_as_pccs_drivers(tmp_p
         assert f"database {driver}://" in result.stdout and "it takes writes" in result.stdout, result.stdout
 
 
-def test_check_config_run_as_root_checks_as_the_daemons_user(tmp_path, geoip_path):
+def test_check_config_run_as_root_checks_as_the_daemons_user(tmp_path, geoip_path, shared_dir):
     """What the daemon would trip over at its start, as its user: found from
     the owner of pcc's state (or --user), one line each, exit 1."""
     if os.geteuid() != 0:
         pytest.skip("needs root")
-    shared = tempfile.mkdtemp(prefix="pcc-test-")  # pytest's tmp_path is root's alone
-    try:
-        os.chmod(shared, 0o755)
-        state = pathlib.Path(shared, "state")
-        state.mkdir()
-        nobody = pwd.getpwnam("nobody")
-        os.chown(state, nobody.pw_uid, nobody.pw_gid)
-        geoip = pathlib.Path(shared, "country.mmdb")
-        shutil.copy(geoip_path, geoip)
-        os.chmod(geoip, 0o644)
-        values = {"db.dbcon": f"sqlite:///{state}/pcc.sqlite3", "db.spool_file": f"{state}/spool",
-                  "geoip.database": str(geoip)}
-        config = write_config(pathlib.Path(shared), values)
-        os.chmod(config, 0o644)
-        result = run_pcc("--check-config", "--config", config)
-        assert result.returncode == 0, result.stderr
-        assert f"checked as user nobody (the owner of {state}): configuration readable, names resolve, files " \
-               "readable, state writable; the database was not asked (add --connect)" in result.stdout
-        # the mistakes a root's --check-config used to call OK
-        os.chmod(geoip, 0o600)
-        typo = write_config(pathlib.Path(shared), {**values, "server.host": "127.0.0.l",
-                                                   "db.spool_file": f"{shared}/spool"}, name="typo.conf")
-        os.chmod(typo, 0o600)
-        result = run_pcc("--check-config", "--config", typo)
-        assert result.returncode == 1
-        assert result.stderr.splitlines() == [
-            f"{typo}: cannot be read: Permission denied (pcc.conf is root:pcc, mode 640, in the Debian package)",
-            f"{typo}: [server] host '127.0.0.l' does not resolve: Name or service not known",
-            f"{typo}: [geoip] database {geoip}: cannot be read: Permission denied",
-            # the daemon's own line for it, with the command that fixes it
-            f"{typo}: {shared} is owned by root and not writable by user nobody (left by a run as root?): "
-            f"chown -R nobody:nogroup {shared}",
-        ], result.stderr
-        # --connect: the SQLite file opened for writing, as nobody
-        import sqlite3
+    shared = shared_dir
+    state = pathlib.Path(shared, "state")
+    state.mkdir()
+    nobody = pwd.getpwnam("nobody")
+    os.chown(state, nobody.pw_uid, nobody.pw_gid)
+    geoip = pathlib.Path(shared, "country.mmdb")
+    shutil.copy(geoip_path, geoip)
+    os.chmod(geoip, 0o644)
+    values = {"db.dbcon": f"sqlite:///{state}/pcc.sqlite3", "db.spool_file": f"{state}/spool",
+              "geoip.database": str(geoip)}
+    config = write_config(pathlib.Path(shared), values)
+    os.chmod(config, 0o644)
+    result = run_pcc("--check-config", "--config", config)
+    assert result.returncode == 0, result.stderr
+    assert f"checked as user nobody (the owner of {state}): configuration readable, names resolve, files " \
+           "readable, state writable; the database was not asked (add --connect)" in result.stdout
+    # the mistakes a root's --check-config used to call OK
+    os.chmod(geoip, 0o600)
+    typo = write_config(pathlib.Path(shared), {**values, "server.host": "127.0.0.l",
+                                               "db.spool_file": f"{shared}/spool"}, name="typo.conf")
+    os.chmod(typo, 0o600)
+    result = run_pcc("--check-config", "--config", typo)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"{typo}: cannot be read: Permission denied (pcc.conf is root:pcc, mode 640, in the Debian package)",
+        f"{typo}: [server] host '127.0.0.l' does not resolve: Name or service not known",
+        f"{typo}: [geoip] database {geoip}: cannot be read: Permission denied",
+        # the daemon's own line for it, with the command that fixes it
+        f"{typo}: {shared} is owned by root and not writable by user nobody (left by a run as root?): "
+        f"chown -R nobody:nogroup {shared}",
+    ], result.stderr
+    # --connect: the SQLite file opened for writing, as nobody
+    import sqlite3
 
-        os.chmod(geoip, 0o644)
-        sqlite3.connect(state / "pcc.sqlite3").execute("CREATE TABLE t (a)")
-        os.chown(state / "pcc.sqlite3", nobody.pw_uid, nobody.pw_gid)
-        result = run_pcc("--check-config", "--connect", "--config", config)
-        assert result.returncode == 0, result.stderr
-        assert f"database reached: SQLite file {state}/pcc.sqlite3; it takes writes" in result.stdout
-        assert f"checked as user nobody (the owner of {state}/pcc.sqlite3)" in result.stdout
-        assert all(path.owner() == "nobody" for path in state.iterdir())  # root left nothing of its own there
-        os.unlink(state / "pcc.sqlite3")
-        # named with --user; as that user, --connect opens the database too
-        result = run_pcc("--check-config", "--connect", "--user", "root", "--config", config)
-        assert result.returncode == 0, result.stderr
-        assert "checked as user root (--user)" in result.stdout
-        assert "the SQLite file" in result.stdout and "is not there yet" in result.stdout
-        result = run_pcc("--check-config", "--user", "no-such-user-pcc", "--config", config)
-        assert result.returncode == 1 and f"{config}: no user 'no-such-user-pcc' on this host" in result.stderr
-    finally:
-        shutil.rmtree(shared, ignore_errors=True)
+    os.chmod(geoip, 0o644)
+    sqlite3.connect(state / "pcc.sqlite3").execute("CREATE TABLE t (a)")
+    os.chown(state / "pcc.sqlite3", nobody.pw_uid, nobody.pw_gid)
+    result = run_pcc("--check-config", "--connect", "--config", config)
+    assert result.returncode == 0, result.stderr
+    assert f"database reached: SQLite file {state}/pcc.sqlite3; it takes writes" in result.stdout
+    assert f"checked as user nobody (the owner of {state}/pcc.sqlite3)" in result.stdout
+    assert all(path.owner() == "nobody" for path in state.iterdir())  # root left nothing of its own there
+    os.unlink(state / "pcc.sqlite3")
+    # named with --user; as that user, --connect opens the database too
+    result = run_pcc("--check-config", "--connect", "--user", "root", "--config", config)
+    assert result.returncode == 0, result.stderr
+    assert "checked as user root (--user)" in result.stdout
+    assert "the SQLite file" in result.stdout and "is not there yet" in result.stdout
+    result = run_pcc("--check-config", "--user", "no-such-user-pcc", "--config", config)
+    assert result.returncode == 1 and f"{config}: no user 'no-such-user-pcc' on this host" in result.stderr
+
+
+def test_check_config_as_a_uid_without_a_passwd_entry_names_it_by_number(as_nobody, shared_dir):
+    """A container's daemon may run under a bare uid: --check-config run by it
+    checks as itself and names it "uid N" (was a KeyError traceback)."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv")
+    uid = 54321
+    try:
+        pwd.getpwuid(uid)
+        pytest.skip(f"uid {uid} has a passwd entry here")
+    except KeyError:
+        pass
+    shared = shared_dir
+    state = pathlib.Path(shared, "state")
+    state.mkdir()
+    os.chown(state, uid, uid)
+    config = write_config(pathlib.Path(shared), {"db.dbcon": f"sqlite:///{state}/pcc.sqlite3",
+                                                 "db.spool_file": f"{state}/spool"})
+    os.chmod(config, 0o644)
+    command = as_nobody(["--check-config", "--config", config], shared)
+    assert command[:4] == ["runuser", "-u", "nobody", "--"]
+    command[:4] = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert f"checked as user uid {uid} (this user): configuration readable" in result.stdout
