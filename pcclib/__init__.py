@@ -15,6 +15,7 @@ it in this list:
   storage    the database: models, Store, what an error means
   writer     sightings written behind the answer; a new place committed before it
   memory     histories and the blocked list kept in memory, the poll of changes
+  volume     what each account sent, for the [limits]: counted here, summed across daemons
   outage     the outage state machine; the spool of blocks decided while the database fails
   metrics    the Prometheus endpoint
   database   the Store, its tables, outage in and out, the spool written, the probe

@@ -41,6 +41,15 @@ MONITOR_ANSWERS = ("DUNNO", "WARN")
 
 YES_NO = ("YES", "NO")
 
+# What an account over a [limits] volume limit gets: BLOCK (the [policy]
+# action, and everything a block does), DEFER (DEFER_IF_PERMIT until the
+# window has room; nothing stored), NOTIFY (the admins are told, once per
+# account, limit and window; the mail flows).
+LIMIT_ACTIONS = ("BLOCK", "DEFER", "NOTIFY")
+# The [limits] keys: (Settings field, what is counted, the window in hours).
+VOLUME_LIMITS = (("messages_per_hour", "messages", 1), ("messages_per_day", "messages", 24),
+                 ("recipients_per_hour", "recipients", 1), ("recipients_per_day", "recipients", 24))
+
 # The database drivers pcc installs, and the schemes other tools write for
 # them ([db] dbcon postgres://... is taken as postgresql+psycopg://...).
 DATABASE_DRIVERS = ("sqlite", "postgresql+psycopg", "mysql+pymysql")
@@ -170,6 +179,18 @@ class Settings:
     socket_mode: int = 0o660
     # [policy], since 1.6
     monitor_answer: str = "DUNNO"  # DUNNO or WARN: monitor mode's answer for what it would have stopped
+    # [limits], since 1.6: None = that limit off
+    messages_per_hour: Optional[int] = None
+    messages_per_day: Optional[int] = None
+    recipients_per_hour: Optional[int] = None
+    recipients_per_day: Optional[int] = None
+    limit_action: str = "BLOCK"  # one of LIMIT_ACTIONS
+
+    @property
+    def volume_limits(self) -> tuple:
+        """The limits on: (name, what is counted, window in hours, the limit)."""
+        return tuple((name, counted, hours, getattr(self, name)) for name, counted, hours in VOLUME_LIMITS
+                     if getattr(self, name) is not None)
 
     @property
     def not_counted_codes(self) -> frozenset:
@@ -272,6 +293,8 @@ class _ConfigReader:
 
     def text(self, section: str, key: str, *, required: bool = False) -> str:
         if not self.parser.has_section(section):
+            if (section, key) in self.may_be_absent:
+                return ""
             raise ConfigError(f"{self.path}: section [{section}] is missing (it must hold '{key}')")
         if not self.parser.has_option(section, key):
             if (section, key) in self.may_be_absent:
@@ -562,6 +585,19 @@ KEYS = (
         Number(0, 20000, 0.0, "0", low_inclusive=True), "Journeys shorter than this are never judged."),
     Key("policy", "impossible_travel_action", "impossible_travel_action",
         Choice(TRAVEL_ACTIONS, "NOTIFY", "notify"), "What an impossible journey does: block, or notify only."),
+    Key("limits", "messages_per_hour", "messages_per_hour", Whole(1, 100_000_000, 0, "off"),
+        "The most messages an account may send in an hour (one per mail transaction, however many recipients).",
+        since="1.6"),
+    Key("limits", "messages_per_day", "messages_per_day", Whole(1, 100_000_000, 0, "off"),
+        "The most messages an account may send in 24 hours.", since="1.6"),
+    Key("limits", "recipients_per_hour", "recipients_per_hour", Whole(1, 100_000_000, 0, "off"),
+        "The most recipients an account's messages may have in an hour.", since="1.6"),
+    Key("limits", "recipients_per_day", "recipients_per_day", Whole(1, 100_000_000, 0, "off"),
+        "The most recipients in 24 hours.", since="1.6"),
+    Key("limits", "action", "limit_action", Choice(LIMIT_ACTIONS, "BLOCK", "block"),
+        "What an account over a limit gets: block (the [policy] action and all a block does), defer "
+        "(DEFER_IF_PERMIT until the window has room) or notify (the admins, once per account, limit and window).",
+        since="1.6"),
     Key("postfix", "config_directory", "postfix_config_directory",
         Text(blank="Postfix's default", values="a directory"),
         "The Postfix configuration directory of the queues pcc holds, releases and deletes mail in."),

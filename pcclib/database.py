@@ -19,6 +19,7 @@ from .metrics import Metrics
 from .outage import OutageJournal, OutageState
 from .respond import Responder
 from .storage import DatabaseClock, Store, safe_url
+from .volume import VolumeLedger
 from .writer import SightingWriter
 
 # While the database fails, how often the probe thread looks whether a probe
@@ -45,6 +46,7 @@ class Database:
         self.outage = OutageState(settings)
         self.outage.on_change = responder.outage
         self.clock = DatabaseClock()
+        self.volume = VolumeLedger()  # what each account sent, for the [limits]
         self.sightings = SightingWriter(store, on_written=lambda: self.ok(wrote=True),
                                         on_failed=lambda problem: self.failed(problem, on_write=True))
 

@@ -40,6 +40,23 @@ class CountrySeen:
 
 
 @dataclass(frozen=True)
+class Volume:
+    """What an account has sent, this request included as if it went through:
+    the sums of every daemon's counts over the last hour and day."""
+
+    messages_hour: int = 0
+    messages_day: int = 0
+    recipients_hour: int = 0
+    recipients_day: int = 0
+    notified: frozenset = frozenset()  # the limits the admins were told of in their current window
+
+    def count(self, limit: str) -> int:
+        """The count a [limits] key limits ("messages_per_hour" -> messages_hour)."""
+        counted, _per, window = limit.partition("_per_")
+        return getattr(self, f"{counted}_{window}")
+
+
+@dataclass(frozen=True)
 class AccountHistory:
     """What the database knows about one account, as the decision needs it."""
 
@@ -52,6 +69,8 @@ class AccountHistory:
     # Where the account's latest sighting's IP is (filled in by the service from
     # GeoIP when the impossible-travel rule is on).
     last_place: Optional[Place] = None
+    # Its volume (filled in by the service when [limits] are on; None: not counted).
+    volume: Optional[Volume] = None
 
     @property
     def latest_sighting(self) -> Optional[CountrySeen]:
@@ -105,7 +124,9 @@ class Decision:
     replaces_flag: bool = False  # the new block replaces a monitor-mode flag
     sighted: tuple = ()  # the codes this request is seen under: its country, the COUNT lists' markers
     notify_lists: tuple = ()  # the NOTIFY network lists the client is on: the admins are told
-    blocking_rule: str = ""  # a new block's rule when not the country count or travel: "network", "only_from"
+    blocking_rule: str = ""  # a new block's rule when not the country count or travel: "network", "only_from", "limit"
+    limit_hit: str = ""  # the [limits] key this request is over ("messages_per_hour"), whatever the limit action
+    notify_limit: str = ""  # limit action notify, the admins not yet told in this window: what to tell them
     # This request adds a place to the account's count (a country or marker
     # not in the window) or, with the travel rule on, moves the account: every
     # daemon's next decision must see it, so it is decided on a fresh read of
@@ -177,6 +198,8 @@ def decide(request: PolicyRequest, history: Optional[AccountHistory], settings: 
         return Decision("DUNNO", "whitelisted client address")
     notify = tuple(label for label in request.network_lists if settings.list_action(label) == "NOTIFY")
     decision = _blocked_at_once(request, history, settings, now) or _count(request, history, settings, now)
+    if not decision.new_block and history.volume is not None:
+        decision = _over_limit(request, history, settings, decision)
     if notify:
         decision = replaced(decision, notify_lists=notify)
     if decision.new_block and history.blocked_since is not None:
@@ -204,8 +227,18 @@ def _blocked_at_once(request: PolicyRequest, history: AccountHistory, settings: 
 def _block_at_once(request: PolicyRequest, history: AccountHistory, settings: Settings, now: dt.datetime,
                    rule: str, reason: str) -> Decision:
     codes = _codes(request, settings)
-    return replaced(_new_block(settings, reason, _window_with(request, history, settings, now, codes), rule=rule),
-                    sighted=codes)
+    countries = _window_with(request, history, settings, now, codes)
+    reason = _with_signals(reason, request, history, settings, countries, rule)
+    return replaced(_new_block(settings, reason, countries, rule=rule), sighted=codes)
+
+
+def _with_signals(reason: str, request: PolicyRequest, history: AccountHistory, settings: Settings,
+                  countries: tuple, rule: str) -> str:
+    """A rule's reason, followed by every other signal the account shows."""
+    others = signals(request, history, settings, countries, leave_out=rule)
+    if rule == "network":
+        others = [said for said in others if not said.startswith("network ")]
+    return "; ".join([reason] + others)
 
 
 def _has_pass(history: AccountHistory, country: str, now: dt.datetime) -> bool:
@@ -264,11 +297,13 @@ def _count(request: PolicyRequest, history: AccountHistory, settings: Settings, 
         summary = f"{request.door} login: {summary}"
     if len(countries) > limit:
         listed = ", ".join(settings.place_name(seen.country) for seen in countries)
-        return replaced(_new_block(settings, f"{summary} ({listed})", countries), sighted=codes)
+        why = _with_signals(f"{summary} ({listed})", request, history, settings, countries, "countries")
+        return replaced(_new_block(settings, why, countries), sighted=codes)
     journey = impossible_journey(request, history, settings, now)
     if journey is not None and settings.impossible_travel_action == "BLOCK":
-        return replaced(_new_block(settings, f"impossible travel: {journey.describe()}", countries, journey),
-                        sighted=codes)
+        why = _with_signals(f"impossible travel: {journey.describe()}", request, history, settings, countries,
+                            "travel")
+        return replaced(_new_block(settings, why, countries, journey), sighted=codes)
     if journey is not None:
         summary += f"; impossible travel noticed: {journey.describe()}"
     new_code = any(code not in before for code in codes)
@@ -297,12 +332,65 @@ def _new_block(settings: Settings, reason: str, countries: tuple, journey: Optio
                     journey=journey, blocking_rule=rule)
 
 
-def monitor_answer(settings: Settings, why: str) -> str:
+def _over_limit(request: PolicyRequest, history: AccountHistory, settings: Settings,
+                decision: Decision) -> Decision:
+    """`decision` (the country rules' DUNNO) as the [limits] change it: the
+    first limit the account's volume, this request included, is over."""
+    volume = history.volume
+    assert volume is not None
+    for name, _counted, _hours, limit in settings.volume_limits:
+        if volume.count(name) <= limit:
+            continue
+        over = f"{volume_words(name, volume.count(name))} (limit {limit})"
+        others = "; ".join(signals(request, history, settings, decision.countries, leave_out=name))
+        why = f"{over}; {others}" if others else over
+        if settings.limit_action == "BLOCK":
+            return replaced(_new_block(settings, why, decision.countries, rule="limit"), sighted=decision.sighted,
+                            limit_hit=name)
+        if settings.limit_action == "DEFER":
+            if settings.monitoring:
+                return replaced(decision, action=monitor_answer(settings, why, "defer"), limit_hit=name,
+                                reason=f"would defer (monitor mode): {why}")
+            return replaced(decision, action=f"DEFER_IF_PERMIT {over[0].upper()}{over[1:]}: try again later",
+                            reason=f"deferred: {why}", limit_hit=name)
+        if name in volume.notified:  # told once per window
+            return replaced(decision, reason=f"{decision.reason}; {over}, the admins told already", limit_hit=name)
+        return replaced(decision, reason=f"{decision.reason}; {over}, the admins told", limit_hit=name,
+                        notify_limit=why)
+    return decision
+
+
+def volume_words(limit: str, count: int) -> str:
+    """"412 messages in the last hour": a [limits] key's count for people."""
+    counted, _per, window = limit.partition("_per_")
+    return f"{count} {counted} in the last {'hour' if window == 'hour' else '24 hours'}"
+
+
+def signals(request: PolicyRequest, history: AccountHistory, settings: Settings, countries: tuple,
+            leave_out: str = "") -> list:
+    """Everything the account shows at this request, for people: its volume
+    against each limit, its countries in the window, the client's network
+    lists.  One explanation names them all, whichever rule fires (leave_out:
+    that rule's own, said already)."""
+    said = []
+    if history.volume is not None:
+        for name, _counted, _hours, limit in settings.volume_limits:
+            if name != leave_out:
+                said.append(f"{volume_words(name, history.volume.count(name))} (limit {limit})")
+    if leave_out != "countries" and countries:
+        said.append(f"{len(countries)} {'country' if len(countries) == 1 else 'countries'} in "
+                    f"{settings.in_how_much_time_in_days:g} days ({', '.join(settings.place_name(seen.country) for seen in countries)})")
+    if request.network_lists:
+        said.append(f"network {', '.join(request.network_lists)}")
+    return said
+
+
+def monitor_answer(settings: Settings, why: str, action: str = "") -> str:
     """Monitor mode's answer for a message it would have stopped: DUNNO, or
     the WARN line Postfix logs beside the message's client, sender and recipient."""
     if settings.monitor_answer != "WARN":
         return "DUNNO"
-    return f"WARN pcc would {settings.action.lower()}: {why} (monitor mode)"
+    return f"WARN pcc would {action or settings.action.lower()}: {why} (monitor mode)"
 
 
 def impossible_journey(request: PolicyRequest, history: AccountHistory, settings: Settings,

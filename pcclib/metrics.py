@@ -63,6 +63,9 @@ class Metrics:
         self._network_blocks = Counter("pcc_network_list_blocks", "New blocks (or monitor-mode flags) whose "
                                        "request came from an address on a network list, by list", ["list"],
                                        registry=self.registry)
+        self._limit_hits = Counter("pcc_limit_hits", "Requests over a [limits] volume limit, by limit "
+                                   "(messages_per_hour...) and what they got (block, defer, notify)",
+                                   ["limit", "action"], registry=self.registry)
 
     def report_from(self, state: Callable[[], dict], count_blocked: Callable[[], Optional[dict]]) -> None:
         """The gauges: state, the daemon's snapshot (report.SelfReport.state);
@@ -152,6 +155,10 @@ class Metrics:
     def network_block(self, label: str) -> None:
         if self.enabled:
             self._network_blocks.labels(label).inc()
+
+    def limit_hit(self, limit: str, action: str) -> None:
+        if self.enabled:
+            self._limit_hits.labels(limit, action.lower()).inc()
 
     def dovecot(self, command: str, status: str) -> None:
         if self.enabled:

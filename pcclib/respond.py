@@ -427,6 +427,18 @@ class Responder:
         self.webhooks.send(event(self.settings, "network_list", now, account=login, lists=list(labels),
                                  client=address, country=country, network=network or None, text=text))
 
+    def limit_reached(self, login: str, why: str, address: str, now: dt.datetime) -> None:
+        """An account over a [limits] limit whose action is notify: the
+        admins' mail and a webhook (the ledger asks once per limit and window)."""
+        monitor = " (monitor mode)" if self.settings.monitoring else ""
+        text = f"pcc: {login} is over a volume limit: {why}. Its mail still flows (action notify){monitor}."
+        body = (f"{text}\n\nLast client: {address}\n\nA newsletter or a busy week can explain it; a stolen "
+                f"password sending spam from the owner's own country can too.\n\nTo block the account:\n  "
+                f"{pcc_command(self.settings, '-b', login)}\nTo see what it sent and from where:\n  "
+                f"{pcc_command(self.settings, '-s', login)}\n")
+        self.notifier.send(f"pcc: {login} over a volume limit", body)
+        self.webhooks.send(event(self.settings, "limit_reached", now, account=login, client=address, text=text))
+
     def outage(self, started: bool, problem: str) -> None:
         """The database failed (started) or is back."""
         what = "outage_start" if started else "outage_end"

@@ -131,8 +131,28 @@ class PolicyService:
         for label in request.network_lists:
             self.metrics.on_network_list(label)
         if use_database:
-            return request, self._decide_counted(request, now, ticket or RequestTicket(request))
-        return request, self.outage_answers.answer(request, now)
+            decision = self._decide_counted(request, now, ticket or RequestTicket(request))
+        else:
+            decision = self.outage_answers.answer(request, now)
+        if self.counts_volume(request):
+            self._count_volume(request, decision, now)
+        return request, decision
+
+    def counts_volume(self, request: PolicyRequest) -> bool:
+        """[limits] are on and this is a Postfix request (a message, a recipient)."""
+        return bool(self.settings.volume_limits) and request.request == "smtpd_access_policy"
+
+    def _count_volume(self, request: PolicyRequest, decision: Decision, now: dt.datetime) -> None:
+        """What a limit does beyond the answer; the request counted if let through."""
+        if decision.limit_hit:
+            self.metrics.limit_hit(decision.limit_hit, self.settings.limit_action)
+        if decision.notify_limit:
+            hours = next(hours for name, _counted, hours, _limit in self.settings.volume_limits
+                         if name == decision.limit_hit)
+            self.database.volume.notified(request.login, decision.limit_hit, hours, now)
+            self.responder.limit_reached(request.login, decision.notify_limit, request.client_address, now)
+        if not decision.blocks and not decision.action.startswith("DEFER"):
+            self.database.volume.add(request, now)
 
     def _decide_counted(self, request: PolicyRequest, now: dt.datetime, ticket: RequestTicket) -> Decision:
         if request.check_only:  # before the password: the blocked list alone, never the database
@@ -143,7 +163,7 @@ class PolicyService:
         with self._lanes.enter(request.login):
             history, read_at, decision = self._current_history(request.login), None, None
             if history is not None:
-                decision = decide(request, self.with_last_place(history), self.settings, now)
+                decision = decide(request, self.judged(history, request, now), self.settings, now)
                 if decision.new_place and not decision.new_block:
                     # Memory may miss what another daemon answered a moment
                     # ago (the poll is up to a second behind, and a burst is
@@ -165,7 +185,7 @@ class PolicyService:
                 # let the account through meanwhile.
                 return Decision(self.settings.block_reply, "account blocked (its block waits in the spool)")
             if decision is None:
-                decision = decide(request, self.with_last_place(history), self.settings, now)
+                decision = decide(request, self.judged(history, request, now), self.settings, now)
             recorded = self._carry_out(request, history, read_at, decision, now, ticket)
             if decision.new_place and not decision.new_block and not self.database.outage.failing:
                 return self._decide_after_commit(request, recorded, now, ticket)
@@ -212,7 +232,7 @@ class PolicyService:
             if not is_data_error(error):
                 self.database.failed(first_line(error))
             return decision  # recorded already: it stands
-        again = decide(request, history, self.settings, now)
+        again = decide(request, self.judged(history, request, now), self.settings, now)
         if again.new_block:
             return self._carry_out(request, history, read_at, again, now, ticket)
         self.remember(request.login, history, again, now, read_at)  # the fresher view
@@ -242,6 +262,14 @@ class PolicyService:
         if not unwritten:
             return history
         return replaced(history, sightings=merge_sightings_by_country(history.sightings, unwritten))
+
+    def judged(self, history: AccountHistory, request: PolicyRequest, now: dt.datetime) -> AccountHistory:
+        """The history decide() is given: with the place of its latest
+        sighting (travel rule) and the account's volume ([limits])."""
+        history = self.with_last_place(history)
+        if self.counts_volume(request):
+            history = replaced(history, volume=self.database.volume.volume(request, now))
+        return history
 
     def with_last_place(self, history: AccountHistory) -> AccountHistory:
         """The place of the account's latest sighting, for the impossible-travel rule."""
@@ -400,20 +428,23 @@ class OutageAnswers:
             # the database replaces it) and its sighting written when the
             # database takes it; so a thief who sends from new countries while
             # the database fails is blocked from memory all the same.
-            counted = decide(request, AccountHistory(), service.settings, now)
+            counted = decide(request, service.judged(AccountHistory(), request, now), service.settings, now)
             service.remember(login, AccountHistory(), counted, now)
             if counted.new_block:  # a rule that needs no history (a network list): it blocks as it would online
                 service.database.outage.count_answer("memory")
                 return self.journal(request, counted, now)
+            if counted.action.startswith("DEFER"):  # over a limit, counted in memory: deferred as online
+                service.database.outage.count_answer("memory")
+                return counted
             service.database.outage.count_answer("db_error_action")
             if counted.record_sighting:
                 self._add_sightings(login, counted, now, str(request.client_ip))
             return Decision(service.settings.db_error_action, "database failing, account not in memory")
         service.database.outage.count_answer("memory")
-        decision = decide(request, service.with_last_place(history), service.settings, now)
+        decision = decide(request, service.judged(history, request, now), service.settings, now)
         service.remember(login, history, decision, now)
         decision = self.journal(request, decision, now)
-        if decision.new_block:
+        if decision.new_block or decision.action.startswith("DEFER"):
             return decision
         return Decision(service.settings.db_error_action, f"database failing; {decision.reason}")
 

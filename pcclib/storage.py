@@ -206,6 +206,28 @@ class AdminAction(Base):
     result: Mapped[str] = mapped_column(sa.Text)
 
 
+class VolumeCount(Base):
+    """What one daemon let an account send in one bucket of time
+    (volume.BUCKET_SECONDS from `bucket` x that, on the database's clock):
+    each daemon writes its own rows (`writer`) with its own counts, whole,
+    and reads the others' (those touched lately); an account's volume is the
+    sum.  Rows older than the longest window are deleted by the daemons
+    (DELETE on pcc_volume, as on pcc_changes)."""
+
+    __tablename__ = "pcc_volume"
+    __table_args__ = (sa.UniqueConstraint("login", "bucket", "writer", name="uq_pcc_volume_login_bucket_writer"),
+                      sa.UniqueConstraint("touched_at", "id", name="uq_pcc_volume_touched"))
+
+    id: Mapped[int] = mapped_column(sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True,
+                                    autoincrement=True)
+    login: Mapped[str] = mapped_column(_login_type())
+    bucket: Mapped[int] = mapped_column(sa.Integer)
+    writer: Mapped[str] = mapped_column(sa.String(16))
+    messages: Mapped[int] = mapped_column(sa.Integer)
+    recipients: Mapped[int] = mapped_column(sa.Integer)
+    touched_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+
+
 def sqlite_path(dbcon: str) -> str:
     """The SQLite file of a database URL, or "" for any other database."""
     url = sa.engine.make_url(dbcon)
@@ -621,6 +643,37 @@ class Store:
             value = dt.datetime.fromisoformat(
                 connection.execute(sa.text("SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')")).scalar())
         return value.replace(tzinfo=UTC)
+
+    @_retry_on_conflict
+    def write_volume(self, rows: list) -> None:
+        """This daemon's counts (dicts of VolumeCount's columns but id), each
+        row whole: written again, a row says the same."""
+        self._count("volume_write")
+        statement = self.__dict__.get("_volume_upsert")
+        if statement is None:
+            names = ("login", "bucket", "writer", "messages", "recipients", "touched_at")
+            statement = self.__dict__["_volume_upsert"] = self._upsert(
+                VolumeCount, {name: sa.bindparam(name) for name in names}, ("login", "bucket", "writer"),
+                lambda new: [("messages", new.messages), ("recipients", new.recipients),
+                             ("touched_at", new.touched_at)])
+        rows = sorted(rows, key=lambda row: (row["login"], row["bucket"]))  # one lock order for every writer
+        with self.engine.begin() as connection:
+            connection.execute(statement, rows)
+
+    def volume_touched_since(self, since: dt.datetime, from_bucket: int) -> Sequence:
+        """Other writers' rows touched at or after `since`, of buckets from
+        `from_bucket` on: (login, bucket, writer, messages, recipients)."""
+        with self.fast_engine.connect() as connection:
+            return connection.execute(
+                sa.select(VolumeCount.login, VolumeCount.bucket, VolumeCount.writer, VolumeCount.messages,
+                          VolumeCount.recipients)
+                .where(VolumeCount.touched_at >= since, VolumeCount.bucket >= from_bucket,
+                       VolumeCount.writer != self.writer)).all()
+
+    def trim_volume(self, before: dt.datetime) -> int:
+        """Delete the volume rows last touched before `before`."""
+        with self.engine.begin() as connection:
+            return connection.execute(sa.delete(VolumeCount).where(VolumeCount.touched_at < before)).rowcount
 
     def newest_change(self) -> int:
         with self.fast_engine.connect() as connection:

@@ -1,7 +1,8 @@
 """Keeping the daemon's memory current: the blocked list loaded whole before
 the ports open and read again every BLOCKED_LIST_RELOAD seconds, its copy on
 disk, the poll of the change log every CHANGES_POLL_INTERVAL (which keeps the
-database's clock too), and the change log trimmed.  The timings are
+database's clock too), and the change log trimmed; with [limits] on, the
+volume counts shared (volume.VolumeLedger.sync) every VOLUME_SYNC_INTERVAL.  The timings are
 memory.py's, beside what they keep current.
 
 And the other way: a block the database lost (memory.AccountMemory.lost_blocks:
@@ -21,6 +22,7 @@ from .config import MONITOR_ACTION, Settings
 from .database import Database
 from .memory import BLOCKED_LIST_RELOAD, CHANGES_POLL_INTERVAL, AccountMemory
 from .storage import is_data_error
+from .volume import VOLUME_SYNC_INTERVAL
 
 # Lost blocks written again: one ERROR line each for this many a round, the
 # rest named this many to a line (a daemon pointed at an empty database
@@ -41,6 +43,7 @@ class MemoryUpkeep:
     def start(self, stopping: threading.Event) -> None:
         start_thread(self._poll_changes_until, "pcc-changes", stopping)
         start_thread(self._keep_blocked_list, "pcc-blocked-list", stopping)
+        start_thread(self._share_volume_until, "pcc-volume", stopping)
 
     def load_blocked_list(self) -> None:
         """Before the ports open: the whole blocked list, from the database or,
@@ -99,6 +102,23 @@ class MemoryUpkeep:
             return False
         database.clock.measured(changes.database_now, asked, time.time())
         self.restore_lost_blocks()
+        return True
+
+    def _share_volume_until(self, stopping: threading.Event) -> None:
+        while not stopping.wait(VOLUME_SYNC_INTERVAL):
+            self.share_volume()
+
+    def share_volume(self) -> bool:
+        """With [limits] on: this daemon's counts written, the others' read,
+        the old ones trimmed.  Nothing while the database fails (the counts
+        wait in memory; each daemon limits on its own meanwhile)."""
+        database = self.database
+        if not self.settings().volume_limits or not database.tables_ready or database.outage.failing:
+            return False
+        now = utcnow()
+        if not database.volume.sync(database.store, now):
+            return False
+        database.volume.trim(database.store, now)
         return True
 
     def restore_lost_blocks(self) -> None:

@@ -24,6 +24,7 @@ SECTION_TITLES = {
     "geoip": "Country data",
     "mail": "Notices to the administrators",
     "policy": "The rules",
+    "limits": "Volume limits per account (the sum over every daemon; a message is one mail transaction, a recipient one RCPT)",
     "postfix": "Postfix's queues",
     "dovecot": "Dovecot logins",
     "notify": "Webhooks and the account's owner",

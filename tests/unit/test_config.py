@@ -44,10 +44,23 @@ def test_a_configuration_of_1_5_without_the_keys_added_since_still_starts(tmp_pa
     as_in_1_5 = {("postfix", "queue_helper"): "", ("mail", "from"): "", ("mail", "starttls"): False,
                  ("mail", "tls_ca_file"): "", ("mail", "user"): "", ("mail", "password"): "", ("server", "socket"): "",
                  ("server", "socket_owner"): "", ("server", "socket_group"): "", ("server", "socket_mode"): 0o660,
-                 ("policy", "monitor_answer"): "DUNNO"}
+                 ("policy", "monitor_answer"): "DUNNO", ("limits", "messages_per_hour"): None,
+                 ("limits", "messages_per_day"): None, ("limits", "recipients_per_hour"): None,
+                 ("limits", "recipients_per_day"): None, ("limits", "action"): "BLOCK"}
     assert NEW_KEYS == set(as_in_1_5)
     (field,) = [entry.field for entry in KEYS if (entry.section, entry.name) == (section, key)]
     assert getattr(load_settings(config_without(tmp_path, section, key)), field) == as_in_1_5[section, key]
+
+
+def test_a_configuration_of_1_5_without_a_limits_section_starts_with_every_limit_off(tmp_path):
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(ROOT / "pcc.conf", encoding="utf-8")
+    parser.remove_section("limits")
+    path = tmp_path / "pcc-1.5.conf"
+    with open(path, "w") as config_file:
+        parser.write(config_file)
+    settings = load_settings(str(path))
+    assert settings.volume_limits == () and settings.limit_action == "BLOCK"
 
 
 @pytest.mark.parametrize("overrides, message", [
