@@ -9,6 +9,7 @@ it in this list:
   geoip      client address -> country (and place)
   networks   client address -> the network lists it is on, its AS
   decision   decide(request, history, settings, now): the rules, pure
+  rules      rules per domain and account (--rule) -> the Settings an account is decided by
   notify     the administrators' mail
   mailqueue  Postfix's queues: an account's messages, held, released, deleted
   respond    what follows a block: sessions ended, webhooks, the owner told

@@ -1,5 +1,5 @@
 """The administrator's commands (-l, -s, -b, -u, -r, -e, -c, --allow,
---only-from): what
+--only-from, --rule, --rules): what
 each does to the database and the Postfix hold queue, and what it prints.
 """
 from __future__ import annotations
@@ -10,6 +10,7 @@ import datetime as dt
 import functools
 import json
 import os
+import re
 import socket
 import stat
 import sys
@@ -18,13 +19,14 @@ from typing import Callable, Optional
 from sqlalchemy import exc as sa_exc
 
 from .common import first_line, normalise_login, split_list, symlink_refusal, when
-from .config import COUNTRY_CODES, MONITOR_ACTION, Settings
+from .config import COUNTRY_CODES, MONITOR_ACTION, ConfigError, Settings
 from .decision import AccountHistory, countries_in_window, exempt_login_reason
 from .logs import audit, mask_secrets, secrets_of, who_ran_it
 from .mailqueue import PostfixQueue, QueueError
 from .notify import Notifier
 from .protocol import MAX_LOGIN_LENGTH
 from .respond import Responder
+from .rules import RULE_KEYS, RULE_NAMES, Rule, RuleBook, field_name, read_rule, rule_key, scope_of, shown_value
 from .networks import Networks
 from .storage import AdminStore, Block, DatabaseClock, TravelPass, safe_url, sqlite_path
 
@@ -125,6 +127,8 @@ class Admin:
                 "travel_passes": [_pass_json(travel_pass, now) for travel_pass in passes],
                 "blocks": [_block_json(block) for block in blocks],
                 "last_admin_action": _admin_action_json(self.store.last_admin_action(login)),
+                "rules": [{"key": name, "value": value, "from": where}
+                          for name, value, where in self.effective_rules(login)],
             }, indent=2))
             return
         self.say(f"{login}: {state}")
@@ -146,6 +150,9 @@ class Admin:
             ended = f", ended {when(block.unblocked_at)}" if block.unblocked_at else " (in force)"
             self.say(f"block #{block.id}: {when(block.blocked_at)} by {block.source}, {block.action}{ended}: "
                      f"{block.reason}")
+        rules = self.effective_rules(login)
+        if any(where != "pcc.conf" for _name, _value, where in rules):
+            self.say("rules in force: " + "; ".join(f"{name} = {value} ({where})" for name, value, where in rules))
         action = self.store.last_admin_action(login)
         if action is not None:
             self.say(f"last admin action: {action.action}, {when(action.done_at)} UTC by {action.done_by}: "
@@ -187,6 +194,77 @@ class Admin:
         self.say(report)
         self._notify(f"pcc: countries of {login}: {', '.join(codes) or 'any'}",
                      f"{report}.\nSet by {_who()} on {socket.gethostname()} at {when(now)} UTC.\n")
+
+    def rule(self, scope: str, assignments: list, clear: bool, now: dt.datetime) -> None:
+        """--rule: show (no assignment), set (KEY=VALUE...) or clear the rules of a domain or a login."""
+        _check_scope(scope, self.settings)
+        if clear:
+            names = self.store.rules_of(scope)
+            if not names:
+                self.say(f"{scope} has no rules")
+                return
+            self.store.set_rules(scope, dict.fromkeys(names), now, _who())
+            self.say(f"{scope}: rules cleared ({', '.join(sorted(names))}); pcc.conf's settings apply")
+            return
+        if not assignments:
+            self._show_rules(scope)
+            return
+        values = {}
+        for assignment in assignments:
+            name, equals, text = assignment.partition("=")
+            if not equals:
+                raise AdminError(f"--rule {scope}: {assignment!r} is not KEY=VALUE (e.g. messages_per_hour=300)")
+            name = name.strip().lower()
+            try:
+                read_rule(name, text)
+            except ConfigError as error:
+                raise AdminError(str(error)) from None
+            if RULE_KEYS[name].field == "notice" and text.strip() and not self.settings.mailsrv:
+                raise AdminError("--rule: notice needs [mail] mailsrv in pcc.conf (without it no mail is sent)")
+            values[name] = text.strip()
+        self.store.set_rules(scope, values, now, _who())
+        said = ", ".join(f"{name} = {text or '(blank)'}" for name, text in values.items())
+        self.say(f"{scope}: {said} (every daemon applies it from its next request, within a second)")
+
+    def _show_rules(self, scope: str) -> None:
+        book = RuleBook(Rule(*row) for row in self.store.load_rules())
+        rules = book.of_scope(scope)
+        if not rules:
+            self.say(f"{scope} has no rules: pcc.conf's settings apply")
+            return
+        for rule in rules:
+            self.say(f"{scope}: {rule.name} = {rule.text or '(blank)'} (set {when(rule.set_at)} UTC by {rule.set_by})")
+
+    def list_rules(self, as_json: bool) -> None:
+        rules = [Rule(*row) for row in self.store.load_rules()]
+        if as_json:
+            self.say(json.dumps([{"scope": rule.scope, "key": rule.name, "value": rule.text,
+                                  "set_at": rule.set_at.isoformat(), "set_by": rule.set_by} for rule in rules],
+                                indent=2))
+            return
+        if not rules:
+            self.say("No rules: pcc.conf's settings apply to every account.")
+            return
+        self.say(f"{'SCOPE':<32} {'KEY':<30} {'VALUE':<24} SET (UTC) BY")
+        for rule in rules:
+            self.say(f"{rule.scope:<32} {rule.name:<30} {rule.text or '(blank)':<24} {when(rule.set_at)} "
+                     f"{rule.set_by}")
+
+    def effective_rules(self, login: str) -> list:
+        """-s: (key, value, where from) of every key a rule may set, as in force for `login`."""
+        book = RuleBook(Rule(*row) for row in self.store.load_rules())
+        settings = book.settings_for(login, self.settings)
+        sources = book.where_from(login)
+        shown = []
+        for name in RULE_NAMES:
+            field = rule_key(name).field
+            if field == "notice":
+                value = ", ".join(self.settings.notice + book.notice_for(login)) or "nobody"
+            else:
+                value = shown_value(getattr(settings, field))
+            where = sources.get(field)
+            shown.append((field_name(field), value, f"rule of {where}" if where else "pcc.conf"))
+        return shown
 
     def block(self, login: str, now: dt.datetime) -> None:
         exempt = exempt_login_reason(login, self.settings)
@@ -283,6 +361,16 @@ def _block_json(block: Block) -> dict:
         "countries": block.countries, "trigger": block.trigger,
         "unblocked_at": block.unblocked_at.isoformat() if block.unblocked_at else None,
     }
+
+
+def _check_scope(scope: str, settings: Settings) -> None:
+    """A rule's scope: a domain (example.org) or a login (ceo@example.org)."""
+    domain = scope.rpartition("@")[2]
+    if not scope or len(scope) > MAX_LOGIN_LENGTH or not re.fullmatch(r"[a-z0-9.-]+", domain) \
+            or any(ord(c) < 33 for c in scope):
+        raise AdminError(f"--rule: {scope!r} is neither a domain (example.org) nor a login (ceo@example.org)")
+    if settings.domains and domain not in settings.domains:
+        raise AdminError(f"--rule: {domain} is not in [mail] domains: pcc never counts its logins")
 
 
 def _check_login(login: str) -> None:
@@ -413,6 +501,8 @@ def changed_by_command(arguments: argparse.Namespace) -> Optional[tuple]:
     something, None for those that only read."""
     if arguments.only_from and len(arguments.only_from) > 1:
         return "only-from " + (arguments.only_from[1] or "''"), arguments.only_from[0]
+    if arguments.rule and (len(arguments.rule) > 1 or arguments.clear):
+        return ("rules cleared" if arguments.clear else "rule " + " ".join(arguments.rule[1:])), arguments.rule[0]
     for option, what in (("block", "block"), ("unblock", "unblock"), ("release", "unblock and release"),
                          ("erase", "unblock and erase"), ("allow", "travel pass")):
         if getattr(arguments, option):
@@ -441,7 +531,7 @@ def _run_one(admin: Admin, arguments: argparse.Namespace, now: dt.datetime) -> N
     login = normalise_login(target) if target is not None else None
     subject = f"{what} of {login}{detail}" if login is not None else what
     try:
-        if login is not None:
+        if login is not None and not arguments.rule:  # a rule's scope may be a domain
             admin.check_domain(login)
         _run_command(admin, arguments, now)
     except AdminError as error:
@@ -473,6 +563,10 @@ def _run_command(admin: Admin, arguments: argparse.Namespace, now: dt.datetime) 
         admin.only_from(login(arguments.only_from[0]), (arguments.only_from + [None])[1], now)
     elif arguments.allow:
         admin.allow(login(arguments.allow), trip_countries(arguments.country), arguments.days, now)
+    elif arguments.rule:
+        admin.rule(scope_of(arguments.rule[0]), arguments.rule[1:], arguments.clear, now)
+    elif arguments.rules:
+        admin.list_rules(arguments.json)
 
 
 def create_as_directory_owner(path: str) -> None:

@@ -68,6 +68,13 @@ def build_argument_parser() -> argparse.ArgumentParser:
     commands.add_argument("--only-from", nargs="+", metavar=("LOGIN", "CC,CC"),
                           help="the countries LOGIN may send from (e.g. ES,PT): any other blocks it at once; "
                           "LOGIN alone shows them, '' clears them; notifies the admins")
+    commands.add_argument("--rule", nargs="+", metavar=("SCOPE", "KEY=VALUE"),
+                          help="rules for a domain (example.org) or a login (ceo@example.org): KEY=VALUE... sets "
+                          "pcc.conf's keys for it (how_many_different_countries, in_how_much_time_in_days, action, "
+                          "mode, ignorecountries, notice, the [limits] keys, limits.action), SCOPE alone shows "
+                          "them, with --clear removes them; every daemon applies them within a second")
+    commands.add_argument("--rules", action="store_true",
+                          help="list every rule of every domain and login")
     commands.add_argument("--queue-helper", action="store_true",
                           help="as root, answer one request of an unprivileged daemon on standard input and output "
                           "(systemd's pcc-queue.socket runs it): hold a blocked account's queued mail")
@@ -91,7 +98,8 @@ def build_argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--user", metavar="NAME",
                         help="with --check-config run as root: check as this user (default: the owner of pcc's "
                         "state files), the one the daemon runs as")
-    parser.add_argument("--json", action="store_true", help="with -l, -s or --replay: print JSON for scripts")
+    parser.add_argument("--clear", action="store_true", help="with --rule SCOPE: remove all its rules")
+    parser.add_argument("--json", action="store_true", help="with -l, -s, --rules or --replay: print JSON for scripts")
     parser.add_argument("--force", action="store_true",
                         help="with --update-geoip: install a file even though it moves many addresses to other "
                         "countries than the installed file, or is older (after a person looked at it); with -b, "
@@ -148,6 +156,8 @@ def check_arguments(parser: argparse.ArgumentParser, arguments: argparse.Namespa
         parser.error("--threshold, --days and --record go with --replay")
     if (arguments.user or arguments.connect) and not arguments.check_config:
         parser.error("--user and --connect go with --check-config")
+    if arguments.clear and not (arguments.rule and len(arguments.rule) == 1):
+        parser.error("--clear goes with --rule SCOPE alone (it removes all of SCOPE's rules)")
     if arguments.only_from is not None and len(arguments.only_from) > 2:
         parser.error("--only-from takes a login and at most one list of countries (ES,PT; '' clears)")
     if arguments.timeout is not None and not ((arguments.update_geoip or arguments.update_lists)

@@ -647,6 +647,16 @@ LIST_KEYS = (
 )
 
 
+def read_single_value(key: Key, text: str, where: str) -> Any:
+    """One key's value from `text`, read as pcc.conf's is (a rule's); a value
+    the file would refuse raises ConfigError: "<where>: [section] key: why"."""
+    reader = _ConfigReader.__new__(_ConfigReader)
+    reader.path, reader.may_be_absent = where, set()
+    reader.parser = configparser.ConfigParser(interpolation=None)
+    reader.parser.read_dict({key.section: {key.name: text}})
+    return key.kind.read(reader, key.section, key.name)
+
+
 def load_settings(path: str, geoip_file_needed: bool = True) -> Settings:
     """Read and validate the whole configuration, or raise ConfigError."""
     config = _ConfigReader(path)

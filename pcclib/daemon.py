@@ -66,6 +66,7 @@ def build_parts(settings: Settings, store: Store, geoip: GeoIP, notifier: Notifi
     # service's, which a reload replaces.
     responder = Responder(settings, notifier, metrics.responded, lambda ip: service.network_of(ip))
     database = Database(settings, store, journal, memory, metrics, responder)
+    responder.notice_for = lambda login: database.rules.notice_for(login)
     service = PolicyService(settings, database, geoip, networks or Networks(settings), responder, metrics)
     return Parts(service, database, MemoryUpkeep(memory, database, lambda: service.settings), SelfReport(service))
 

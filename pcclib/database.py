@@ -18,6 +18,7 @@ from .memory import AccountMemory
 from .metrics import Metrics
 from .outage import OutageJournal, OutageState
 from .respond import Responder
+from .rules import RuleBook
 from .storage import DatabaseClock, Store, safe_url
 from .volume import VolumeLedger
 from .writer import SightingWriter
@@ -47,6 +48,7 @@ class Database:
         self.outage.on_change = responder.outage
         self.clock = DatabaseClock()
         self.volume = VolumeLedger()  # what each account sent, for the [limits]
+        self.rules = RuleBook()  # pcc --rule's, as last read (replaced whole)
         self.sightings = SightingWriter(store, on_written=lambda: self.ok(wrote=True),
                                         on_failed=lambda problem: self.failed(problem, on_write=True))
 

@@ -345,6 +345,9 @@ class Responder:
         self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
         self._owners_told: dict = {}  # login -> when its owner was last told
+        # The addresses a rule (pcc --rule DOMAIN notice=...) adds for an
+        # account's blocks: its domain's own admins, besides the site's.
+        self.notice_for: Callable[[str], tuple] = lambda login: ()
 
     def reconfigure(self, settings: Settings) -> None:
         self.settings = self.webhooks.settings = self.sessions.settings = settings
@@ -467,8 +470,11 @@ class Responder:
         login, countries, reason, source, action, journey, at, network = job[1:]
         sessions = self._end_sessions(login, action)
         held = self._hold_queued(login, action)
-        self.notifier.send(*self._block_mail(login, countries, reason, source, action, journey, sessions, held,
-                                             network))
+        subject, body = self._block_mail(login, countries, reason, source, action, journey, sessions, held, network)
+        self.notifier.send(subject, body)
+        domain_admins = self.notice_for(login)
+        if domain_admins:
+            self.notifier.send_to(domain_admins, subject, body)
         self.webhooks.send(block_event(self.settings, login, countries, reason, source, action, sessions, at, journey,
                                        held, self.network_of, network))
         self._tell_owner(login, countries, action, at)

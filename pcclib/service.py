@@ -121,7 +121,7 @@ class PolicyService:
                        ticket: Optional[RequestTicket] = None) -> tuple:
         """(the request with its country, the decision), recorded in the database
         (or, without it, in memory and the spool)."""
-        ignored = ignored_request_reason(request, self.settings)  # before any GeoIP or database work
+        ignored = ignored_request_reason(request, self.settings_of(request.login))  # before any GeoIP or database work
         if ignored is not None:
             return request, Decision("DUNNO", ignored)
         found = self.geoip.country(request.client_ip)
@@ -140,14 +140,15 @@ class PolicyService:
 
     def counts_volume(self, request: PolicyRequest) -> bool:
         """[limits] are on and this is a Postfix request (a message, a recipient)."""
-        return bool(self.settings.volume_limits) and request.request == "smtpd_access_policy"
+        return request.request == "smtpd_access_policy" and bool(self.settings_of(request.login).volume_limits)
 
     def _count_volume(self, request: PolicyRequest, decision: Decision, now: dt.datetime) -> None:
         """What a limit does beyond the answer; the request counted if let through."""
+        settings = self.settings_of(request.login)
         if decision.limit_hit:
-            self.metrics.limit_hit(decision.limit_hit, self.settings.limit_action)
+            self.metrics.limit_hit(decision.limit_hit, settings.limit_action)
         if decision.notify_limit:
-            hours = next(hours for name, _counted, hours, _limit in self.settings.volume_limits
+            hours = next(hours for name, _counted, hours, _limit in settings.volume_limits
                          if name == decision.limit_hit)
             self.database.volume.notified(request.login, decision.limit_hit, hours, now)
             self.responder.limit_reached(request.login, decision.notify_limit, request.client_address, now)
@@ -160,10 +161,11 @@ class PolicyService:
         probing = self.database.outage.failing
         if probing and not self.database.outage.probe_due():
             return self.outage_answers.answer(request, now)
+        settings = self.settings_of(request.login)
         with self._lanes.enter(request.login):
             history, read_at, decision = self._current_history(request.login), None, None
             if history is not None:
-                decision = decide(request, self.judged(history, request, now), self.settings, now)
+                decision = decide(request, self.judged(history, request, now), settings, now)
                 if decision.new_place and not decision.new_block:
                     # Memory may miss what another daemon answered a moment
                     # ago (the poll is up to a second behind, and a burst is
@@ -183,9 +185,9 @@ class PolicyService:
                 # The database is back but this block is not in it yet (the
                 # spool is being written): the database's history must not
                 # let the account through meanwhile.
-                return Decision(self.settings.block_reply, "account blocked (its block waits in the spool)")
+                return Decision(settings.block_reply, "account blocked (its block waits in the spool)")
             if decision is None:
-                decision = decide(request, self.judged(history, request, now), self.settings, now)
+                decision = decide(request, self.judged(history, request, now), settings, now)
             recorded = self._carry_out(request, history, read_at, decision, now, ticket)
             if decision.new_place and not decision.new_block and not self.database.outage.failing:
                 return self._decide_after_commit(request, recorded, now, ticket)
@@ -212,7 +214,7 @@ class PolicyService:
         if decision.new_block:
             # On disk before anyone can answer with it: a late answer then
             # needs no I/O, and a crash during the commit loses no block.
-            ticket.spooled = spool_entry(request, decision, now, self.settings.recorded_action)
+            ticket.spooled = spool_entry(request, decision, now, self.settings_of(request.login).recorded_action)
             self.database.journal.add_block(ticket.spooled, in_flight=True)
         ticket.decided = (request, decision, now)
         return self._record_decided(request, decision, now, ticket)
@@ -232,7 +234,7 @@ class PolicyService:
             if not is_data_error(error):
                 self.database.failed(first_line(error))
             return decision  # recorded already: it stands
-        again = decide(request, self.judged(history, request, now), self.settings, now)
+        again = decide(request, self.judged(history, request, now), self.settings_of(request.login), now)
         if again.new_block:
             return self._carry_out(request, history, read_at, again, now, ticket)
         self.remember(request.login, history, again, now, read_at)  # the fresher view
@@ -242,7 +244,7 @@ class PolicyService:
         """A name anyone can send (Dovecot asks before the password) costs no
         database read and takes no room in memory."""
         if self.memory.is_blocked(request.login):
-            return Decision(self.settings.block_reply, "account blocked (pcc's blocked list)")
+            return Decision(self.settings_of(request.login).block_reply, "account blocked (pcc's blocked list)")
         return Decision("DUNNO", "not blocked (asked before the password is checked)")
 
     def _current_history(self, login: str) -> Optional[AccountHistory]:
@@ -256,12 +258,17 @@ class PolicyService:
         try:
             self.database.ensure()
             unwritten = self.database.sightings.pending_for(login)  # before the read: none can slip between
-            history = self.database.store.load_history(login, now - self.settings.country_window)
+            history = self.database.store.load_history(login, now - self.settings_of(login).country_window)
         finally:
             ticket.reading_database = False
         if not unwritten:
             return history
         return replaced(history, sightings=merge_sightings_by_country(history.sightings, unwritten))
+
+    def settings_of(self, login: str) -> Settings:
+        """pcc.conf's settings with the rules (pcc --rule) of the account's
+        domain and its own over them: what the account is decided by."""
+        return self.database.rules.settings_for(login, self.settings)
 
     def judged(self, history: AccountHistory, request: PolicyRequest, now: dt.datetime) -> AccountHistory:
         """The history decide() is given: with the place of its latest
@@ -274,7 +281,7 @@ class PolicyService:
     def with_last_place(self, history: AccountHistory) -> AccountHistory:
         """The place of the account's latest sighting, for the impossible-travel rule."""
         latest = history.latest_sighting
-        if self.settings.max_travel_speed_kmh is None or latest is None:
+        if self.settings.max_travel_speed_kmh is None or latest is None:  # pcc.conf's: a rule cannot set it
             return history
         try:
             address = ipaddress.ip_address(latest.last_ip)
@@ -287,7 +294,8 @@ class PolicyService:
         """Keep the account's history as `decision` leaves it, for the requests
         after it and for an outage.  read_at: when the database read of
         `history` began (None: it came from memory)."""
-        self.memory.remember(login, history_after(history, decision, self.settings, now), decision.blocks, read_at)
+        self.memory.remember(login, history_after(history, decision, self.settings_of(login), now), decision.blocks,
+                             read_at)
 
     def _record_decided(self, request: PolicyRequest, decision: Decision, now: dt.datetime,
                         ticket: RequestTicket) -> Decision:
@@ -325,7 +333,7 @@ class PolicyService:
             self.responder.network_seen(login, decision.notify_lists, request.client_address,
                                         request.client_country, _network_text(request), now)
         if decision.new_block:
-            action = self.settings.recorded_action
+            action = self.settings_of(login).recorded_action
             block_id = self.database.store.record_block(
                 login, now, source=block_source(request), action=action, reason=decision.reason,
                 countries=[seen.as_json() for seen in decision.countries],
@@ -400,8 +408,9 @@ class PolicyService:
     def fallback_action(self, request: Optional[PolicyRequest]) -> str:
         """The answer without a decision: the blocked list in memory's, else
         db_error_action."""
-        blocked = request is not None and bool(request.login) and self.memory.is_blocked(request.login)
-        return self.settings.block_reply if blocked else self.settings.db_error_action
+        if request is None or not request.login or not self.memory.is_blocked(request.login):
+            return self.settings.db_error_action
+        return self.settings_of(request.login).block_reply
 
 
 class OutageAnswers:
@@ -418,9 +427,10 @@ class OutageAnswers:
         """Decided from the blocked list and the account's history in memory."""
         service = self.service
         login = request.login
+        settings = service.settings_of(login)
         if service.memory.is_blocked(login):
             service.database.outage.count_answer("memory")
-            return Decision(service.settings.block_reply, "account known to be blocked (database failing)")
+            return Decision(settings.block_reply, "account known to be blocked (database failing)")
         history = service.memory.last_known(login)
         if history is None:
             # Not decided, but counted: what this outage shows of the account is
@@ -428,7 +438,7 @@ class OutageAnswers:
             # the database replaces it) and its sighting written when the
             # database takes it; so a thief who sends from new countries while
             # the database fails is blocked from memory all the same.
-            counted = decide(request, service.judged(AccountHistory(), request, now), service.settings, now)
+            counted = decide(request, service.judged(AccountHistory(), request, now), settings, now)
             service.remember(login, AccountHistory(), counted, now)
             if counted.new_block:  # a rule that needs no history (a network list): it blocks as it would online
                 service.database.outage.count_answer("memory")
@@ -441,7 +451,7 @@ class OutageAnswers:
                 self._add_sightings(login, counted, now, str(request.client_ip))
             return Decision(service.settings.db_error_action, "database failing, account not in memory")
         service.database.outage.count_answer("memory")
-        decision = decide(request, service.judged(history, request, now), service.settings, now)
+        decision = decide(request, service.judged(history, request, now), settings, now)
         service.remember(login, history, decision, now)
         decision = self.journal(request, decision, now)
         if decision.new_block or decision.action.startswith("DEFER"):
@@ -453,8 +463,9 @@ class OutageAnswers:
         in the spool (on disk before the answer), a sighting in memory."""
         service = self.service
         if decision.new_block:
-            service.database.journal.add_block(spool_entry(request, decision, now, service.settings.recorded_action))
-            service.responder.end_sessions_soon(request.login, service.settings.recorded_action)
+            action = service.settings_of(request.login).recorded_action
+            service.database.journal.add_block(spool_entry(request, decision, now, action))
+            service.responder.end_sessions_soon(request.login, action)
             return replaced(decision, reason=decision.reason + " (database failing: block spooled)")
         if decision.record_sighting:
             self._add_sightings(request.login, decision, now, str(request.client_ip))
@@ -474,7 +485,8 @@ class OutageAnswers:
         log.error("database refused the values of a request by %r from %s (not an outage; this request is "
                   "decided from memory): %s", request.login, request.client_address, first_line(error))
         if service.memory.is_blocked(request.login):
-            return Decision(service.settings.block_reply, "account known to be blocked (database refused the request)")
+            return Decision(service.settings_of(request.login).block_reply,
+                            "account known to be blocked (database refused the request)")
         return Decision(service.settings.db_error_action, "database refused this request's values")
 
 

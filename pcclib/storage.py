@@ -26,6 +26,10 @@ from .config import MONITOR_ACTION, ConfigError, Settings, prepare_threshold_of
 from .decision import AccountHistory, CountrySeen
 from .protocol import MAX_LOGIN_LENGTH
 
+# The change log's writer for a change of the rules (pcc --rule): every
+# daemon reads the rules again when it sees one.
+RULES_WRITER = "rules"
+
 # Logins per IN (...) list: well under every database's limit on parameters.
 IN_LIST_SIZE = 500
 
@@ -228,6 +232,22 @@ class VolumeCount(Base):
     touched_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
 
 
+class RuleRow(Base):
+    """A rule (pcc --rule): one key of pcc.conf set for one domain or one
+    login.  Cleared by setting `value` to NULL (pcc needs no DELETE); each
+    change is announced in the change log by RULES_WRITER."""
+
+    __tablename__ = "pcc_rules"
+    __table_args__ = (sa.UniqueConstraint("scope", "name", name="uq_pcc_rules_scope_name"),)
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
+    scope: Mapped[str] = mapped_column(_login_type())
+    name: Mapped[str] = mapped_column(sa.String(64))
+    value: Mapped[Optional[str]] = mapped_column(sa.Text, nullable=True)
+    set_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    set_by: Mapped[str] = mapped_column(sa.String(255))
+
+
 def sqlite_path(dbcon: str) -> str:
     """The SQLite file of a database URL, or "" for any other database."""
     url = sa.engine.make_url(dbcon)
@@ -312,6 +332,7 @@ class DatabaseChanges:
     changes: Sequence  # (id, login) written by others
     accounts: Sequence  # (login, blocked_since, action and id of the block in force) of those logins that have a row
     database_now: dt.datetime  # the database's clock when asked
+    rules_changed: bool = False  # an administrator changed the rules (pcc --rule)
 
 
 class DatabaseClock:
@@ -675,6 +696,13 @@ class Store:
         with self.engine.begin() as connection:
             return connection.execute(sa.delete(VolumeCount).where(VolumeCount.touched_at < before)).rowcount
 
+    def load_rules(self) -> list:
+        """Every rule in force: (scope, name, value, set_at, set_by)."""
+        with self.fast_engine.connect() as connection:
+            return list(connection.execute(
+                sa.select(RuleRow.scope, RuleRow.name, RuleRow.value, RuleRow.set_at, RuleRow.set_by)
+                .where(RuleRow.value.is_not(None)).order_by(RuleRow.scope, RuleRow.name)).all())
+
     def newest_change(self) -> int:
         with self.fast_engine.connect() as connection:
             return connection.execute(sa.select(sa.func.max(Change.id))).scalar() or 0
@@ -689,9 +717,12 @@ class Store:
         and the blocked-list row of those that have one, as it is now."""
         with self.fast_engine.connect() as connection:
             newest = connection.execute(sa.select(sa.func.max(Change.id))).scalar() or 0
-            changes = connection.execute(
-                sa.select(Change.id, Change.login).where(Change.id > after, Change.writer != self.writer)
+            written = connection.execute(
+                sa.select(Change.id, Change.login, Change.writer).where(Change.id > after,
+                                                                        Change.writer != self.writer)
             ).all()
+            changes = [(change_id, login) for change_id, login, writer in written if writer != RULES_WRITER]
+            rules_changed = len(changes) < len(written)
             logins = sorted({login for _id, login in changes})
             accounts: list = []
             for start in range(0, len(logins), IN_LIST_SIZE):
@@ -702,7 +733,7 @@ class Store:
                     .where(BlockedAccount.login.in_(logins[start:start + IN_LIST_SIZE]))
                 ).all()
             database_now = self._database_now(connection)
-        return DatabaseChanges(newest, changes, accounts, database_now)
+        return DatabaseChanges(newest, changes, accounts, database_now, rules_changed)
 
     @_retry_on_conflict
     def record_block(self, login: str, now: dt.datetime, *, source: str, action: str, reason: str,
@@ -911,6 +942,24 @@ class AdminStore(Store):
         with self.engine.begin() as connection:
             connection.execute(statement)
             self._log_changes(connection, [login])
+
+    def set_rules(self, scope: str, values: dict, now: dt.datetime, set_by: str) -> None:
+        """Set (value text) or clear (None) rules of `scope` in one
+        transaction, announced to the daemons through the change log."""
+        upsert = self._upsert(RuleRow, {name: sa.bindparam(name) for name in ("scope", "name", "value", "set_at",
+                                                                             "set_by")},
+                              ("scope", "name"), lambda new: [("value", new.value), ("set_at", new.set_at),
+                                                              ("set_by", new.set_by)])
+        with self.engine.begin() as connection:
+            connection.execute(upsert, [{"scope": scope, "name": name, "value": value, "set_at": now,
+                                         "set_by": set_by[:255]} for name, value in sorted(values.items())])
+            connection.execute(sa.insert(Change), [{"login": scope, "writer": RULES_WRITER}])
+
+    def rules_of(self, scope: str) -> list:
+        """The names of `scope`'s rules in force."""
+        with self.engine.connect() as connection:
+            return list(connection.execute(sa.select(RuleRow.name).where(RuleRow.scope == scope,
+                                                                         RuleRow.value.is_not(None))).scalars())
 
     def record_admin_action(self, login: str, now: dt.datetime, action: str, done_by: str, result: str) -> None:
         with self.engine.begin() as connection:

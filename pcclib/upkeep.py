@@ -20,6 +20,7 @@ from sqlalchemy import exc as sa_exc
 from .common import first_line, log, start_thread, utcnow
 from .config import MONITOR_ACTION, Settings
 from .database import Database
+from .rules import Rule, RuleBook
 from .memory import BLOCKED_LIST_RELOAD, CHANGES_POLL_INTERVAL, AccountMemory
 from .storage import is_data_error
 from .volume import VOLUME_SYNC_INTERVAL
@@ -59,6 +60,7 @@ class MemoryUpkeep:
                 database.ensure()
                 database.clock.follow(database.store)
                 memory.reload_blocked(database.store, database.journal.blocked_logins())
+                self.load_rules()
             except sa_exc.SQLAlchemyError as error:
                 problem = first_line(error)
         source = "the database"
@@ -81,6 +83,7 @@ class MemoryUpkeep:
                 reloaded = time.monotonic()
                 try:
                     self.memory.reload_blocked(database.store, database.journal.blocked_logins())
+                    self.load_rules()  # a change the poll missed (its log trimmed meanwhile) is read here
                 except sa_exc.SQLAlchemyError as error:
                     log.debug("blocked list reload failed: %s", first_line(error))
             self.restore_lost_blocks()
@@ -101,8 +104,23 @@ class MemoryUpkeep:
         if changes is None:
             return False
         database.clock.measured(changes.database_now, asked, time.time())
+        if changes.rules_changed:
+            try:
+                self.load_rules()
+            except sa_exc.SQLAlchemyError as error:
+                log.debug("reading the rules failed: %s", first_line(error))
         self.restore_lost_blocks()
         return True
+
+    def load_rules(self) -> None:
+        """pcc --rule's rules, read whole; said when they change."""
+        database = self.database
+        book = RuleBook(Rule(*row) for row in database.store.load_rules())
+        if book.rules != database.rules.rules:
+            scopes = sorted({rule.scope for rule in book.rules})
+            log.info("rules: %d for %d domains and accounts%s", len(book.rules), len(scopes),
+                     f" ({', '.join(scopes[:10])}{', ...' if len(scopes) > 10 else ''})" if scopes else "")
+        database.rules = book
 
     def _share_volume_until(self, stopping: threading.Event) -> None:
         while not stopping.wait(VOLUME_SYNC_INTERVAL):

@@ -535,6 +535,13 @@ def walk(client, login, countries, version=4) -> list:
     return [client.ask(login, ip_in(country, version=version)) for country in countries]
 
 
+def send_message(client, login: str, instance: str, recipients: int = 1, country: str = "GB") -> list:
+    """One message as Postfix asks at RCPT: one request per recipient, one
+    `instance` for the message (what [limits] counts a message by)."""
+    return [client.ask(login, ip_in(country), instance=instance, protocol_state="RCPT",
+                       recipient=f"r{n}@remote.test") for n in range(recipients)]
+
+
 def wait_for_log(daemon, text, timeout=15.0) -> None:
     deadline = time.monotonic() + timeout
     while text not in daemon.log():

@@ -7,17 +7,11 @@ import os
 import signal
 import time
 
-from conftest import free_port, ip_in, scrape, wait_for_log
+from conftest import free_port, scrape, send_message, wait_for_log
 
 from pcclib.volume import VOLUME_SYNC_INTERVAL
 
 DEFERRED = "DEFER_IF_PERMIT"
-
-
-def send_message(client, login: str, instance: str, recipients: int = 1, country: str = "GB") -> list:
-    """One message as Postfix asks at RCPT: one request per recipient."""
-    return [client.ask(login, ip_in(country), instance=instance, protocol_state="RCPT",
-                       recipient=f"r{n}@remote.test") for n in range(recipients)]
 
 
 def test_a_limit_defers_then_a_reload_makes_it_block(start_daemon, db_url, tmp_path):
