@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import datetime as dt
 import json
+import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -32,9 +33,19 @@ from .storage import AdminStore, Store, safe_url
 # rsyslog high precision), under any postfix*/.../smtpd service name.
 _SUBMISSION_LINE = re.compile(
     r"^(?:(?P<classic>[A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d)|(?P<iso>\d{4}-\d\d-\d\dT\S+)) \S+ "
-    r"postfix[^\s/\[]*(?:/[^\s/\[]+)*/smtpd\[\d+\]: [0-9A-Za-z]+: "
+    r"postfix[^\s/\[]*(?:/[^\s/\[]+)*/smtpd\[\d+\]: (?P<queue_id>[0-9A-Za-z]+): "
     r"client=[^\[\s]*\[(?:IPv6:)?(?P<ip>[^\]]+)\](?::\d+)?, (?:.*?, )?sasl_username=(?P<login>[^,\s]*)"
 )
+
+# A message's recipients, as Postfix's queue manager logs it once queued:
+#   Nov 25 18:43:14 mx postfix/qmgr[99]: 4F3A21C0: from=<alice@example.com>, size=1234, nrcpt=3 (queue active)
+_QUEUED_LINE = re.compile(r"postfix[^\s/\[]*(?:/[^\s/\[]+)*/qmgr\[\d+\]: (?P<queue_id>[0-9A-Za-z]+): from=<[^>]*>, "
+                          r"size=\d+, nrcpt=(?P<nrcpt>\d+)")
+# The volume report: the accounts shown, and the percentile of all accounts.
+BUSIEST_SHOWN = 10
+VOLUME_PERCENTILE = 99.9
+VOLUME_WINDOWS = (("messages_per_hour", 0, 3600), ("messages_per_day", 0, 86400),
+                  ("recipients_per_hour", 1, 3600), ("recipients_per_day", 1, 86400))
 
 # A successful Dovecot login (replayed when [dovecot] count_logins = yes), as
 # syslog or Dovecot's own log_path has it:
@@ -160,8 +171,11 @@ def replay_service(settings: Settings, geoip: GeoIP, store: Optional[MemoryStore
     threads are started)."""
     # A replay tells nobody and touches nothing outside itself: no mail, no
     # webhook, no Dovecot session ended.
+    # The limits are the volume report's (exact windows, recipients from the
+    # queue manager's lines, which come after the decision).
     quiet = dataclasses.replace(settings, notice=(), webhook_urls=(), notify_account=False, doveadm_url="",
-                                doveadm_command="")
+                                doveadm_command="", messages_per_hour=None, messages_per_day=None,
+                                recipients_per_hour=None, recipients_per_day=None)
     return build_parts(quiet, cast(Store, store or MemoryStore()), geoip, Notifier(quiet)).service  # Store's interface
 
 
@@ -179,6 +193,35 @@ class ReplayResult:
     most_countries: dict = field(default_factory=dict)  # login -> the most countries seen within the window
     accounts_by_list: dict = field(default_factory=dict)  # network list label -> logins seen from it
     accounts_by_network: dict = field(default_factory=dict)  # "AS3320 Deutsche Telekom AG" -> logins
+    sent: dict = field(default_factory=dict)  # login -> [[when, recipients], ...] of its messages, in order
+    waiting_for_recipients: dict = field(default_factory=dict)  # queue id -> its message's entry in `sent`
+
+    def volume_peaks(self) -> dict:
+        """login -> {limit name: the most its messages (or recipients) came to in any such window}."""
+        return {login: {name: _peak(messages, column, seconds) for name, column, seconds in VOLUME_WINDOWS}
+                for login, messages in self.sent.items()}
+
+    def would_stop(self) -> list:
+        """(login, limit name, limit, when) for the first message of each
+        account that a [limits] limit as configured would have stopped."""
+        stopped = []
+        for login, messages in sorted(self.sent.items()):
+            for name, _counted, hours, limit in self.settings.volume_limits:
+                column = 0 if name.startswith("messages") else 1
+                moment = _first_over(messages, column, hours * 3600, limit)
+                if moment is not None:
+                    stopped.append((login, name, limit, moment))
+        return sorted(stopped, key=lambda item: item[3])
+
+    def volume_json(self) -> dict:
+        peaks = self.volume_peaks()
+        return {
+            "busiest": [dict(login=login, **peaks[login]) for login in _busiest(peaks)],
+            f"percentile_{VOLUME_PERCENTILE:g}": {name: _percentile([peak[name] for peak in peaks.values()])
+                                                  for name, _column, _seconds in VOLUME_WINDOWS},
+            "would_stop": [{"login": login, "limit": name, "value": limit, "at": moment.isoformat()}
+                           for login, name, limit, moment in self.would_stop()],
+        }
 
     def blocks_by_rule(self) -> dict:
         """"countries", "travel", "only_from", "network list tor"... -> accounts it would have blocked."""
@@ -219,6 +262,7 @@ class ReplayResult:
             "accounts_by_most_countries": self.country_buckets(),
             "accounts_by_network_list": {label: len(logins) for label, logins in self.accounts_by_list.items()},
             "accounts_by_network": [{"network": network, "accounts": count} for network, count in self.top_networks()],
+            "volume": self.volume_json(),
         }
 
 
@@ -247,6 +291,9 @@ def replay_logs(paths: list, settings: Settings, geoip: GeoIP, today: Optional[d
         with log_file:
             for line in log_file:
                 result.lines += 1
+                if "nrcpt=" in line:
+                    _note_recipients(result, line)
+                    continue
                 if "sasl_username=" in line:
                     found = _SUBMISSION_LINE.match(line)
                 elif settings.count_logins and "-login: " in line and " user=<" in line:
@@ -264,12 +311,66 @@ def replay_logs(paths: list, settings: Settings, geoip: GeoIP, today: Optional[d
                 result.first = result.first or when
                 result.last = when
                 request, decision = decide_request(_replayed_request(found, line), when)
+                if request.request != DOVECOT_LOGIN and not decision.blocks:
+                    _note_message(result, request.login, found["queue_id"], when)
                 if decision.counted:
                     most_countries[request.login] = max(most_countries.get(request.login, 0),
                                                         len(decision.countries))
                 if request.network is not None:
                     _note_network(result, request, decision)
     return result
+
+
+def _note_message(result: ReplayResult, login: str, queue_id: str, when: dt.datetime) -> None:
+    entry = [when, 1]  # one recipient until the queue manager's line says how many
+    result.sent.setdefault(login, []).append(entry)
+    result.waiting_for_recipients[queue_id] = entry
+
+
+def _note_recipients(result: ReplayResult, line: str) -> None:
+    found = _QUEUED_LINE.search(line)
+    if found is not None:
+        entry = result.waiting_for_recipients.pop(found["queue_id"], None)
+        if entry is not None:
+            entry[1] = max(1, int(found["nrcpt"]))
+
+
+def _peak(messages: list, column: int, seconds: int) -> int:
+    """The most messages (column 0) or recipients (1) in any `seconds` long window."""
+    most = total = start = 0
+    for end, (moment, recipients) in enumerate(messages):
+        total += 1 if column == 0 else recipients
+        while (moment - messages[start][0]).total_seconds() >= seconds:
+            total -= 1 if column == 0 else messages[start][1]
+            start += 1
+        most = max(most, total)
+    return most
+
+
+def _first_over(messages: list, column: int, seconds: int, limit: int) -> Optional[dt.datetime]:
+    """When the account's count in the window first went over `limit`."""
+    total = start = 0
+    for moment, recipients in messages:
+        total += 1 if column == 0 else recipients
+        while (moment - messages[start][0]).total_seconds() >= seconds:
+            total -= 1 if column == 0 else messages[start][1]
+            start += 1
+        if total > limit:
+            return moment
+    return None
+
+
+def _busiest(peaks: dict) -> list:
+    return sorted(peaks, key=lambda login: (-peaks[login]["messages_per_hour"], -peaks[login]["recipients_per_hour"],
+                                            login))[:BUSIEST_SHOWN]
+
+
+def _percentile(values: list) -> int:
+    """The value VOLUME_PERCENTILE % of the accounts stay at or under."""
+    if not values:
+        return 0
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(len(ordered) * VOLUME_PERCENTILE / 100) - 1)]
 
 
 def _note_network(result: ReplayResult, request: PolicyRequest, decision) -> None:
@@ -325,6 +426,36 @@ def print_replay_report(result: ReplayResult, out) -> None:
         print("\nNetworks the most accounts sent from:", file=out)
         for network, count in result.top_networks():
             print(f"  {count:>6}  {network}", file=out)
+    print_volume_report(result, out)
+
+
+def print_volume_report(result: ReplayResult, out) -> None:
+    """The busiest accounts' peaks, the 99.9th percentile, and what the
+    configured [limits] would have stopped: limits picked from the site's own traffic."""
+    peaks = result.volume_peaks()
+    if not peaks:
+        return
+    print("\nBusiest accounts (most messages / recipients in any hour; in any 24 hours; recipients from "
+          "Postfix's nrcpt):", file=out)
+    for login in _busiest(peaks):
+        peak = peaks[login]
+        print(f"  {login:<40} hour {peak['messages_per_hour']:>6} / {peak['recipients_per_hour']:<7} "
+              f"day {peak['messages_per_day']:>7} / {peak['recipients_per_day']}", file=out)
+    percentile = {name: _percentile([peak[name] for peak in peaks.values()]) for name, _c, _s in VOLUME_WINDOWS}
+    print(f"  {VOLUME_PERCENTILE:g}th percentile of {len(peaks)} accounts: hour {percentile['messages_per_hour']} / "
+          f"{percentile['recipients_per_hour']}, day {percentile['messages_per_day']} / "
+          f"{percentile['recipients_per_day']}", file=out)
+    limits = result.settings.volume_limits
+    if not limits:
+        print("  ([limits] are off: a limit above the percentile stops only the exceptional)", file=out)
+        return
+    stopped = result.would_stop()
+    said = ", ".join(f"{name} = {limit}" for name, _counted, _hours, limit in limits)
+    accounts = len({login for login, _name, _limit, _moment in stopped})
+    print(f"\nWith [limits] {said}: {accounts} account{'s' if accounts != 1 else ''} would have been "
+          f"stopped ({result.settings.limit_action.lower()}), each at the first message over a limit:", file=out)
+    for login, name, limit, moment in stopped:
+        print(f"  {login}  at {when(moment)} UTC  over {name} = {limit}", file=out)
 
 
 _RULE_NAMES = {"countries": "too many countries", "travel": "impossible travel",

@@ -229,3 +229,36 @@ def test_replay_into_head_ends_quietly(tmp_path, geoip_path):
                               shell=True, capture_output=True, text=True, timeout=60)
     assert pipeline.stdout.strip() == "{"
     assert pipeline.stderr == ""
+
+
+def test_replay_suggests_limits_from_the_sites_own_traffic(tmp_path, geoip_path):
+    """The busiest accounts' peaks (recipients from the queue manager's
+    nrcpt), the 99.9th percentile, and whom the configured limits would
+    have stopped, and when."""
+    lines, minute = [], dt.timedelta(minutes=1)
+    for n in range(50):  # a spam run: 50 messages of 10 recipients in 50 minutes
+        moment, queue_id = START + n * minute, f"5A{n:04X}"
+        lines.append(classic(moment, ip_in("GB"), "spammer@example.com").replace("4F3A21C0", queue_id))
+        lines.append(f"{moment:%b} {moment.day:2d} {moment:%H:%M:%S} mx postfix/qmgr[9]: {queue_id}: "
+                     f"from=<spammer@example.com>, size=900, nrcpt=10 (queue active)\n")
+    for user in range(20):  # ordinary users: two messages each, hours apart, one recipient
+        for n in range(2):
+            moment = START + dt.timedelta(hours=3 * n, minutes=user)
+            lines.append(classic(moment, ip_in("GB"), f"user{user}@example.com").replace("4F3A21C0", f"6B{user:02X}{n}"))
+    lines.sort(key=lambda line: line[:15])
+    log_path = tmp_path / "maillog"
+    log_path.write_text("".join(lines))
+    config = write_config(tmp_path, {"db.dbcon": f"sqlite:///{tmp_path}/live.sqlite3", "geoip.database": geoip_path,
+                                     "db.spool_file": "", "limits.messages_per_hour": "30",
+                                     "limits.recipients_per_day": "400"})
+    volume = json.loads(replay(config, str(log_path), "--json"))["volume"]
+    assert volume["busiest"][0] == {"login": "spammer@example.com", "messages_per_hour": 50,
+                                    "messages_per_day": 50, "recipients_per_hour": 500, "recipients_per_day": 500}
+    assert volume["busiest"][1]["messages_per_hour"] == 1 and len(volume["busiest"]) == 10
+    assert volume["percentile_99.9"]["messages_per_hour"] == 50  # 21 accounts: the top one is the 99.9th
+    stops = {(stop["login"], stop["limit"]): stop["at"] for stop in volume["would_stop"]}
+    assert stops == {("spammer@example.com", "messages_per_hour"): (START + 30 * minute).isoformat(),
+                     ("spammer@example.com", "recipients_per_day"): (START + 40 * minute).isoformat()}
+    text = replay(config, str(log_path))
+    assert "With [limits] messages_per_hour = 30, recipients_per_day = 400: 1 account would have been stopped" in text
+    assert "spammer@example.com  at 2025-12-30 22:30:00 UTC  over messages_per_hour = 30" in text, text
