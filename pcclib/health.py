@@ -86,6 +86,9 @@ def check_health(settings: Settings) -> tuple:
     unsent, waited = int(report.get("unsent_notices", 0)), int(report.get("oldest_unsent_seconds", 0))
     if unsent and waited > UNSENT_NOTICE_WARNING:
         warnings.append(f"{unsent} notifications unsent, the oldest for {waited // 60} min (check [mail] mailsrv)")
+    if report.get("volume_sharing") == "failing":
+        warnings.append("the [limits] counts are not shared with the other daemons (the database takes no volume "
+                        "writes; each daemon limits on its own counts; see the daemon's log)")
     warnings += list_warnings(settings, report.get("lists", ""))
     status = HEALTH_CRITICAL if critical else HEALTH_WARNING if warnings else HEALTH_OK
     summary = "; ".join(critical + warnings) or "answering, database in use"

@@ -217,6 +217,11 @@ class _StateCollector:
         if built is not None:
             yield GaugeMetricFamily("pcc_geoip_build_timestamp_seconds", "When the GeoIP data in use was built",
                                     value=dt.datetime(built.year, built.month, built.day, tzinfo=UTC).timestamp())
+        sharing = state.get("volume_sharing", "off")
+        if sharing != "off":
+            yield GaugeMetricFamily("pcc_volume_shared", "1 while this daemon's [limits] counts reach the other "
+                                    "daemons through the database, 0 while each limits on its own",
+                                    value=1 if sharing == "ok" else 0)
         yield from _list_metrics(state.get("network_lists", {}))
         counts = self.count_blocked()
         if counts is None:

@@ -32,7 +32,14 @@ class SelfReport:
                     geoip_built=service.geoip.built, unsent_notifications=unsent, oldest_unsent_seconds=waited,
                     connections={port.port_name: port.connection_states() for port in self.ports},
                     webhooks_waiting=service.responder.webhooks.waiting(),
-                    network_lists=service.networks.state())
+                    network_lists=service.networks.state(), volume_sharing=self.volume_sharing())
+
+    def volume_sharing(self) -> str:
+        """off ([limits] off everywhere), ok, or failing (each daemon limits on its own counts)."""
+        settings, database = self.service.settings, self.service.database
+        if not settings.volume_limits and not database.rules.sets_limits:
+            return "off"
+        return "failing" if database.volume.failing else "ok"
 
     def count_blocked(self) -> Optional[dict]:
         """The blocked list's size by mode, or None when the database cannot say."""
@@ -52,7 +59,8 @@ class SelfReport:
         return (f"{HEALTH_REQUEST} database={'failing' if state['failing'] else 'ok'} "
                 f"failing_seconds={state['failing_seconds']:.0f} error_answers={state['error_answers']} "
                 f"spooled_blocks={database.journal.blocks_waiting()} unsent_notices={unsent} "
-                f"oldest_unsent_seconds={waited:.0f} geoip_built={built}{self._lists_report()}")
+                f"oldest_unsent_seconds={waited:.0f} geoip_built={built} volume_sharing={self.volume_sharing()}"
+                f"{self._lists_report()}")
 
     def _lists_report(self) -> str:
         """ lists=tor:1342:0.40:ok,vpn:off:-:ok,hosting:120:3.00:refused (label:entries:age in

@@ -32,6 +32,7 @@ RULE_NAMES = {
     "recipients_per_day": ("limits", "recipients_per_day"),
     "limits.action": ("limits", "action"),
 }
+LIMIT_FIELDS = frozenset(("messages_per_hour", "messages_per_day", "recipients_per_hour", "recipients_per_day"))
 RULE_KEYS = {name: next(key for key in KEYS if (key.section, key.name) == place) for name, place in RULE_NAMES.items()}
 
 
@@ -84,6 +85,12 @@ class RuleBook:
 
     def __bool__(self) -> bool:
         return bool(self._values)
+
+    @property
+    def sets_limits(self) -> bool:
+        """Some rule turns on a [limits] limit: the daemons count and share volume."""
+        return any(value is not None and field in LIMIT_FIELDS for values in self._values.values()
+                   for field, value in values.items())
 
     def settings_for(self, login: str, settings: Settings) -> Settings:
         """pcc.conf's settings with the rules of the login's domain and its own over them."""

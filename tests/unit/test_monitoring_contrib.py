@@ -87,6 +87,11 @@ SCENARIOS = {
         "quiet": [([series("pcc_new_blocks_total", "0 0 1 2 3", rule="countries", mode="enforce"),
                     series("pcc_new_blocks_total", "0 1 1 2 2", rule="travel", mode="enforce")], "4m")],
     },
+    "PccVolumeNotShared": {
+        "fires": ([series("pcc_volume_shared", "1 1 0x10")], "8m", MX1),
+        "quiet": [([series("pcc_volume_shared", "1 1 0 0 1x8")], "8m"),  # a short failure
+                  ([series("pcc_volume_shared", "1x10")], "8m")],
+    },
     "PccNotificationsUnsent": {
         "fires": ([series("pcc_unsent_notifications", "2x20"), series("pcc_oldest_unsent_notification_seconds",
                                                                       "0+60x20")], "12m", MX1),
