@@ -470,3 +470,43 @@ def test_an_unprivileged_daemon_holds_the_queued_mail_through_the_queue_helper(p
         helper_log.close()
         shutil.rmtree(home, ignore_errors=True)
         postfix.empty_queue()
+
+
+def send_to_many(postfix, login: str, ip: str, recipients: int) -> list:
+    """One message of `login` to `recipients` recipients: the code of each RCPT, then DATA's (None if none
+    was taken)."""
+    with smtplib.SMTP("127.0.0.1", postfix.smtp_port, timeout=60) as smtp:
+        smtp.ehlo("client.example")
+        assert smtp.docmd("XCLIENT", f"ADDR={ip} LOGIN={login}")[0] == 220
+        smtp.ehlo("client.example")
+        smtp.mail(login)
+        codes = [smtp.rcpt(f"r{n}@remote.test") for n in range(recipients)]
+        taken = [code for code, _text in codes if code == 250]
+        data = smtp.data(b"Subject: newsletter\r\n\r\nhello\r\n")[0] if taken else None
+        return [(code, text.decode()) for code, text in codes] + [data]
+
+
+def test_a_limit_defers_then_blocks_an_account_through_smtpd_relay_restrictions(postfix, pcc_for, smtp_sink):
+    """A spam run from the account's own country: recipients over the hour's
+    limit get 450 (the client may retry later); once the domain's rule says
+    block, the next recipient blocks the account (554), the admins are told
+    why, and every later message is refused."""
+    daemon = pcc_for("REJECT", **{"limits.recipients_per_hour": "5", "limits.action": "defer"})
+    first = send_to_many(postfix, ALICE, ip_in("GB"), 3)
+    assert [code for code, _text in first[:3]] == [250, 250, 250] and first[3] == 250
+    second = send_to_many(postfix, ALICE, ip_in("GB"), 3)
+    assert [code for code, _text in second[:3]] == [250, 250, 450], second
+    assert "6 recipients in the last hour (limit 5): try again later" in second[2][1]
+    assert second[3] == 250  # the two recipients taken are sent
+    assert send_to_many(postfix, BOB, ip_in("GB"), 2)[:2] == [(250, "2.1.5 Ok")] * 2  # bob has his own count
+    admin(daemon, "--rule", "example.com", "limits.action=block")
+    time.sleep(1.0)
+    blocked = send_to_many(postfix, ALICE, ip_in("GB"), 2)
+    assert [code for code, _text in blocked[:2]] == [554, 554] and blocked[2] is None, blocked
+    assert "Too many countries, contact support" in blocked[0][1]
+    mails = [message for _to, message in smtp_sink.wait_for(1) if ALICE in message["Subject"]]
+    assert mails, smtp_sink.messages
+    body = mails[0].get_content()
+    assert "6 recipients in the last hour (limit 5); 1 country in 3 days (GB)" in body, body
+    assert send_to_many(postfix, ALICE, ip_in("GB"), 1)[0][0] == 554  # blocked stays blocked
+    assert "limits.action = block (rule of example.com)" in admin(daemon, "-s", ALICE)
