@@ -7,6 +7,7 @@ PostgreSQL and MariaDB of the test setup:
     .venv/bin/python bench/traffic.py                 # about 25 minutes
     .venv/bin/python bench/traffic.py --duration 4    # shorter cells
     .venv/bin/python bench/traffic.py --only "pcc SQLite" --workloads sporadic
+    .venv/bin/python bench/traffic.py --limits --only "pcc SQLite,pcc SQLite +limits"
 
 Workloads (the same requests for every server):
   read-mostly   bench.py's: half of the requests from a few heavy accounts
@@ -75,13 +76,17 @@ def first_sight_requests(pools: dict, count: int, offset: int, seed: int = 4) ->
     return requests
 
 
-def servers(workdir: str) -> list:
-    """(label, kind, factory) for every server of the run."""
+def servers(workdir: str, limits: bool = False) -> list:
+    """(label, kind, factory) for every server of the run; `limits`: pcc with
+    [limits] on too ("pcc SQLite +limits"), limits no account reaches."""
     sqlite_url = f"sqlite:///{workdir}/traffic.sqlite3"
     made = [("floor", "floor", bench.floor_server)]
     for name, url in (("SQLite", sqlite_url), ("PostgreSQL", bench.PG_URL), ("MariaDB", bench.MY_URL)):
         made.append((f"pcc {name}", "pcc", lambda name=name, url=url: (bench.reset_pcc_tables(url),
                                                                      bench.pcc_server(name, url, workdir))[1]))
+        if limits:
+            made.append((f"pcc {name} +limits", "pcc", lambda name=name, url=url: (
+                bench.reset_pcc_tables(url), bench.pcc_server(f"{name}-limits", url, workdir, bench.LIMITS_ON))[1]))
     for name, backend in (("SQLite", "sqlite"), ("PostgreSQL", "pgsql"), ("MariaDB", "mysql")):
         made.append((f"peer {name}", "peer", lambda name=name, backend=backend: bench.peer_server(
             f"peer-{backend}", backend, workdir)))
@@ -97,7 +102,7 @@ def measure(args, log) -> dict:
     log(f"requests built ({per_cell:,} first sightings per cell)")
     workdir = tempfile.mkdtemp(prefix="pcc-traffic-")
     rows = {}
-    for label, kind, make in servers(workdir):
+    for label, kind, make in servers(workdir, args.limits):
         if args.only and label not in args.only:
             continue
         for workload in args.workloads:
@@ -158,6 +163,7 @@ def main():
     parser.add_argument("--workloads", type=lambda text: text.split(","), default=list(WORKLOADS))
     parser.add_argument("--only", type=lambda text: text.split(","), default=None, help="server labels")
     parser.add_argument("--output", default=os.path.join(HERE, "RESULTS.md"))
+    parser.add_argument("--limits", action="store_true", help="also pcc with [limits] on (none reached)")
     args = parser.parse_args()
 
     def log(text):

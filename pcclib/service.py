@@ -131,12 +131,9 @@ class PolicyService:
         for label in request.network_lists:
             self.metrics.on_network_list(label)
         if use_database:
-            decision = self._decide_counted(request, now, ticket or RequestTicket(request))
-        else:
-            decision = self.outage_answers.answer(request, now)
-        if self.counts_volume(request):
-            self._count_volume(request, decision, now)
-        return request, decision
+            return request, self._decide_counted(request, now, ticket or RequestTicket(request))
+        # The late answer: the request's own thread, still at work, counts it.
+        return request, self.outage_answers.answer(request, now)
 
     def counts_volume(self, request: PolicyRequest) -> bool:
         """[limits] are on and this is a Postfix request (a message, a recipient)."""
@@ -158,40 +155,46 @@ class PolicyService:
     def _decide_counted(self, request: PolicyRequest, now: dt.datetime, ticket: RequestTicket) -> Decision:
         if request.check_only:  # before the password: the blocked list alone, never the database
             return self._check_blocked(request)
+        with self._lanes.enter(request.login):
+            decision = self._decide_in_lane(request, now, ticket)
+            if self.counts_volume(request):  # in the lane: the account's next request sees this one's count
+                self._count_volume(request, decision, now)
+            return decision
+
+    def _decide_in_lane(self, request: PolicyRequest, now: dt.datetime, ticket: RequestTicket) -> Decision:
         probing = self.database.outage.failing
         if probing and not self.database.outage.probe_due():
             return self.outage_answers.answer(request, now)
         settings = self.settings_of(request.login)
-        with self._lanes.enter(request.login):
-            history, read_at, decision = self._current_history(request.login), None, None
-            if history is not None:
-                decision = decide(request, self.judged(history, request, now), settings, now)
-                if decision.new_place and not decision.new_block:
-                    # Memory may miss what another daemon answered a moment
-                    # ago (the poll is up to a second behind, and a burst is
-                    # dozens of messages in that second): a new place is
-                    # decided on the database's view.
-                    history = decision = None
-            if history is None:
-                # Queued behind a request that found the database failing: no
-                # second try, unless a probe is due.
-                if self.database.outage.failing and not probing and not self.database.outage.probe_due():
-                    return self.outage_answers.answer(request, now)
-                read_at = time.monotonic()
-                history = self._read_or_answer(request, now, ticket)
-                if isinstance(history, Decision):
-                    return history
-            if not history.enforced_block and self.database.journal.pending() and request.login in self.database.journal.blocked_logins():
-                # The database is back but this block is not in it yet (the
-                # spool is being written): the database's history must not
-                # let the account through meanwhile.
-                return Decision(settings.block_reply, "account blocked (its block waits in the spool)")
-            if decision is None:
-                decision = decide(request, self.judged(history, request, now), settings, now)
-            recorded = self._carry_out(request, history, read_at, decision, now, ticket)
-            if decision.new_place and not decision.new_block and not self.database.outage.failing:
-                return self._decide_after_commit(request, recorded, now, ticket)
-            return recorded
+        history, read_at, decision = self._current_history(request.login), None, None
+        if history is not None:
+            decision = decide(request, self.judged(history, request, now), settings, now)
+            if decision.new_place and not decision.new_block:
+                # Memory may miss what another daemon answered a moment
+                # ago (the poll is up to a second behind, and a burst is
+                # dozens of messages in that second): a new place is
+                # decided on the database's view.
+                history = decision = None
+        if history is None:
+            # Queued behind a request that found the database failing: no
+            # second try, unless a probe is due.
+            if self.database.outage.failing and not probing and not self.database.outage.probe_due():
+                return self.outage_answers.answer(request, now)
+            read_at = time.monotonic()
+            history = self._read_or_answer(request, now, ticket)
+            if isinstance(history, Decision):
+                return history
+        if not history.enforced_block and self.database.journal.pending() and request.login in self.database.journal.blocked_logins():
+            # The database is back but this block is not in it yet (the
+            # spool is being written): the database's history must not
+            # let the account through meanwhile.
+            return Decision(settings.block_reply, "account blocked (its block waits in the spool)")
+        if decision is None:
+            decision = decide(request, self.judged(history, request, now), settings, now)
+        recorded = self._carry_out(request, history, read_at, decision, now, ticket)
+        if decision.new_place and not decision.new_block and not self.database.outage.failing:
+            return self._decide_after_commit(request, recorded, now, ticket)
+        return recorded
 
     def _read_or_answer(self, request: PolicyRequest, now: dt.datetime, ticket: RequestTicket):
         """The account's history from the database, or, when it cannot be

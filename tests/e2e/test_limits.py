@@ -7,7 +7,8 @@ import os
 import signal
 import time
 
-from conftest import free_port, scrape, send_message, wait_for_log
+import sqlalchemy as sa
+from conftest import TcpProxy, blocked_logins, free_port, query, scrape, send_message, wait_for_log
 
 from pcclib.volume import VOLUME_SYNC_INTERVAL
 
@@ -73,3 +74,35 @@ def test_two_daemons_overshoot_a_limit_by_at_most_the_stated_bound(start_daemon,
     print(f"limit {limit}, accepted {accepted}, overshoot {accepted - limit}, bound {bound:g}")
     assert limit <= accepted <= limit + bound, (accepted, daemons[0].log()[-3000:])
 
+
+
+def test_a_limit_is_decided_from_memory_while_the_database_fails(start_daemon, shared_db_url, tmp_path):
+    """Counts live in memory: while the database refuses, an account known
+    and one never seen are both blocked at the limit (the block spooled and
+    written when the database is back); blocked stays blocked."""
+    url = sa.engine.make_url(shared_db_url)
+    proxy = TcpProxy(url.host, url.port)
+    try:
+        proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+        daemon = start_daemon(**{"db.dbcon": proxied, "db.spool_file": str(tmp_path / "spool.jsonl"),
+                                 "limits.messages_per_hour": "3", "policy.action": "REJECT",
+                                 "policy.reason": "stopped"})
+        client = daemon.client()
+        assert [send_message(client, "alice@example.com", f"a{n}")[0] for n in range(2)] == ["DUNNO"] * 2
+        proxy.cut("refuse")
+        answers = {login: [send_message(client, login, f"{login}{n}")[0] for n in range(first, 5)]
+                   for login, first in (("alice@example.com", 2), ("carol@example.com", 0))}
+        assert answers["alice@example.com"] == ["DUNNO", "REJECT stopped", "REJECT stopped"], daemon.log()[-2000:]
+        assert answers["carol@example.com"] == ["DUNNO"] * 3 + ["REJECT stopped"] * 2, daemon.log()[-2000:]
+        proxy.restore()
+        deadline = time.monotonic() + 15
+        while blocked_logins(shared_db_url) != {"alice@example.com", "carol@example.com"}:
+            assert time.monotonic() < deadline, daemon.log()[-3000:]
+            send_message(client, "dave@example.com", f"d{time.monotonic_ns()}")  # a probe finds it back
+            time.sleep(0.3)
+        reasons = [row[0] for row in query(shared_db_url, sa.text("SELECT reason FROM pcc_blocks"))]
+        assert all("4 messages in the last hour (limit 3)" in reason for reason in reasons), reasons
+        assert send_message(client, "alice@example.com", "after")[0] == "REJECT stopped"
+        client.close()
+    finally:
+        proxy.close()
