@@ -20,7 +20,7 @@ from sqlalchemy import exc as sa_exc
 
 from .common import first_line, normalise_login, split_list, symlink_refusal, when
 from .config import COUNTRY_CODES, MONITOR_ACTION, ConfigError, Settings
-from .decision import AccountHistory, countries_in_window, exempt_login_reason
+from .decision import AccountHistory, Volume, countries_in_window, exempt_login_reason, volume_words
 from .logs import audit, mask_secrets, secrets_of, who_ran_it
 from .mailqueue import PostfixQueue, QueueError
 from .notify import Notifier
@@ -28,7 +28,8 @@ from .protocol import MAX_LOGIN_LENGTH
 from .respond import Responder
 from .rules import RULE_KEYS, RULE_NAMES, Rule, RuleBook, field_name, read_rule, rule_key, scope_of, shown_value
 from .networks import Networks
-from .storage import AdminStore, Block, DatabaseClock, TravelPass, safe_url, sqlite_path
+from .storage import AdminStore, Block, DatabaseClock, RuleRow, TravelPass, VolumeCount, safe_url, sqlite_path
+from .volume import DAY_BUCKETS, HOUR_BUCKETS, bucket_of
 
 # A travel pass is for a trip, not a standing exception (that is ignorecountries).
 MAX_TRAVEL_PASS_DAYS = 366
@@ -129,6 +130,7 @@ class Admin:
                 "last_admin_action": _admin_action_json(self.store.last_admin_action(login)),
                 "rules": [{"key": name, "value": value, "from": where}
                           for name, value, where in self.effective_rules(login)],
+                "volume": self.volume_words(login, now) or None,
             }, indent=2))
             return
         self.say(f"{login}: {state}")
@@ -150,6 +152,9 @@ class Admin:
             ended = f", ended {when(block.unblocked_at)}" if block.unblocked_at else " (in force)"
             self.say(f"block #{block.id}: {when(block.blocked_at)} by {block.source}, {block.action}{ended}: "
                      f"{block.reason}")
+        volume = self.volume_words(login, now)
+        if volume:
+            self.say(f"volume (every daemon, as last written): {volume}")
         rules = self.effective_rules(login)
         if any(where != "pcc.conf" for _name, _value, where in rules):
             self.say("rules in force: " + "; ".join(f"{name} = {value} ({where})" for name, value, where in rules))
@@ -250,9 +255,32 @@ class Admin:
             self.say(f"{rule.scope:<32} {rule.name:<30} {rule.text or '(blank)':<24} {when(rule.set_at)} "
                      f"{rule.set_by}")
 
+    @functools.cached_property
+    def rule_book(self) -> RuleBook:
+        """The rules in the database (none before the first daemon of 1.6 made their table)."""
+        if not self.store.has_table_of(RuleRow):
+            return RuleBook()
+        return RuleBook(Rule(*row) for row in self.store.load_rules())
+
+    def volume_words(self, login: str, now: dt.datetime) -> str:
+        """"12 messages in the last hour (limit 300); ..." for the limits in force, "" with none."""
+        limits = self.rule_book.settings_for(login, self.settings).volume_limits
+        if not limits or not self.store.has_table_of(VolumeCount):
+            return ""
+        current = bucket_of(now)
+        counts = {"hour": [0, 0], "day": [0, 0]}
+        for bucket, messages, recipients in self.store.volume_of(login, current - DAY_BUCKETS + 1):
+            for window, buckets in (("hour", HOUR_BUCKETS), ("day", DAY_BUCKETS)):
+                if bucket > current - buckets:
+                    counts[window][0] += int(messages or 0)
+                    counts[window][1] += int(recipients or 0)
+        volume = Volume(counts["hour"][0], counts["day"][0], counts["hour"][1], counts["day"][1])
+        return "; ".join(f"{volume_words(name, volume.count(name))} (limit {limit})"
+                         for name, _counted, _hours, limit in limits)
+
     def effective_rules(self, login: str) -> list:
         """-s: (key, value, where from) of every key a rule may set, as in force for `login`."""
-        book = RuleBook(Rule(*row) for row in self.store.load_rules())
+        book = self.rule_book
         settings = book.settings_for(login, self.settings)
         sources = book.where_from(login)
         shown = []

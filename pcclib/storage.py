@@ -872,6 +872,10 @@ class AdminStore(Store):
     def has_tables(self) -> bool:
         return sa.inspect(self.engine).has_table(BlockedAccount.__tablename__)
 
+    def has_table_of(self, model) -> bool:
+        """Whether `model`'s table is there (one a newer pcc adds may not be yet, for a reading command)."""
+        return sa.inspect(self.engine).has_table(model.__tablename__)
+
     def describe_server(self) -> tuple:
         """(the server that answered, for people; whether it takes writes: a
         PostgreSQL standby or a read_only MariaDB does not)."""
@@ -960,6 +964,14 @@ class AdminStore(Store):
         with self.engine.connect() as connection:
             return list(connection.execute(sa.select(RuleRow.name).where(RuleRow.scope == scope,
                                                                          RuleRow.value.is_not(None))).scalars())
+
+    def volume_of(self, login: str, since_bucket: int) -> list:
+        """(bucket, messages, recipients) of every daemon's counts of `login` from `since_bucket` on."""
+        with self.engine.connect() as connection:
+            return list(connection.execute(
+                sa.select(VolumeCount.bucket, sa.func.sum(VolumeCount.messages), sa.func.sum(VolumeCount.recipients))
+                .where(VolumeCount.login == login, VolumeCount.bucket >= since_bucket)
+                .group_by(VolumeCount.bucket)).all())
 
     def record_admin_action(self, login: str, now: dt.datetime, action: str, done_by: str, result: str) -> None:
         with self.engine.begin() as connection:
