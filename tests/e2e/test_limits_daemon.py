@@ -3,6 +3,7 @@ messages and recipients counted per account, deferred or blocked over a
 limit, summed across two daemons on one database (the overshoot measured
 against the bound docs/administration.md states), a reload turning defer
 into block, metrics per limit."""
+import json
 import os
 import signal
 import time
@@ -98,7 +99,8 @@ def test_a_limit_is_decided_from_memory_while_the_database_fails(start_daemon, s
         deadline = time.monotonic() + 15
         while blocked_logins(shared_db_url) != {"alice@example.com", "carol@example.com"}:
             assert time.monotonic() < deadline, daemon.log()[-3000:]
-            send_message(client, "dave@example.com", f"d{time.monotonic_ns()}")  # a probe finds it back
+            # a probe finds it back (each from an account of its own: dave's would reach the limit)
+            send_message(client, f"probe{time.monotonic_ns()}@example.com", "p")
             time.sleep(0.3)
         reasons = [row[0] for row in query(shared_db_url, sa.text("SELECT reason FROM pcc_blocks"))]
         assert all("4 messages in the last hour (limit 3)" in reason for reason in reasons), reasons
@@ -106,3 +108,22 @@ def test_a_limit_is_decided_from_memory_while_the_database_fails(start_daemon, s
         client.close()
     finally:
         proxy.close()
+
+
+def test_notify_tells_the_admins_once_per_limit_and_window(start_daemon, sqlite_url, smtp_sink, receivers):
+    hook = receivers()
+    daemon = start_daemon(**{"db.dbcon": sqlite_url, "limits.messages_per_hour": "2", "limits.action": "notify",
+                             "mail.notice": "admin@example.com", "mail.mailsrv": "127.0.0.1",
+                             "mail.mailport": smtp_sink.port, "notify.webhook_urls": hook.url})
+    client = daemon.client()
+    answers = [send_message(client, "erin@example.com", f"e{n}")[0] for n in range(6)]
+    assert answers == ["DUNNO"] * 6  # notify lets the mail through
+    client.close()
+    events = [json.loads(body) for _headers, body in hook.wait(1)]
+    mails = [message for _to, message in smtp_sink.wait_for(1)]
+    time.sleep(1.0)  # a second notice would have come by now
+    assert len(hook.posts) == 1 and len(smtp_sink.messages) == 1, (hook.posts, smtp_sink.messages)
+    assert events[0]["event"] == "limit_reached" and events[0]["account"] == "erin@example.com"
+    assert "3 messages in the last hour (limit 2)" in events[0]["text"]
+    assert mails[0]["Subject"] == "pcc: erin@example.com over a volume limit"
+    assert "the admins told already" in daemon.log()
