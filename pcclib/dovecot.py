@@ -21,7 +21,7 @@ import urllib.parse
 from typing import Optional, cast
 
 from .common import json_nesting_within, log
-from .config import Settings
+from .config import BLOCK_ACTIONS, Settings
 from .ports import BoundedHttpHandler, BoundedHttpPort, RateLimitedWarning, connection_caps
 from .protocol import DOVECOT_DOORS, DOVECOT_LOGIN, PolicyRequest, clean_value, client_allowed
 from .late import LATE_ANSWER_WAIT, RequestTicket, answer_in_time
@@ -190,7 +190,9 @@ class DovecotPolicyServer(BoundedHttpPort, http.server.ThreadingHTTPServer):
         except queue.Empty:  # neither answered: a fault of pcc's own; never an open door
             log.error("dovecot policy request of %r: no answer within %.0f s", request.login, LATE_ANSWER_WAIT)
             action = service.fallback_action(request)
-        return action == service.settings.block_reply
+        # A block's answer, whichever action it carries (a domain's rule may
+        # say HOLD where pcc.conf says REJECT).
+        return action.split(" ", 1)[0] in BLOCK_ACTIONS
 
     def _answer_in_worker(self, ticket: RequestTicket, deliver) -> None:
         action = answer_in_time(self.service, ticket)

@@ -502,7 +502,8 @@ class Responder:
     def _hold_queued(self, login: str, action: str) -> tuple:
         """(messages held or None, one line for the mail): the account's mail
         already in Postfix's queues, put on hold."""
-        if not self.settings.holds_queued_mail:
+        # A domain's rule may make its blocks HOLD on a site whose pcc.conf says REJECT.
+        if not self.settings.holds_queued_mail and not (self.settings.hold_queued == "" and action == "HOLD"):
             return None, ""
         if action == MONITOR_ACTION:
             return None, "monitor mode: its queued mail would have been held"
