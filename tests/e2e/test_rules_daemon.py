@@ -6,9 +6,10 @@ one line before anything is stored."""
 import time
 
 import sqlalchemy as sa
-from conftest import ip_in, pcc_command, query, send_message, walk
+from conftest import dovecot_allow, free_port, ip_in, pcc_command, query, send_message, walk
 
 DEFERRED = "DEFER_IF_PERMIT"
+API_HEADER = "Authorization: Basic cGNjOnJ1bGVz"
 
 
 def first_deferred(daemons, login: str, start: int, within: float = 1.0) -> float:
@@ -90,3 +91,20 @@ def test_a_bad_rule_is_refused_in_one_line_and_nothing_is_stored(start_daemon, s
     client = daemon.client()
     assert client.ask("alice@example.org", ip_in("GB")) == "DUNNO"
     client.close()
+
+
+def test_a_domains_hold_blocks_at_both_doors_on_a_reject_site(start_daemon, sqlite_url):
+    """pcc.conf says REJECT, the domain's rule HOLD: its blocked account gets
+    HOLD from Postfix and is refused by Dovecot; another domain's gets REJECT."""
+    dovecot_port = free_port()
+    daemon = start_daemon(**{"db.dbcon": sqlite_url, "policy.action": "REJECT", "policy.reason": "stopped",
+                             "dovecot.policy_port": dovecot_port, "dovecot.api_header": API_HEADER})
+    pcc_command(daemon.config_path, "--rule", "held.example", "action=hold")
+    time.sleep(1.0)
+    client = daemon.client()
+    assert walk(client, "thief@held.example", ["GB", "US", "FR", "DE"])[-1] == "HOLD stopped"
+    assert walk(client, "thief@other.example", ["GB", "US", "FR", "DE"])[-1] == "REJECT stopped"
+    client.close()
+    for login in ("thief@held.example", "thief@other.example"):
+        assert dovecot_allow(dovecot_port, login, API_HEADER) == -1, login
+    assert dovecot_allow(dovecot_port, "honest@held.example", API_HEADER) == 0
