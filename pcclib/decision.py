@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Iterable, NamedTuple, Optional
 
 from .common import replaced
 from .config import BLOCK_ACTIONS, MONITOR_ACTION, Settings
@@ -39,10 +39,10 @@ class CountrySeen:
         }
 
 
-@dataclass(frozen=True)
-class Volume:
+class Volume(NamedTuple):
     """What an account has sent, this request included as if it went through:
-    the sums of every daemon's counts over the last hour and day."""
+    the sums of every daemon's counts over the last hour and day.  (A tuple:
+    made for every request of an account with limits, in a few hundred ns.)"""
 
     messages_hour: int = 0
     messages_day: int = 0

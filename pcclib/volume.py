@@ -77,19 +77,27 @@ class VolumeLedger:
         """The account's volume with this request in, as if let through."""
         login, bucket = request.login, bucket_of(now)
         messages, recipients = self._adds(request)
-        hour = [messages, recipients]
-        day = [messages, recipients]
+        hour_messages = day_messages = messages
+        hour_recipients = day_recipients = recipients
+        hour_start, day_start = bucket - HOUR_BUCKETS, bucket - DAY_BUCKETS
         with self._lock:
-            for counted_at, counts in self._buckets(login):
-                if counted_at > bucket - DAY_BUCKETS:
-                    day[0] += counts[0]
-                    day[1] += counts[1]
-                    if counted_at > bucket - HOUR_BUCKETS:
-                        hour[0] += counts[0]
-                        hour[1] += counts[1]
-            told = self._notified.get(login)
+            own, others, told = self._own.get(login), self._others.get(login), self._notified.get(login)
+            for counted_at, (sent, reached) in own.items() if own else ():
+                if counted_at > day_start:
+                    day_messages += sent
+                    day_recipients += reached
+                    if counted_at > hour_start:
+                        hour_messages += sent
+                        hour_recipients += reached
+            for (counted_at, _writer), (sent, reached) in others.items() if others else ():
+                if counted_at > day_start:
+                    day_messages += sent
+                    day_recipients += reached
+                    if counted_at > hour_start:
+                        hour_messages += sent
+                        hour_recipients += reached
             notified = frozenset(limit for limit, until in told.items() if until > bucket) if told else frozenset()
-        return Volume(hour[0], day[0], hour[1], day[1], notified)
+        return Volume(hour_messages, day_messages, hour_recipients, day_recipients, notified)
 
     def add(self, request: PolicyRequest, now: dt.datetime) -> None:
         """Count a request that was let through."""
@@ -112,11 +120,6 @@ class VolumeLedger:
         """The admins were told `login` is over `limit`: not again in that window."""
         with self._lock:
             self._notified.setdefault(login, {})[limit] = bucket_of(now) + hours * HOUR_BUCKETS
-
-    def _buckets(self, login: str):
-        yield from self._own.get(login, {}).items()
-        for (counted_at, _writer), counts in self._others.get(login, {}).items():
-            yield counted_at, counts
 
     def _adds(self, request: PolicyRequest, remember: bool = False) -> tuple:
         """(messages, recipients) this request adds to its account's counts."""
