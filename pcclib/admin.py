@@ -20,7 +20,7 @@ from sqlalchemy import exc as sa_exc
 
 from .common import first_line, normalise_login, split_list, symlink_refusal, when
 from .config import COUNTRY_CODES, MONITOR_ACTION, ConfigError, Settings
-from .decision import AccountHistory, Volume, countries_in_window, exempt_login_reason, volume_words
+from .decision import AccountHistory, countries_in_window, exempt_login_reason, volume_words
 from .logs import audit, mask_secrets, secrets_of, who_ran_it
 from .mailqueue import PostfixQueue, QueueError
 from .notify import Notifier
@@ -29,7 +29,7 @@ from .respond import Responder
 from .rules import RULE_KEYS, RULE_NAMES, Rule, RuleBook, field_name, read_rule, rule_key, scope_of, shown_value
 from .networks import Networks
 from .storage import AdminStore, Block, DatabaseClock, RuleRow, TravelPass, VolumeCount, safe_url, sqlite_path
-from .volume import DAY_BUCKETS, HOUR_BUCKETS, bucket_of
+from .volume import DAY_BUCKETS, bucket_of, window_sums
 
 # A travel pass is for a trip, not a standing exception (that is ignorecountries).
 MAX_TRAVEL_PASS_DAYS = 366
@@ -232,8 +232,7 @@ class Admin:
         self.say(f"{scope}: {said} (every daemon applies it from its next request, within a second)")
 
     def _show_rules(self, scope: str) -> None:
-        book = RuleBook(Rule(*row) for row in self.store.load_rules())
-        rules = book.of_scope(scope)
+        rules = self.rule_book.of_scope(scope)
         if not rules:
             self.say(f"{scope} has no rules: pcc.conf's settings apply")
             return
@@ -241,7 +240,7 @@ class Admin:
             self.say(f"{scope}: {rule.name} = {rule.text or '(blank)'} (set {when(rule.set_at)} UTC by {rule.set_by})")
 
     def list_rules(self, as_json: bool) -> None:
-        rules = [Rule(*row) for row in self.store.load_rules()]
+        rules = self.rule_book.rules
         if as_json:
             self.say(json.dumps([{"scope": rule.scope, "key": rule.name, "value": rule.text,
                                   "set_at": rule.set_at.isoformat(), "set_by": rule.set_by} for rule in rules],
@@ -268,13 +267,9 @@ class Admin:
         if not limits or not self.store.has_table_of(VolumeCount):
             return ""
         current = bucket_of(now)
-        counts = {"hour": [0, 0], "day": [0, 0]}
-        for bucket, messages, recipients in self.store.volume_of(login, current - DAY_BUCKETS + 1):
-            for window, buckets in (("hour", HOUR_BUCKETS), ("day", DAY_BUCKETS)):
-                if bucket > current - buckets:
-                    counts[window][0] += int(messages or 0)
-                    counts[window][1] += int(recipients or 0)
-        volume = Volume(counts["hour"][0], counts["day"][0], counts["hour"][1], counts["day"][1])
+        counts = [(bucket, int(messages or 0), int(recipients or 0))
+                  for bucket, messages, recipients in self.store.volume_of(login, current - DAY_BUCKETS + 1)]
+        volume = window_sums(counts, current)
         return "; ".join(f"{volume_words(name, volume.count(name))} (limit {limit})"
                          for name, _counted, _hours, limit in limits)
 

@@ -337,27 +337,24 @@ def _note_recipients(result: ReplayResult, line: str) -> None:
 
 def _peak(messages: list, column: int, seconds: int) -> int:
     """The most messages (column 0) or recipients (1) in any `seconds` long window."""
-    most = total = start = 0
-    for end, (moment, recipients) in enumerate(messages):
-        total += 1 if column == 0 else recipients
-        while (moment - messages[start][0]).total_seconds() >= seconds:
-            total -= 1 if column == 0 else messages[start][1]
-            start += 1
-        most = max(most, total)
-    return most
+    return max((total for _moment, total in _window_totals(messages, column, seconds)), default=0)
 
 
 def _first_over(messages: list, column: int, seconds: int, limit: int) -> Optional[dt.datetime]:
     """When the account's count in the window first went over `limit`."""
+    return next((moment for moment, total in _window_totals(messages, column, seconds) if total > limit), None)
+
+
+def _window_totals(messages: list, column: int, seconds: int):
+    """(moment, the count in the `seconds` up to it) at each of the account's
+    messages: messages (column 0) or recipients (1)."""
     total = start = 0
     for moment, recipients in messages:
         total += 1 if column == 0 else recipients
         while (moment - messages[start][0]).total_seconds() >= seconds:
             total -= 1 if column == 0 else messages[start][1]
             start += 1
-        if total > limit:
-            return moment
-    return None
+        yield moment, total
 
 
 def _busiest(peaks: dict) -> list:

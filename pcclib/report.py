@@ -36,8 +36,8 @@ class SelfReport:
 
     def volume_sharing(self) -> str:
         """off ([limits] off everywhere), ok, or failing (each daemon limits on its own counts)."""
-        settings, database = self.service.settings, self.service.database
-        if not settings.volume_limits and not database.rules.sets_limits:
+        database = self.service.database
+        if not database.rules.limits_anywhere(self.service.settings):
             return "off"
         return "failing" if database.volume.failing else "ok"
 

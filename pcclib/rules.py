@@ -86,6 +86,10 @@ class RuleBook:
     def __bool__(self) -> bool:
         return bool(self._values)
 
+    def limits_anywhere(self, settings: Settings) -> bool:
+        """A limit is on, in pcc.conf or in some rule: the daemons count and share volume."""
+        return bool(settings.volume_limits) or self.sets_limits
+
     @property
     def sets_limits(self) -> bool:
         """Some rule turns on a [limits] limit: the daemons count and share volume."""

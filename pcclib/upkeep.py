@@ -131,17 +131,13 @@ class MemoryUpkeep:
         the old ones trimmed.  Nothing while the database fails (the counts
         wait in memory; each daemon limits on its own meanwhile)."""
         database = self.database
-        if not self.volume_counted() or not database.tables_ready or database.outage.failing:
+        if not database.rules.limits_anywhere(self.settings()) or not database.tables_ready or database.outage.failing:
             return False
         now = utcnow()
         if not database.volume.sync(database.store, now):
             return False
         database.volume.trim(database.store, now)
         return True
-
-    def volume_counted(self) -> bool:
-        """[limits] are on, in pcc.conf or in a rule of some domain or account."""
-        return bool(self.settings().volume_limits) or self.database.rules.sets_limits
 
     def restore_lost_blocks(self) -> None:
         """Write again the blocks the database lost; what fails waits for the

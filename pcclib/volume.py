@@ -56,6 +56,23 @@ def bucket_of(now: dt.datetime) -> int:
     return int(now.timestamp()) // BUCKET_SECONDS
 
 
+def window_sums(counts, bucket: int, messages: int = 0, recipients: int = 0,
+                notified: frozenset = frozenset()) -> Volume:
+    """The Volume of (bucket, messages, recipients) counts as seen from
+    `bucket`, plus `messages` and `recipients` (the request at hand)."""
+    hour_messages = day_messages = messages
+    hour_recipients = day_recipients = recipients
+    hour_start, day_start = bucket - HOUR_BUCKETS, bucket - DAY_BUCKETS
+    for counted_at, sent, reached in counts:
+        if counted_at > day_start:
+            day_messages += sent
+            day_recipients += reached
+            if counted_at > hour_start:
+                hour_messages += sent
+                hour_recipients += reached
+    return Volume(hour_messages, day_messages, hour_recipients, day_recipients, notified)
+
+
 class VolumeLedger:
     """Every account's counts: this daemon's (written) and the others' (read)."""
 
@@ -77,27 +94,13 @@ class VolumeLedger:
         """The account's volume with this request in, as if let through."""
         login, bucket = request.login, bucket_of(now)
         messages, recipients = self._adds(request)
-        hour_messages = day_messages = messages
-        hour_recipients = day_recipients = recipients
-        hour_start, day_start = bucket - HOUR_BUCKETS, bucket - DAY_BUCKETS
         with self._lock:
             own, others, told = self._own.get(login), self._others.get(login), self._notified.get(login)
-            for counted_at, (sent, reached) in own.items() if own else ():
-                if counted_at > day_start:
-                    day_messages += sent
-                    day_recipients += reached
-                    if counted_at > hour_start:
-                        hour_messages += sent
-                        hour_recipients += reached
-            for (counted_at, _writer), (sent, reached) in others.items() if others else ():
-                if counted_at > day_start:
-                    day_messages += sent
-                    day_recipients += reached
-                    if counted_at > hour_start:
-                        hour_messages += sent
-                        hour_recipients += reached
+            counts = [(counted_at, sent, reached) for counted_at, (sent, reached) in own.items()] if own else []
+            if others:
+                counts += [(counted_at, sent, reached) for (counted_at, _writer), (sent, reached) in others.items()]
             notified = frozenset(limit for limit, until in told.items() if until > bucket) if told else frozenset()
-        return Volume(hour_messages, day_messages, hour_recipients, day_recipients, notified)
+        return window_sums(counts, bucket, messages, recipients, notified)
 
     def add(self, request: PolicyRequest, now: dt.datetime) -> None:
         """Count a request that was let through."""
