@@ -186,11 +186,18 @@ class Settings:
     recipients_per_day: Optional[int] = None
     limit_action: str = "BLOCK"  # one of LIMIT_ACTIONS
 
+    # What the properties below compute is kept in the instance's dict (a
+    # frozen dataclass allows that; dataclasses.replace() starts afresh): each
+    # is asked several times a request.
     @property
     def volume_limits(self) -> tuple:
         """The limits on: (name, what is counted, window in hours, the limit)."""
-        return tuple((name, counted, hours, getattr(self, name)) for name, counted, hours in VOLUME_LIMITS
-                     if getattr(self, name) is not None)
+        limits = self.__dict__.get("_volume_limits")
+        if limits is None:
+            limits = self.__dict__["_volume_limits"] = tuple(
+                (name, counted, hours, getattr(self, name)) for name, counted, hours in VOLUME_LIMITS
+                if getattr(self, name) is not None)
+        return limits
 
     @property
     def not_counted_codes(self) -> frozenset:
@@ -229,12 +236,18 @@ class Settings:
 
     @property
     def country_window(self) -> dt.timedelta:
-        return dt.timedelta(days=self.in_how_much_time_in_days)
+        window = self.__dict__.get("_country_window")
+        if window is None:
+            window = self.__dict__["_country_window"] = dt.timedelta(days=self.in_how_much_time_in_days)
+        return window
 
     @property
     def block_reply(self) -> str:
         """What Postfix is told for a blocked account: "<action> <reason>"."""
-        return f"{self.action} {self.reason}".strip()
+        reply = self.__dict__.get("_block_reply")
+        if reply is None:
+            reply = self.__dict__["_block_reply"] = f"{self.action} {self.reason}".strip()
+        return reply
 
     @property
     def holds_queued_mail(self) -> bool:

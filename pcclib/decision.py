@@ -275,7 +275,7 @@ def _window_with(request: PolicyRequest, history: AccountHistory, settings: Sett
     """The account's places in the window once this request's `codes` are in
     (`recent`: the window without them, when the caller has it)."""
     recent = dict(recent) if recent is not None else countries_in_window(history, settings, now)
-    ip = str(request.client_ip)
+    ip = request.client_ip_text
     for code in codes:
         previous = recent.get(code)
         recent[code] = CountrySeen(code, previous.first_seen if previous else now, now, ip)
@@ -319,7 +319,7 @@ def _moved(request: PolicyRequest, history: AccountHistory) -> bool:
     latest = history.latest_sighting
     if latest is None or latest.country != request.client_country:
         return True
-    return latest.last_ip != str(request.client_ip) and history.last_place != request.client_place
+    return latest.last_ip != request.client_ip_text and history.last_place != request.client_place
 
 
 def _new_block(settings: Settings, reason: str, countries: tuple, journey: Optional[Journey] = None,
@@ -398,12 +398,14 @@ def impossible_journey(request: PolicyRequest, history: AccountHistory, settings
     """The journey from the account's previous sighting to this request, if no
     one can travel that fast.  Places closer than travel_accuracy_radius_km, or
     than both places' own accuracy radii, are never judged."""
+    if settings.max_travel_speed_kmh is None:  # before latest_sighting, a max() over the sightings
+        return None
     latest, origin, destination = history.latest_sighting, history.last_place, request.client_place
-    if settings.max_travel_speed_kmh is None or latest is None or origin is None or destination is None:
+    if latest is None or origin is None or destination is None:
         return None
     if history.counting_since is not None and latest.last_seen < history.counting_since:
         return None  # unblocked since: the owner's next message starts afresh, like the country count
-    ip = str(request.client_ip)
+    ip = request.client_ip_text
     if latest.last_ip == ip:
         return None
     distance = origin.distance_km(destination)

@@ -32,6 +32,10 @@ HEALTH_REQUEST = "pcc_health"
 DOVECOT_DOORS = {"imap": "imap", "pop3": "pop3", "smtp": "smtp", "submission": "smtp", "lmtp": "lmtp",
                  "doveadm": "doveadm", "sieve": "sieve", "managesieve": "sieve"}
 
+# Client addresses parsed and kept (ipaddress costs about 10 us an address;
+# the same ones come again and again: a few per account, one per recipient).
+CLIENT_IPS_KEPT = 16384
+
 # NAT64's well-known prefix (RFC 6052): the IPv4 client is the last 32 bits.
 NAT64_PREFIX = ipaddress.ip_network("64:ff9b::/96")
 
@@ -114,9 +118,18 @@ class PolicyRequest:
     @property
     def client_ip(self):
         """The client address as an ipaddress object (IPv4-mapped IPv6 unwrapped), or None."""
-        if "_client_ip" not in self.__dict__:
-            self.__dict__["_client_ip"] = _client_ip(self.client_address)
-        return self.__dict__["_client_ip"]
+        found = self.__dict__.get("_client_ip", _NOT_YET)
+        if found is _NOT_YET:
+            found = self.__dict__["_client_ip"] = client_ip_of(self.client_address)
+        return found
+
+    @property
+    def client_ip_text(self) -> str:
+        """client_ip as stored with a sighting ("None" without one, as str() made it)."""
+        text = self.__dict__.get("_client_ip_text")
+        if text is None:
+            text = self.__dict__["_client_ip_text"] = str(self.client_ip)
+        return text
 
     def with_country(self, found: Country, network: Optional[NetworkFacts] = None) -> "PolicyRequest":
         """This request with what the GeoIP lookup found (what was computed kept)."""
@@ -127,6 +140,22 @@ class PolicyRequest:
     def network_lists(self) -> tuple:
         """The labels of the network lists the client address is on."""
         return self.network.labels if self.network is not None else ()
+
+
+_NOT_YET = object()
+_CLIENT_IPS: dict = {}  # client_address -> what _client_ip() made of it
+
+
+def client_ip_of(client_address: str):
+    """_client_ip(), remembered (the whole memory dropped when full: no
+    bookkeeping on the hot path; a dict's get and set are atomic)."""
+    found = _CLIENT_IPS.get(client_address, _NOT_YET)
+    if found is _NOT_YET:
+        found = _client_ip(client_address)
+        if len(_CLIENT_IPS) >= CLIENT_IPS_KEPT:
+            _CLIENT_IPS.clear()
+        _CLIENT_IPS[client_address] = found
+    return found
 
 
 def _client_ip(client_address: str):
@@ -157,7 +186,12 @@ def unwrap_ipv4(address):
 
 
 _FILLED_IN_LATER = ("attributes", "client_country", "country_note", "client_place", "network", "door", "check_only")
-_REQUEST_FIELDS = frozenset(f.name for f in dataclasses.fields(PolicyRequest) if f.name not in _FILLED_IN_LATER)
+_REQUEST_FIELDS = tuple(f.name for f in dataclasses.fields(PolicyRequest) if f.name not in _FILLED_IN_LATER)
+# A new request's fields before parse_request() fills them in: a frozen
+# dataclass's __init__ sets each field through object.__setattr__, a third of
+# parsing; a request is made from this and its attributes instead (as
+# common.replaced() copies one).
+_EMPTY_REQUEST = dict(PolicyRequest().__dict__)
 
 
 def parse_request(lines: Iterable[str]) -> PolicyRequest:
@@ -180,8 +214,14 @@ def parse_request(lines: Iterable[str]) -> PolicyRequest:
     if skipped:  # one line per request, however many it sent
         log.warning("policy request: skipped %d line%s that %s not name=value, the first: %r", skipped,
                     "s" if skipped != 1 else "", "are" if skipped != 1 else "is", first_skipped[:80])
-    known: dict = {name: value for name, value in attributes.items() if name in _REQUEST_FIELDS}  # all str
-    return PolicyRequest(attributes=attributes, **known)
+    request = object.__new__(PolicyRequest)
+    fields = request.__dict__
+    fields.update(_EMPTY_REQUEST)
+    for name in _REQUEST_FIELDS:  # all str
+        if name in attributes:
+            fields[name] = attributes[name]
+    fields["attributes"] = attributes
+    return request
 
 
 def clean_value(value: str) -> str:

@@ -283,8 +283,10 @@ class PolicyService:
 
     def with_last_place(self, history: AccountHistory) -> AccountHistory:
         """The place of the account's latest sighting, for the impossible-travel rule."""
+        if self.settings.max_travel_speed_kmh is None:  # pcc.conf's: a rule cannot set it
+            return history
         latest = history.latest_sighting
-        if self.settings.max_travel_speed_kmh is None or latest is None:  # pcc.conf's: a rule cannot set it
+        if latest is None:
             return history
         try:
             address = ipaddress.ip_address(latest.last_ip)
@@ -329,7 +331,7 @@ class PolicyService:
         return recorded
 
     def _record(self, request: PolicyRequest, decision: Decision, now: dt.datetime) -> Decision:
-        login, ip = request.login, str(request.client_ip)
+        login, ip = request.login, request.client_ip_text
         if decision.journey is not None:
             self.metrics.journey()
         if decision.notify_lists:
@@ -451,7 +453,7 @@ class OutageAnswers:
                 return counted
             service.database.outage.count_answer("db_error_action")
             if counted.record_sighting:
-                self._add_sightings(login, counted, now, str(request.client_ip))
+                self._add_sightings(login, counted, now, request.client_ip_text)
             return Decision(service.settings.db_error_action, "database failing, account not in memory")
         service.database.outage.count_answer("memory")
         decision = decide(request, service.judged(history, request, now), settings, now)
@@ -471,7 +473,7 @@ class OutageAnswers:
             service.responder.end_sessions_soon(request.login, action)
             return replaced(decision, reason=decision.reason + " (database failing: block spooled)")
         if decision.record_sighting:
-            self._add_sightings(request.login, decision, now, str(request.client_ip))
+            self._add_sightings(request.login, decision, now, request.client_ip_text)
         return decision
 
     def _add_sightings(self, login: str, decision: Decision, now: dt.datetime, ip: str) -> None:
@@ -524,6 +526,6 @@ def spool_entry(request: PolicyRequest, decision: Decision, now: dt.datetime, ac
         "source": block_source(request),
         "rule": decision.rule, "replaces_flag": decision.replaces_flag,
         "reason": decision.reason, "countries": [seen.as_json() for seen in decision.countries],
-        "trigger": dict(request.attributes), "sighting": [decision.sighted[0] if decision.sighted else None, str(request.client_ip)],
+        "trigger": dict(request.attributes), "sighting": [decision.sighted[0] if decision.sighted else None, request.client_ip_text],
         "network": _network_text(request),
     }
