@@ -5,11 +5,15 @@ sightings counted but not yet written are writer.py's.
 """
 from __future__ import annotations
 
+import bisect
 import collections
+import heapq
+import itertools
 import os
 import threading
 import time
-from typing import Optional
+from array import array
+from typing import Iterable, Optional
 
 from sqlalchemy import exc as sa_exc
 
@@ -49,6 +53,9 @@ BLOCKED_LIST_RELOAD = 30.0
 
 # ...and an account is read again after this many seconds whatever the poll says.
 HISTORY_MAX_AGE = 60.0
+
+# The logins the database knows are sorted this many at a time when loaded.
+KNOWN_LOGINS_SORT_RUN = 65536
 
 class HistoryCache:
     """A bounded map login -> AccountHistory, least recently used out first.
@@ -110,6 +117,58 @@ class HistoryCache:
             self._entries.clear()
 
 
+class KnownLogins:
+    """Every login the database has history of (its sightings, the blocked
+    list, travel passes, --only-from), so that an account no daemon has ever
+    seen is decided without a read: loaded by the poll's thread, then fed by
+    the poll (other writers' changes) and by this daemon's own decisions.
+
+    Kept as hashes: a sorted array of those loaded (8 bytes a login: a million
+    accounts in 8 MB) and a set of those added since.  A collision only costs
+    a read that was not needed; a login is never missing while `loaded`."""
+
+    def __init__(self) -> None:
+        self._loaded: array = array("q")  # sorted
+        self._added: set = set()
+        self.loaded = False  # complete up to the poll's cursor (False again when the poll starts over)
+
+    def __contains__(self, login: str) -> bool:
+        code = hash(login)
+        if code in self._added:
+            return True
+        loaded = self._loaded
+        at = bisect.bisect_left(loaded, code)
+        return at < len(loaded) and loaded[at] == code
+
+    def add(self, login: str) -> None:
+        self._added.add(hash(login))  # one C call: atomic for the other threads
+
+    def load(self, logins: Iterable[str]) -> None:
+        """The database's logins (read after the poll's cursor was taken): the
+        set is complete from now on, the poll keeping it so."""
+        added = set(self._added)
+        self._loaded = _sorted_codes(itertools.chain((hash(login) for login in logins), added))
+        self._added.difference_update(added)
+        self.loaded = True
+
+    def __len__(self) -> int:
+        return len(self._loaded) + len(self._added)
+
+
+def _sorted_codes(codes: Iterable[int]) -> array:
+    """`codes` sorted (a repeated one does no harm), a run at a time: sorted()
+    over a million makes a million int objects at once, 40 MB more at the
+    daemon's start; a run's are a few."""
+    runs, run = [], array("q")
+    for code in codes:
+        run.append(code)
+        if len(run) == KNOWN_LOGINS_SORT_RUN:
+            runs.append(array("q", sorted(run)))
+            run = array("q")
+    runs.append(array("q", sorted(run)))
+    return array("q", heapq.merge(*runs))
+
+
 class AccountMemory:
     """What this daemon knows of accounts without asking the database.
 
@@ -143,6 +202,7 @@ class AccountMemory:
         self._applied: dict = {}  # change id -> monotonic time, for ids a settling poll may read again
         self._polls = 0
         self._polled_at = float("-inf")  # monotonic start of the latest successful poll
+        self.known = KnownLogins()
 
     def is_blocked(self, login: str) -> bool:
         return login in self._blocked
@@ -269,6 +329,21 @@ class AccountMemory:
             return None
         return self.histories.fresh(login, HISTORY_MAX_AGE)
 
+    @property
+    def polled_at(self) -> float:
+        """When the latest successful poll began (monotonic)."""
+        return self._polled_at
+
+    def never_seen(self, login: str) -> bool:
+        """No daemon and no administrator has written anything of this
+        account, as far as a current poll says: its history is empty without
+        a read.  (A new place decided on it is committed and read again
+        before its answer, as any: the crossing stays decided on the
+        database's view.)"""
+        if not self.known.loaded or time.monotonic() - self._polled_at > CHANGES_STALE_AFTER:
+            return False
+        return login not in self.known
+
     def last_known(self, login: str) -> Optional[AccountHistory]:
         """The account's history however old: what an outage is decided on."""
         return self.histories.get(login)
@@ -280,6 +355,7 @@ class AccountMemory:
         if blocked:  # only the poll and the full reload take an account off the list
             self.set_blocked(login, True)
         self.histories.put(login, history, read_at)
+        self.known.add(login)  # what this daemon writes of it, its own poll skips
 
     def poll(self, store: Store, keep: frozenset = frozenset()) -> Optional[DatabaseChanges]:
         """Read what other writers changed since the last poll and forget or
@@ -299,11 +375,18 @@ class AccountMemory:
                 changes = store.changes_after(self._cursor or 0)
             self._polls += 1
             self._settle_unblocks(store, self.apply(changes, started, keep), started, keep)
+            if not self.known.loaded:  # after the cursor is taken: the polls from it keep the set whole
+                self._load_known(store)
         except sa_exc.SQLAlchemyError as error:
             log.debug("poll of database changes failed: %s", first_line(error))
             return None
         self._polled_at = started
         return changes
+
+    def _load_known(self, store: Store) -> None:
+        loading = time.monotonic()
+        self.known.load(store.known_logins())
+        log.debug("%d logins known to the database, read in %.1f s", len(self.known), time.monotonic() - loading)
 
     def _start_over(self, store: Store, keep: frozenset, started: float, why: str) -> None:
         """Read the blocked list whole and the change log from its newest id
@@ -311,6 +394,7 @@ class AccountMemory:
         if why:
             log.warning("%s: reading the blocked list again and forgetting the accounts' histories", why)
         self._cursor = None
+        self.known.loaded = False  # the logins changed meanwhile may be missing: read again after this poll
         self._cursor_marks.clear()  # ids read before may be the database's again, for other rows
         self._applied.clear()
         self.histories.clear()
@@ -328,6 +412,7 @@ class AccountMemory:
                   for login, blocked_since, action, block_id in changes.accounts}
         unblocked = set()
         for login in changed:
+            self.known.add(login)  # before it is forgotten: never "never seen" in between
             self.histories.forget(login)
             blocked_since, action, block_id = states.get(login, (None, None, None))
             if blocked_since is not None and action != MONITOR_ACTION:

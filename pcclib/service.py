@@ -180,10 +180,13 @@ class PolicyService:
             # second try, unless a probe is due.
             if self.database.outage.failing and not probing and not self.database.outage.probe_due():
                 return self.outage_answers.answer(request, now)
-            read_at = time.monotonic()
-            history = self._read_or_answer(request, now, ticket)
-            if isinstance(history, Decision):
-                return history
+            if self.memory.never_seen(request.login):
+                history, read_at = self._never_seen_history(request.login)
+            else:
+                read_at = time.monotonic()
+                history = self._read_or_answer(request, now, ticket)
+                if isinstance(history, Decision):
+                    return history
         if not history.enforced_block and self.database.journal.pending() and request.login in self.database.journal.blocked_logins():
             # The database is back but this block is not in it yet (the
             # spool is being written): the database's history must not
@@ -267,6 +270,13 @@ class PolicyService:
         if not unwritten:
             return history
         return replaced(history, sightings=merge_sightings_by_country(history.sightings, unwritten))
+
+    def _never_seen_history(self, login: str) -> tuple:
+        """(the history, as of when) of an account the database has nothing
+        of: what this daemon counted and has not written yet, if anything;
+        as of the poll that says so."""
+        unwritten = self.database.sightings.pending_for(login)
+        return AccountHistory(sightings=merge_sightings_by_country((), unwritten)), self.memory.polled_at
 
     def settings_of(self, login: str) -> Settings:
         """pcc.conf's settings with the rules (pcc --rule) of the account's

@@ -15,7 +15,7 @@ import shlex
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional, Sequence, cast
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, cast
 
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
@@ -32,6 +32,8 @@ RULES_WRITER = "rules"
 
 # Logins per IN (...) list: well under every database's limit on parameters.
 IN_LIST_SIZE = 500
+# Rows fetched at a time when a daemon reads every login the database knows.
+KNOWN_LOGINS_BATCH = 10000
 
 # The database's clock and this host's may differ by this much (seconds)
 # before pcc moves to the database's; from CLOCK_WARN_OFFSET on it says so.
@@ -702,6 +704,16 @@ class Store:
             return list(connection.execute(
                 sa.select(RuleRow.scope, RuleRow.name, RuleRow.value, RuleRow.set_at, RuleRow.set_by)
                 .where(RuleRow.value.is_not(None)).order_by(RuleRow.scope, RuleRow.name)).all())
+
+    def known_logins(self) -> Iterator[str]:
+        """Every login with a row of history (sightings, the blocked list,
+        travel passes, --only-from), streamed: a million fit in no list."""
+        query = sa.union(sa.select(Sighting.login), sa.select(BlockedAccount.login), sa.select(TravelPass.login),
+                         sa.select(AllowedCountries.login))
+        with self.engine.connect() as connection:  # a transaction: PostgreSQL's server-side cursor needs one
+            for rows in connection.execution_options(yield_per=KNOWN_LOGINS_BATCH).execute(query).partitions():
+                for (login,) in rows:
+                    yield login
 
     def newest_change(self) -> int:
         with self.fast_engine.connect() as connection:

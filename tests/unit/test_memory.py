@@ -13,12 +13,14 @@ import time
 import sqlalchemy as sa
 from conftest import (
     count_rows,
+    counted_request,
     daemon_with_memory,
     sightings_in_database,
 )
 
 from pcclib.common import log, utcnow
 from pcclib.decision import AccountHistory, CountrySeen
+from pcclib import memory as memory_module
 from pcclib.logs import queue_logging
 from pcclib.memory import CHANGES_SETTLE_EVERY
 from pcclib.writer import SightingWriter
@@ -270,3 +272,75 @@ def test_a_new_place_is_committed_apart_and_kept_when_the_commit_fails(tmp_path)
     assert sightings_in_database(url) == {("alice@example.com", "JP"), ("alice@example.com", "FR"),
                                           ("bob@example.com", "GB")}
     store.dispose()
+
+
+def _reads(parts) -> int:
+    return parts.database.store.operation_counts().get("history_read", 0)
+
+
+def test_an_account_nobody_has_seen_is_decided_without_a_read_then_read_once_its_place_is_committed(
+        db_url, make_settings, geoip):
+    """#34: a first sighting costs the commit of its place and the one read
+    after it (where two daemons' new places meet), not a read before too."""
+    settings = make_settings(**{"db.dbcon": db_url, "policy.action": "REJECT"})
+    old = AdminStore(db_url)
+    old.create_tables()
+    now = utcnow()
+    old.merge_sightings([("old@example.com", CountrySeen("GB", now, now, "20.1.0.1"))])
+    parts = daemon_with_memory(settings, AdminStore(db_url), geoip)
+    assert parts.upkeep.poll_changes()
+    assert parts.service.answer(counted_request("GB", "new@example.com"), now) == "DUNNO"
+    assert _reads(parts) == 1, "a login no daemon has seen was read before its decision"
+    assert sightings_in_database(db_url, "new@example.com") == {("new@example.com", "GB")}
+    assert parts.service.answer(counted_request("US", "old@example.com"), now) == "DUNNO"
+    assert _reads(parts) == 3, "a login the database had before the daemon started was not read"
+    old.dispose()
+
+
+def test_what_another_writer_or_an_administrator_did_to_a_new_account_is_read_before_its_decision(
+        db_url, make_settings, geoip):
+    """The set of known logins follows the poll: --only-from set for an
+    account that never sent, or a sighting another daemon wrote, makes the
+    account's next request read the database."""
+    settings = make_settings(**{"db.dbcon": db_url, "policy.action": "REJECT"})
+    other = AdminStore(db_url)
+    other.create_tables()
+    parts = daemon_with_memory(settings, AdminStore(db_url), geoip)
+    assert parts.upkeep.poll_changes()
+    now = utcnow()
+    other.set_allowed_countries("ceo@example.com", ["ES"], now, "root")
+    other.merge_sightings([("bob@example.com", CountrySeen("GB", now, now, "20.1.0.1"))])
+    assert parts.upkeep.poll_changes()
+    assert parts.service.answer(counted_request("GB", "ceo@example.com"), now).startswith("REJECT")
+    assert _reads(parts) == 1  # read before its decision (the block needs no read after)
+    assert parts.service.answer(counted_request("US", "bob@example.com"), now) == "DUNNO"
+    assert _reads(parts) == 3  # read before its decision, and after its new place's commit
+    other.dispose()
+
+
+def test_without_a_current_poll_every_account_is_read(db_url, make_settings, geoip):
+    """The set is trusted only while the poll is: a daemon that cannot poll
+    (or has not yet loaded the set) reads as before."""
+    settings = make_settings(**{"db.dbcon": db_url})
+    parts = daemon_with_memory(settings, AdminStore(db_url), geoip)
+    parts.database.store.create_tables()
+    now = utcnow()
+    assert parts.service.answer(counted_request("GB", "first@example.com"), now) == "DUNNO"
+    assert _reads(parts) == 2, "decided without a read before the set of known logins was loaded"
+    assert parts.upkeep.poll_changes()
+    parts.service.memory._polled_at -= 10  # as if the poll had stopped 10 s ago
+    assert parts.service.answer(counted_request("GB", "second@example.com"), now) == "DUNNO"
+    assert _reads(parts) == 4, "decided without a read on a stale poll"
+
+
+def test_the_known_logins_are_every_login_loaded_or_added_and_no_other(monkeypatch):
+    monkeypatch.setattr(memory_module, "KNOWN_LOGINS_SORT_RUN", 3)  # several runs to merge
+    known = memory_module.KnownLogins()
+    known.add("early@example.com")  # a decision while the set loads
+    loaded = [f"user{n}@example.org" for n in range(20)] + ["user3@example.org"]
+    known.load(loaded)
+    known.add("later@example.com")
+    assert known.loaded
+    assert all(login in known for login in loaded + ["early@example.com", "later@example.com"])
+    assert not any(f"user{n}@example.org" in known for n in range(20, 200))
+    assert list(known._loaded) == sorted(known._loaded)
