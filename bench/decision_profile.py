@@ -15,9 +15,11 @@ Run by hand (not part of the test suite):
     .venv/bin/python bench/decision_profile.py --limits         # [limits] on, none reached
     .venv/bin/python bench/decision_profile.py --metrics        # the metrics port's counters on
 
-warm:        2,000 accounts that sent before, each from its home country (the
-             poll, run between requests as often as its thread would, keeps
-             their histories current: no database read).
+warm:        2,000 accounts that sent before, each from its home country
+             alone (the poll, run between requests as often as its thread
+             would, keeps their histories current: no database read, no
+             commit; bench/traffic.py's sporadic workload sends 2% from
+             elsewhere, each a new place committed before its answer).
 first-sight: every request from an account never seen (a read, a commit
              before the answer, a read again).
 
@@ -39,8 +41,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import bench  # noqa: E402
 import traffic  # noqa: E402
+from pcclib.common import utcnow  # noqa: E402
 from pcclib.config import load_settings  # noqa: E402
 from pcclib.daemon import build_parts  # noqa: E402
+from pcclib.decision import decide  # noqa: E402
 from pcclib.geoip import GeoIP  # noqa: E402
 from pcclib.late import RequestTicket, answer_in_time  # noqa: E402
 from pcclib.logs import queue_logging, setup_logging  # noqa: E402
@@ -123,6 +127,57 @@ def profile(label: str, fresh_parts, rounds: int, top: int) -> None:
     stats.sort_stats("tottime").print_stats(top)
 
 
+def stages(parts, requests: list, rounds: int) -> None:
+    """The warm path's stages one at a time, each over every request (the
+    poll run before each; CPU of this thread, the best of `rounds`), and what
+    the whole path costs beyond their sum (the lane, the ticket and the
+    Watchdog, recording)."""
+    service = parts.service
+    parsed = [parse_request(lines) for lines in requests]
+    located = [request.with_country(service.geoip.country(request.client_ip),
+                                    service.networks.lookup(request.client_ip)) for request in parsed]
+    now = utcnow()
+    parts.upkeep.poll_changes()
+    histories = [service.memory.current(request.login) for request in located]
+    if any(history is None for history in histories):
+        print("stages: some accounts are not in memory; run with more --decisions")
+        return
+    judged = [service.judged(history, request, now) for history, request in zip(histories, located)]
+    decisions = [decide(request, history, service.settings_of(request.login), now)
+                 for request, history in zip(located, judged)]
+    replies = [format_reply(decision.action) for decision in decisions]
+    steps = [
+        ("parse_request", lambda: [parse_request(lines) for lines in requests]),
+        ("GeoIP and network lists", lambda: [request.with_country(service.geoip.country(request.client_ip),
+                                                                  service.networks.lookup(request.client_ip))
+                                             for request in parsed]),
+        ("history from memory", lambda: [service.judged(service.memory.current(request.login), request, now)
+                                         for request in located]),
+        ("decide", lambda: [decide(request, history, service.settings_of(request.login), now)
+                            for request, history in zip(located, judged)]),
+        ("remember", lambda: [service.remember(request.login, history, decision, now)
+                              for request, history, decision in zip(located, histories, decisions)]),
+        ("log line", lambda: [service._log_decision(request, decision)
+                              for request, decision in zip(located, decisions)]),
+        ("reply and metrics", lambda: [(format_reply(decision.action), service.metrics.answered(reply, 0.001))
+                                       for decision, reply in zip(decisions, replies)]),
+        ("whole path", lambda: answer_all(parts, requests)),
+    ]
+    print(f"\nwarm path by stage (CPU of this thread a request, best of {rounds}):")
+    costs = {}
+    for label, run in steps:
+        best = float("inf")
+        for _round in range(rounds):
+            parts.upkeep.poll_changes()
+            began = time.thread_time()
+            run()
+            best = min(best, time.thread_time() - began)
+        costs[label] = best / len(requests) * 1e6
+        print(f"  {label:26s} {costs[label]:6.1f} us")
+    rest = costs["whole path"] - sum(cost for label, cost in costs.items() if label != "whole path")
+    print(f"  {'the rest (lane, ticket, Watchdog, record)':26s} {rest:6.1f} us")
+
+
 def lines_of(raw: list) -> list:
     """Each request's lines as the policy port reads them."""
     return [request.decode().strip().splitlines() for request in raw]
@@ -144,9 +199,10 @@ def main() -> None:
     n = args.decisions
 
     warm_parts = daemon_parts(args.limits, args.metrics)
-    warm = lines_of(traffic.sporadic_requests(pools, 2000, (args.rounds + 2) * n))
+    warm = lines_of(traffic.sporadic_requests(pools, 2000, (args.rounds + 2) * n, elsewhere=0))
     answer_all(warm_parts, warm[:n])  # every account seen once or more
     profile("warm", lambda k: (warm_parts, warm[(k + 1) * n:(k + 2) * n]), args.rounds, args.top)
+    stages(warm_parts, warm[n:2 * n], args.rounds)
 
     fresh = lines_of(traffic.first_sight_requests(pools, (args.rounds + 1) * n, offset=0))
     profile("first-sight", lambda k: (daemon_parts(args.limits, args.metrics), fresh[k * n:(k + 1) * n]),

@@ -51,15 +51,16 @@ def request_bytes(login: str, ip: str, n: int) -> bytes:
             "encryption_protocol=TLSv1.3\nencryption_cipher=TLS_AES_256_GCM_SHA384\n\n").encode()
 
 
-def sporadic_requests(pools: dict, accounts: int, count: int, seed: int = 3) -> list:
-    """Uniform accounts, each with a home country and address; 2% elsewhere."""
+def sporadic_requests(pools: dict, accounts: int, count: int, seed: int = 3, elsewhere: float = 0.02) -> list:
+    """Uniform accounts, each with a home country and address; `elsewhere`
+    of the requests (2%) from another country."""
     rng = random.Random(seed)
     countries = sorted(pools, key=lambda code: -len(pools[code]))
     homes = [countries[min(int(rng.expovariate(0.3)), len(countries) - 1)] for _ in range(accounts)]
     requests = []
     for n in range(count):
         account = rng.randrange(accounts)
-        country = homes[account] if rng.random() >= 0.02 else rng.choice(countries[:30])
+        country = homes[account] if rng.random() >= elsewhere else rng.choice(countries[:30])
         ip = pools[country][account % min(3, len(pools[country]))]
         requests.append(request_bytes(f"sporadic{account}@example.com", ip, n))
     return requests
