@@ -79,6 +79,10 @@ def queue_logging() -> logging.handlers.QueueListener:
     # The file and line of every log call (a stack walk per record) are not in
     # pcc's log format: the logging documentation's way to skip finding them.
     logging._srcfile = None
+    # Nor are the thread's and the multiprocessing process's names: not
+    # looking them up makes each record (one a decision) 2-3 us cheaper.
+    logging.logThreads = False
+    logging.logMultiprocessing = False
     with daemon_signals_blocked():  # the log writer never takes a stop or reload
         listener.start()
     return listener

@@ -120,7 +120,8 @@ class PolicyRequest:
         """The client address as an ipaddress object (IPv4-mapped IPv6 unwrapped), or None."""
         found = self.__dict__.get("_client_ip", _NOT_YET)
         if found is _NOT_YET:
-            found = self.__dict__["_client_ip"] = client_ip_of(self.client_address)
+            found, self.__dict__["_client_ip_text"] = client_ip_of(self.client_address)
+            self.__dict__["_client_ip"] = found
         return found
 
     @property
@@ -128,7 +129,8 @@ class PolicyRequest:
         """client_ip as stored with a sighting ("None" without one, as str() made it)."""
         text = self.__dict__.get("_client_ip_text")
         if text is None:
-            text = self.__dict__["_client_ip_text"] = str(self.client_ip)
+            self.__dict__["_client_ip"], text = client_ip_of(self.client_address)
+            self.__dict__["_client_ip_text"] = text
         return text
 
     def with_country(self, found: Country, network: Optional[NetworkFacts] = None) -> "PolicyRequest":
@@ -143,15 +145,16 @@ class PolicyRequest:
 
 
 _NOT_YET = object()
-_CLIENT_IPS: dict = {}  # client_address -> what _client_ip() made of it
+_CLIENT_IPS: dict = {}  # client_address -> (what _client_ip() made of it, as text)
 
 
-def client_ip_of(client_address: str):
-    """_client_ip(), remembered (the whole memory dropped when full: no
-    bookkeeping on the hot path; a dict's get and set are atomic)."""
-    found = _CLIENT_IPS.get(client_address, _NOT_YET)
-    if found is _NOT_YET:
-        found = _client_ip(client_address)
+def client_ip_of(client_address: str) -> tuple:
+    """(_client_ip(), its str()), remembered (the whole memory dropped when
+    full: no bookkeeping on the hot path; a dict's get and set are atomic)."""
+    found = _CLIENT_IPS.get(client_address)
+    if found is None:
+        address = _client_ip(client_address)
+        found = (address, str(address))
         if len(_CLIENT_IPS) >= CLIENT_IPS_KEPT:
             _CLIENT_IPS.clear()
         _CLIENT_IPS[client_address] = found
