@@ -101,6 +101,8 @@ class OutageState:
 
     def ok(self, wrote: bool = False) -> bool:
         """The database answered; True when that ends an outage."""
+        if not self.failing:  # nearly every request: no lock (an outage that starts now is not ended by this)
+            return False
         with self._lock:
             ending = self.failing and (wrote or not self._on_write)
             if ending:
