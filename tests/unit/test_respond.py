@@ -147,7 +147,8 @@ def test_a_block_decided_during_an_outage_ends_the_sessions_at_once(make_setting
     assert service.answer(counted_request("DE"), now + dt.timedelta(minutes=5)).startswith("HOLD")
     assert service.database.outage.failing
     deadline = time.monotonic() + 5
-    while not kicked.exists():
+    # The script's shell creates the file before echo writes its line: wait for the line.
+    while not (kicked.exists() and kicked.read_text().endswith("\n")):
         assert time.monotonic() < deadline, "no session was ended"
         time.sleep(0.05)
     assert kicked.read_text() == "kick -- alice@example.com\n"
