@@ -54,8 +54,10 @@ BLOCKED_LIST_RELOAD = 30.0
 # ...and an account is read again after this many seconds whatever the poll says.
 HISTORY_MAX_AGE = 60.0
 
-# The logins the database knows are sorted this many at a time when loaded.
+# The logins the database knows are sorted this many at a time when loaded,
+# and read again this many seconds after a read that failed.
 KNOWN_LOGINS_SORT_RUN = 65536
+KNOWN_LOGINS_RETRY = 60.0
 
 class HistoryCache:
     """A bounded map login -> AccountHistory, least recently used out first.
@@ -203,6 +205,7 @@ class AccountMemory:
         self._polls = 0
         self._polled_at = float("-inf")  # monotonic start of the latest successful poll
         self.known = KnownLogins()
+        self._known_load_after = float("-inf")  # monotonic time of the next try, after a failed one
 
     def is_blocked(self, login: str) -> bool:
         return login in self._blocked
@@ -375,18 +378,26 @@ class AccountMemory:
                 changes = store.changes_after(self._cursor or 0)
             self._polls += 1
             self._settle_unblocks(store, self.apply(changes, started, keep), started, keep)
-            if not self.known.loaded:  # after the cursor is taken: the polls from it keep the set whole
-                self._load_known(store)
         except sa_exc.SQLAlchemyError as error:
             log.debug("poll of database changes failed: %s", first_line(error))
             return None
         self._polled_at = started
+        if not self.known.loaded and started >= self._known_load_after:
+            self._load_known(store)  # after the cursor is taken: the polls from it keep the set whole
         return changes
 
     def _load_known(self, store: Store) -> None:
+        """Without it every account is read before its first decision, as
+        before: a failure costs speed, not protection (one line, a retry later)."""
         loading = time.monotonic()
-        self.known.load(store.known_logins())
-        log.debug("%d logins known to the database, read in %.1f s", len(self.known), time.monotonic() - loading)
+        try:
+            self.known.load(store.known_logins())
+        except sa_exc.SQLAlchemyError as error:
+            self._known_load_after = loading + KNOWN_LOGINS_RETRY
+            log.warning("cannot read the logins the database knows (every new account is read before its first "
+                        "decision until then; again in %.0f s): %s", KNOWN_LOGINS_RETRY, first_line(error))
+            return
+        log.info("%d logins known to the database, read in %.1f s", len(self.known), time.monotonic() - loading)
 
     def _start_over(self, store: Store, keep: frozenset, started: float, why: str) -> None:
         """Read the blocked list whole and the change log from its newest id

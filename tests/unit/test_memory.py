@@ -344,3 +344,23 @@ def test_the_known_logins_are_every_login_loaded_or_added_and_no_other(monkeypat
     assert all(login in known for login in loaded + ["early@example.com", "later@example.com"])
     assert not any(f"user{n}@example.org" in known for n in range(20, 200))
     assert list(known._loaded) == sorted(known._loaded)
+
+
+def test_logins_that_cannot_be_read_cost_reads_not_the_poll(tmp_path, make_settings, geoip, caplog, monkeypatch):
+    """A failing read of the known logins (a grant missing, a timeout) leaves
+    the poll working and every account read as before, with one WARNING."""
+    db_url = f"sqlite:///{tmp_path}/pcc.sqlite3"
+    settings = make_settings(**{"db.dbcon": db_url})
+    store = AdminStore(db_url)
+    store.create_tables()
+    parts = daemon_with_memory(settings, store, geoip)
+
+    def refused():
+        raise sa.exc.OperationalError("SELECT login", {}, Exception("permission denied"))
+
+    monkeypatch.setattr(store, "known_logins", refused)
+    with caplog.at_level(logging.WARNING, logger="pcc"):
+        assert parts.upkeep.poll_changes() and parts.upkeep.poll_changes()
+    assert caplog.text.count("cannot read the logins the database knows") == 1  # retried a minute later
+    assert parts.service.answer(counted_request("GB", "new@example.com"), utcnow()) == "DUNNO"
+    assert _reads(parts) == 2
