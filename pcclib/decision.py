@@ -194,9 +194,11 @@ def decide(request: PolicyRequest, history: Optional[AccountHistory], settings: 
     if request.check_only:
         return Decision("DUNNO", "not blocked (asked before the password is checked)")
     address = request.client_ip
-    if address is not None and any(address in network for network in settings.whitelistedips):
+    if settings.whitelistedips and address is not None and any(address in network
+                                                                for network in settings.whitelistedips):
         return Decision("DUNNO", "whitelisted client address")
-    notify = tuple(label for label in request.network_lists if settings.list_action(label) == "NOTIFY")
+    lists = request.network_lists  # mostly none: no generator then (this runs on every request)
+    notify = tuple(label for label in lists if settings.list_action(label) == "NOTIFY") if lists else ()
     decision = _blocked_at_once(request, history, settings, now) or _count(request, history, settings, now)
     if not decision.new_block and history.volume is not None:
         decision = _over_limit(request, history, settings, decision)
@@ -250,10 +252,12 @@ def _codes(request: PolicyRequest, settings: Settings) -> tuple:
     """What this request counts as: its country, and one marker for each COUNT
     network list it is on (counted whatever the country: a VPN exit in a
     home or ignored country is one more place all the same)."""
-    markers = tuple(network_list.marker for network_list in settings.network_lists
-                    if network_list.action == "COUNT" and network_list.label in request.network_lists)
     country = request.client_country
-    return ((country,) if country is not None else ()) + markers
+    codes = (country,) if country is not None else ()
+    if not request.network_lists:
+        return codes
+    return codes + tuple(network_list.marker for network_list in settings.network_lists
+                         if network_list.action == "COUNT" and network_list.label in request.network_lists)
 
 
 def _uncounted_country_reason(request: PolicyRequest, history: AccountHistory, settings: Settings,
