@@ -413,10 +413,18 @@ class Store:
             for engine in {self.engine, self.fast_engine}:
                 sa.event.listen(engine, "checkout", self._set_prepare_threshold)
                 sa.event.listen(engine, "handle_error", self._stop_preparing_if_pooled)
+        # Sightings and volume counts, written in transactions of their own:
+        # on SQLite a pool whose commits do not wait for the disk (see
+        # _sqlite_pragmas_for_sightings; each costs a tenth of a FULL one),
+        # elsewhere `engine`, each transaction asking for no wait itself
+        # (write_sightings).
+        self.sightings_engine = self.engine
         if self.url.get_backend_name() == "sqlite":
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
             if self.fast_engine is not self.engine:
                 sa.event.listen(self.fast_engine, "connect", _sqlite_pragmas_for_sightings)
+                self.sightings_engine = sa.create_engine(self.url, **options)
+                sa.event.listen(self.sightings_engine, "connect", _sqlite_pragmas_for_sightings)
         self.dialect = self.engine.dialect.name
         # What the daemon asked of the database, for the metrics: reads of an
         # account's history, sighting writes, block transactions (retries too).
@@ -506,6 +514,7 @@ class Store:
     def dispose(self) -> None:
         self.engine.dispose()
         self.fast_engine.dispose()
+        self.sightings_engine.dispose()
 
     def prove_writable(self) -> None:
         """Write what the daemon writes, then roll back: a database the daemon
@@ -640,9 +649,20 @@ class Store:
         two daemons writing overlapping batches take the row locks in the same
         order and cannot deadlock."""
         self._count("sighting_write")
-        with self.engine.begin() as connection:
+        with self.sightings_engine.begin() as connection:
+            self._commit_without_waiting(connection)
             connection.execute(self._sighting_merge, rows)
             self._log_changes(connection, [row["login"] for row in rows])
+
+    def _commit_without_waiting(self, connection) -> None:
+        """This transaction's commit returns before the disk (and a synchronous
+        standby) has it: sightings and counts, which every daemon sees at the
+        commit all the same; a crash of the server may lose the last few,
+        never a block (blocks commit as the server is configured).
+        PostgreSQL: per transaction; SQLite: sightings_engine's PRAGMA;
+        MariaDB has no such setting per transaction."""
+        if self.dialect == "postgresql":
+            connection.execute(sa.text("SET LOCAL synchronous_commit TO OFF"))
 
     def _log_changes(self, connection, logins: Iterable[str]) -> None:
         """The change log's rows for `logins`: the last statement of a write
@@ -680,7 +700,8 @@ class Store:
                 lambda new: [("messages", new.messages), ("recipients", new.recipients),
                              ("touched_at", new.touched_at)])
         rows = sorted(rows, key=lambda row: (row["login"], row["bucket"]))  # one lock order for every writer
-        with self.engine.begin() as connection:
+        with self.sightings_engine.begin() as connection:
+            self._commit_without_waiting(connection)
             connection.execute(statement, rows)
 
     def volume_touched_since(self, since: dt.datetime, from_bucket: int) -> Sequence:

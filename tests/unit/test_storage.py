@@ -219,3 +219,31 @@ def test_a_database_slow_to_answer_still_sets_the_time_to_within_half_its_round_
 def test_a_reading_across_a_step_of_this_hosts_clock_is_no_reading(clock):
     read_at(clock, 1_000_000.0, 30.0, -5.0)
     assert clock.offset == 0.0
+
+
+def test_sightings_commit_without_waiting_for_the_disk_and_blocks_with_it(service):
+    """#34: a sighting's commit (a first sighting's, before its answer) does
+    not wait for the disk (SQLite: synchronous=NORMAL) or the WAL flush and a
+    synchronous standby (PostgreSQL: synchronous_commit off for that
+    transaction); a block's commit waits as the server is configured."""
+    store = service.database.store
+    statements: list = []
+
+    def seen(_connection, _cursor, statement, *_rest):
+        statements.append(" ".join(statement.split()))
+
+    for engine in {store.engine, store.sightings_engine}:
+        sa.event.listen(engine, "before_cursor_execute", seen)
+    record(store, "alice@example.com", "GB", "20.1.0.1", T0)
+    wrote_sighting, statements[:] = list(statements), []
+    store.record_block("alice@example.com", T0, source="policy", action="HOLD", reason="test", countries=[])
+    wrote_block = list(statements)
+    if store.dialect == "sqlite":
+        with store.sightings_engine.connect() as connection:
+            assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+        with store.engine.connect() as connection:
+            assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL: blocks
+    if store.dialect == "postgresql":
+        assert wrote_sighting[0] == "SET LOCAL synchronous_commit TO OFF"
+        assert not any("synchronous_commit" in statement for statement in wrote_block)
+    assert count(store, Sighting, login="alice@example.com") == 1
