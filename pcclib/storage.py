@@ -423,7 +423,8 @@ class Store:
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
             if self.fast_engine is not self.engine:
                 sa.event.listen(self.fast_engine, "connect", _sqlite_pragmas_for_sightings)
-                self.sightings_engine = sa.create_engine(self.url, **options)
+                # Its writers take turns (the write-behind, a new place's commit, the volume counts): a few suffice.
+                self.sightings_engine = sa.create_engine(self.url, **{**options, "pool_size": 4, "max_overflow": 4})
                 sa.event.listen(self.sightings_engine, "connect", _sqlite_pragmas_for_sightings)
         self.dialect = self.engine.dialect.name
         # What the daemon asked of the database, for the metrics: reads of an
