@@ -136,14 +136,18 @@ class KnownLogins:
 
     def __contains__(self, login: str) -> bool:
         code = hash(login)
-        if code in self._added:
-            return True
+        return code in self._added or self._was_loaded(code)
+
+    def _was_loaded(self, code: int) -> bool:
         loaded = self._loaded
         at = bisect.bisect_left(loaded, code)
         return at < len(loaded) and loaded[at] == code
 
     def add(self, login: str) -> None:
-        self._added.add(hash(login))  # one C call: atomic for the other threads
+        """(Every decision adds its login: only a new one takes room.)"""
+        code = hash(login)
+        if code not in self._added and not self._was_loaded(code):
+            self._added.add(code)  # one C call: atomic for the other threads
 
     def load(self, logins: Iterable[str]) -> None:
         """The database's logins (read after the poll's cursor was taken): the
@@ -345,7 +349,7 @@ class AccountMemory:
         database's view.)"""
         if not self.known.loaded or time.monotonic() - self._polled_at > CHANGES_STALE_AFTER:
             return False
-        return login not in self.known
+        return login not in self.known and login not in self._blocked  # a blocked one always has rows: belt and braces
 
     def last_known(self, login: str) -> Optional[AccountHistory]:
         """The account's history however old: what an outage is decided on."""
