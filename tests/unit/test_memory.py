@@ -344,6 +344,9 @@ def test_the_known_logins_are_every_login_loaded_or_added_and_no_other(monkeypat
     assert all(login in known for login in loaded + ["early@example.com", "later@example.com"])
     assert not any(f"user{n}@example.org" in known for n in range(20, 200))
     assert list(known._loaded) == sorted(known._loaded)
+    for login in loaded:  # what every decision does: a login loaded already takes no more room
+        known.add(login)
+    assert len(known._added) == 1  # later@ alone
 
 
 def test_logins_that_cannot_be_read_cost_reads_not_the_poll(tmp_path, make_settings, geoip, caplog, monkeypatch):
