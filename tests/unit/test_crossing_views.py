@@ -70,3 +70,28 @@ def test_two_new_countries_on_views_read_before_each_others_commit(db_url, make_
     assert len(reads) == 2
     assert sightings_in_database(db_url, LOGIN) == {(LOGIN, c) for c in ("GB", "US", "FR", "DE")}
     stop(a, b)
+
+
+def test_an_account_new_to_both_daemons_is_decided_without_a_read_and_still_crosses(db_url, make_settings, geoip):
+    """#34: each daemon has loaded the logins the database knows (none of
+    this account), so each decides its first request of it on an empty
+    history without a read; the commit of each new place and the read after
+    it still bring the other's countries in, and the fourth blocks."""
+    settings = make_settings(**{"db.dbcon": db_url, "policy.action": "REJECT", "db.spool_file": ""})
+    daemons = [daemon_with_memory(settings, Store(db_url), geoip) for _ in range(2)]
+    for parts in daemons:
+        parts.database.store.create_tables()
+        assert parts.upkeep.poll_changes() and parts.service.memory.known.loaded
+        parts.database.sightings._thread = object()  # as if started: only a commit writes at once
+        parts.service.memory._polled_at = float("inf")  # no poll from here on: neither sees the other's changes
+    a, b = (parts.service for parts in daemons)
+    reads = [lambda service=service: service.database.store.operation_counts().get("history_read", 0)
+             for service in (a, b)]
+    assert answer(a, "GB") == "DUNNO" and reads[0]() == 1  # never seen: only the read after the commit
+    assert answer(b, "US", 1) == "DUNNO" and reads[1]() == 1  # never seen by B either (no poll since)
+    assert answer(a, "FR", 2) == "DUNNO"  # read again after its commit: GB, US, FR
+    assert answer(b, "DE", 3).startswith("REJECT")  # read again after its commit: four
+    assert answer(b, "GB", 4).startswith("REJECT")
+    assert daemons[0].upkeep.poll_changes()  # A learns of B's block from the change log
+    assert answer(a, "GB", 5).startswith("REJECT")
+    stop(a, b)
