@@ -186,29 +186,29 @@ class Settings:
     recipients_per_day: Optional[int] = None
     limit_action: str = "BLOCK"  # one of LIMIT_ACTIONS
 
-    # What the properties below compute is kept in the instance's dict (a
-    # frozen dataclass allows that; dataclasses.replace() starts afresh): each
-    # is asked several times a request.
+    def _kept(self, name: str, compute):
+        """What a property below computes, kept in the instance's dict (a
+        frozen dataclass allows that; dataclasses.replace() starts afresh):
+        each is asked several times a request."""
+        value = self.__dict__.get(name)
+        if value is None:
+            value = self.__dict__[name] = compute()
+        return value
+
     @property
     def volume_limits(self) -> tuple:
         """The limits on: (name, what is counted, window in hours, the limit)."""
-        limits = self.__dict__.get("_volume_limits")
-        if limits is None:
-            limits = self.__dict__["_volume_limits"] = tuple(
-                (name, counted, hours, getattr(self, name)) for name, counted, hours in VOLUME_LIMITS
-                if getattr(self, name) is not None)
-        return limits
+        return self._kept("_volume_limits", lambda: tuple(
+            (name, counted, hours, getattr(self, name)) for name, counted, hours in VOLUME_LIMITS
+            if getattr(self, name) is not None))
 
     @property
     def not_counted_codes(self) -> frozenset:
         """What an account's sightings hold that does not count: ignorecountries,
         and the markers of network lists that no longer COUNT (a list whose
         action changed, or that is gone, counts no more)."""
-        codes = self.__dict__.get("_not_counted_codes")
-        if codes is None:
-            counting = {network_list.marker for network_list in self.network_lists if network_list.action == "COUNT"}
-            codes = self.__dict__["_not_counted_codes"] = self.ignorecountries | (set(LIST_MARKER_CODES) - counting)
-        return codes
+        return self._kept("_not_counted_codes", lambda: self.ignorecountries | (set(LIST_MARKER_CODES) - {
+            network_list.marker for network_list in self.network_lists if network_list.action == "COUNT"}))
 
     @property
     def socket_uid(self) -> int:
@@ -236,18 +236,12 @@ class Settings:
 
     @property
     def country_window(self) -> dt.timedelta:
-        window = self.__dict__.get("_country_window")
-        if window is None:
-            window = self.__dict__["_country_window"] = dt.timedelta(days=self.in_how_much_time_in_days)
-        return window
+        return self._kept("_country_window", lambda: dt.timedelta(days=self.in_how_much_time_in_days))
 
     @property
     def block_reply(self) -> str:
         """What Postfix is told for a blocked account: "<action> <reason>"."""
-        reply = self.__dict__.get("_block_reply")
-        if reply is None:
-            reply = self.__dict__["_block_reply"] = f"{self.action} {self.reason}".strip()
-        return reply
+        return self._kept("_block_reply", lambda: f"{self.action} {self.reason}".strip())
 
     @property
     def holds_queued_mail(self) -> bool:
