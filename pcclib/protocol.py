@@ -118,20 +118,18 @@ class PolicyRequest:
     @property
     def client_ip(self):
         """The client address as an ipaddress object (IPv4-mapped IPv6 unwrapped), or None."""
-        found = self.__dict__.get("_client_ip", _NOT_YET)
-        if found is _NOT_YET:
-            found, self.__dict__["_client_ip_text"] = client_ip_of(self.client_address)
-            self.__dict__["_client_ip"] = found
-        return found
+        return self._client_ip_parsed()[0]
 
     @property
     def client_ip_text(self) -> str:
         """client_ip as stored with a sighting ("None" without one, as str() made it)."""
-        text = self.__dict__.get("_client_ip_text")
-        if text is None:
-            self.__dict__["_client_ip"], text = client_ip_of(self.client_address)
-            self.__dict__["_client_ip_text"] = text
-        return text
+        return self._client_ip_parsed()[1]
+
+    def _client_ip_parsed(self) -> tuple:
+        parsed = self.__dict__.get("_client_ip_pair")  # not the method's name: the instance's dict would hide it
+        if parsed is None:
+            parsed = self.__dict__["_client_ip_pair"] = client_ip_of(self.client_address)
+        return parsed
 
     def with_country(self, found: Country, network: Optional[NetworkFacts] = None) -> "PolicyRequest":
         """This request with what the GeoIP lookup found (what was computed kept)."""
@@ -144,7 +142,6 @@ class PolicyRequest:
         return self.network.labels if self.network is not None else ()
 
 
-_NOT_YET = object()
 _CLIENT_IPS: dict = {}  # client_address -> (what _client_ip() made of it, as text)
 
 
