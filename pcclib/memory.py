@@ -332,9 +332,13 @@ class AccountMemory:
 
     def current(self, login: str) -> Optional[AccountHistory]:
         """The account's history, if the poll keeps it current."""
-        if time.monotonic() - self._polled_at > CHANGES_STALE_AFTER:
+        if not self._poll_current():
             return None
         return self.histories.fresh(login, HISTORY_MAX_AGE)
+
+    def _poll_current(self) -> bool:
+        """What this daemon knows of the others is less than a second old."""
+        return time.monotonic() - self._polled_at <= CHANGES_STALE_AFTER
 
     @property
     def polled_at(self) -> float:
@@ -347,7 +351,7 @@ class AccountMemory:
         a read.  (A new place decided on it is committed and read again
         before its answer, as any: the crossing stays decided on the
         database's view.)"""
-        if not self.known.loaded or time.monotonic() - self._polled_at > CHANGES_STALE_AFTER:
+        if not self.known.loaded or not self._poll_current():
             return False
         return login not in self.known and login not in self._blocked  # a blocked one always has rows: belt and braces
 

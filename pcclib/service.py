@@ -282,16 +282,13 @@ class PolicyService:
             history = self.database.store.load_history(login, now - self.settings_of(login).country_window)
         finally:
             ticket.reading_database = False
-        if not unwritten:
-            return history
-        return replaced(history, sightings=merge_sightings_by_country(history.sightings, unwritten))
+        return _with_unwritten(history, unwritten)
 
     def _never_seen_history(self, login: str) -> tuple:
         """(the history, as of when) of an account the database has nothing
         of: what this daemon counted and has not written yet, if anything;
         as of the poll that says so."""
-        unwritten = self.database.sightings.pending_for(login)
-        return AccountHistory(sightings=merge_sightings_by_country((), unwritten)), self.memory.polled_at
+        return _with_unwritten(AccountHistory(), self.database.sightings.pending_for(login)), self.memory.polled_at
 
     def settings_of(self, login: str) -> Settings:
         """pcc.conf's settings with the rules (pcc --rule) of the account's
@@ -518,6 +515,13 @@ class OutageAnswers:
             return Decision(service.settings_of(request.login).block_reply,
                             "account known to be blocked (database refused the request)")
         return Decision(service.settings.db_error_action, "database refused this request's values")
+
+
+def _with_unwritten(history: AccountHistory, unwritten: tuple) -> AccountHistory:
+    """`history` with the sightings this daemon counted and has not written yet."""
+    if not unwritten:
+        return history
+    return replaced(history, sightings=merge_sightings_by_country(history.sightings, unwritten))
 
 
 def _network_words(network) -> str:
