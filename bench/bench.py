@@ -225,18 +225,41 @@ class Server:
             if self.process.poll() is not None:
                 raise RuntimeError(f"{self.name} exited: {open(self.log_path).read()[-2000:]}")
             try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return self
+                if self._answering():
+                    return self
             except OSError:
-                time.sleep(0.1)
+                pass
+            time.sleep(0.1)
         raise RuntimeError(f"{self.name} did not listen on {self.port}")
 
+    def _answering(self):
+        """Whether the server answers; with several worker processes
+        (processes=N/N in pcc's health words), every one of them."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as connection:
+            if not self.name.startswith("pcc") or "-x" not in self.name:
+                return True
+            connection.sendall(b"request=pcc_health\n\n")
+            reply = b""
+            while not reply.endswith(b"\n\n"):
+                chunk = connection.recv(4096)
+                if not chunk:
+                    return False
+                reply += chunk
+        words = dict(word.split("=", 1) for word in reply.decode().split() if "=" in word)
+        answered, _slash, processes = words.get("processes", "0/1").partition("/")
+        return answered == processes
+
     def rss_mb(self, key="VmHWM"):
-        with open(f"/proc/{self.process.pid}/status") as status:
-            for line in status:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) / 1024
-        return float("nan")
+        """The peak RSS of the server's process, or of the largest of its
+        worker processes (pcc's [server] processes: per process)."""
+        pids = [self.process.pid]
+        try:
+            with open(f"/proc/{self.process.pid}/task/{self.process.pid}/children") as children:
+                pids += [int(pid) for pid in children.read().split()]
+        except OSError:
+            pass
+        sizes = [_status_mb(pid, key) for pid in pids]
+        return max(sizes) if sizes else float("nan")
 
     def __exit__(self, *exc):
         self.process.terminate()
@@ -245,6 +268,17 @@ class Server:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+def _status_mb(pid, key):
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
 
 
 def free_port():

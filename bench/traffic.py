@@ -8,6 +8,7 @@ PostgreSQL and MariaDB of the test setup:
     .venv/bin/python bench/traffic.py --duration 4    # shorter cells
     .venv/bin/python bench/traffic.py --only "pcc SQLite" --workloads sporadic
     .venv/bin/python bench/traffic.py --limits --only "pcc SQLite,pcc SQLite +limits"
+    .venv/bin/python bench/traffic.py --only "pcc SQLite,pcc SQLite x2" --processes 1,2
 
 Workloads (the same requests for every server):
   read-mostly   bench.py's: half of the requests from a few heavy accounts
@@ -21,7 +22,7 @@ Workloads (the same requests for every server):
                 seen before: every request is a first sighting (a write).
 
 Servers: the protocol floor (bench/floor.py), pcc on SQLite, PostgreSQL and
-MariaDB, and the peer policyd-rate-limit 1.2.0 on the same three databases,
+MariaDB (with 1 and 2 worker processes, [server] processes: "x2"), and the peer policyd-rate-limit 1.2.0 on the same three databases,
 each driven at 1, 8, 32 and 128 persistent connections by one load-generator
 process.  Printed as it goes; the table replaces the "Traffic" section of
 bench/RESULTS.md.
@@ -77,14 +78,19 @@ def first_sight_requests(pools: dict, count: int, offset: int, seed: int = 4) ->
     return requests
 
 
-def servers(workdir: str, limits: bool = False) -> list:
+def servers(workdir: str, limits: bool = False, processes: tuple = (1,)) -> list:
     """(label, kind, factory) for every server of the run; `limits`: pcc with
-    [limits] on too ("pcc SQLite +limits"), limits no account reaches."""
+    [limits] on too ("pcc SQLite +limits"), limits no account reaches;
+    `processes`: pcc with each of these [server] processes ("pcc SQLite x2")."""
     sqlite_url = f"sqlite:///{workdir}/traffic.sqlite3"
     made = [("floor", "floor", bench.floor_server)]
     for name, url in (("SQLite", sqlite_url), ("PostgreSQL", bench.PG_URL), ("MariaDB", bench.MY_URL)):
-        made.append((f"pcc {name}", "pcc", lambda name=name, url=url: (bench.reset_pcc_tables(url),
-                                                                     bench.pcc_server(name, url, workdir))[1]))
+        for count in processes:
+            more = {"processes = 1\n": f"processes = {count}\n"}
+            made.append((f"pcc {name}" + (f" x{count}" if count > 1 else ""), "pcc",
+                         lambda name=name, url=url, count=count, more=more: (
+                             bench.reset_pcc_tables(url),
+                             bench.pcc_server(name + (f"-x{count}" if count > 1 else ""), url, workdir, more))[1]))
         if limits:
             made.append((f"pcc {name} +limits", "pcc", lambda name=name, url=url: (
                 bench.reset_pcc_tables(url), bench.pcc_server(f"{name}-limits", url, workdir, bench.LIMITS_ON))[1]))
@@ -103,7 +109,7 @@ def measure(args, log) -> dict:
     log(f"requests built ({per_cell:,} first sightings per cell)")
     workdir = tempfile.mkdtemp(prefix="pcc-traffic-")
     rows = {}
-    for label, kind, make in servers(workdir, args.limits):
+    for label, kind, make in servers(workdir, args.limits, args.processes):
         if args.only and label not in args.only:
             continue
         for workload in args.workloads:
@@ -138,7 +144,8 @@ def table(rows: dict, info: dict, args) -> list:
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for (label, workload, connections), r in rows.items():
         ratio = f"{r['per_second'] / floor[connections]:.2f}" if floor.get(connections) else "-"
-        peer = peers.get((label.replace("pcc", "peer"), workload, connections)) if label.startswith("pcc") else None
+        peer_label = label.replace("pcc", "peer").split(" x")[0]  # pcc's processes against the one peer
+        peer = peers.get((peer_label, workload, connections)) if label.startswith("pcc") else None
         versus = f"{r['per_second'] / peer:.1f}x" if peer else "-"
         lines.append(f"| {label} | {workload} | {connections} | {r['per_second']:.0f} | {ratio} | {versus} | "
                      f"{r['p50']:.2f} | {r['p99']:.2f} | {r['rss']:.0f} |")
@@ -165,6 +172,8 @@ def main():
     parser.add_argument("--only", type=lambda text: text.split(","), default=None, help="server labels")
     parser.add_argument("--output", default=os.path.join(HERE, "RESULTS.md"))
     parser.add_argument("--limits", action="store_true", help="also pcc with [limits] on (none reached)")
+    parser.add_argument("--processes", type=lambda text: tuple(int(n) for n in text.split(",")), default=(1, 2),
+                        help="pcc's [server] processes, each a row (default 1,2)")
     args = parser.parse_args()
 
     def log(text):

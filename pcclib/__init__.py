@@ -18,6 +18,7 @@ it in this list:
   memory     histories and the blocked list kept in memory, the poll of changes
   volume     what each account sent, for the [limits]: counted here, summed across daemons
   outage     the outage state machine; the spool of blocks decided while the database fails
+  board      what a daemon's worker processes tell each other: health and metrics, on shared pages
   metrics    the Prometheus endpoint
   database   the Store, its tables, outage in and out, the spool written, the probe
   upkeep     memory kept current: the blocked list, the poll of changes, the trim
@@ -28,6 +29,7 @@ it in this list:
   dovecot    the Dovecot auth policy port, an adapter onto the service
   logs       syslog/stderr, secrets masked, through a queue
   daemon     pcc.py -d: the parts built, start, reload, housekeeping, stop
+  workers    [server] processes: the master, its workers on one port, their restarts
   admin      -l -s -b -u -r -e -c --allow --only-from
   replay     --replay of Postfix and Dovecot logs
   update     --update-geoip, --update-lists: download, check, install

@@ -200,6 +200,10 @@ def run_mode(settings: Settings, arguments: argparse.Namespace) -> int:
         from .daemon import run_daemon
 
         setup_logging(arguments.verbose, arguments.stderr, secrets_of(settings))
+        if settings.processes > 1:
+            from .workers import run_workers
+
+            return run_workers(settings)  # each worker process logs through a queue of its own
         listener = queue_logging()
         try:
             return run_daemon(settings)

@@ -177,6 +177,7 @@ class Settings:
     socket_owner: str = ""  # its owner; "" = the daemon's user
     socket_group: str = ""  # its group; "" = the daemon's group
     socket_mode: int = 0o660
+    processes: int = 1  # worker processes on the ports (SO_REUSEPORT); auto resolved to the cores
     # [policy], since 1.6
     monitor_answer: str = "DUNNO"  # DUNNO or WARN: monitor mode's answer for what it would have stopped
     # [limits], since 1.6: None = that limit off
@@ -494,7 +495,22 @@ class FileMode:
         return int(text, 8)
 
 
-Kind = Union[Text, Whole, Number, Choice, ListOf, FileMode]
+@dataclass(frozen=True)
+class Processes:
+    """A number of processes, or auto: one per core this process may run on."""
+
+    low: int = 1
+    high: int = 256
+    blank: str = "1"
+    values: str = "a whole number, 1 to 256, or auto (one per core)"
+
+    def read(self, config: _ConfigReader, section: str, key: str) -> Any:
+        if config.text(section, key).lower() == "auto":
+            return max(1, min(self.high, len(os.sched_getaffinity(0))))
+        return config.integer(section, key, self.low, self.high, blank=1)
+
+
+Kind = Union[Text, Whole, Number, Choice, ListOf, FileMode, Processes]
 
 
 @dataclass(frozen=True)
@@ -534,6 +550,10 @@ KEYS = (
         "The socket's group: Postfix's (postfix) with mode 0660; the daemon's user must be in it.", since="1.6"),
     Key("server", "socket_mode", "socket_mode", FileMode(0o660, "0660"),
         "The socket's mode: who may connect (write permission).", since="1.6"),
+    Key("server", "processes", "processes", Processes(),
+        "Worker processes answering on the policy, Dovecot and metrics ports (SO_REUSEPORT), each a daemon "
+        "of its own on the one database, under one master process; more than 1 needs a TCP port (not the "
+        "socket). A process decides about 4,000 requests a second on one core.", since="1.6"),
     Key("db", "dbcon", "dbcon", Text(values="an SQLAlchemy URL: sqlite:////path, mysql+pymysql://, "
                                             "postgresql+psycopg://"),
         "The database. The user needs SELECT, INSERT, UPDATE and CREATE; tables are made on first start."),
@@ -871,6 +891,10 @@ def _require_places(config: _ConfigReader, path: str, kind: Optional[str]) -> No
 def _check_socket(config: _ConfigReader, settings: Settings) -> None:
     if settings.port == 0 and not settings.socket:
         raise config.fail("server", "port", "0 (no TCP port) needs a [server] socket to listen on")
+    if settings.processes > 1 and settings.socket:
+        raise config.fail("server", "processes", f"{settings.processes} processes share TCP ports only: leave "
+                                                 f"[server] socket blank (Postfix: check_policy_service inet:) "
+                                                 f"or set processes = 1")
     if (settings.socket_owner or settings.socket_group) and not settings.socket:
         raise config.fail("server", "socket", "must be set with socket_owner or socket_group")
     if settings.socket and not os.path.isabs(settings.socket):

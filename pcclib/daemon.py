@@ -23,6 +23,7 @@ from .geoip import GeoIP, warn_about_geoip
 from .networks import Networks
 from .logs import MaskingFormatter, refuse_to_start, secrets_of
 from .mailqueue import PostfixQueue
+from .board import WorkerSeat, whole_daemon_metrics
 from .database import Database
 from .memory import CHANGES_TRIM_INTERVAL, AccountMemory
 from .metrics import Metrics
@@ -71,7 +72,9 @@ def build_parts(settings: Settings, store: Store, geoip: GeoIP, notifier: Notifi
     return Parts(service, database, MemoryUpkeep(memory, database, lambda: service.settings), SelfReport(service))
 
 
-def run_daemon(settings: Settings) -> int:
+def run_daemon(settings: Settings, seat: Optional[WorkerSeat] = None) -> int:
+    """The daemon, or (seat) one worker process of a daemon of several
+    ([server] processes, workers.py): the same, on the sockets its master bound."""
     refusal = files_refused(settings)
     if not refusal:
         settings, refusal = queue_holding(settings)
@@ -85,8 +88,10 @@ def run_daemon(settings: Settings) -> int:
     warn_about_geoip(geoip)
     networks = Networks(settings)
     metrics = Metrics(enabled=settings.metrics_port is not None)
-    parts = build_parts(settings, Store(settings.dbcon), geoip, Notifier(settings),
-                        OutageJournal(settings.spool_file), networks, metrics)
+    journal = OutageJournal(seat.spool_path(settings.spool_file) if seat else settings.spool_file)
+    if seat is None or seat.index == 0:
+        journal.adopt_spools_beyond(seat.processes if seat else 1)
+    parts = build_parts(settings, Store(settings.dbcon), geoip, Notifier(settings), journal, networks, metrics)
     service, database = parts.service, parts.database
     metrics.report_from(parts.report.state, parts.report.count_blocked)
     try:
@@ -102,7 +107,7 @@ def run_daemon(settings: Settings) -> int:
     # A signal that comes as soon as a port is open (a reload, a stop) waits
     # until its handler is in place: by default SIGHUP would end the daemon.
     signal.pthread_sigmask(signal.SIG_BLOCK, DAEMON_SIGNALS)
-    listeners = open_listeners(settings, service, parts.report)
+    listeners = open_listeners(settings, service, parts.report, seat)
     if listeners is None:
         return 1
     # server: the listener served in this thread (the port; the socket
@@ -113,6 +118,8 @@ def run_daemon(settings: Settings) -> int:
     database.sightings.start()
     parts.upkeep.start(server.stopping)
     start_thread(database.probe_while_failing, "pcc-probe", server.stopping)
+    if seat is not None:
+        start_board(seat, parts, server.stopping)
 
     def on_stop(_signum, _frame):
         if not server.stopping.is_set():
@@ -134,6 +141,8 @@ def run_daemon(settings: Settings) -> int:
     if settings.dovecot_policy_port:
         extra_ports.append(f"Dovecot auth policy on port {settings.dovecot_policy_port}, logins "
                            f"{'counted' if settings.count_logins else 'checked against the blocked list only'}")
+    if seat is not None:
+        extra_ports.append(f"worker process {seat.index + 1} of {seat.processes}")
     log.info("pcc %s listening on %s%s; database %s; GeoIP %s; %s", __version__, listening_on(settings),
              f" ({'; '.join(extra_ports)})" if extra_ports else "",
              safe_url(settings.dbcon), geoip.description, describe_rules(settings))
@@ -211,15 +220,21 @@ def not_writable(path: str) -> str:
     return ""
 
 
-def open_listeners(settings: Settings, service: PolicyService, report: SelfReport) -> Optional[tuple]:
+def open_listeners(settings: Settings, service: PolicyService, report: SelfReport,
+                   seat: Optional[WorkerSeat] = None) -> Optional[tuple]:
     """(the policy server, the Dovecot server or None, the policy socket or
     None), or None when one cannot be opened (logged).  The policy port
     opens last: a daemon that exits for want of another port never accepted
-    a connection from Postfix."""
+    a connection from Postfix.  A worker process (seat) serves the sockets
+    its master bound, and speaks for the whole daemon on --health and /metrics."""
+    adopted = seat.sockets if seat else {}
+    if seat is not None:
+        report.board = seat.board
     if settings.metrics_port is not None:
         try:
             service.metrics.serve(settings.host, settings.metrics_port, lambda: service.settings.allowed_clients,
-                                  connection_caps(settings.max_connections)["metrics"])
+                                  connection_caps(settings.max_connections)["metrics"], adopted.get("metrics"),
+                                  (lambda: whole_daemon_metrics(seat.board)) if seat else None)
         except OSError as error:
             log.error("cannot serve metrics on %s:%s: %s", settings.host, settings.metrics_port,
                       error.strerror or error)
@@ -227,7 +242,7 @@ def open_listeners(settings: Settings, service: PolicyService, report: SelfRepor
     dovecot = None
     if settings.dovecot_policy_port is not None:
         try:
-            dovecot = DovecotPolicyServer(settings, service)
+            dovecot = DovecotPolicyServer(settings, service, adopted.get("dovecot"))
         except OSError as error:
             log.error("cannot listen for Dovecot on %s:%s: %s", settings.host, settings.dovecot_policy_port,
                       error.strerror or error)
@@ -240,7 +255,8 @@ def open_listeners(settings: Settings, service: PolicyService, report: SelfRepor
         if not settings.port:
             server, policy_socket = policy_socket, None  # the socket alone, served in the main thread
         else:
-            server = PolicyServer(settings, service, report, listeners, sibling=policy_socket)
+            server = PolicyServer(settings, service, report, listeners, sibling=policy_socket,
+                                  adopt=adopted.get("policy"))
     except OSError as error:
         where = settings.socket if settings.socket and policy_socket is None else f"{settings.host}:{settings.port}"
         log.error("cannot listen on %s: %s", where, error.strerror or error)
@@ -287,6 +303,9 @@ def reload_settings(server: PolicyListener, policy_socket: Optional[PolicySocket
     if new.metrics_port != old.metrics_port:
         log.warning("reload: a new metrics_port needs a restart; metrics stay %s",
                     f"on port {old.metrics_port}" if old.metrics_port else "off")
+    if new.processes != old.processes:
+        log.warning("reload: a new [server] processes needs a restart; still %d", old.processes)
+        new = dataclasses.replace(new, processes=old.processes)
     if new.dovecot_policy_port != old.dovecot_policy_port:
         log.warning("reload: a new [dovecot] policy_port needs a restart; the Dovecot port stays %s",
                     f"{old.dovecot_policy_port}" if old.dovecot_policy_port else "off")
@@ -303,6 +322,22 @@ def reload_settings(server: PolicyListener, policy_socket: Optional[PolicySocket
     log.info("configuration %s reloaded; database %s; GeoIP %s; %s; %s", new.config_path, database,
              geoip.description, describe_rules(new), networks.describe())
     warn_about_geoip(geoip)
+
+
+def start_board(seat: WorkerSeat, parts: Parts, stopping: threading.Event) -> None:
+    """A worker's thread that leaves its --health words and metrics on the
+    board when another process asks; the master gone, the worker stops."""
+    metrics = parts.service.metrics
+
+    def report() -> dict:
+        return {"health": parts.report.own_health_report(), "metrics": metrics.text() if metrics.enabled else ""}
+
+    def orphaned() -> None:
+        log.error("the master process is gone (killed?); this worker stops")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    seat.board.now_serving(seat.index)
+    start_thread(seat.publish_when_asked, "pcc-board", report, stopping, orphaned)
 
 
 def _socket_of(settings: Settings) -> tuple:

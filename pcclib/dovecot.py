@@ -156,7 +156,9 @@ class DovecotPolicyServer(BoundedHttpPort, http.server.ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 256
 
-    def __init__(self, settings: Settings, service: "PolicyService"):
+    def __init__(self, settings: Settings, service: "PolicyService", adopt: Optional[socket.socket] = None):
+        """adopt: the socket the master bound for this worker process ([server] processes)."""
+        self.adopted = adopt
         self.service = service
         self.init_bounds(connection_caps(settings.max_connections)["dovecot"],
                          "its share of the open-file limit")

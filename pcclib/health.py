@@ -73,6 +73,10 @@ def check_health(settings: Settings) -> tuple:
     if report["database"] != "ok":
         critical.append(f"the daemon cannot use its database for {failing} s "
                         f"({report.get('error_answers', '?')} requests answered {settings.db_error_action})")
+    answered, _slash, processes = report.get("processes", "1/1").partition("/")
+    if answered != processes:
+        critical.append(f"{int(processes) - int(answered)} of {processes} worker processes did not answer "
+                        f"(process {report.get('silent_processes', '?')}: restarting, or stuck; see the log)")
     built = report.get("geoip_built", "unknown")
     age = (utcnow().date() - dt.date.fromisoformat(built)).days if built != "unknown" else None
     if age is None or age > GEOIP_STALE_AFTER.days:
@@ -95,7 +99,8 @@ def check_health(settings: Settings) -> tuple:
     # Named as the metrics are (pcc_spooled_blocks...), so a graph of either reads the same.
     perfdata = (f"response_time={seconds:.3f}s;;{HEALTH_TIMEOUT:g} pcc_database_failing_seconds={failing}s "
                 f"pcc_spooled_blocks={spooled};1 pcc_unsent_notifications={unsent} "
-                f"pcc_geoip_age_days={age if age is not None else 'U'};{GEOIP_STALE_AFTER.days}")
+                f"pcc_geoip_age_days={age if age is not None else 'U'};{GEOIP_STALE_AFTER.days}"
+                + (f" pcc_worker_processes={answered};;;0;{processes}" if "processes" in report else ""))
     return status, f"PCC {HEALTH_LABELS[status]} - {summary} | {perfdata}"
 
 

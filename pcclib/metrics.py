@@ -73,10 +73,19 @@ class Metrics:
         if self.enabled:
             self.registry.register(_StateCollector(state, count_blocked))
 
-    def serve(self, host: str, port: int, allowed_clients: Callable[[], tuple], cap: int) -> None:
+    def text(self) -> str:
+        """This process's metrics in Prometheus' text format."""
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry).decode()
+
+    def serve(self, host: str, port: int, allowed_clients: Callable[[], tuple], cap: int,
+              adopt: Optional[socket.socket] = None, exposition: Optional[Callable[[], str]] = None) -> None:
         """Serve /metrics from a thread of its own to at most `cap` clients at
         once; `allowed_clients()` (the setting in force, reloads included)
-        guards it as it guards the policy port."""
+        guards it as it guards the policy port.  With several worker processes:
+        `adopt`, the socket the master bound for this one, and `exposition`,
+        the whole daemon's metrics (this process's alone without it)."""
         from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
         from prometheus_client import make_wsgi_app
@@ -106,9 +115,10 @@ class Metrics:
                 finally:
                     self.server.answering(self.request, False)
 
+        MetricsServer.adopted = adopt
         server = MetricsServer((host, port), MetricsHandler)
         server.init_bounds(cap, "its share of the open-file limit")
-        server.set_app(make_wsgi_app(self.registry))
+        server.set_app(make_wsgi_app(self.registry) if exposition is None else _exposition_app(exposition))
         start_thread(server.serve_forever, "pcc-metrics")
 
     def answered(self, reply: bytes, seconds: float) -> None:
@@ -163,6 +173,21 @@ class Metrics:
     def dovecot(self, command: str, status: str) -> None:
         if self.enabled:
             self._dovecot.labels(command, status).inc()
+
+
+def _exposition_app(exposition: Callable[[], str]):
+    """A WSGI app answering /metrics with `exposition()`."""
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    def app(environ, start_response):
+        if environ.get("PATH_INFO", "/") not in ("/", "/metrics"):
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"not found\n"]
+        body = exposition().encode()
+        start_response("200 OK", [("Content-Type", CONTENT_TYPE_LATEST), ("Content-Length", str(len(body)))])
+        return [body]
+
+    return app
 
 
 class _StateCollector:

@@ -36,6 +36,16 @@ SPOOL_REWRITE_EVERY = 100
 SPOOL_ENTRY_KEYS = {"login": str, "at": str, "action": str, "reason": str, "countries": list,
                     "trigger": dict, "sighting": list}
 
+# The most worker processes a daemon has ([server] processes): the spools a
+# daemon with fewer looks for, left by one that had more.
+MOST_SPOOLS = 256
+
+
+def worker_spool(spool_file: str, index: int) -> str:
+    """Worker process `index`'s spool: spool_file for the first (and for a
+    daemon of one process), spool_file.N for the others."""
+    return spool_file if not spool_file or index == 0 else f"{spool_file}.{index}"
+
 
 def valid_spool_entry(entry) -> bool:
     if not isinstance(entry, dict) or not all(isinstance(entry.get(key), kind)
@@ -182,6 +192,32 @@ class OutageJournal:
                 self._set_aside(line, "cannot be read as a block")
         if damaged:
             self._rewrite_spool()
+
+    def adopt_spools_beyond(self, processes: int) -> None:
+        """Take in the spools of worker processes a daemon of more processes
+        left (its blocks are in this spool, on disk, before theirs go)."""
+        if not self.spool_path:
+            return
+        for index in range(max(processes, 1), MOST_SPOOLS):
+            orphan = worker_spool(self.spool_path, index)
+            if not os.path.lexists(orphan):
+                continue
+            try:
+                adopted = OutageJournal(orphan)  # read and checked like this daemon's own; never a link
+            except OSError as error:
+                log.error("spool %s cannot be read (%s); its blocks wait for a person", orphan,
+                          error.strerror or error)
+                continue
+            with self._lock:
+                self._blocks += adopted._blocks
+                self._rewrite_spool()
+            for path in (orphan, f"{orphan}.blocked"):
+                try:
+                    os.unlink(path)  # removes a link, never what it points to
+                except FileNotFoundError:
+                    pass
+            log.warning("spool %s: %d blocks of a worker process this daemon no longer has, taken from %s",
+                        self.spool_path, len(adopted._blocks), orphan)
 
     def entries(self) -> list:
         """The blocks waiting in the spool, oldest first."""

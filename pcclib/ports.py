@@ -115,6 +115,18 @@ class BoundedPort(_Server):
 
     port_name = "port"
     cap = 64
+    # A socket bound and listening already, made by the master of several
+    # worker processes ([server] processes): the port uses it instead of
+    # binding its own (see adopt()).
+    adopted: Optional[socket.socket] = None
+
+    def server_bind(self) -> None:
+        if self.adopted is None:
+            super().server_bind()
+            return
+        self.socket.close()
+        self.socket = self.adopted
+        self.server_address = self.adopted.getsockname()
 
     def init_bounds(self, cap: int, limit_name: str) -> None:
         """limit_name: what the cap is, for the log line ("max_connections (2)")."""
@@ -311,6 +323,17 @@ class BoundedHttpHandler(_HttpHandler):
 
 class BoundedHttpPort(BoundedPort):
     """A BoundedPort that speaks HTTP: a client's fault is one rate-limited line."""
+
+    def server_bind(self) -> None:
+        if self.adopted is None:
+            super().server_bind()  # http.server's: binds, and names the server
+            return
+        BoundedPort.server_bind(self)
+        host, port = self.server_address[:2]
+        vars(self).update(server_name=host, server_port=port)  # what http.server's own bind sets
+        setup_environ = getattr(self, "setup_environ", None)  # wsgiref's server: its environment, from the name
+        if setup_environ is not None:
+            setup_environ()
 
     def init_bounds(self, cap: int, limit_name: str) -> None:
         super().init_bounds(cap, limit_name)

@@ -8,6 +8,7 @@ from typing import Optional
 
 from sqlalchemy import exc as sa_exc
 
+from .board import WorkerBoard, combined_health
 from .common import first_line, log
 from .protocol import HEALTH_REQUEST
 from .service import PolicyService
@@ -20,6 +21,8 @@ class SelfReport:
     def __init__(self, service: PolicyService, ports: tuple = ()):
         self.service = service
         self.ports = ports
+        # Several worker processes ([server] processes): --health speaks for all of them.
+        self.board: Optional[WorkerBoard] = None
 
     def state(self) -> dict:
         """A snapshot for the metrics and --health: the outage, what waits for
@@ -51,7 +54,15 @@ class SelfReport:
             return None
 
     def health_report(self) -> str:
-        """What `pcc.py --health` asks the running daemon: name=value words."""
+        """What `pcc.py --health` asks the running daemon: name=value words,
+        of every worker process when there are several."""
+        if self.board is None:
+            return self.own_health_report()
+        return combined_health([(index, report and report.get("health"))
+                                for index, report in self.board.gather()])
+
+    def own_health_report(self) -> str:
+        """This process's --health words."""
         service, database = self.service, self.service.database
         state = database.outage.snapshot()
         unsent, waited = service.responder.notifier.backlog()

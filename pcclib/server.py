@@ -294,7 +294,10 @@ class PolicyServer(PolicyListener, socketserver.ThreadingTCPServer):
     allow_reuse_address = True
 
     def __init__(self, settings: Settings, service: PolicyService, report: Optional[SelfReport] = None,
-                 listeners: int = 1, sibling: Optional[PolicyListener] = None):
+                 listeners: int = 1, sibling: Optional[PolicyListener] = None,
+                 adopt: Optional[socket.socket] = None):
+        """adopt: the socket the master bound for this worker process ([server] processes)."""
+        self.adopted = adopt
         self.init_policy_port(settings, service, report, listeners, sibling)
         self._not_allowed = RateLimitedWarning("policy port: connection refused, not in [server] allowed_clients")
         infos = socket.getaddrinfo(settings.host, settings.port, type=socket.SOCK_STREAM)

@@ -44,6 +44,7 @@ def test_a_configuration_of_1_5_without_the_keys_added_since_still_starts(tmp_pa
     as_in_1_5 = {("postfix", "queue_helper"): "", ("mail", "from"): "", ("mail", "starttls"): False,
                  ("mail", "tls_ca_file"): "", ("mail", "user"): "", ("mail", "password"): "", ("server", "socket"): "",
                  ("server", "socket_owner"): "", ("server", "socket_group"): "", ("server", "socket_mode"): 0o660,
+                 ("server", "processes"): 1,
                  ("policy", "monitor_answer"): "DUNNO", ("limits", "messages_per_hour"): None,
                  ("limits", "messages_per_day"): None, ("limits", "recipients_per_hour"): None,
                  ("limits", "recipients_per_day"): None, ("limits", "action"): "BLOCK"}
