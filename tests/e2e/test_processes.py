@@ -111,7 +111,9 @@ def test_health_names_a_worker_that_does_not_answer(start_daemon, sqlite_url):
     stuck = worker_pids(daemon)[1]
     os.kill(stuck, signal.SIGSTOP)  # hung: alive to the master, silent to the others
     try:
-        deadline = time.monotonic() + 15
+        # Each check lands on either worker (the kernel's hash of its port): half of them on the stopped one,
+        # which times out after 2 s. A minute of tries misses the other worker with odds of about 1e-7.
+        deadline = time.monotonic() + 60
         while True:  # until the health request lands on the worker that still answers
             status = run_pcc("--config", daemon.config_path, "--health")
             assert status.returncode == 2, status.stdout  # CRITICAL either way: no answer, or one missing
