@@ -24,92 +24,108 @@ SLOT_BYTES = 1 << 20
 PUBLISH_POLL = 0.05
 # How long a scrape or a health check waits for every process's report.
 GATHER_TIMEOUT = 1.0
+# What is asked, each on a channel of its own, answered by a thread of its
+# own in each worker: --health's words never wait for the metrics, whose
+# gauges ask the database (a hung database must not make a worker look hung).
+HEALTH, METRICS = 0, 1
+CHANNELS = 2
 
-# The board's first page: the generation wanted (a request for fresh reports).
+# The board's first page: per channel, the generation wanted (a request for
+# fresh reports).
 _WANTED = struct.Struct("=Q")
 # A slot's head: sequence (odd while written), generation answered, pid,
 # serving (the worker's ports are open), length of the JSON that follows.
+# The pid and serving of a worker are those of its HEALTH slot.
 _HEAD = struct.Struct("=QQqQI")
 _PAGE = mmap.PAGESIZE
 
 
 class WorkerBoard:
     """The shared pages: made by the master (before any fork), inherited by
-    every worker, a restarted one included."""
+    every worker, a restarted one included.  A slot per worker and channel."""
 
     def __init__(self, processes: int):
         self.processes = processes
-        self._memory = mmap.mmap(-1, _PAGE + processes * SLOT_BYTES)  # MAP_SHARED | MAP_ANONYMOUS
+        self._memory = mmap.mmap(-1, _PAGE + processes * CHANNELS * SLOT_BYTES)  # MAP_SHARED | MAP_ANONYMOUS
 
-    # The master's side ----------------------------------------------------
+    # The master's side, and a worker's first step ------------------------
 
     def seat(self, index: int, pid: int) -> None:
         """Worker `index` is now process `pid` (0: none, it ended)."""
-        self._write_head(index, sequence=0, generation=0, pid=pid, serving=0, length=0)
+        for channel in range(CHANNELS):
+            self._write_head(index, channel, sequence=0, generation=0, pid=pid, serving=0, length=0)
 
     def serving(self, index: int) -> bool:
-        return bool(self._read_head(index)[3])
+        return bool(self._read_head(index, HEALTH)[3])
 
     # A worker's side ------------------------------------------------------
 
     def now_serving(self, index: int) -> None:
-        sequence, generation, pid, _serving, length = self._read_head(index)
-        self._write_head(index, sequence, generation, pid, 1, length)
+        sequence, generation, pid, _serving, length = self._read_head(index, HEALTH)
+        self._write_head(index, HEALTH, sequence, generation, pid, 1, length)
 
-    def wanted(self) -> int:
-        return _WANTED.unpack_from(self._memory, 0)[0]
+    def wanted(self, channel: int) -> int:
+        return _WANTED.unpack_from(self._memory, channel * _WANTED.size)[0]
 
-    def answered(self, index: int) -> int:
-        return self._read_head(index)[1]
+    def answered(self, index: int, channel: int) -> int:
+        return self._read_head(index, channel)[1]
 
-    def publish(self, index: int, generation: int, report: dict) -> None:
-        """Leave this process's report for generation `generation`."""
+    def publish(self, index: int, channel: int, generation: int, report: dict) -> None:
+        """Leave this process's report on `channel` for generation `generation`."""
         data = json.dumps(report).encode()
-        if len(data) > SLOT_BYTES - _HEAD.size:  # never: a report is KBs; then the metrics are left out
-            data = json.dumps(dict(report, metrics="")).encode()
-        sequence, _generation, pid, serving, _length = self._read_head(index)
-        self._write_head(index, sequence + 1, generation, pid, serving, 0)  # odd: being written
-        offset = _PAGE + index * SLOT_BYTES + _HEAD.size
+        if len(data) > SLOT_BYTES - _HEAD.size:  # never: a report is KBs; then it is left out
+            data = b"{}"
+        sequence, _generation, pid, serving, _length = self._read_head(index, channel)
+        self._write_head(index, channel, sequence + 1, generation, pid, serving, 0)  # odd: being written
+        offset = self._slot(index, channel) + _HEAD.size
         self._memory[offset:offset + len(data)] = data
-        self._write_head(index, sequence + 2, generation, pid, serving, len(data))
+        self._write_head(index, channel, sequence + 2, generation, pid, serving, len(data))
 
-    def gather(self, timeout: float = GATHER_TIMEOUT, clock: Callable[[], float] = time.monotonic,
+    def gather(self, channel: int, timeout: float = GATHER_TIMEOUT, clock: Callable[[], float] = time.monotonic,
                sleep: Callable[[float], None] = time.sleep) -> list:
-        """Ask every worker for a fresh report; [(index, report or None)], None
-        for a process that is not running or did not answer within `timeout`."""
-        generation = self.wanted() + 1
-        _WANTED.pack_into(self._memory, 0, generation)  # two askers at once ask the same: both are answered
+        """Ask every worker for a fresh report on `channel`; [(index, report
+        or None)], None for a process that is not running or did not answer
+        within `timeout`."""
+        generation = self.wanted(channel) + 1
+        # Two askers at once may ask the same generation: both are answered.
+        _WANTED.pack_into(self._memory, channel * _WANTED.size, generation)
         deadline = clock() + timeout
         reports: dict = {}
         while True:
             for index in range(self.processes):
                 if index not in reports:
-                    report = self._fresh_report(index, generation)
+                    report = self._fresh_report(index, channel, generation)
                     if report is not None:
                         reports[index] = report
             if len(reports) == self.processes or clock() >= deadline:
                 return [(index, reports.get(index)) for index in range(self.processes)]
             sleep(PUBLISH_POLL / 5)
 
-    def _fresh_report(self, index: int, generation: int) -> Optional[dict]:
+    def _fresh_report(self, index: int, channel: int, generation: int) -> Optional[dict]:
+        if self._read_head(index, HEALTH)[2] <= 0:
+            return None  # no process in this seat
         for _attempt in range(3):
-            before = self._read_head(index)
-            if before[2] <= 0 or before[1] < generation or before[0] % 2:
+            before = self._read_head(index, channel)
+            if before[1] < generation or before[0] % 2:
                 return None
-            offset = _PAGE + index * SLOT_BYTES + _HEAD.size
+            offset = self._slot(index, channel) + _HEAD.size
             data = bytes(self._memory[offset:offset + before[4]])
-            if self._read_head(index)[0] == before[0]:  # not rewritten while read
+            if self._read_head(index, channel)[0] == before[0]:  # not rewritten while read
                 try:
                     return json.loads(data)
                 except ValueError:
                     return None
         return None
 
-    def _read_head(self, index: int) -> tuple:
-        return _HEAD.unpack_from(self._memory, _PAGE + index * SLOT_BYTES)
+    def _slot(self, index: int, channel: int) -> int:
+        return _PAGE + (index * CHANNELS + channel) * SLOT_BYTES
 
-    def _write_head(self, index: int, sequence: int, generation: int, pid: int, serving: int, length: int) -> None:
-        _HEAD.pack_into(self._memory, _PAGE + index * SLOT_BYTES, sequence, generation, pid, serving, length)
+    def _read_head(self, index: int, channel: int) -> tuple:
+        return _HEAD.unpack_from(self._memory, self._slot(index, channel))
+
+    def _write_head(self, index: int, channel: int, sequence: int, generation: int, pid: int, serving: int,
+                    length: int) -> None:
+        _HEAD.pack_into(self._memory, self._slot(index, channel), sequence, generation, pid, serving, length)
 
 
 class WorkerSeat:
@@ -130,17 +146,19 @@ class WorkerSeat:
         """Each worker's own spool (the first keeps pcc.conf's name)."""
         return worker_spool(spool_file, self.index)
 
-    def publish_when_asked(self, report: Callable[[], dict], stopping, on_orphaned: Callable[[], None]) -> None:
-        """The worker's board thread: a report each time one is wanted; the
-        master gone (killed), the worker stops too."""
-        answered = self.board.answered(self.index)
+    def publish_when_asked(self, channel: int, report: Callable[[], dict], stopping,
+                           on_orphaned: Optional[Callable[[], None]] = None) -> None:
+        """A worker's thread for one channel: a report each time one is
+        wanted; with on_orphaned, it also watches the master (gone, killed:
+        the worker stops too)."""
+        answered = self.board.answered(self.index, channel)
         while not stopping.wait(PUBLISH_POLL):
-            if os.getppid() != self.master_pid:
+            if on_orphaned is not None and os.getppid() != self.master_pid:
                 on_orphaned()
                 return
-            wanted = self.board.wanted()
+            wanted = self.board.wanted(channel)
             if wanted > answered:
-                self.board.publish(self.index, wanted, report())
+                self.board.publish(self.index, channel, wanted, report())
                 answered = wanted
 
 
@@ -172,8 +190,8 @@ def _with_label(sample: str, label: str) -> str:
 def whole_daemon_metrics(board: WorkerBoard) -> str:
     """What a scrape of any worker gets: every process's metrics, and how
     many processes answered for them."""
-    reports = board.gather()
-    answering = [(index + 1, report.get("metrics", "")) for index, report in reports if report is not None]
+    reports = board.gather(METRICS)
+    answering = [(index + 1, report["metrics"]) for index, report in reports if report and "metrics" in report]
     return labelled_metrics(answering) + (
         "# HELP pcc_worker_processes Worker processes ([server] processes): configured, and answering this scrape\n"
         "# TYPE pcc_worker_processes gauge\n"

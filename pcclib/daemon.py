@@ -23,7 +23,7 @@ from .geoip import GeoIP, warn_about_geoip
 from .networks import Networks
 from .logs import MaskingFormatter, refuse_to_start, secrets_of
 from .mailqueue import PostfixQueue
-from .board import WorkerSeat, whole_daemon_metrics
+from .board import HEALTH, METRICS, WorkerSeat, whole_daemon_metrics
 from .database import Database
 from .memory import CHANGES_TRIM_INTERVAL, AccountMemory
 from .metrics import Metrics
@@ -75,7 +75,7 @@ def build_parts(settings: Settings, store: Store, geoip: GeoIP, notifier: Notifi
 def run_daemon(settings: Settings, seat: Optional[WorkerSeat] = None) -> int:
     """The daemon, or (seat) one worker process of a daemon of several
     ([server] processes, workers.py): the same, on the sockets its master bound."""
-    refusal = files_refused(settings)
+    refusal = files_refused(settings, (seat.spool_path(settings.spool_file),) if seat else ())
     if not refusal:
         settings, refusal = queue_holding(settings)
     if refusal:
@@ -181,14 +181,16 @@ def queue_holding(settings: Settings) -> tuple:
     return dataclasses.replace(settings, hold_queued="NO"), ""
 
 
-def files_refused(settings: Settings) -> str:
+def files_refused(settings: Settings, spools: tuple = ()) -> str:
     """A symbolic link where pcc writes a file of its own, or a file or
     directory of its state this user cannot write (most often left by a run
-    as root, the quick start's): one line with the command that fixes it."""
+    as root, the quick start's): one line with the command that fixes it.
+    spools: the spool files to look at (the worker processes'), else [db] spool_file."""
     database = sqlite_path(settings.dbcon)
-    state = ((database, "the SQLite database"), (database and database + "-wal", "the SQLite database"),
-             (database and database + "-shm", "the SQLite database"), (settings.spool_file, "[db] spool_file"),
-             (settings.spool_file and settings.spool_file + ".blocked", "the blocked list's copy"))
+    state = [(database, "the SQLite database"), (database and database + "-wal", "the SQLite database"),
+             (database and database + "-shm", "the SQLite database")]
+    for spool in spools or (settings.spool_file,):
+        state += [(spool, "[db] spool_file"), (spool and spool + ".blocked", "the blocked list's copy")]
     for path, what in state:
         refusal = path and symlink_refusal(path, what)
         if refusal:
@@ -329,15 +331,16 @@ def start_board(seat: WorkerSeat, parts: Parts, stopping: threading.Event) -> No
     board when another process asks; the master gone, the worker stops."""
     metrics = parts.service.metrics
 
-    def report() -> dict:
-        return {"health": parts.report.own_health_report(), "metrics": metrics.text() if metrics.enabled else ""}
-
     def orphaned() -> None:
         log.error("the master process is gone (killed?); this worker stops")
         os.kill(os.getpid(), signal.SIGTERM)
 
     seat.board.now_serving(seat.index)
-    start_thread(seat.publish_when_asked, "pcc-board", report, stopping, orphaned)
+    start_thread(seat.publish_when_asked, "pcc-board-health", HEALTH,
+                 lambda: {"health": parts.report.own_health_report()}, stopping, orphaned)
+    if metrics.enabled:
+        start_thread(seat.publish_when_asked, "pcc-board-metrics", METRICS, lambda: {"metrics": metrics.text()},
+                     stopping)
 
 
 def _socket_of(settings: Settings) -> tuple:

@@ -42,9 +42,10 @@ MOST_SPOOLS = 256
 
 
 def worker_spool(spool_file: str, index: int) -> str:
-    """Worker process `index`'s spool: spool_file for the first (and for a
-    daemon of one process), spool_file.N for the others."""
-    return spool_file if not spool_file or index == 0 else f"{spool_file}.{index}"
+    """Worker process `index`'s spool (counted from 0): spool_file for the
+    first (and for a daemon of one process), spool_file.2, .3... for the
+    others, numbered as the log and the metrics number the processes."""
+    return spool_file if not spool_file or index == 0 else f"{spool_file}.{index + 1}"
 
 
 def valid_spool_entry(entry) -> bool:

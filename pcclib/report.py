@@ -8,7 +8,7 @@ from typing import Optional
 
 from sqlalchemy import exc as sa_exc
 
-from .board import WorkerBoard, combined_health
+from .board import HEALTH, WorkerBoard, combined_health
 from .common import first_line, log
 from .protocol import HEALTH_REQUEST
 from .service import PolicyService
@@ -59,7 +59,7 @@ class SelfReport:
         if self.board is None:
             return self.own_health_report()
         return combined_health([(index, report and report.get("health"))
-                                for index, report in self.board.gather()])
+                                for index, report in self.board.gather(HEALTH)])
 
     def own_health_report(self) -> str:
         """This process's --health words."""

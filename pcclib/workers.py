@@ -20,6 +20,7 @@ from .common import DAEMON_SIGNALS, __version__, log
 from .config import ConfigError, Settings, load_settings
 from .daemon import files_refused, listening_on, run_daemon
 from .logs import queue_logging, refuse_to_start
+from .outage import worker_spool
 
 # How often the master looks after its workers (seconds).
 MASTER_TICK = 0.1
@@ -43,7 +44,8 @@ RESTART_FIELDS = ("host", "port", "socket", "socket_owner", "socket_group", "soc
 
 def run_workers(settings: Settings) -> int:
     """The master: 0 after a stop, 1 when the daemon could not start."""
-    refusal = files_refused(settings)
+    refusal = files_refused(settings, tuple(worker_spool(settings.spool_file, index)
+                                            for index in range(settings.processes)))
     if refusal:
         refuse_to_start(f"pcc: {refusal}")
         return 1

@@ -82,12 +82,15 @@ def pcc_8() -> str:
                     "3 UNKNOWN, with the metrics as perfdata."),
         ".SH SIGNALS",
         ".TP", ".B SIGHUP", roff("The daemon reads its configuration and GeoIP data again; a bad new "
-                                 "configuration is refused in one line and the old one kept."),
-        ".TP", ".BR SIGTERM \", \" SIGINT", "The daemon answers the requests in flight, then exits.",
+                                 "configuration is refused in one line and the old one kept. With [server] "
+                                 "processes above 1, send it to the master: every worker process reloads."),
+        ".TP", ".BR SIGTERM \", \" SIGINT", roff("The daemon answers the requests in flight, then exits (with "
+                                                "several processes, the master stops every worker first)."),
         ".SH FILES",
         ".TP", ".I /etc/pcc.conf", "The configuration, see \\fBpcc.conf\\fR(5).",
-        ".TP", ".I /var/lib/pcc/", roff("The state: the SQLite database, the outage spool (spool.jsonl) and "
-                                        "its copy of the blocked list, downloaded GeoIP data and network lists."),
+        ".TP", ".I /var/lib/pcc/", roff("The state: the SQLite database, the outage spool (spool.jsonl; "
+                                        "spool.jsonl.2... for further worker processes) and its copy of the "
+                                        "blocked list, downloaded GeoIP data and network lists."),
         ".TP", ".I /usr/share/pcc/dbip\\-country\\-lite.mmdb",
         roff("The country data the package ships (DB-IP IP to Country Lite, CC BY 4.0), used while "
              "[geoip] database is blank."),

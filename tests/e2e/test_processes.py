@@ -1,6 +1,7 @@
 """[server] processes = 2 through the real daemon: one port, two worker
 processes under a master.  A burst split between the processes is held whole
-(on SQLite, MariaDB and PostgreSQL, every core busy); the metrics and
+(on SQLite, MariaDB and PostgreSQL, every core busy), and a blocked
+account's logins refused at the shared Dovecot port; the metrics and
 --health speak for both; a worker killed is started again while its
 connections wait; a reload reaches both; a stop ends every process; a second
 daemon on the port is refused."""
@@ -8,11 +9,12 @@ import os
 import signal
 import time
 
-from conftest import (PolicyClient, all_at_once, blocked_logins, busy_cores, free_port, ip_in, run_pcc, scrape,
-                      wait_for_log, walk, write_config)
+from conftest import (PolicyClient, all_at_once, blocked_logins, busy_cores, dovecot_allow, free_port, ip_in,
+                      run_pcc, scrape, wait_for_log, walk, write_config)
 
 PROCESSES = 2
 NEW_COUNTRIES = ["DE", "JP", "BR", "CN"]
+API_HEADER = "Authorization: Basic cGNjOnRlc3Q="
 
 
 def health_words(daemon) -> dict:
@@ -48,8 +50,10 @@ def start_workers(start_daemon, **overrides):
 
 
 def test_a_burst_split_between_two_worker_processes_is_held_whole(start_daemon, db_url):
-    metrics_port = free_port()
-    daemon = start_workers(start_daemon, **{"db.dbcon": db_url, "server.metrics_port": str(metrics_port)})
+    metrics_port, dovecot_port = free_port(), free_port()
+    daemon = start_workers(start_daemon, **{"db.dbcon": db_url, "server.metrics_port": str(metrics_port),
+                                            "dovecot.policy_port": str(dovecot_port),
+                                            "dovecot.api_header": API_HEADER})
     leaks = []
     with busy_cores():
         for burst in range(5):
@@ -69,6 +73,13 @@ def test_a_burst_split_between_two_worker_processes_is_held_whole(start_daemon, 
             for process in ("1", "2")}
     assert held["1"] > 0 and held["2"] > 0 and held["1"] + held["2"] == 5 * 64, held  # both answered bursts
     assert metrics[("pcc_worker_processes", (("state", "answering"),))] == PROCESSES
+    # The Dovecot port is shared too: every login of a blocked account is refused, whichever worker answers.
+    assert all_at_once(16, lambda _n: dovecot_allow(dovecot_port, "burst0@example.com", API_HEADER)) == [-1] * 16
+    assert dovecot_allow(dovecot_port, "someone@example.com", API_HEADER) == 0
+    allowed = scrape(metrics_port)
+    refused = [allowed.get(("pcc_dovecot_requests_total", (("command", "allow"), ("process", process),
+                                                            ("status", "refused"))), 0) for process in ("1", "2")]
+    assert sum(refused) == 16, refused
 
 
 def test_a_killed_worker_is_started_again_a_reload_reaches_both_and_a_stop_ends_all(start_daemon, sqlite_url):

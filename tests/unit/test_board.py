@@ -7,12 +7,13 @@ import json
 import os
 import signal
 import threading
+import time
 
 import pytest
 from conftest import write_config
 from prometheus_client.parser import text_string_to_metric_families
 
-from pcclib.board import WorkerBoard, WorkerSeat, combined_health, labelled_metrics
+from pcclib.board import HEALTH, METRICS, WorkerBoard, WorkerSeat, combined_health, labelled_metrics
 from pcclib.config import ConfigError, load_settings
 from pcclib.health import HEALTH_CRITICAL, HEALTH_OK, check_health
 from pcclib.outage import OutageJournal, worker_spool
@@ -76,34 +77,39 @@ def test_health_is_critical_when_a_process_did_not_answer(tmp_path, monkeypatch)
 def test_a_report_is_asked_of_another_process_through_the_shared_pages():
     board = WorkerBoard(2)
     child = os.fork()
-    if child == 0:  # worker 2: answers each time a report is wanted, until killed
+    if child == 0:  # worker 2: answers health at once; its metrics hang (a database that does not answer)
         board.seat(1, os.getpid())
         seat = WorkerSeat(1, board, os.getppid(), {})
-        seat.publish_when_asked(lambda: {"health": f"pcc_health pid={os.getpid()}"}, threading.Event(),
+        threading.Thread(target=seat.publish_when_asked, daemon=True,
+                         args=(METRICS, lambda: time.sleep(3600), threading.Event())).start()
+        seat.publish_when_asked(HEALTH, lambda: {"health": f"pcc_health pid={os.getpid()}"}, threading.Event(),
                                 lambda: os._exit(0))
         os._exit(0)
+    stopping = threading.Event()
     try:
         board.seat(0, os.getpid())
+        threading.Thread(target=WorkerSeat(0, board, os.getppid(), {}).publish_when_asked,
+                         args=(HEALTH, lambda: {"health": "mine"}, stopping), daemon=True).start()
         for _attempt in range(3):  # fresh each time: a generation each
-            stopping = threading.Event()
-            threading.Thread(target=WorkerSeat(0, board, os.getppid(), {}).publish_when_asked,
-                             args=(lambda: {"health": "mine"}, stopping, lambda: None), daemon=True).start()
-            reports = board.gather(timeout=5)
-            stopping.set()
+            reports = board.gather(HEALTH, timeout=5)
             assert reports == [(0, {"health": "mine"}), (1, {"health": f"pcc_health pid={child}"})]
+        # Its metrics never come; its health still does, on a channel of its own.
+        assert board.gather(METRICS, timeout=0.3)[1] == (1, None)
+        assert board.gather(HEALTH, timeout=5)[1] == (1, {"health": f"pcc_health pid={child}"})
     finally:
+        stopping.set()
         os.kill(child, signal.SIGKILL)
         os.waitpid(child, 0)
     board.seat(1, 0)  # the master saw it end
-    assert board.gather(timeout=0.2)[1] == (1, None)
+    assert board.gather(HEALTH, timeout=0.2)[1] == (1, None)
 
 
-def test_a_report_too_large_for_its_page_keeps_its_health(monkeypatch):
+def test_a_report_too_large_for_its_page_is_left_out(monkeypatch):
     monkeypatch.setattr("pcclib.board.SLOT_BYTES", 4096 * 4)
     board = WorkerBoard(1)
     board.seat(0, os.getpid())
-    board.publish(0, 1, {"health": "pcc_health database=ok", "metrics": "x" * 100_000})
-    assert board._fresh_report(0, 1) == {"health": "pcc_health database=ok", "metrics": ""}
+    board.publish(0, METRICS, 1, {"metrics": "x" * 100_000})
+    assert board._fresh_report(0, METRICS, 1) == {}
 
 
 def test_a_daemon_of_fewer_processes_takes_in_the_spools_it_no_longer_has(tmp_path):
@@ -144,3 +150,16 @@ def test_processes_is_a_number_or_auto_and_needs_the_tcp_port(tmp_path):
             load_settings(write_config(tmp_path, {"server.processes": bad}))
     with pytest.raises(ConfigError, match="processes share TCP ports only"):
         load_settings(write_config(tmp_path, {"server.processes": "2", "server.socket": str(tmp_path / "s")}))
+
+
+def test_a_link_where_a_worker_keeps_its_spool_refuses_the_start(tmp_path):
+    from pcclib.daemon import files_refused
+
+    spool = str(tmp_path / "spool.jsonl")
+    settings = load_settings(write_config(tmp_path, {"db.spool_file": spool, "server.processes": "3",
+                                                     "db.dbcon": f"sqlite:///{tmp_path}/pcc.sqlite3"}))
+    spools = tuple(worker_spool(spool, index) for index in range(3))
+    assert files_refused(settings, spools) == ""
+    os.symlink("/etc/passwd", worker_spool(spool, 2) + ".blocked")
+    refusal = files_refused(settings, spools)
+    assert worker_spool(spool, 2) + ".blocked" in refusal and "link" in refusal, refusal
