@@ -327,8 +327,9 @@ def reload_settings(server: PolicyListener, policy_socket: Optional[PolicySocket
 
 
 def start_board(seat: WorkerSeat, parts: Parts, stopping: threading.Event) -> None:
-    """A worker's thread that leaves its --health words and metrics on the
-    board when another process asks; the master gone, the worker stops."""
+    """A worker's threads that leave its --health words and its metrics on
+    the board when another process asks (one each: the metrics may wait for
+    the database, the health never); the master gone, the worker stops."""
     metrics = parts.service.metrics
 
     def orphaned() -> None:

@@ -117,7 +117,7 @@ class BoundedPort(_Server):
     cap = 64
     # A socket bound and listening already, made by the master of several
     # worker processes ([server] processes): the port uses it instead of
-    # binding its own (see adopt()).
+    # binding its own (server_bind).
     adopted: Optional[socket.socket] = None
 
     def server_bind(self) -> None:
