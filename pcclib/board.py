@@ -14,6 +14,7 @@ import struct
 import time
 from typing import Callable, Optional
 
+from .common import first_line, log
 from .outage import worker_spool
 
 # Room for one process's report (its metrics text is a few KB; the rest of a
@@ -158,7 +159,13 @@ class WorkerSeat:
                 return
             wanted = self.board.wanted(channel)
             if wanted > answered:
-                self.board.publish(self.index, channel, wanted, report())
+                try:
+                    fresh = report()
+                except Exception as error:  # one report lost (the asker names this process), never the thread
+                    log.warning("worker process %d: its report for the others failed: %s", self.index + 1,
+                                first_line(error))
+                    fresh = {}
+                self.board.publish(self.index, channel, wanted, fresh)
                 answered = wanted
 
 

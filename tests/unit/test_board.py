@@ -112,6 +112,27 @@ def test_a_report_too_large_for_its_page_is_left_out(monkeypatch):
     assert board._fresh_report(0, METRICS, 1) == {}
 
 
+def test_a_report_that_fails_costs_that_report_not_the_thread():
+    board = WorkerBoard(1)
+    board.seat(0, os.getpid())
+    failures = iter([RuntimeError("metrics broke")])
+
+    def report():
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        return {"metrics": "fine"}
+
+    stopping = threading.Event()
+    threading.Thread(target=WorkerSeat(0, board, os.getppid(), {}).publish_when_asked,
+                     args=(METRICS, report, stopping), daemon=True).start()
+    try:
+        assert board.gather(METRICS, timeout=5) == [(0, {})]  # answered, with nothing
+        assert board.gather(METRICS, timeout=5) == [(0, {"metrics": "fine"})]
+    finally:
+        stopping.set()
+
+
 def test_a_daemon_of_fewer_processes_takes_in_the_spools_it_no_longer_has(tmp_path):
     spool = str(tmp_path / "spool.jsonl")
     entry = {"login": "gone@example.com", "at": "2026-12-01T10:00:00+00:00", "action": "HOLD", "reason": "r",
