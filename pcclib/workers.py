@@ -219,9 +219,12 @@ class Master:
             served = self.board.serving(index)
             self.board.seat(index, 0)
             how = _ended(os.waitstatus_to_exitcode(wait_status))
-            if not self.all_served:
-                log.error("worker process %d (pid %d) %s before the daemon had started; stopping", index + 1,
-                          pid, how)
+            if not served and not self.all_served:
+                # Judged by this worker's own state, not all_served, which the
+                # loop sets up to a tick late: a worker killed right after it
+                # began to serve is started again, not taken for a failed start.
+                log.error("worker process %d (pid %d) %s before it served, while the daemon was starting; "
+                          "stopping", index + 1, pid, how)
                 return False
             lived = time.monotonic() - worker.started
             delay = RESTART_DELAY if lived >= RESTART_STABLE and served else self.delay[index]

@@ -85,10 +85,12 @@ def test_a_burst_split_between_two_worker_processes_is_held_whole(start_daemon, 
 def test_a_killed_worker_is_started_again_a_reload_reaches_both_and_a_stop_ends_all(start_daemon, sqlite_url):
     daemon = start_workers(start_daemon, **{"db.dbcon": sqlite_url})
     first, second = worker_pids(daemon)
-    client = daemon.client()
-    assert walk(client, "eve@example.com", ["GB", "US", "FR", "DE"])[-1] == "HOLD held"
+    # Killed as soon as both serve: the master, a tick behind, once took this for a failed start and
+    # stopped the daemon (every time when killed at once, bench-tested; CI's Debian 13 run caught it).
     os.kill(first, signal.SIGKILL)
     wait_for_log(daemon, f"(pid {first}) was killed by SIGKILL")
+    client = daemon.client()
+    assert walk(client, "eve@example.com", ["GB", "US", "FR", "DE"])[-1] == "HOLD held"
     # While it is down, connections to its socket wait in the queue, none is refused.
     clients = [PolicyClient(daemon.port) for _ in range(16)]
     assert all_at_once(16, lambda n: clients[n].ask("eve@example.com", ip_in("GB"))) == ["HOLD held"] * 16
@@ -97,8 +99,7 @@ def test_a_killed_worker_is_started_again_a_reload_reaches_both_and_a_stop_ends_
     wait_until_every_process_answers(daemon)
     replacement = [pid for pid in worker_pids(daemon) if pid != second]
     assert len(replacement) == 1 and replacement[0] != first
-    # Its connection was the killed worker's or the other's: Postfix asks again on a new one if it closed.
-    assert client.ask_like_postfix("eve@example.com", ip_in("GB")) == "HOLD held"
+    assert client.ask("eve@example.com", ip_in("GB")) == "HOLD held"  # its connection, opened after the kill, goes on
     client.close()
     status = run_pcc("--config", daemon.config_path, "--health")
     assert status.returncode in (0, 1) and "pcc_worker_processes=2;" in status.stdout, status.stdout
