@@ -203,8 +203,9 @@ class Master:
         return status
 
     def reap(self) -> bool:
-        """Collect the workers that ended; False when one ended before the
-        daemon had started (its log says why: the daemon stops)."""
+        """Collect the workers that ended; False when one ended without ever
+        serving while the daemon was starting (its log says why: the daemon
+        stops, as a daemon of one process that cannot start does)."""
         while self.workers:
             try:
                 pid, wait_status = os.waitpid(-1, os.WNOHANG)
