@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import time
+from typing import Optional
 
 from .board import WorkerBoard, WorkerSeat
 from .common import DAEMON_SIGNALS, __version__, log
@@ -206,20 +207,15 @@ class Master:
         """Collect the workers that ended; False when one ended without ever
         serving while the daemon was starting (its log says why: the daemon
         stops, as a daemon of one process that cannot start does)."""
-        while self.workers:
-            try:
-                pid, wait_status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
+        while True:
+            ended = self._next_ended()
+            if ended is None:
                 return True
-            if pid == 0:
-                return True
-            index = next((index for index, worker in self.workers.items() if worker.pid == pid), None)
-            if index is None:
-                continue
-            worker = self.workers.pop(index)
+            index, worker, code = ended
+            pid = worker.pid
             served = self.board.serving(index)
             self.board.seat(index, 0)
-            how = _ended(os.waitstatus_to_exitcode(wait_status))
+            how = _ended(code)
             if not served and not self.all_served:
                 # Judged by this worker's own state, not all_served, which the
                 # loop sets up to a tick late: a worker killed right after it
@@ -233,7 +229,6 @@ class Master:
             self.restart_at[index] = time.monotonic() + delay
             log.error("worker process %d (pid %d) %s after %.0f s; another starts in %g s (its connections "
                       "wait in the port's queue)", index + 1, pid, how, lived, delay)
-        return True
 
     def restart_due(self) -> None:
         now = time.monotonic()
@@ -261,19 +256,13 @@ class Master:
         self._signal_workers(signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE
         while self.workers and time.monotonic() < deadline:
-            try:
-                pid, wait_status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if pid == 0:
+            ended = self._next_ended()
+            if ended is None:
                 time.sleep(MASTER_TICK / 2)
                 continue
-            index = next((index for index, worker in self.workers.items() if worker.pid == pid), None)
-            if index is not None:
-                del self.workers[index]
-                code = os.waitstatus_to_exitcode(wait_status)
-                if code != 0:
-                    log.warning("worker process %d (pid %d) %s while stopping", index + 1, pid, _ended(code))
+            index, worker, code = ended
+            if code != 0:
+                log.warning("worker process %d (pid %d) %s while stopping", index + 1, worker.pid, _ended(code))
         for index, worker in self.workers.items():
             log.error("worker process %d (pid %d) did not stop within %g s: killed", index + 1, worker.pid,
                       STOP_GRACE)
@@ -281,6 +270,21 @@ class Master:
             os.waitpid(worker.pid, 0)
         self.workers.clear()
         log.info("pcc master stopped")
+
+    def _next_ended(self) -> Optional[tuple]:
+        """(index, worker, exit code) of a worker that ended, taken off the
+        list, or None while none has (reap and stop both collect this way)."""
+        while self.workers:
+            try:
+                pid, wait_status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return None
+            if pid == 0:
+                return None
+            index = next((index for index, worker in self.workers.items() if worker.pid == pid), None)
+            if index is not None:
+                return index, self.workers.pop(index), os.waitstatus_to_exitcode(wait_status)
+        return None
 
     def _signal_workers(self, signum: int) -> None:
         for worker in self.workers.values():
